@@ -1,0 +1,198 @@
+//! The contract between the cowlab guest and the VMM, defined once.
+//!
+//! Everything both sides must agree on lives here: the guest-physical and
+//! guest-virtual memory layout, the per-vCPU area (mailboxes read and written
+//! by both sides), the hypercall numbers carried by port I/O, the interrupt
+//! vector of the TLB-flush IPI and the built-in guest programs.
+//!
+//! A hypercall is one exit carrying `Hypercall as u32`; its arguments and
+//! result travel through the calling vCPU's [`VcpuArea`]. The CPL-0 stubs
+//! exit with `out dx, eax` to [`HYPERCALL_PORT`]; the program, at CPL 3,
+//! writes the number to the doorbell page ([`layout::DOORBELL_VA`], an
+//! MMIO page): on this host (PVM) port I/O from CPL 3 raises #GP in the
+//! guest instead of exiting, while an MMIO write exits directly.
+#![no_std]
+
+pub mod layout;
+pub mod program;
+
+pub use program::Program;
+
+/// The I/O port the CPL-0 stubs write a hypercall number to.
+pub const HYPERCALL_PORT: u16 = 0x0c0;
+
+/// Interrupt vector of the TLB-flush IPI (DESIGN.md §4). Its handler reloads
+/// CR3 and acknowledges with [`Hypercall::FlushAck`].
+pub const FLUSH_VECTOR: u8 = 0xf0;
+
+/// Hypercall numbers (`eax` of the `out` to [`HYPERCALL_PORT`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypercall {
+    /// First exit of every vCPU: its program has started.
+    Booted = 1,
+    /// Print `hcall.args[0]` bytes of `console` as one line.
+    Console = 2,
+    /// The thread ends with status `hcall.args[0]` (0 = success).
+    Exit = 3,
+    /// A #PF: `fault.cr2`, `fault.error_code`, `fault.rip` are valid; the VMM
+    /// answers in `fault.result`.
+    PageFault = 4,
+    /// An exception the runtime does not handle: `crash` is valid. Never resumed.
+    Crash = 5,
+    /// The flush interrupt handler reloaded CR3.
+    FlushAck = 6,
+    /// Does nothing; measures the exit round trip.
+    Nop = 7,
+    /// Benchmark marker `hcall.args[0]`; the VMM timestamps it.
+    Mark = 8,
+    /// Start a new vCPU in this address space running program `hcall.args[0]`
+    /// with argument `hcall.args[1]`; `hcall.ret` = its vCPU id or `u64::MAX`.
+    Spawn = 9,
+    /// A guest self-check failed; `console` holds a message of `hcall.args[0]`
+    /// bytes. The thread ends with status 1.
+    Fail = 10,
+}
+
+impl Hypercall {
+    /// Decodes a hypercall number written by the guest.
+    pub const fn from_u32(nr: u32) -> Option<Self> {
+        Some(match nr {
+            1 => Self::Booted,
+            2 => Self::Console,
+            3 => Self::Exit,
+            4 => Self::PageFault,
+            5 => Self::Crash,
+            6 => Self::FlushAck,
+            7 => Self::Nop,
+            8 => Self::Mark,
+            9 => Self::Spawn,
+            10 => Self::Fail,
+            _ => return None,
+        })
+    }
+}
+
+/// Bits of the x86 #PF error code.
+pub mod pf_error {
+    /// The fault was a protection violation (the page was present).
+    pub const PRESENT: u64 = 1 << 0;
+    /// The access was a write.
+    pub const WRITE: u64 = 1 << 1;
+    /// The access was an instruction fetch.
+    pub const FETCH: u64 = 1 << 4;
+}
+
+/// `fault.result` values: what the #PF stub does when the VMM returns.
+pub mod fault_result {
+    /// The translation was installed: `invlpg` the address and retry.
+    pub const RETRY: u64 = 0;
+    /// Unresolvable, and the guest armed `fixup_rip`: resume there instead
+    /// (a one-entry exception table, like Linux's `fixup_exception`).
+    pub const FIXUP: u64 = 1;
+    /// Flag OR-ed into the result: reload CR3 before returning (a TLB flush
+    /// queued for this vCPU while it was in the VMM).
+    pub const FLUSH_TLB: u64 = 1 << 8;
+}
+
+/// The table at the start of the guest image (`IMAGE_PHYS`) from which the
+/// VMM builds each vCPU's IDT: the guest's only CPL-0 code is these stubs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootHeader {
+    /// [`BOOT_HEADER_MAGIC`].
+    pub magic: u64,
+    /// The #PF stub (forwards the fault in one exit).
+    pub page_fault: u64,
+    /// The flush-interrupt stub ([`FLUSH_VECTOR`]).
+    pub flush: u64,
+    /// The triple-fault service, `int` [`TRIPLE_FAULT_VECTOR`] from CPL 3.
+    pub triple_fault: u64,
+    /// Stubs of exception vectors 0–31 (report a crash).
+    pub exceptions: [u64; 32],
+}
+
+/// "COWLAB01": identifies a [`BootHeader`] of this ABI version.
+pub const BOOT_HEADER_MAGIC: u64 = u64::from_le_bytes(*b"COWLAB01");
+
+/// Software-interrupt vector, callable from CPL 3, that makes the vCPU
+/// triple-fault (for the `triple-fault` program).
+pub const TRIPLE_FAULT_VECTOR: u8 = 0x81;
+
+/// Hypercall mailbox: arguments in, result out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HcallBox {
+    pub args: [u64; 4],
+    pub ret: u64,
+}
+
+/// Page-fault mailbox, written by the #PF stub only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultBox {
+    pub cr2: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    /// One of [`fault_result`], written by the VMM.
+    pub result: u64,
+}
+
+/// Crash mailbox, written by the unhandled-exception stub only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrashBox {
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cr2: u64,
+    pub rsp: u64,
+}
+
+/// Capacity of the console line buffer.
+pub const CONSOLE_LEN: usize = 256;
+
+/// The first page of each vCPU's area. The VMM fills the identity and program
+/// fields before the vCPU starts; `GS.base` points here for the whole life
+/// of the vCPU so assembly stubs reach their mailboxes with `gs:` offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuArea {
+    /// Virtual address of this structure (the guest's `gs:0`).
+    pub self_ptr: u64,
+    pub vcpu_id: u64,
+    /// Number of vCPUs the run started with.
+    pub nr_vcpus: u64,
+    /// [`Program`] id and its argument.
+    pub program: u64,
+    pub arg: u64,
+    /// Top of this thread's stack, in the user half (demand-faulted).
+    pub user_stack_top: u64,
+    /// Nonzero: an unresolvable #PF resumes here (see [`fault_result::FIXUP`]).
+    pub fixup_rip: u64,
+    /// Written by the VMM when it wants a spinning guest to stop.
+    pub stop: u64,
+    pub hcall: HcallBox,
+    pub fault: FaultBox,
+    pub crash: CrashBox,
+    pub console: [u8; CONSOLE_LEN],
+}
+
+/// Byte offsets of [`VcpuArea`] fields, for the assembly stubs.
+pub mod area_offset {
+    use super::{CrashBox, FaultBox, VcpuArea};
+    use core::mem::offset_of;
+
+    pub const FIXUP_RIP: usize = offset_of!(VcpuArea, fixup_rip);
+    pub const FAULT_CR2: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, cr2);
+    pub const FAULT_ERROR: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, error_code);
+    pub const FAULT_RIP: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, rip);
+    pub const FAULT_RESULT: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, result);
+    pub const CRASH_VECTOR: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, vector);
+    pub const CRASH_ERROR: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, error_code);
+    pub const CRASH_RIP: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, rip);
+    pub const CRASH_CR2: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, cr2);
+    pub const CRASH_RSP: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, rsp);
+}
+
+const _: () = assert!(core::mem::size_of::<VcpuArea>() <= layout::PAGE_SIZE as usize);

@@ -1,0 +1,111 @@
+//! The built-in guest programs, by name and number.
+
+/// A program every vCPU of a run executes, selected by `VcpuArea::program`.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// Touch `arg` fresh user pages (default 16), check them, print one line.
+    Hello = 1,
+    /// Touch `arg` fresh user pages silently (counts forwarded faults).
+    Touch = 2,
+    /// Divide by zero (#DE): the run must report a guest crash.
+    DivZero = 3,
+    /// Load an empty IDT and raise an exception: the vCPU triple-faults.
+    TripleFault = 4,
+    /// Spin forever without exits: the watchdog must fire.
+    Loop = 5,
+    /// Read address 0: a SIGSEGV-like outcome.
+    Segv = 6,
+    /// Spawn `arg` vCPUs running `Hello` while this one runs, then exit.
+    Spawn = 7,
+    /// Spin until the VMM sets `VcpuArea::stop` (kick and IPI benchmarks).
+    Spin = 8,
+    /// `arg` `Nop` hypercalls between two marks (exit round trip).
+    BenchPio = 9,
+    /// `arg` unresolvable faults resumed through `fixup_rip` between two
+    /// marks (#PF forward round trip).
+    BenchFault = 10,
+    /// Write one word to each of `arg` fresh pages between two marks
+    /// (first-touch demand-zero fault).
+    BenchTouch = 11,
+    /// Report a failed self-check (exit status 1).
+    Fail = 12,
+}
+
+/// Base of the user-half region that vCPU `id` touches in `Hello`/`Touch`.
+pub const fn touch_base(id: u64) -> u64 {
+    0x10_0000_0000 + id * 0x1_0000_0000
+}
+
+/// Name, program and one-line description of every built-in program.
+pub const PROGRAMS: &[(&str, Program, &str)] = &[
+    (
+        "hello",
+        Program::Hello,
+        "every vCPU touches fresh user memory, checks it and prints a line",
+    ),
+    (
+        "touch",
+        Program::Touch,
+        "every vCPU touches ARG fresh pages (fault-forwarding check)",
+    ),
+    (
+        "divzero",
+        Program::DivZero,
+        "divides by zero: a guest crash",
+    ),
+    (
+        "triple-fault",
+        Program::TripleFault,
+        "empties its IDT and faults: a triple fault",
+    ),
+    (
+        "loop",
+        Program::Loop,
+        "spins forever without exits: the watchdog fires",
+    ),
+    (
+        "segv",
+        Program::Segv,
+        "reads address 0: a SIGSEGV-like outcome",
+    ),
+    (
+        "spawn",
+        Program::Spawn,
+        "vCPU 0 starts ARG more vCPUs running hello while it runs",
+    ),
+    (
+        "spin",
+        Program::Spin,
+        "spins until the VMM stops it (kick benchmarks)",
+    ),
+    ("bench-pio", Program::BenchPio, "ARG hypercall round trips"),
+    (
+        "bench-fault",
+        Program::BenchFault,
+        "ARG #PF forward round trips",
+    ),
+    ("bench-touch", Program::BenchTouch, "ARG first-touch faults"),
+    (
+        "fail",
+        Program::Fail,
+        "reports a failed self-check (exit 1)",
+    ),
+];
+
+impl Program {
+    /// Decodes a program number.
+    pub fn from_u64(id: u64) -> Option<Self> {
+        PROGRAMS.iter().map(|p| p.1).find(|p| *p as u64 == id)
+    }
+
+    /// Looks a program up by its name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        PROGRAMS.iter().find(|p| p.0 == name).map(|p| p.1)
+    }
+
+    /// The program's name.
+    pub fn name(self) -> &'static str {
+        PROGRAMS.iter().find(|p| p.1 == self).map_or("?", |p| p.0)
+    }
+}

@@ -1,0 +1,333 @@
+//! The guest runtime: exception stubs, hypercalls, console and the few libc
+//! symbols the compiler expects.
+//!
+//! The program runs at CPL 3, natively. The only CPL-0 code is the assembly
+//! stubs below, which the VMM's IDT points at; they touch only `rax`/`rdx`
+//! and their own IST stacks, so they never clobber the interrupted thread's
+//! SSE state and never fault on a user page. (On this host, PVM emulates
+//! CPL-0 code instruction by instruction and cannot emulate SSE, so the
+//! stubs must stay plain integer assembly.)
+
+use core::arch::{asm, global_asm};
+use core::fmt;
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use cowlab_abi::layout::DOORBELL_VA;
+use cowlab_abi::{
+    area_offset as off, fault_result, Hypercall, VcpuArea, BOOT_HEADER_MAGIC, CONSOLE_LEN,
+    HYPERCALL_PORT,
+};
+
+// Exception stubs. Vectors 8, 10-14, 17, 21, 29 and 30 push an error code;
+// the others get a 0 pushed so every frame looks the same to `exc_common`.
+global_asm!(
+    r#"
+    .section .text
+    .macro EXC_NOERR i
+    exc_stub_\i:
+        push 0
+        push \i
+        jmp exc_common
+    .endm
+    .macro EXC_ERR i
+    exc_stub_\i:
+        push \i
+        jmp exc_common
+    .endm
+    .irp i, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+        EXC_NOERR \i
+    .endr
+    .irp i, 8,10,11,12,13,14,17,21,29,30
+        EXC_ERR \i
+    .endr
+
+    // Unhandled exception: report vector, error code, RIP, RSP and CR2 and
+    // never return. Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS.
+    exc_common:
+        mov rax, [rsp]
+        mov gs:[{crash_vector}], rax
+        mov rax, [rsp + 8]
+        mov gs:[{crash_error}], rax
+        mov rax, [rsp + 16]
+        mov gs:[{crash_rip}], rax
+        mov rax, [rsp + 40]
+        mov gs:[{crash_rsp}], rax
+        mov rax, cr2
+        mov gs:[{crash_cr2}], rax
+        mov dx, {port}
+        mov eax, {hc_crash}
+        out dx, eax
+    2:  hlt
+        jmp 2b
+
+    // Page fault: forward CR2, error code and RIP in one exit, then do what
+    // the VMM answered. Stack: error code, RIP, CS, RFLAGS, RSP, SS.
+    .global pf_stub
+    pf_stub:
+        push rax
+        push rdx
+        mov rax, cr2
+        mov gs:[{fault_cr2}], rax
+        mov rax, [rsp + 16]
+        mov gs:[{fault_error}], rax
+        mov rax, [rsp + 24]
+        mov gs:[{fault_rip}], rax
+        mov dx, {port}
+        mov eax, {hc_pf}
+        out dx, eax
+        mov rax, gs:[{fault_result}]
+        test rax, {flush}
+        jz 1f
+        mov rdx, cr3
+        mov cr3, rdx
+    1:  and rax, 0xff
+        cmp rax, {fixup}
+        je 2f
+        mov rax, gs:[{fault_cr2}]
+        invlpg [rax]
+        jmp 3f
+    2:  mov rax, gs:[{fixup_rip}]
+        mov [rsp + 24], rax
+        mov qword ptr gs:[{fixup_rip}], 0
+    3:  pop rdx
+        pop rax
+        add rsp, 8
+        iretq
+
+    // TLB-flush interrupt: drop every non-global translation, then ack.
+    .global flush_stub
+    flush_stub:
+        push rax
+        push rdx
+        mov rax, cr3
+        mov cr3, rax
+        mov dx, {port}
+        mov eax, {hc_flush_ack}
+        out dx, eax
+        pop rdx
+        pop rax
+        iretq
+
+    // Runtime service for the triple-fault program: drop the IDT, then fault.
+    .global triple_fault_stub
+    triple_fault_stub:
+        push 0
+        push 0
+        lidt [rsp]
+        ud2
+
+    // The prebuilt libcore references the unwinder's personality routine
+    // from its unwind tables even under panic=abort; nothing ever calls it.
+    .global rust_eh_personality
+    rust_eh_personality:
+        ud2
+
+    // The BootHeader (cowlab_abi), from which the VMM builds the IDT.
+    .section .boot_header, "a"
+    .balign 8
+        .quad {magic}
+        .quad pf_stub
+        .quad flush_stub
+        .quad triple_fault_stub
+    .irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .quad exc_stub_\i
+    .endr
+    .section .text
+    "#,
+    magic = const BOOT_HEADER_MAGIC,
+    crash_vector = const off::CRASH_VECTOR,
+    crash_error = const off::CRASH_ERROR,
+    crash_rip = const off::CRASH_RIP,
+    crash_rsp = const off::CRASH_RSP,
+    crash_cr2 = const off::CRASH_CR2,
+    fault_cr2 = const off::FAULT_CR2,
+    fault_error = const off::FAULT_ERROR,
+    fault_rip = const off::FAULT_RIP,
+    fault_result = const off::FAULT_RESULT,
+    fixup_rip = const off::FIXUP_RIP,
+    port = const HYPERCALL_PORT,
+    hc_crash = const Hypercall::Crash as u32,
+    hc_pf = const Hypercall::PageFault as u32,
+    hc_flush_ack = const Hypercall::FlushAck as u32,
+    flush = const fault_result::FLUSH_TLB,
+    fixup = const fault_result::FIXUP,
+);
+
+/// This vCPU's [`VcpuArea`] (`GS.base`, set by the VMM).
+pub fn area() -> *mut VcpuArea {
+    let ptr: u64;
+    // SAFETY: the VMM points GS.base at this vCPU's area, whose first field
+    // is its own address; reading it has no side effect.
+    unsafe { asm!("mov {}, gs:[0]", out(reg) ptr, options(nostack, readonly, preserves_flags)) };
+    ptr as *mut VcpuArea
+}
+
+/// Reads a field of this vCPU's area that the VMM may change at any time.
+macro_rules! area_read {
+    ($($field:tt)+) => {
+        // SAFETY: the area is mapped for the life of the vCPU and only
+        // accessed with volatile operations.
+        unsafe { ::core::ptr::read_volatile(::core::ptr::addr_of!((*$crate::rt::area()).$($field)+)) }
+    };
+}
+pub(crate) use area_read;
+
+/// Issues hypercall `nr` with `args`; returns `hcall.ret`.
+pub fn hypercall(nr: Hypercall, args: [u64; 4]) -> u64 {
+    let a = area();
+    // SAFETY: the mailbox belongs to this vCPU; the doorbell write is the exit
+    // the VMM answers before the guest continues, and volatile accesses are
+    // not reordered with each other.
+    unsafe {
+        write_volatile(addr_of_mut!((*a).hcall.args), args);
+        write_volatile(DOORBELL_VA as *mut u32, nr as u32);
+        read_volatile(addr_of!((*a).hcall.ret))
+    }
+}
+
+/// Copies `msg` into the console buffer and issues `nr` with its length.
+fn console_hypercall(nr: Hypercall, msg: &[u8]) {
+    let len = msg.len().min(CONSOLE_LEN);
+    let a = area();
+    for (i, b) in msg[..len].iter().enumerate() {
+        // SAFETY: `i < CONSOLE_LEN`, inside this vCPU's console buffer.
+        unsafe { write_volatile(addr_of_mut!((*a).console[i]), *b) };
+    }
+    hypercall(nr, [len as u64, 0, 0, 0]);
+}
+
+/// A console line formatted on the stack, sent with one hypercall.
+pub struct Line {
+    buf: [u8; CONSOLE_LEN],
+    len: usize,
+}
+
+impl Line {
+    pub const fn new() -> Self {
+        Line {
+            buf: [0; CONSOLE_LEN],
+            len: 0,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(CONSOLE_LEN - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Prints one line on the VMM's console.
+pub fn print_line(args: fmt::Arguments<'_>) {
+    let mut line = Line::new();
+    let _ = fmt::write(&mut line, args);
+    console_hypercall(Hypercall::Console, line.as_bytes());
+}
+
+/// Reports a failed self-check; the thread ends with status 1.
+pub fn fail(args: fmt::Arguments<'_>) -> ! {
+    let mut line = Line::new();
+    let _ = fmt::write(&mut line, args);
+    console_hypercall(Hypercall::Fail, line.as_bytes());
+    halt_forever()
+}
+
+/// Ends this thread with `status`.
+pub fn exit(status: u64) -> ! {
+    hypercall(Hypercall::Exit, [status, 0, 0, 0]);
+    halt_forever()
+}
+
+fn halt_forever() -> ! {
+    // The VMM never resumes a vCPU after Exit/Fail.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// `println!` for the guest console.
+macro_rules! println {
+    ($($arg:tt)*) => { $crate::rt::print_line(format_args!($($arg)*)) };
+}
+pub(crate) use println;
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    fail(format_args!("guest panic: {info}"))
+}
+
+// The symbols the compiler expects from libc. Written with string
+// instructions so the compiler cannot turn them back into calls to
+// themselves.
+
+/// # Safety
+/// As C's `memcpy`.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid and disjoint.
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's `memmove`.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
+        // SAFETY: forward copy is correct when dst does not start inside src.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: backward copy with the direction flag, restored afterwards.
+    unsafe {
+        asm!(
+            "std", "rep movsb", "cld",
+            inout("rcx") n => _,
+            inout("rdi") dst.add(n - 1) => _,
+            inout("rsi") src.add(n - 1) => _,
+            options(nostack),
+        );
+    }
+    dst
+}
+
+/// # Safety
+/// As C's `memset`.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid.
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's `memcmp`.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: the caller guarantees both ranges are valid for `n` bytes.
+        let (x, y) = unsafe { (read_volatile(a.add(i)), read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+/// # Safety
+/// As C's `bcmp`.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}

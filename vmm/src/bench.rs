@@ -1,0 +1,281 @@
+//! Measurements of what the host makes possible (DESIGN.md §4): VM start,
+//! exit round trip, #PF forward round trip, first-touch fault, kick and
+//! interrupt-injection round trips. Each number comes from real vCPUs
+//! running the built-in benchmark programs.
+
+use std::time::{Duration, Instant};
+
+use cowlab_abi::Program;
+
+use crate::kvm::{Error, Event, Vm, VmConfig};
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Rounds per measurement (each round is a fresh VM).
+    pub rounds: usize,
+    /// Operations per round.
+    pub iters: u64,
+    pub kvm_path: String,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            rounds: 5,
+            iters: 20_000,
+            kvm_path: "/dev/kvm".into(),
+        }
+    }
+}
+
+/// Median and range of a set of samples, in microseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stat {
+    pub median_us: f64,
+    pub min_us: f64,
+    pub max_us: f64,
+    pub samples: usize,
+}
+
+impl Stat {
+    /// Statistics of `samples` (microseconds); `None` if there are none.
+    pub fn of(mut samples: Vec<f64>) -> Option<Stat> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median = if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median_us: median,
+            min_us: samples[0],
+            max_us: samples[n - 1],
+            samples: n,
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "median_us": self.median_us, "min_us": self.min_us,
+            "max_us": self.max_us, "samples": self.samples,
+        })
+    }
+}
+
+/// One measured quantity.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub stat: Stat,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn config(opts: &BenchOptions, program: Program, arg: u64) -> VmConfig {
+    VmConfig {
+        program,
+        arg,
+        mem_mib: 512,
+        kvm_path: opts.kvm_path.clone(),
+        ..VmConfig::default()
+    }
+}
+
+/// Runs `program(iters)` and returns the time between its marks 1 and 2
+/// divided by `iters`, plus the VM's boot time.
+fn marked_round(opts: &BenchOptions, program: Program) -> Result<(f64, Option<f64>), Error> {
+    let mut vm = Vm::new(&config(opts, program, opts.iters))?;
+    let (mut start, mut end) = (None, None);
+    let report = vm.wait(Some(Duration::from_secs(60)), |e| {
+        if let Event::Mark { n, at, .. } = e {
+            match n {
+                1 => start = Some(*at),
+                2 => end = Some(*at),
+                _ => {}
+            }
+        }
+    });
+    let problems = report.problems();
+    if !problems.is_empty() {
+        return Err(Error::Config(format!(
+            "benchmark {}: {}",
+            program.name(),
+            problems.join("; ")
+        )));
+    }
+    let (Some(s), Some(e)) = (start, end) else {
+        return Err(Error::Config(format!(
+            "benchmark {} reported no marks",
+            program.name()
+        )));
+    };
+    Ok((us(e - s) / opts.iters as f64, report.boot_time.map(us)))
+}
+
+/// Kicks a spinning vCPU `iters` times with `request` and times each round
+/// trip from the kick to the answer `answered` picks out.
+fn kick_round(
+    opts: &BenchOptions,
+    send: impl Fn(&Vm) -> bool,
+    answered: impl Fn(&Event) -> Option<Instant>,
+) -> Result<Vec<f64>, Error> {
+    let mut vm = Vm::new(&config(opts, Program::Spin, 0))?;
+    let timeout = Duration::from_secs(10);
+    while !matches!(vm.next_event(timeout), Some(Event::Booted { .. }) | None) {}
+    let mut samples = Vec::new();
+    for _ in 0..opts.iters.min(2000) {
+        let t0 = Instant::now();
+        send(&vm);
+        loop {
+            match vm.next_event(timeout) {
+                Some(e) => {
+                    if let Some(at) = answered(&e) {
+                        samples.push(us(at - t0));
+                        break;
+                    }
+                    if matches!(e, Event::Ended(_)) {
+                        return Err(Error::Config(
+                            "the spinning vCPU ended during the kick benchmark".into(),
+                        ));
+                    }
+                }
+                None => {
+                    return Err(Error::Config(
+                        "a kicked vCPU did not answer within 10 s".into(),
+                    ))
+                }
+            }
+        }
+    }
+    vm.stop_spinning(0);
+    let report = vm.wait(Some(timeout), |_| {});
+    if report.exit_code() != 0 {
+        return Err(Error::Config(format!(
+            "kick benchmark: {}",
+            report.problems().join("; ")
+        )));
+    }
+    Ok(samples)
+}
+
+/// Measures the host's limits.
+pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
+    let mut boot = Vec::new();
+    let mut per_op = |program| -> Result<Vec<f64>, Error> {
+        let mut v = Vec::new();
+        for _ in 0..opts.rounds {
+            let (op, b) = marked_round(opts, program)?;
+            v.push(op);
+            boot.extend(b);
+        }
+        Ok(v)
+    };
+    let pio = per_op(Program::BenchPio)?;
+    let fault = per_op(Program::BenchFault)?;
+    let touch = per_op(Program::BenchTouch)?;
+    let mut kick = Vec::new();
+    let mut ipi = Vec::new();
+    for _ in 0..opts.rounds {
+        kick.extend(kick_round(
+            opts,
+            |vm| vm.ping(0),
+            |e| match e {
+                Event::Pong { at, .. } => Some(*at),
+                _ => None,
+            },
+        )?);
+        ipi.extend(kick_round(
+            opts,
+            |vm| vm.flush_tlb(0),
+            |e| match e {
+                Event::FlushAcked { at, .. } => Some(*at),
+                _ => None,
+            },
+        )?);
+    }
+    let rows = [
+        (
+            "vm_start",
+            "VM creation to the guest's first exit (IDT loaded)",
+            boot,
+        ),
+        (
+            "exit_round_trip",
+            "port-I/O hypercall round trip (guest out → VMM → guest)",
+            pio,
+        ),
+        (
+            "pf_forward_round_trip",
+            "#PF → stub → exit → VMM decision → iretq (no mapping)",
+            fault,
+        ),
+        (
+            "first_touch_fault",
+            "first write to a fresh page: forward + demand-zero frame + shadow fill",
+            touch,
+        ),
+        (
+            "kick_round_trip",
+            "signal + immediate_exit until the vCPU thread is out of KVM_RUN",
+            kick,
+        ),
+        (
+            "ipi_round_trip",
+            "kick + injected flush interrupt + guest CR3 reload + ack exit",
+            ipi,
+        ),
+    ];
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, what, samples)| {
+            Stat::of(samples).map(|stat| Measurement { name, what, stat })
+        })
+        .collect())
+}
+
+/// The measurements as a text table.
+pub fn table(rows: &[Measurement]) -> String {
+    let mut out = format!(
+        "{:<24} {:>10} {:>10} {:>10} {:>8}  what\n",
+        "limit", "median µs", "min µs", "max µs", "samples"
+    );
+    for m in rows {
+        out += &format!(
+            "{:<24} {:>10.2} {:>10.2} {:>10.2} {:>8}  {}\n",
+            m.name, m.stat.median_us, m.stat.min_us, m.stat.max_us, m.stat.samples, m.what
+        );
+    }
+    out
+}
+
+/// The measurements as one JSON object.
+pub fn json(rows: &[Measurement], opts: &BenchOptions) -> serde_json::Value {
+    let limits: serde_json::Map<String, serde_json::Value> = rows
+        .iter()
+        .map(|m| (m.name.to_string(), m.stat.json()))
+        .collect();
+    serde_json::json!({ "rounds": opts.rounds, "iters": opts.iters, "host_limits": limits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_median_and_range() {
+        let s = Stat::of(vec![3.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!(
+            (s.median_us, s.min_us, s.max_us, s.samples),
+            (2.5, 1.0, 10.0, 4)
+        );
+        assert_eq!(Stat::of(vec![]), None);
+    }
+}

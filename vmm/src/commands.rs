@@ -1,0 +1,123 @@
+//! The CLI's commands, behind argument parsing: they print what the user
+//! sees and return the process exit status (DESIGN.md §12).
+
+use std::io::Write;
+use std::time::Duration;
+
+use cowlab_abi::program::PROGRAMS;
+use cowlab_abi::Program;
+
+use crate::bench::{self, BenchOptions};
+use crate::kvm::{exit_code, Event, Vm, VmConfig};
+
+/// Options of `cowlab run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub program: String,
+    pub vcpus: usize,
+    pub arg: u64,
+    pub mem_mib: u64,
+    pub timeout: Option<Duration>,
+    pub guest: Option<std::path::PathBuf>,
+    pub kvm_path: String,
+    /// Print a per-vCPU summary (faults, fills, exits) at the end.
+    pub stats: bool,
+}
+
+fn error(msg: impl std::fmt::Display) {
+    eprintln!("cowlab: {msg}");
+}
+
+/// Names of the built-in programs, for error messages.
+pub fn program_names() -> String {
+    PROGRAMS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+}
+
+/// `cowlab run PROGRAM`: boots a VM running a built-in program on every vCPU.
+pub fn run(opts: &RunOptions) -> i32 {
+    let Some(program) = Program::from_name(&opts.program) else {
+        error(format_args!(
+            "unknown program '{}' (built-in programs: {})",
+            opts.program,
+            program_names()
+        ));
+        return exit_code::USAGE;
+    };
+    let guest_elf = match &opts.guest {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                error(format_args!("cannot read guest {}: {e}", path.display()));
+                return exit_code::USAGE;
+            }
+        },
+        None => None,
+    };
+    let config = VmConfig {
+        vcpus: opts.vcpus,
+        mem_mib: opts.mem_mib,
+        program,
+        arg: opts.arg,
+        guest_elf,
+        record_faults: false,
+        kvm_path: opts.kvm_path.clone(),
+    };
+    let mut vm = match Vm::new(&config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            error(&e);
+            return e.exit_code();
+        }
+    };
+    let report = vm.wait(opts.timeout, |e| {
+        if let Event::Console { line, .. } = e {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+        }
+    });
+    drop(vm);
+    if opts.stats {
+        for v in &report.vcpus {
+            eprintln!(
+                "vcpu {}: {} faults, {} fills, {} exits",
+                v.id, v.faults, v.fills, v.exits
+            );
+        }
+        eprintln!(
+            "{} user pages, boot {:.2} ms, wall {:.2} ms",
+            report.user_pages,
+            report.boot_time.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+            report.wall.as_secs_f64() * 1e3
+        );
+    }
+    for line in report.problems() {
+        error(line);
+    }
+    report.exit_code()
+}
+
+/// `cowlab list programs`.
+pub fn list_programs() -> i32 {
+    for (name, _, what) in PROGRAMS {
+        println!("{name:<14} {what}");
+    }
+    exit_code::OK
+}
+
+/// `cowlab bench`: the host limits, as a table or JSON.
+pub fn bench(opts: &BenchOptions, json: bool) -> i32 {
+    match bench::host_limits(opts) {
+        Ok(rows) => {
+            if json {
+                println!("{}", bench::json(&rows, opts));
+            } else {
+                print!("{}", bench::table(&rows));
+            }
+            exit_code::OK
+        }
+        Err(e) => {
+            error(&e);
+            e.exit_code()
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Guest-physical memory: one anonymous mapping registered with KVM, and
+//! the [`PhysMem`] view the memory manager uses. With the vCPU layer, the
+//! only place that holds `unsafe`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use cowlab_abi::layout::PAGE_SIZE;
+
+use crate::mm::PhysMem;
+
+/// Guest memory starting at guest-physical 0.
+#[derive(Debug)]
+pub struct GuestMem {
+    mem: GuestMemoryMmap,
+    size: u64,
+    host: *mut u8,
+}
+
+// SAFETY: `host` points into the mapping owned by `mem`, which lives as long
+// as `self`; all accesses through it are bounds-checked and either atomic
+// (page-table words) or copies of whole frames the caller owns.
+unsafe impl Send for GuestMem {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMem {}
+
+impl GuestMem {
+    /// Maps `size` bytes (a multiple of the page size) of zeroed memory.
+    pub fn new(size: u64) -> Result<Self, String> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|e| format!("cannot map {size} bytes of guest memory: {e}"))?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| format!("guest memory has no host address: {e}"))?;
+        Ok(GuestMem { mem, size, host })
+    }
+
+    /// Host address of guest-physical 0 (for `KVM_SET_USER_MEMORY_REGION`).
+    pub fn host_base(&self) -> u64 {
+        self.host as u64
+    }
+
+    /// Reads a plain-old-data value at `pa` (e.g. a mailbox).
+    pub fn read_obj<T: vm_memory::ByteValued>(&self, pa: u64) -> Option<T> {
+        self.mem.read_obj(GuestAddress(pa)).ok()
+    }
+
+    /// Writes a plain-old-data value at `pa`.
+    pub fn write_obj<T: vm_memory::ByteValued>(&self, pa: u64, v: T) -> Option<()> {
+        self.mem.write_obj(v, GuestAddress(pa)).ok()
+    }
+
+    fn check_frame(&self, pa: u64) {
+        assert!(
+            pa % PAGE_SIZE == 0 && pa + PAGE_SIZE <= self.size,
+            "frame {pa:#x} outside guest memory"
+        );
+    }
+}
+
+impl PhysMem for GuestMem {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn word(&self, pa: u64) -> &AtomicU64 {
+        assert!(
+            pa % 8 == 0 && pa + 8 <= self.size,
+            "word {pa:#x} outside guest memory"
+        );
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page-aligned);
+        // guest memory is shared with vCPUs, so it is only accessed as an
+        // atomic here, never through a plain reference.
+        unsafe { &*(self.host.add(pa as usize) as *const AtomicU64) }
+    }
+
+    fn zero_frame(&self, pa: u64) {
+        self.check_frame(pa);
+        // SAFETY: the frame is in bounds; the caller owns it, so no vCPU can
+        // reach it through a TLB entry while it is being zeroed.
+        unsafe { std::ptr::write_bytes(self.host.add(pa as usize), 0, PAGE_SIZE as usize) };
+        std::sync::atomic::fence(Ordering::Release);
+    }
+
+    fn copy_frame(&self, dst: u64, src: u64) {
+        self.check_frame(dst);
+        self.check_frame(src);
+        assert_ne!(dst, src, "copy of frame {src:#x} onto itself");
+        // SAFETY: both frames are in bounds and distinct; `dst` is owned by
+        // the caller. `src` may be written concurrently by a vCPU (that is
+        // the race being modelled): the copy then sees a torn snapshot, as
+        // Linux's copy does.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.host.add(src as usize),
+                self.host.add(dst as usize),
+                PAGE_SIZE as usize,
+            )
+        };
+        std::sync::atomic::fence(Ordering::Release);
+    }
+
+    fn read(&self, pa: u64, buf: &mut [u8]) -> Option<()> {
+        self.mem.read_slice(buf, GuestAddress(pa)).ok()
+    }
+
+    fn write(&self, pa: u64, buf: &[u8]) -> Option<()> {
+        self.mem.write_slice(buf, GuestAddress(pa)).ok()
+    }
+}

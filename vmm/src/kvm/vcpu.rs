@@ -1,0 +1,551 @@
+//! One vCPU and the host thread that runs it: boot state, the `KVM_RUN`
+//! loop, hypercalls, forwarded page faults and requests from other threads
+//! (stop, ping, TLB flush by injected interrupt).
+
+use std::mem::offset_of;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::kvm_fpu;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use cowlab_abi::layout::{
+    area, kernel_va, user_stack_top, vcpu_area_phys, DOORBELL_PHYS, USER_END,
+};
+use cowlab_abi::{
+    fault_result, Hypercall, Program, VcpuArea, CONSOLE_LEN, FLUSH_VECTOR, HYPERCALL_PORT,
+};
+
+use super::arch;
+use super::kick;
+use super::vm::{Event, Shared};
+use crate::mm::{Access, FaultError, PhysMem, ShadowTlb};
+
+/// Requests other threads post to a vCPU (bits of its request word) before
+/// kicking it.
+pub mod request {
+    /// End the thread (watchdog, VM teardown).
+    pub const STOP: u32 = 1 << 0;
+    /// Answer with [`super::Event::Pong`] (kick round-trip benchmark).
+    pub const PING: u32 = 1 << 1;
+    /// Drop every user translation of this vCPU and make its hardware TLB
+    /// forget them; answered by [`super::Event::FlushAcked`].
+    pub const FLUSH: u32 = 1 << 2;
+}
+
+/// How a vCPU's thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The program called exit with this status.
+    Exited(u64),
+    /// The program reported a failed self-check.
+    Failed(String),
+    /// An access no mapping allows (the SIGSEGV of this model).
+    Segv { addr: u64, access: Access, rip: u64 },
+    /// No guest frame was left to resolve a fault.
+    Oom { addr: u64 },
+    /// An exception the runtime does not handle.
+    Crashed {
+        vector: u64,
+        error_code: u64,
+        rip: u64,
+        cr2: u64,
+        rsp: u64,
+    },
+    /// The vCPU shut down (triple fault).
+    TripleFault { rip: u64 },
+    /// Stopped from outside (watchdog or teardown) while at `rip`.
+    Stopped { rip: u64 },
+    /// KVM or the VMM failed.
+    Error(String),
+}
+
+/// Names of the x86 exception vectors.
+pub fn vector_name(vector: u64) -> &'static str {
+    const NAMES: [&str; 22] = [
+        "#DE divide error",
+        "#DB debug",
+        "NMI",
+        "#BP breakpoint",
+        "#OF overflow",
+        "#BR bound range",
+        "#UD invalid opcode",
+        "#NM device not available",
+        "#DF double fault",
+        "coprocessor segment overrun",
+        "#TS invalid TSS",
+        "#NP segment not present",
+        "#SS stack fault",
+        "#GP general protection",
+        "#PF page fault",
+        "reserved",
+        "#MF x87 error",
+        "#AC alignment check",
+        "#MC machine check",
+        "#XM SIMD error",
+        "#VE virtualization exception",
+        "#CP control protection",
+    ];
+    NAMES.get(vector as usize).copied().unwrap_or("exception")
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Exited(0) => write!(f, "exited"),
+            Outcome::Exited(s) => write!(f, "exited with status {s}"),
+            Outcome::Failed(msg) => write!(f, "failed: {msg}"),
+            Outcome::Segv { addr, access, rip } => {
+                write!(f, "segmentation fault: {} at {addr:#x} (RIP {rip:#x})", access.as_str())
+            }
+            Outcome::Oom { addr } => write!(f, "out of memory faulting in {addr:#x}"),
+            Outcome::Crashed { vector, error_code, rip, cr2, rsp } => write!(
+                f,
+                "crashed: vector {vector} ({}) at RIP {rip:#x}, CR2 {cr2:#x}, error code {error_code:#x}, RSP {rsp:#x}",
+                vector_name(*vector)
+            ),
+            Outcome::TripleFault { rip } => write!(f, "triple fault (shutdown) at RIP {rip:#x}"),
+            Outcome::Stopped { rip } => write!(f, "stopped at RIP {rip:#x}"),
+            Outcome::Error(e) => write!(f, "VMM error: {e}"),
+        }
+    }
+}
+
+/// What a vCPU did, reported when its thread ends.
+#[derive(Debug, Clone)]
+pub struct VcpuReport {
+    pub id: usize,
+    pub program: Program,
+    pub outcome: Outcome,
+    /// Page faults forwarded to the VMM.
+    pub faults: u64,
+    /// Shadow-TLB fills.
+    pub fills: u64,
+    /// Exits to the VMM (all kinds).
+    pub exits: u64,
+    /// Addresses of forwarded faults, in order (only with `record_faults`).
+    pub fault_addrs: Vec<u64>,
+}
+
+/// An exit copied out of `kvm_run`, so the vCPU can be used while handling it.
+enum Exit {
+    Hypercall(u32),
+    PortIo(u16),
+    Mmio(u64),
+    Shutdown,
+    IrqWindowOpen,
+    Interrupted,
+    Other(String),
+}
+
+/// What to do after handling an exit.
+enum Flow {
+    Continue,
+    End(Outcome),
+}
+
+/// A vCPU being run by its thread.
+pub(crate) struct Vcpu {
+    id: usize,
+    program: Program,
+    fd: VcpuFd,
+    shared: Arc<Shared>,
+    requests: Arc<AtomicU32>,
+    events: Sender<Event>,
+    area_pa: u64,
+    tlb: ShadowTlb,
+    /// A flush interrupt is waiting for an interrupt window.
+    flush_pending: bool,
+    /// The current exit is a forwarded #PF (its reply can carry a flush).
+    in_fault: bool,
+    faults: u64,
+    exits: u64,
+    fault_addrs: Vec<u64>,
+}
+
+type KvmResult<T> = Result<T, String>;
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+    move |e| format!("{op}: {e}")
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` running `program(arg)` in long mode at the guest entry.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        id: usize,
+        program: Program,
+        arg: u64,
+        requests: Arc<AtomicU32>,
+    ) -> KvmResult<Self> {
+        let fd = shared
+            .vm
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&shared.cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let area_pa = vcpu_area_phys(id);
+        let area_va = kernel_va(area_pa);
+        let tlb = ShadowTlb::new(&shared.mem, &shared.frames, &arch::kernel_pml4())
+            .map_err(|_| "no guest frame left for a shadow page table".to_string())?;
+        init_area(&shared, id, area_pa, program, arg)?;
+
+        let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        fd.set_sregs(&arch::sregs(sregs, area_va, tlb.root()))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        fd.set_regs(&arch::regs(shared.image.entry, user_stack_top(id)))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        let events = shared.events();
+        Ok(Vcpu {
+            id,
+            program,
+            fd,
+            shared,
+            requests,
+            events,
+            area_pa,
+            tlb,
+            flush_pending: false,
+            in_fault: false,
+            faults: 0,
+            exits: 0,
+            fault_addrs: Vec::new(),
+        })
+    }
+
+    /// Runs the vCPU until its program ends; returns its report.
+    pub(crate) fn run(mut self) -> VcpuReport {
+        let exit_flag = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        let guard = kick::register_immediate_exit(exit_flag);
+        let outcome = self.run_loop();
+        drop(guard);
+        let Vcpu {
+            id,
+            program,
+            shared,
+            tlb,
+            faults,
+            exits,
+            fault_addrs,
+            ..
+        } = self;
+        let fills = tlb.fills();
+        tlb.release(&shared.mem, &shared.frames);
+        VcpuReport {
+            id,
+            program,
+            outcome,
+            faults,
+            fills,
+            exits,
+            fault_addrs,
+        }
+    }
+
+    fn run_loop(&mut self) -> Outcome {
+        loop {
+            if let Flow::End(outcome) = self.service_requests() {
+                return outcome;
+            }
+            let exit = self.enter();
+            self.exits += 1;
+            // Only the exit right after a fault reply may piggyback a flush on it.
+            self.in_fault = false;
+            let flow = match exit {
+                Ok(Exit::Hypercall(nr)) => self.hypercall(nr),
+                Ok(Exit::PortIo(port)) => Flow::End(Outcome::Error(format!(
+                    "guest accessed I/O port {port:#x}; hypercalls use {HYPERCALL_PORT:#x}"
+                ))),
+                Ok(Exit::Mmio(addr)) => Flow::End(Outcome::Error(format!(
+                    "guest accessed MMIO at {addr:#x}; the doorbell is {DOORBELL_PHYS:#x}"
+                ))),
+                Ok(Exit::Shutdown) => Flow::End(Outcome::TripleFault { rip: self.rip() }),
+                Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => Flow::Continue,
+                Ok(Exit::Other(what)) => {
+                    Flow::End(Outcome::Error(format!("unexpected exit: {what}")))
+                }
+                Err(e) => Flow::End(Outcome::Error(e)),
+            };
+            if let Flow::End(outcome) = flow {
+                return outcome;
+            }
+        }
+    }
+
+    /// One `KVM_RUN`, with the exit copied out.
+    fn enter(&mut self) -> KvmResult<Exit> {
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) if port == HYPERCALL_PORT && data.len() == 4 => {
+                Exit::Hypercall(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) if addr == DOORBELL_PHYS && data.len() == 4 => {
+                Exit::Hypercall(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+            }
+            Ok(VcpuExit::IoOut(port, _)) | Ok(VcpuExit::IoIn(port, _)) => Exit::PortIo(port),
+            Ok(VcpuExit::MmioWrite(addr, _)) | Ok(VcpuExit::MmioRead(addr, _)) => Exit::Mmio(addr),
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Ok(VcpuExit::Hlt) => Exit::Other("HLT".into()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Exit::Other(format!("entry failed (reason {reason:#x}, cpu {cpu})"))
+            }
+            Ok(VcpuExit::InternalError) => Exit::Other(self.internal_error()),
+            Ok(other) => Exit::Other(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => return Err(format!("KVM_RUN: {e}")),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        Ok(exit)
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR` (suberror and data words).
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the union member KVM filled in.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let rip = self.rip();
+        format!(
+            "KVM internal error, suberror {} at RIP {rip:#x}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+
+    /// Handles the requests other threads posted; called before every entry.
+    fn service_requests(&mut self) -> Flow {
+        let reqs = self.requests.swap(0, Ordering::AcqRel);
+        if reqs & request::STOP != 0 {
+            return Flow::End(Outcome::Stopped { rip: self.rip() });
+        }
+        if reqs & request::PING != 0 {
+            let _ = self.events.send(Event::Pong {
+                id: self.id,
+                at: Instant::now(),
+            });
+        }
+        if reqs & request::FLUSH != 0 {
+            self.tlb.flush_all(&self.shared.mem, &self.shared.frames);
+            self.flush_pending = true;
+        }
+        if self.flush_pending {
+            if let Err(e) = self.deliver_flush() {
+                return Flow::End(Outcome::Error(e));
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Makes the hardware TLB forget this vCPU's user translations: by the
+    /// #PF reply if we are in one, else by injecting the flush interrupt when
+    /// the guest can take it, else by asking KVM for an interrupt window.
+    fn deliver_flush(&mut self) -> KvmResult<()> {
+        if self.in_fault {
+            let result = self.area_read(offset_of!(VcpuArea, fault.result));
+            self.area_write(
+                offset_of!(VcpuArea, fault.result),
+                result | fault_result::FLUSH_TLB,
+            );
+            self.flush_pending = false;
+            let _ = self.events.send(Event::FlushAcked {
+                id: self.id,
+                at: Instant::now(),
+            });
+            return Ok(());
+        }
+        let run = self.fd.get_kvm_run();
+        if run.if_flag != 0 && run.ready_for_interrupt_injection != 0 {
+            run.request_interrupt_window = 0;
+            let mut events = self
+                .fd
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+            events.interrupt.injected = 1;
+            events.interrupt.nr = FLUSH_VECTOR;
+            events.interrupt.soft = 0;
+            self.fd
+                .set_vcpu_events(&events)
+                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+            self.flush_pending = false;
+        } else {
+            run.request_interrupt_window = 1;
+        }
+        Ok(())
+    }
+
+    fn hypercall(&mut self, nr: u32) -> Flow {
+        let Some(call) = Hypercall::from_u32(nr) else {
+            return Flow::End(Outcome::Error(format!("unknown hypercall {nr}")));
+        };
+        match call {
+            Hypercall::Booted => {
+                let _ = self.events.send(Event::Booted {
+                    id: self.id,
+                    at: Instant::now(),
+                });
+            }
+            Hypercall::Console => {
+                let line = self.console_line();
+                let _ = self.events.send(Event::Console { id: self.id, line });
+            }
+            Hypercall::Exit => return Flow::End(Outcome::Exited(self.arg(0))),
+            Hypercall::Fail => return Flow::End(Outcome::Failed(self.console_line())),
+            Hypercall::PageFault => return self.page_fault(),
+            Hypercall::Crash => return Flow::End(self.crash()),
+            Hypercall::FlushAck => {
+                let _ = self.events.send(Event::FlushAcked {
+                    id: self.id,
+                    at: Instant::now(),
+                });
+            }
+            Hypercall::Nop => {}
+            Hypercall::Mark => {
+                let _ = self.events.send(Event::Mark {
+                    id: self.id,
+                    n: self.arg(0),
+                    at: Instant::now(),
+                });
+            }
+            Hypercall::Spawn => {
+                let ret = match Program::from_u64(self.arg(0)) {
+                    Some(program) => Shared::spawn(&self.shared, program, self.arg(1))
+                        .map_or(u64::MAX, |id| id as u64),
+                    None => u64::MAX,
+                };
+                self.area_write(offset_of!(VcpuArea, hcall.ret), ret);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A forwarded #PF: resolve it in the address space and fill this
+    /// vCPU's TLB, or end the thread.
+    fn page_fault(&mut self) -> Flow {
+        let addr = self.area_read(offset_of!(VcpuArea, fault.cr2));
+        let error_code = self.area_read(offset_of!(VcpuArea, fault.error_code));
+        let rip = self.area_read(offset_of!(VcpuArea, fault.rip));
+        let access = Access::from_error_code(error_code);
+        self.faults += 1;
+        if self.shared.record_faults {
+            self.fault_addrs.push(addr);
+        }
+        if addr >= USER_END {
+            return Flow::End(Outcome::Crashed {
+                vector: 14,
+                error_code,
+                rip,
+                cr2: addr,
+                rsp: 0,
+            });
+        }
+        let shared = &self.shared;
+        let result = shared
+            .space
+            .handle_fault(&shared.mem, &shared.frames, addr, access)
+            .and_then(|pte| Ok(self.tlb.fill(&shared.mem, &shared.frames, addr, pte)?));
+        let reply = match result {
+            Ok(()) => fault_result::RETRY,
+            Err(FaultError::Segv) if self.area_read(offset_of!(VcpuArea, fixup_rip)) != 0 => {
+                fault_result::FIXUP
+            }
+            Err(FaultError::Segv) => return Flow::End(Outcome::Segv { addr, access, rip }),
+            Err(FaultError::Oom) => return Flow::End(Outcome::Oom { addr }),
+        };
+        self.area_write(offset_of!(VcpuArea, fault.result), reply);
+        self.in_fault = true;
+        Flow::Continue
+    }
+
+    fn crash(&self) -> Outcome {
+        Outcome::Crashed {
+            vector: self.area_read(offset_of!(VcpuArea, crash.vector)),
+            error_code: self.area_read(offset_of!(VcpuArea, crash.error_code)),
+            rip: self.area_read(offset_of!(VcpuArea, crash.rip)),
+            cr2: self.area_read(offset_of!(VcpuArea, crash.cr2)),
+            rsp: self.area_read(offset_of!(VcpuArea, crash.rsp)),
+        }
+    }
+
+    fn arg(&self, i: usize) -> u64 {
+        self.area_read(offset_of!(VcpuArea, hcall.args) + i * 8)
+    }
+
+    fn console_line(&self) -> String {
+        let len = (self.arg(0) as usize).min(CONSOLE_LEN);
+        let mut buf = vec![0u8; len];
+        let _ = self.shared.mem.read(
+            self.area_pa + offset_of!(VcpuArea, console) as u64,
+            &mut buf,
+        );
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    fn area_read(&self, offset: usize) -> u64 {
+        self.shared
+            .mem
+            .word(self.area_pa + offset as u64)
+            .load(Ordering::Acquire)
+    }
+
+    fn area_write(&self, offset: usize, v: u64) {
+        self.shared
+            .mem
+            .word(self.area_pa + offset as u64)
+            .store(v, Ordering::Release)
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map_or(0, |r| r.rip)
+    }
+}
+
+/// Writes the VMM-owned parts of a vCPU area: identity, program, GDT, TSS.
+fn init_area(
+    shared: &Shared,
+    id: usize,
+    area_pa: u64,
+    program: Program,
+    arg: u64,
+) -> KvmResult<()> {
+    let area_va = kernel_va(area_pa);
+    let mem = &shared.mem;
+    let zero = [0u8; 4096];
+    for page in 0..(cowlab_abi::layout::VCPU_AREA_SIZE / 4096) {
+        mem.write(area_pa + page * 4096, &zero)
+            .ok_or("vCPU area outside memory")?;
+    }
+    let fields = [
+        (offset_of!(VcpuArea, self_ptr), area_va),
+        (offset_of!(VcpuArea, vcpu_id), id as u64),
+        (offset_of!(VcpuArea, nr_vcpus), shared.nr_vcpus as u64),
+        (offset_of!(VcpuArea, program), program as u64),
+        (offset_of!(VcpuArea, arg), arg),
+        (offset_of!(VcpuArea, user_stack_top), user_stack_top(id)),
+    ];
+    for (off, v) in fields {
+        mem.word(area_pa + off as u64).store(v, Ordering::Relaxed);
+    }
+    for (i, e) in arch::gdt(area_va).iter().enumerate() {
+        mem.word(area_pa + area::GDT + i as u64 * 8)
+            .store(*e, Ordering::Relaxed);
+    }
+    for (i, [low, high]) in arch::idt(&shared.boot_header).into_iter().enumerate() {
+        mem.word(area_pa + area::IDT + i as u64 * 16)
+            .store(low, Ordering::Relaxed);
+        mem.word(area_pa + area::IDT + i as u64 * 16 + 8)
+            .store(high, Ordering::Relaxed);
+    }
+    mem.write(area_pa + area::TSS, &arch::tss(area_va))
+        .ok_or("TSS outside memory")?;
+    Ok(())
+}

@@ -1,0 +1,545 @@
+//! A VM: KVM file descriptors, guest memory, the guest image and the vCPU
+//! threads, plus the event stream the controlling thread watches.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::signal::Killable;
+
+use cowlab_abi::layout::{kernel_va, IMAGE_PHYS, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS};
+use cowlab_abi::{BootHeader, Program, BOOT_HEADER_MAGIC};
+
+use super::loader::{self, Image};
+use super::memory::GuestMem;
+use super::vcpu::{request, Outcome, Vcpu, VcpuReport};
+use super::{arch, kick, Error, GUEST_ELF};
+use crate::mm::{DemandZero, FrameAllocator, PhysMem};
+
+/// Smallest guest memory accepted: the kernel region plus 16 MiB of frames.
+pub const MIN_MEM_MIB: u64 = (KERNEL_REGION_SIZE >> 20) + 16;
+
+/// How long stopped vCPUs get to leave `KVM_RUN` after a timeout.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// vCPUs started at boot (each runs `program`).
+    pub vcpus: usize,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    pub program: Program,
+    /// The program's argument (0 = its default).
+    pub arg: u64,
+    /// Another guest ELF built like `guest/` (default: the built-in one).
+    pub guest_elf: Option<Vec<u8>>,
+    /// Keep the address of every forwarded fault in the reports.
+    pub record_faults: bool,
+    /// The KVM device.
+    pub kvm_path: String,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_mib: 256,
+            program: Program::Hello,
+            arg: 0,
+            guest_elf: None,
+            record_faults: false,
+            kvm_path: "/dev/kvm".into(),
+        }
+    }
+}
+
+/// Something a vCPU thread reports to the controlling thread.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// vCPU `id` was created (by `parent`, or at boot).
+    Spawned { id: usize, parent: Option<usize> },
+    /// vCPU `id` made its first exit (the runtime is up).
+    Booted { id: usize, at: Instant },
+    /// A console line.
+    Console { id: usize, line: String },
+    /// A benchmark mark.
+    Mark { id: usize, n: u64, at: Instant },
+    /// Answer to a [`request::PING`] kick.
+    Pong { id: usize, at: Instant },
+    /// A [`request::FLUSH`] completed: the guest reloaded CR3.
+    FlushAcked { id: usize, at: Instant },
+    /// vCPU thread ended.
+    Ended(VcpuReport),
+}
+
+struct VcpuSlot {
+    requests: Arc<AtomicU32>,
+    thread: JoinHandle<()>,
+}
+
+/// State shared by the VM and all its vCPU threads.
+pub(crate) struct Shared {
+    pub(crate) vm: VmFd,
+    pub(crate) cpuid: CpuId,
+    pub(crate) mem: GuestMem,
+    pub(crate) frames: FrameAllocator,
+    pub(crate) space: DemandZero,
+    pub(crate) image: Image,
+    pub(crate) boot_header: BootHeader,
+    pub(crate) nr_vcpus: usize,
+    pub(crate) record_faults: bool,
+    vcpus: Mutex<Vec<VcpuSlot>>,
+    events: Mutex<Sender<Event>>,
+}
+
+impl Shared {
+    pub(crate) fn events(&self) -> Sender<Event> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<VcpuSlot>> {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a new vCPU running `program(arg)` in this VM's address space,
+    /// from any thread, while the others run. Returns its id.
+    pub(crate) fn spawn(this: &Arc<Self>, program: Program, arg: u64) -> Result<usize, String> {
+        let mut slots = this.slots();
+        let id = slots.len();
+        if id >= MAX_VCPUS {
+            return Err(format!("at most {MAX_VCPUS} vCPUs"));
+        }
+        let parent = current_vcpu();
+        let events = this.events();
+        // Sent before the thread exists, so the controller counts it as live
+        // before it can see this vCPU (or its parent) end.
+        let _ = events.send(Event::Spawned { id, parent });
+        let requests = Arc::new(AtomicU32::new(0));
+        let (shared, reqs) = (Arc::clone(this), Arc::clone(&requests));
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                CURRENT_VCPU.with(|c| c.set(Some(id)));
+                let report = match Vcpu::new(Arc::clone(&shared), id, program, arg, reqs) {
+                    Ok(vcpu) => vcpu.run(),
+                    Err(e) => VcpuReport {
+                        id,
+                        program,
+                        outcome: Outcome::Error(e),
+                        faults: 0,
+                        fills: 0,
+                        exits: 0,
+                        fault_addrs: Vec::new(),
+                    },
+                };
+                let _ = events.send(Event::Ended(report));
+            })
+            .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
+        slots.push(VcpuSlot { requests, thread });
+        Ok(id)
+    }
+
+    /// Posts `bits` to vCPU `id` and kicks it out of the guest. False if
+    /// there is no such vCPU.
+    fn request(&self, id: usize, bits: u32) -> bool {
+        let slots = self.slots();
+        let Some(slot) = slots.get(id) else {
+            return false;
+        };
+        slot.requests.fetch_or(bits, Ordering::AcqRel);
+        // A thread that already ended cannot be signalled; nothing to do then.
+        let _ = slot.thread.kill(kick::kick_signal());
+        true
+    }
+}
+
+thread_local! {
+    static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+fn current_vcpu() -> Option<usize> {
+    CURRENT_VCPU.with(|c| c.get())
+}
+
+/// How a run ended, for every vCPU that took part.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// One report per vCPU, by id.
+    pub vcpus: Vec<VcpuReport>,
+    /// Console lines in the order they arrived.
+    pub console: Vec<(usize, String)>,
+    /// The watchdog fired after this long.
+    pub timed_out: Option<Duration>,
+    /// vCPUs still running when the watchdog fired.
+    pub stuck: Vec<usize>,
+    /// VM creation to the first guest exit.
+    pub boot_time: Option<Duration>,
+    /// VM creation to the end of the run.
+    pub wall: Duration,
+    /// User pages the guest touched.
+    pub user_pages: usize,
+}
+
+/// Exit status of the CLI (DESIGN.md §12).
+pub mod exit_code {
+    /// Everything went as expected.
+    pub const OK: i32 = 0;
+    /// The guest reported failure (or an expectation did not hold).
+    pub const FAILED: i32 = 1;
+    /// Usage or input error.
+    pub const USAGE: i32 = 2;
+    /// VM or internal error: guest crash, timeout, KVM failure.
+    pub const VM_ERROR: i32 = 3;
+}
+
+impl RunReport {
+    /// The CLI's exit status for this run.
+    pub fn exit_code(&self) -> i32 {
+        let vm_error = self.timed_out.is_some()
+            || self.vcpus.iter().any(|v| {
+                matches!(
+                    v.outcome,
+                    Outcome::Crashed { .. }
+                        | Outcome::TripleFault { .. }
+                        | Outcome::Stopped { .. }
+                        | Outcome::Error(_)
+                )
+            });
+        if vm_error {
+            exit_code::VM_ERROR
+        } else if self.vcpus.iter().all(|v| v.outcome == Outcome::Exited(0)) {
+            exit_code::OK
+        } else {
+            exit_code::FAILED
+        }
+    }
+
+    /// One line per thing that went wrong.
+    pub fn problems(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(t) = self.timed_out {
+            let stuck: Vec<String> = self.stuck.iter().map(|id| format!("vcpu {id}")).collect();
+            lines.push(format!(
+                "timeout after {:.1}s: {} still running",
+                t.as_secs_f64(),
+                stuck.join(", ")
+            ));
+        }
+        for v in &self.vcpus {
+            if v.outcome != Outcome::Exited(0) {
+                lines.push(format!(
+                    "vcpu {} ({}): {}",
+                    v.id,
+                    v.program.name(),
+                    v.outcome
+                ));
+            }
+        }
+        lines
+    }
+
+    /// The report of vCPU `id`.
+    pub fn vcpu(&self, id: usize) -> Option<&VcpuReport> {
+        self.vcpus.iter().find(|v| v.id == id)
+    }
+}
+
+/// A running VM.
+pub struct Vm {
+    shared: Arc<Shared>,
+    events: Receiver<Event>,
+    created: Instant,
+    boot_time: Option<Duration>,
+    live: BTreeSet<usize>,
+    ended: BTreeMap<usize, VcpuReport>,
+}
+
+fn kvm_op(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and starts `config.vcpus` vCPUs.
+    pub fn new(config: &VmConfig) -> Result<Vm, Error> {
+        let created = Instant::now();
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "--vcpus must be between 1 and {MAX_VCPUS}"
+            )));
+        }
+        let max_mib = MAX_MEM_SIZE >> 20;
+        if config.mem_mib < MIN_MEM_MIB || config.mem_mib > max_mib {
+            return Err(Error::Config(format!(
+                "--mem-mib must be between {MIN_MEM_MIB} and {max_mib}"
+            )));
+        }
+        let image = loader::parse(config.guest_elf.as_deref().unwrap_or(GUEST_ELF))
+            .map_err(Error::Image)?;
+
+        let path = std::ffi::CString::new(config.kvm_path.clone())
+            .map_err(|_| Error::Config("KVM device path contains a NUL byte".into()))?;
+        let kvm = Kvm::new_with_path(&path).map_err(|source| Error::KvmUnavailable {
+            path: config.kvm_path.clone(),
+            source,
+        })?;
+        if !kvm.check_extension(Cap::ImmediateExit) {
+            return Err(Error::Config(
+                "this KVM lacks KVM_CAP_IMMEDIATE_EXIT".into(),
+            ));
+        }
+        let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
+        let size = config.mem_mib << 20;
+        let mem = GuestMem::new(size).map_err(Error::Memory)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: mem.host_base(),
+            flags: 0,
+        };
+        // SAFETY: the region is the whole of `mem`, which lives in `Shared`
+        // as long as the VM fd and every vCPU using it.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+        load_image(
+            &mem,
+            &image,
+            config.guest_elf.as_deref().unwrap_or(GUEST_ELF),
+        )?;
+        let boot_header = read_boot_header(&mem, &image)?;
+        for (pa, v) in arch::kernel_table_writes() {
+            mem.word(pa).store(v, Ordering::Relaxed);
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+        kick::install_handler().map_err(Error::Config)?;
+
+        let (tx, rx) = channel();
+        let shared = Arc::new(Shared {
+            vm,
+            cpuid,
+            frames: FrameAllocator::new(KERNEL_REGION_SIZE, size),
+            mem,
+            space: DemandZero::new(),
+            image,
+            boot_header,
+            nr_vcpus: config.vcpus,
+            record_faults: config.record_faults,
+            vcpus: Mutex::new(Vec::new()),
+            events: Mutex::new(tx),
+        });
+        let vm = Vm {
+            shared,
+            events: rx,
+            created,
+            boot_time: None,
+            live: BTreeSet::new(),
+            ended: BTreeMap::new(),
+        };
+        for _ in 0..config.vcpus {
+            Shared::spawn(&vm.shared, config.program, config.arg).map_err(Error::Config)?;
+        }
+        Ok(vm)
+    }
+
+    /// When the VM was created.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// Posts request bits (see [`request`]) to vCPU `id` and kicks it.
+    pub fn request(&self, id: usize, bits: u32) -> bool {
+        self.shared.request(id, bits)
+    }
+
+    /// Asks vCPU `id` to answer a ping (kick round trip).
+    pub fn ping(&self, id: usize) -> bool {
+        self.request(id, request::PING)
+    }
+
+    /// Asks vCPU `id` to flush its TLB (shadow entries and hardware).
+    pub fn flush_tlb(&self, id: usize) -> bool {
+        self.request(id, request::FLUSH)
+    }
+
+    /// Sets `VcpuArea::stop` of vCPU `id` (ends the `spin` program).
+    pub fn stop_spinning(&self, id: usize) {
+        let off = std::mem::offset_of!(cowlab_abi::VcpuArea, stop) as u64;
+        self.shared
+            .mem
+            .word(cowlab_abi::layout::vcpu_area_phys(id) + off)
+            .store(1, Ordering::Release);
+    }
+
+    /// vCPUs that have not ended.
+    pub fn live(&self) -> &BTreeSet<usize> {
+        &self.live
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn next_event(&mut self, timeout: Duration) -> Option<Event> {
+        let event = match self.events.recv_timeout(timeout) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
+        };
+        match &event {
+            Event::Spawned { id, .. } => {
+                self.live.insert(*id);
+            }
+            Event::Booted { at, .. } if self.boot_time.is_none() => {
+                self.boot_time = Some(at.duration_since(self.created));
+            }
+            Event::Ended(report) => {
+                self.live.remove(&report.id);
+                self.ended.insert(report.id, report.clone());
+            }
+            _ => {}
+        }
+        Some(event)
+    }
+
+    /// Waits until every vCPU has ended, or until `timeout` (the watchdog),
+    /// calling `on_event` for each event; returns the run's report.
+    pub fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        mut on_event: impl FnMut(&Event),
+    ) -> RunReport {
+        let start = Instant::now();
+        let mut console = Vec::new();
+        let mut timed_out = None;
+        let mut stuck = Vec::new();
+        let mut deadline = timeout.map(|t| start + t);
+        // The vCPUs spawned at boot are announced by events already queued.
+        while let Some(e) = self.next_event(Duration::ZERO) {
+            record(&e, &mut console);
+            on_event(&e);
+        }
+        while !self.live.is_empty() {
+            let wait_for = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            match self.next_event(wait_for) {
+                Some(e) => {
+                    record(&e, &mut console);
+                    on_event(&e);
+                }
+                None if timed_out.is_none() && deadline.is_some() => {
+                    timed_out = timeout;
+                    stuck = self.live.iter().copied().collect();
+                    for id in &stuck {
+                        self.request(*id, request::STOP);
+                    }
+                    deadline = Some(Instant::now() + STOP_GRACE);
+                }
+                None => break,
+            }
+        }
+        let mut vcpus: Vec<VcpuReport> = self.ended.values().cloned().collect();
+        for id in &self.live {
+            vcpus.push(VcpuReport {
+                id: *id,
+                program: Program::Hello,
+                outcome: Outcome::Error("did not leave KVM_RUN after being stopped".into()),
+                faults: 0,
+                fills: 0,
+                exits: 0,
+                fault_addrs: Vec::new(),
+            });
+        }
+        vcpus.sort_by_key(|v| v.id);
+        RunReport {
+            vcpus,
+            console,
+            timed_out,
+            stuck,
+            boot_time: self.boot_time,
+            wall: self.created.elapsed(),
+            user_pages: self.shared.space.pages(),
+        }
+    }
+}
+
+fn record(e: &Event, console: &mut Vec<(usize, String)>) {
+    if let Event::Console { id, line } = e {
+        console.push((*id, line.clone()));
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let count = self.shared.slots().len();
+        for id in 0..count {
+            self.shared.request(id, request::STOP);
+        }
+        // Join the threads that have finished; one stuck in KVM is left
+        // behind rather than hanging the caller.
+        let deadline = Instant::now() + STOP_GRACE;
+        while !self.live.is_empty() && Instant::now() < deadline {
+            self.next_event(Duration::from_millis(50));
+        }
+        let slots = std::mem::take(&mut *self.shared.slots());
+        for (id, slot) in slots.into_iter().enumerate() {
+            if !self.live.contains(&id) {
+                let _ = slot.thread.join();
+            }
+        }
+    }
+}
+
+/// Copies the PT_LOAD segments of the guest into memory.
+fn load_image(mem: &GuestMem, image: &Image, elf: &[u8]) -> Result<(), Error> {
+    for seg in &image.segments {
+        mem.write(seg.pa, &elf[seg.file.clone()]).ok_or_else(|| {
+            Error::Image(format!("segment at {:#x} outside guest memory", seg.pa))
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads and checks the guest's boot header at `IMAGE_PHYS`: every stub it
+/// names must lie inside a loaded segment.
+fn read_boot_header(mem: &GuestMem, image: &Image) -> Result<BootHeader, Error> {
+    let word = |i: u64| mem.word(IMAGE_PHYS + i * 8).load(Ordering::Relaxed);
+    let mut exceptions = [0; 32];
+    for (i, e) in exceptions.iter_mut().enumerate() {
+        *e = word(4 + i as u64);
+    }
+    let header = BootHeader {
+        magic: word(0),
+        page_fault: word(1),
+        flush: word(2),
+        triple_fault: word(3),
+        exceptions,
+    };
+    if header.magic != BOOT_HEADER_MAGIC {
+        return Err(Error::Image(format!(
+            "no cowlab boot header at physical {IMAGE_PHYS:#x} (build the guest like guest/, with guest/link.ld)"
+        )));
+    }
+    let inside = |va: u64| {
+        image
+            .segments
+            .iter()
+            .any(|s| (kernel_va(s.pa)..kernel_va(s.pa) + s.mem_size).contains(&va))
+    };
+    let stubs = [header.page_fault, header.flush, header.triple_fault]
+        .into_iter()
+        .chain(header.exceptions);
+    if let Some(bad) = stubs.into_iter().find(|va| !inside(*va)) {
+        return Err(Error::Image(format!(
+            "boot header names {bad:#x}, outside the image"
+        )));
+    }
+    Ok(header)
+}

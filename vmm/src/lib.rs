@@ -1,0 +1,10 @@
+//! cowlab: a KVM micro-VM whose VMM is the memory manager of its guests.
+//!
+//! - [`kvm`]: VM, vCPU threads, boot, exits, kicks, interrupt injection.
+//! - [`mm`]: the memory-manager model (frames, page tables, shadow TLBs).
+//! - [`bench`]: measurements of the host's limits.
+
+pub mod bench;
+pub mod commands;
+pub mod kvm;
+pub mod mm;

@@ -1,0 +1,121 @@
+//! The `cowlab` command line: argument parsing only.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use cowlab::bench::BenchOptions;
+use cowlab::commands::{self, RunOptions};
+
+/// A KVM micro-VM whose VMM is the memory manager of its guests.
+#[derive(Parser, Debug)]
+#[command(name = "cowlab", version, about, long_about = None)]
+struct Cli {
+    /// The KVM device to use.
+    #[arg(long, global = true, env = "COWLAB_KVM", default_value = "/dev/kvm")]
+    kvm: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM that runs a built-in guest program on every vCPU.
+    Run {
+        /// The program (see `cowlab list programs`).
+        program: String,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// The program's argument (e.g. pages to touch); 0 = its default.
+        #[arg(long, default_value_t = 0)]
+        arg: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        /// Watchdog: stop the run after SECS seconds (exit 3, naming stuck vCPUs).
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+        /// Boot this guest ELF instead of the built-in one (built like guest/).
+        #[arg(long, value_name = "ELF")]
+        guest: Option<PathBuf>,
+        /// Print per-vCPU fault, fill and exit counts on stderr.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// List built-in things.
+    List {
+        #[command(subcommand)]
+        what: ListWhat,
+    },
+    /// Measure the host's limits: VM start, exit, #PF forward, kick, IPI.
+    Bench {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Rounds per measurement (a fresh VM each).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Operations per round.
+        #[arg(long, default_value_t = 20_000)]
+        iters: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ListWhat {
+    /// The built-in guest programs.
+    Programs,
+}
+
+fn timeout(secs: f64) -> Option<Duration> {
+    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn main() {
+    env_logger::init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run {
+            program,
+            vcpus,
+            arg,
+            mem_mib,
+            timeout: secs,
+            guest,
+            stats,
+        } => {
+            if !secs.is_finite() || secs < 0.0 {
+                eprintln!("cowlab: --timeout must be a number of seconds >= 0 (0 = none)");
+                std::process::exit(2);
+            }
+            commands::run(&RunOptions {
+                program,
+                vcpus,
+                arg,
+                mem_mib,
+                timeout: timeout(secs),
+                guest,
+                kvm_path: cli.kvm,
+                stats,
+            })
+        }
+        Command::List {
+            what: ListWhat::Programs,
+        } => commands::list_programs(),
+        Command::Bench {
+            json,
+            rounds,
+            iters,
+        } => commands::bench(
+            &BenchOptions {
+                rounds: rounds.max(1),
+                iters: iters.max(1),
+                kvm_path: cli.kvm,
+            },
+            json,
+        ),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,154 @@
+//! x86-64 4-level page tables in guest-physical memory: the format of both
+//! the logical tables (what Linux would have) and the shadow tables (what a
+//! CPU's TLB holds, DESIGN.md §4).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cowlab_abi::layout::PAGE_SIZE;
+
+use super::frame::{FrameAllocator, OutOfFrames};
+use super::phys::PhysMem;
+
+/// Page-table entry bits (Intel SDM Vol. 3, §4.5).
+pub mod bits {
+    pub const PRESENT: u64 = 1 << 0;
+    pub const WRITABLE: u64 = 1 << 1;
+    pub const USER: u64 = 1 << 2;
+    pub const ACCESSED: u64 = 1 << 5;
+    pub const DIRTY: u64 = 1 << 6;
+    /// In a PDPTE or PDE: maps a 1 GiB or 2 MiB page.
+    pub const HUGE: u64 = 1 << 7;
+    pub const GLOBAL: u64 = 1 << 8;
+    pub const NO_EXECUTE: u64 = 1 << 63;
+    /// The physical-address field of an entry.
+    pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+}
+
+/// Entries per table.
+pub const ENTRIES: u64 = 512;
+
+/// First PML4 slot of the kernel part (shared by every address space).
+pub const KERNEL_PML4_START: u64 = index(cowlab_abi::layout::KERNEL_BASE, 4);
+
+/// Index of `va` in the table of `level` (4 = PML4 … 1 = PT).
+pub const fn index(va: u64, level: u32) -> u64 {
+    (va >> (12 + 9 * (level - 1))) & (ENTRIES - 1)
+}
+
+/// Bits given to non-leaf entries: permissions are decided at the leaf.
+const TABLE_BITS: u64 = bits::PRESENT | bits::WRITABLE | bits::USER;
+
+/// The entry slot for `va` at `level` in the table at `table_pa`.
+fn slot<M: PhysMem + ?Sized>(mem: &M, table_pa: u64, va: u64, level: u32) -> &AtomicU64 {
+    mem.word(table_pa + index(va, level) * 8)
+}
+
+/// The leaf (4 KiB) entry mapping `va` under `root`, if every level is present.
+pub fn lookup<M: PhysMem + ?Sized>(mem: &M, root: u64, va: u64) -> Option<u64> {
+    let mut table = root;
+    for level in (2..=4).rev() {
+        let e = slot(mem, table, va, level).load(Ordering::Acquire);
+        if e & bits::PRESENT == 0 || e & bits::HUGE != 0 {
+            return None;
+        }
+        table = e & bits::ADDR_MASK;
+    }
+    let pte = slot(mem, table, va, 1).load(Ordering::Acquire);
+    (pte & bits::PRESENT != 0).then_some(pte)
+}
+
+/// The leaf slot for `va` under `root`, allocating (zeroed) intermediate
+/// tables on the way down.
+pub fn leaf_slot<'m, M: PhysMem + ?Sized>(
+    mem: &'m M,
+    frames: &FrameAllocator,
+    root: u64,
+    va: u64,
+) -> Result<&'m AtomicU64, OutOfFrames> {
+    let mut table = root;
+    for level in (2..=4).rev() {
+        let entry = slot(mem, table, va, level);
+        let e = entry.load(Ordering::Acquire);
+        table = if e & bits::PRESENT != 0 {
+            e & bits::ADDR_MASK
+        } else {
+            let new = frames.alloc()?;
+            mem.zero_frame(new);
+            entry.store(new | TABLE_BITS, Ordering::Release);
+            new
+        };
+    }
+    Ok(slot(mem, table, va, 1))
+}
+
+/// Frees every user-half table below `root` and clears its user-half slots.
+/// The kernel-half slots (shared tables) are left alone.
+pub fn free_user_tables<M: PhysMem + ?Sized>(mem: &M, frames: &FrameAllocator, root: u64) {
+    fn free_level<M: PhysMem + ?Sized>(mem: &M, frames: &FrameAllocator, table: u64, level: u32) {
+        for i in 0..ENTRIES {
+            let e = mem.word(table + i * 8).swap(0, Ordering::AcqRel);
+            if e & bits::PRESENT != 0 && level > 1 {
+                let child = e & bits::ADDR_MASK;
+                if level > 2 {
+                    free_level(mem, frames, child, level - 1);
+                } else {
+                    mem.zero_frame(child);
+                }
+                frames.free(child);
+            }
+        }
+    }
+    for i in 0..KERNEL_PML4_START {
+        let e = mem.word(root + i * 8).swap(0, Ordering::AcqRel);
+        if e & bits::PRESENT != 0 {
+            let pdpt = e & bits::ADDR_MASK;
+            free_level(mem, frames, pdpt, 3);
+            frames.free(pdpt);
+        }
+    }
+}
+
+/// Base of the page containing `va`.
+pub const fn page_base(va: u64) -> u64 {
+    va & !(PAGE_SIZE - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::phys::testing::VecMem;
+
+    #[test]
+    fn install_lookup_and_free_round_trip() {
+        let mem = VecMem::new(1 << 20);
+        let frames = FrameAllocator::new(0x1000, 1 << 20);
+        let root = frames.alloc().unwrap();
+        mem.zero_frame(root);
+        let before = frames.free_count();
+
+        let va = 0x7eff_1234_5000;
+        assert_eq!(lookup(&mem, root, va), None);
+        leaf_slot(&mem, &frames, root, va)
+            .unwrap()
+            .store(0xabc000 | bits::PRESENT, Ordering::Release);
+        assert_eq!(lookup(&mem, root, va), Some(0xabc000 | bits::PRESENT));
+        assert_eq!(lookup(&mem, root, va + PAGE_SIZE), None);
+        assert_eq!(before - frames.free_count(), 3, "PDPT, PD and PT allocated");
+
+        free_user_tables(&mem, &frames, root);
+        assert_eq!(frames.free_count(), before);
+        assert_eq!(lookup(&mem, root, va), None);
+    }
+
+    #[test]
+    fn out_of_frames_is_an_error() {
+        let mem = VecMem::new(0x3000);
+        let frames = FrameAllocator::new(0x1000, 0x3000);
+        let root = frames.alloc().unwrap();
+        mem.zero_frame(root);
+        assert_eq!(
+            leaf_slot(&mem, &frames, root, 0x1000).err(),
+            Some(OutOfFrames)
+        );
+    }
+}
