@@ -108,12 +108,14 @@ global_asm!(
         pop rax
         iretq
 
-    // Runtime service for the triple-fault program: drop the IDT, then fault.
+    // Runtime service for the triple-fault program: mark the #UD, #GP and
+    // #DF gates of this vCPU's IDT not present, then raise #UD: its delivery
+    // raises #GP, that one #DF, and the vCPU shuts down.
     .global triple_fault_stub
     triple_fault_stub:
-        push 0
-        push 0
-        lidt [rsp]
+        mov qword ptr gs:[{idt} + 6 * 16], 0
+        mov qword ptr gs:[{idt} + 8 * 16], 0
+        mov qword ptr gs:[{idt} + 13 * 16], 0
         ud2
 
     // The prebuilt libcore references the unwinder's personality routine
@@ -135,6 +137,7 @@ global_asm!(
     .section .text
     "#,
     magic = const BOOT_HEADER_MAGIC,
+    idt = const cowlab_abi::layout::area::IDT,
     crash_vector = const off::CRASH_VECTOR,
     crash_error = const off::CRASH_ERROR,
     crash_rip = const off::CRASH_RIP,

@@ -79,7 +79,7 @@ fn a_crash_exits_3_with_vector_rip_and_cr2() {
     assert_eq!(out.status.code(), Some(3));
     let err = text(&out.stderr);
     assert!(
-        err.contains("vector 0") && err.contains("RIP 0xffffffff8") && err.contains("CR2"),
+        err.contains("vector 0") && err.contains("RIP 0x7f80") && err.contains("CR2"),
         "{err}"
     );
 }

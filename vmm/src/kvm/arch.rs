@@ -252,9 +252,9 @@ mod tests {
     fn tss_descriptor_encodes_the_base() {
         let va = 0x7f80_0080_0000;
         let g = gdt(va);
-        let tss = va + area::TSS;
+        let tss_va = va + area::TSS;
         let base = ((g[5] >> 16) & 0xff_ffff) | (((g[5] >> 56) & 0xff) << 24) | (g[6] << 32);
-        assert_eq!(base, tss);
+        assert_eq!(base, tss_va);
         let t = tss(va);
         assert_eq!(
             u64::from_le_bytes(t[36..44].try_into().unwrap()),

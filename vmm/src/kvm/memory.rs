@@ -105,6 +105,29 @@ impl PhysMem for GuestMem {
         self.mem.read_slice(buf, GuestAddress(pa)).ok()
     }
 
+    /// Write-protects the frame's host page and unprotects it again: the
+    /// protection change goes through the MMU notifier, which makes KVM zap
+    /// every shadow entry it built to this frame, in every vCPU. The next
+    /// access re-walks the guest's (our shadow) tables.
+    fn revoke(&self, frame: u64) {
+        self.check_frame(frame);
+        // SAFETY: the range is one page inside the mapping owned by `mem`;
+        // it is made read-only and immediately writable again, so no access
+        // by this process can fault in between except through guest memory
+        // accessors, none of which run on this frame concurrently (the
+        // caller owns the translation being revoked).
+        let ok = unsafe {
+            let page = self.host.add(frame as usize).cast::<libc::c_void>();
+            libc::mprotect(page, PAGE_SIZE as usize, libc::PROT_READ) == 0
+                && libc::mprotect(page, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE) == 0
+        };
+        assert!(
+            ok,
+            "mprotect of guest frame {frame:#x} failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     fn write(&self, pa: u64, buf: &[u8]) -> Option<()> {
         self.mem.write_slice(buf, GuestAddress(pa)).ok()
     }

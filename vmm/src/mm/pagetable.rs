@@ -81,19 +81,32 @@ pub fn leaf_slot<'m, M: PhysMem + ?Sized>(
     Ok(slot(mem, table, va, 1))
 }
 
-/// Frees every user-half table below `root` and clears its user-half slots.
-/// The kernel-half slots (shared tables) are left alone.
-pub fn free_user_tables<M: PhysMem + ?Sized>(mem: &M, frames: &FrameAllocator, root: u64) {
-    fn free_level<M: PhysMem + ?Sized>(mem: &M, frames: &FrameAllocator, table: u64, level: u32) {
+/// Frees every user-part table below `root`, clears its user-part slots and
+/// calls `leaf` with the frame of every present leaf entry it removed. The
+/// kernel-part slots (shared tables) are left alone.
+pub fn free_user_tables<M: PhysMem + ?Sized>(
+    mem: &M,
+    frames: &FrameAllocator,
+    root: u64,
+    leaf: &mut dyn FnMut(u64),
+) {
+    fn free_level<M: PhysMem + ?Sized>(
+        mem: &M,
+        frames: &FrameAllocator,
+        table: u64,
+        level: u32,
+        leaf: &mut dyn FnMut(u64),
+    ) {
         for i in 0..ENTRIES {
             let e = mem.word(table + i * 8).swap(0, Ordering::AcqRel);
-            if e & bits::PRESENT != 0 && level > 1 {
-                let child = e & bits::ADDR_MASK;
-                if level > 2 {
-                    free_level(mem, frames, child, level - 1);
-                } else {
-                    mem.zero_frame(child);
-                }
+            if e & bits::PRESENT == 0 {
+                continue;
+            }
+            let child = e & bits::ADDR_MASK;
+            if level == 1 {
+                leaf(child);
+            } else {
+                free_level(mem, frames, child, level - 1, leaf);
                 frames.free(child);
             }
         }
@@ -102,7 +115,7 @@ pub fn free_user_tables<M: PhysMem + ?Sized>(mem: &M, frames: &FrameAllocator, r
         let e = mem.word(root + i * 8).swap(0, Ordering::AcqRel);
         if e & bits::PRESENT != 0 {
             let pdpt = e & bits::ADDR_MASK;
-            free_level(mem, frames, pdpt, 3);
+            free_level(mem, frames, pdpt, 3, leaf);
             frames.free(pdpt);
         }
     }
@@ -135,7 +148,9 @@ mod tests {
         assert_eq!(lookup(&mem, root, va + PAGE_SIZE), None);
         assert_eq!(before - frames.free_count(), 3, "PDPT, PD and PT allocated");
 
-        free_user_tables(&mem, &frames, root);
+        let mut leaves = Vec::new();
+        free_user_tables(&mem, &frames, root, &mut |f| leaves.push(f));
+        assert_eq!(leaves, vec![0xabc000]);
         assert_eq!(frames.free_count(), before);
         assert_eq!(lookup(&mem, root, va), None);
     }

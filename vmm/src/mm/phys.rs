@@ -25,6 +25,15 @@ pub trait PhysMem: Send + Sync {
 
     /// Writes `buf` at `pa`; `None` if the range is outside memory.
     fn write(&self, pa: u64, buf: &[u8]) -> Option<()>;
+
+    /// Makes the hardware forget every translation it caches to `frame`.
+    ///
+    /// The shadow tables are guest memory that the VMM, not the guest,
+    /// writes; a hypervisor that shadows guest page tables (as PVM does)
+    /// never sees those writes, so removing or downgrading a shadow entry
+    /// must also make it drop what it built from the old entry. Adding
+    /// entries needs nothing: a miss always re-walks the tables.
+    fn revoke(&self, frame: u64);
 }
 
 /// Host memory standing in for guest-physical memory in unit tests.
@@ -67,6 +76,7 @@ pub mod testing {
             }
             Some(())
         }
+        fn revoke(&self, _frame: u64) {}
         fn write(&self, pa: u64, buf: &[u8]) -> Option<()> {
             for (i, b) in buf.iter().enumerate() {
                 let a = pa + i as u64;

@@ -68,9 +68,10 @@ impl ShadowTlb {
         pagetable::lookup(mem, self.root, va & !(PAGE_SIZE - 1))
     }
 
-    /// Drops every user-half translation (a full flush of non-global entries).
+    /// Drops every user-part translation (a full flush of non-global
+    /// entries) and makes the hardware forget the frames they mapped.
     pub fn flush_all<M: PhysMem + ?Sized>(&mut self, mem: &M, frames: &FrameAllocator) {
-        pagetable::free_user_tables(mem, frames, self.root);
+        pagetable::free_user_tables(mem, frames, self.root, &mut |frame| mem.revoke(frame));
     }
 
     /// Frees the whole table, root included.
