@@ -49,6 +49,18 @@ pub extern "C" fn _start() -> ! {
             }
         }),
         Some(Program::BenchTouch) => bench(|| touch(id, arg)),
+        Some(Program::BenchStore) => {
+            let word = word_addr(id, 0, 0);
+            // SAFETY: user memory the VMM maps on demand; faulted in before
+            // the first mark so the loop measures stores only.
+            unsafe { write_volatile(word, 0) };
+            bench(|| {
+                for i in 0..arg {
+                    // SAFETY: as above.
+                    unsafe { write_volatile(word, i) };
+                }
+            })
+        }
         Some(Program::Fail) => {
             rt::fail(format_args!("vcpu {id}: the fail program failed, as asked"))
         }

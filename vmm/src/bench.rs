@@ -181,6 +181,7 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     let pio = per_op(Program::BenchPio)?;
     let fault = per_op(Program::BenchFault)?;
     let touch = per_op(Program::BenchTouch)?;
+    let store = per_op(Program::BenchStore)?;
     let mut kick = Vec::new();
     let mut ipi = Vec::new();
     for _ in 0..opts.rounds {
@@ -204,12 +205,12 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     let rows = [
         (
             "vm_start",
-            "VM creation to the guest's first exit (IDT loaded)",
+            "VM creation to the program's first exit (Booted hypercall)",
             boot,
         ),
         (
             "exit_round_trip",
-            "port-I/O hypercall round trip (guest out → VMM → guest)",
+            "hypercall round trip from the program (doorbell MMIO write → VMM → program)",
             pio,
         ),
         (
@@ -221,6 +222,11 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             "first_touch_fault",
             "first write to a fresh page: forward + demand-zero frame + shadow fill",
             touch,
+        ),
+        (
+            "store",
+            "one store by program code to mapped user memory (native execution)",
+            store,
         ),
         (
             "kick_round_trip",

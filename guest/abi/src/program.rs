@@ -30,6 +30,9 @@ pub enum Program {
     BenchTouch = 11,
     /// Report a failed self-check (exit status 1).
     Fail = 12,
+    /// `arg` stores to one word of a user page between two marks (native
+    /// execution speed of program code).
+    BenchStore = 13,
 }
 
 /// Base of the user-half region that vCPU `id` touches in `Hello`/`Touch`.
@@ -90,6 +93,11 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "fail",
         Program::Fail,
         "reports a failed self-check (exit 1)",
+    ),
+    (
+        "bench-store",
+        Program::BenchStore,
+        "ARG stores to user memory (native speed)",
     ),
 ];
 

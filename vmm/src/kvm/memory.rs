@@ -53,7 +53,7 @@ impl GuestMem {
 
     fn check_frame(&self, pa: u64) {
         assert!(
-            pa % PAGE_SIZE == 0 && pa + PAGE_SIZE <= self.size,
+            pa.is_multiple_of(PAGE_SIZE) && pa + PAGE_SIZE <= self.size,
             "frame {pa:#x} outside guest memory"
         );
     }
@@ -66,7 +66,7 @@ impl PhysMem for GuestMem {
 
     fn word(&self, pa: u64) -> &AtomicU64 {
         assert!(
-            pa % 8 == 0 && pa + 8 <= self.size,
+            pa.is_multiple_of(8) && pa + 8 <= self.size,
             "word {pa:#x} outside guest memory"
         );
         // SAFETY: in bounds and 8-byte aligned (the mapping is page-aligned);

@@ -20,7 +20,7 @@ pub struct FrameAllocator {
 impl FrameAllocator {
     /// A pool of every frame in `[start, end)` (both page-aligned).
     pub fn new(start: u64, end: u64) -> Self {
-        assert!(start % PAGE_SIZE == 0 && end % PAGE_SIZE == 0 && start <= end);
+        assert!(start.is_multiple_of(PAGE_SIZE) && end.is_multiple_of(PAGE_SIZE) && start <= end);
         // Hand out low frames first: pop() takes from the back.
         let free = (start / PAGE_SIZE..end / PAGE_SIZE)
             .rev()
@@ -46,7 +46,7 @@ impl FrameAllocator {
 
     /// Whether `pa` is a frame of this pool.
     pub fn contains(&self, pa: u64) -> bool {
-        pa >= self.start && pa < self.end && pa % PAGE_SIZE == 0
+        pa >= self.start && pa < self.end && pa.is_multiple_of(PAGE_SIZE)
     }
 
     /// Frames currently free.

@@ -56,7 +56,7 @@ pub mod testing {
             self.0.len() as u64 * 8
         }
         fn word(&self, pa: u64) -> &AtomicU64 {
-            assert!(pa % 8 == 0);
+            assert!(pa.is_multiple_of(8));
             &self.0[(pa / 8) as usize]
         }
         fn zero_frame(&self, pa: u64) {
