@@ -253,10 +253,17 @@ pub fn table(rows: &[Measurement]) -> String {
         "{:<24} {:>10} {:>10} {:>10} {:>8}  what\n",
         "limit", "median µs", "min µs", "max µs", "samples"
     );
+    // Sub-microsecond numbers (native execution) need more digits.
+    let num = |us: f64| if us < 1.0 { format!("{us:.5}") } else { format!("{us:.2}") };
     for m in rows {
         out += &format!(
-            "{:<24} {:>10.2} {:>10.2} {:>10.2} {:>8}  {}\n",
-            m.name, m.stat.median_us, m.stat.min_us, m.stat.max_us, m.stat.samples, m.what
+            "{:<24} {:>10} {:>10} {:>10} {:>8}  {}\n",
+            m.name,
+            num(m.stat.median_us),
+            num(m.stat.min_us),
+            num(m.stat.max_us),
+            m.stat.samples,
+            m.what
         );
     }
     out
