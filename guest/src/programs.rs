@@ -79,7 +79,7 @@ fn word_addr(id: u64, page: u64, word: u64) -> *mut u64 {
 
 /// The value `hello` stores in page `page` of vCPU `id`.
 fn pattern(id: u64, page: u64) -> u64 {
-    0xc0ffee00_0000_0000 ^ (id << 32) ^ page
+    0xc0ff_ee00_0000_0000 ^ (id << 32) ^ page
 }
 
 /// Touches `pages` fresh pages: checks they read as zero, writes a pattern

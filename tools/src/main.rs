@@ -31,8 +31,15 @@ impl Anon {
                 0,
             )
         };
-        assert!(ptr != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        Anon { ptr: ptr.cast(), len }
+        assert!(
+            ptr != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Anon {
+            ptr: ptr.cast(),
+            len,
+        }
     }
 
     /// Writes one byte to every page.

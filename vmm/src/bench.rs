@@ -105,14 +105,14 @@ fn marked_round(opts: &BenchOptions, program: Program) -> Result<(f64, Option<f6
     });
     let problems = report.problems();
     if !problems.is_empty() {
-        return Err(Error::Config(format!(
+        return Err(Error::Run(format!(
             "benchmark {}: {}",
             program.name(),
             problems.join("; ")
         )));
     }
     let (Some(s), Some(e)) = (start, end) else {
-        return Err(Error::Config(format!(
+        return Err(Error::Run(format!(
             "benchmark {} reported no marks",
             program.name()
         )));
@@ -142,13 +142,13 @@ fn kick_round(
                         break;
                     }
                     if matches!(e, Event::Ended(_)) {
-                        return Err(Error::Config(
+                        return Err(Error::Run(
                             "the spinning vCPU ended during the kick benchmark".into(),
                         ));
                     }
                 }
                 None => {
-                    return Err(Error::Config(
+                    return Err(Error::Run(
                         "a kicked vCPU did not answer within 10 s".into(),
                     ))
                 }
@@ -158,7 +158,7 @@ fn kick_round(
     vm.stop_spinning(0);
     let report = vm.wait(Some(timeout), |_| {});
     if report.exit_code() != 0 {
-        return Err(Error::Config(format!(
+        return Err(Error::Run(format!(
             "kick benchmark: {}",
             report.problems().join("; ")
         )));
@@ -254,7 +254,13 @@ pub fn table(rows: &[Measurement]) -> String {
         "limit", "median µs", "min µs", "max µs", "samples"
     );
     // Sub-microsecond numbers (native execution) need more digits.
-    let num = |us: f64| if us < 1.0 { format!("{us:.5}") } else { format!("{us:.2}") };
+    let num = |us: f64| {
+        if us < 1.0 {
+            format!("{us:.5}")
+        } else {
+            format!("{us:.2}")
+        }
+    };
     for m in rows {
         out += &format!(
             "{:<24} {:>10} {:>10} {:>10} {:>8}  {}\n",

@@ -35,6 +35,9 @@ pub enum Error {
     Image(String),
     #[error("guest memory: {0}")]
     Memory(String),
+    /// A run did not go as a measurement or driver needed.
+    #[error("{0}")]
+    Run(String),
 }
 
 impl Error {

@@ -62,8 +62,12 @@ impl Default for VmConfig {
 /// Something a vCPU thread reports to the controlling thread.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// vCPU `id` was created (by `parent`, or at boot).
-    Spawned { id: usize, parent: Option<usize> },
+    /// vCPU `id` was created to run `program` (by `parent`, or at boot).
+    Spawned {
+        id: usize,
+        program: Program,
+        parent: Option<usize>,
+    },
     /// vCPU `id` made its first exit (the runtime is up).
     Booted { id: usize, at: Instant },
     /// A console line.
@@ -122,7 +126,11 @@ impl Shared {
         let events = this.events();
         // Sent before the thread exists, so the controller counts it as live
         // before it can see this vCPU (or its parent) end.
-        let _ = events.send(Event::Spawned { id, parent });
+        let _ = events.send(Event::Spawned {
+            id,
+            program,
+            parent,
+        });
         let requests = Arc::new(AtomicU32::new(0));
         let (shared, reqs) = (Arc::clone(this), Arc::clone(&requests));
         let thread = std::thread::Builder::new()
@@ -260,6 +268,7 @@ pub struct Vm {
     created: Instant,
     boot_time: Option<Duration>,
     live: BTreeSet<usize>,
+    programs: BTreeMap<usize, Program>,
     ended: BTreeMap<usize, VcpuReport>,
 }
 
@@ -344,6 +353,7 @@ impl Vm {
             created,
             boot_time: None,
             live: BTreeSet::new(),
+            programs: BTreeMap::new(),
             ended: BTreeMap::new(),
         };
         for _ in 0..config.vcpus {
@@ -393,8 +403,9 @@ impl Vm {
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
         };
         match &event {
-            Event::Spawned { id, .. } => {
+            Event::Spawned { id, program, .. } => {
                 self.live.insert(*id);
+                self.programs.insert(*id, *program);
             }
             Event::Booted { at, .. } if self.boot_time.is_none() => {
                 self.boot_time = Some(at.duration_since(self.created));
@@ -449,7 +460,7 @@ impl Vm {
         for id in &self.live {
             vcpus.push(VcpuReport {
                 id: *id,
-                program: Program::Hello,
+                program: self.programs[id],
                 outcome: Outcome::Error("did not leave KVM_RUN after being stopped".into()),
                 faults: 0,
                 fills: 0,
