@@ -1,11 +1,12 @@
-//! The built-in programs (`cowlab_abi::Program`).
+//! The built-in programs (`cowlab_abi::Program`). They run at CPL 3 as the
+//! threads of one process and use the memory-manager calls of the VMM.
 
 use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use cowlab_abi::layout::PAGE_SIZE;
-use cowlab_abi::program::touch_base;
-use cowlab_abi::{area_offset, Hypercall, Program};
+use cowlab_abi::layout::{PAGE_SIZE, USER_MIN_ADDR};
+use cowlab_abi::{prot, Hypercall, Program, MADV_DONTNEED, MPROTECT_DEFER_FLUSH};
 
 use crate::rt::{self, area_read, hypercall, println};
 
@@ -21,14 +22,18 @@ pub extern "C" fn _start() -> ! {
     let arg = area_read!(arg);
     match Program::from_u64(area_read!(program)) {
         Some(Program::Hello) => hello(id, if arg == 0 { HELLO_DEFAULT_PAGES } else { arg }),
-        Some(Program::Touch) => touch(id, arg),
+        Some(Program::Touch) => {
+            let base = map(arg.max(1));
+            println!("touch: {} pages at {base:#x}", arg.max(1));
+            touch(base, arg);
+        }
         Some(Program::DivZero) => divide_by_zero(),
         Some(Program::TripleFault) => triple_fault(),
         Some(Program::Loop) => loop {
             core::hint::spin_loop();
         },
         Some(Program::Segv) => {
-            // SAFETY: a deliberate read of address 0, which the VMM never maps.
+            // SAFETY: a deliberate read of address 8, which is never mapped.
             let v = unsafe { read_volatile(core::ptr::without_provenance::<u64>(8)) };
             rt::fail(format_args!("read of address 8 returned {v:#x}"))
         }
@@ -48,11 +53,14 @@ pub extern "C" fn _start() -> ! {
                 fault_with_fixup();
             }
         }),
-        Some(Program::BenchTouch) => bench(|| touch(id, arg)),
+        Some(Program::BenchTouch) => {
+            let base = map(arg.max(1));
+            bench(|| touch(base, arg))
+        }
         Some(Program::BenchStore) => {
-            let word = word_addr(id, 0, 0);
-            // SAFETY: user memory the VMM maps on demand; faulted in before
-            // the first mark so the loop measures stores only.
+            let word = map(1) as *mut u64;
+            // SAFETY: our own mapping; faulted in before the first mark so
+            // the loop measures stores only.
             unsafe { write_volatile(word, 0) };
             bench(|| {
                 for i in 0..arg {
@@ -61,20 +69,52 @@ pub extern "C" fn _start() -> ! {
                 }
             })
         }
-        Some(Program::Fail) => {
-            rt::fail(format_args!("vcpu {id}: the fail program failed, as asked"))
-        }
-        None => rt::fail(format_args!(
-            "vcpu {id}: unknown program {}",
-            area_read!(program)
-        )),
+        Some(Program::Fail) => rt::fail(format_args!("vcpu {id}: the fail program failed, as asked")),
+        Some(Program::MmThreads) if arg >= USER_MIN_ADDR => mm_threads_worker(arg),
+        Some(Program::MmThreads) => mm_threads(if arg == 0 { 2 } else { arg }),
+        Some(Program::MprotectRo) => mprotect_ro(),
+        Some(Program::MunmapAccess) => munmap_access(),
+        Some(Program::MadviseZero) => madvise_zero(),
+        Some(Program::StaleTlb) if arg >= USER_MIN_ADDR => stale_tlb_writer(arg),
+        Some(Program::StaleTlb) => stale_tlb(arg),
+        None => rt::fail(format_args!("vcpu {id}: unknown program {}", area_read!(program))),
     }
     rt::exit(0)
 }
 
-/// Address of word `word` of page `page` in this vCPU's touch region.
-fn word_addr(id: u64, page: u64, word: u64) -> *mut u64 {
-    (touch_base(id) + page * PAGE_SIZE + word * 8) as *mut u64
+/// Maps `pages` read-write pages, or fails the program.
+fn map(pages: u64) -> u64 {
+    match rt::mmap(pages * PAGE_SIZE, prot::READ | prot::WRITE) {
+        Ok(addr) => addr,
+        Err(e) => rt::fail(format_args!("mmap of {pages} pages failed: {e}")),
+    }
+}
+
+/// Reads word `word` of page `page` at `base`.
+fn read(base: u64, page: u64, word: u64) -> u64 {
+    // SAFETY: callers only pass addresses of their own mappings; a wrong
+    // one faults and the VMM reports it.
+    unsafe { read_volatile((base + page * PAGE_SIZE + word * 8) as *const u64) }
+}
+
+/// Writes word `word` of page `page` at `base`.
+fn write(base: u64, page: u64, word: u64, v: u64) {
+    // SAFETY: as for `read`.
+    unsafe { write_volatile((base + page * PAGE_SIZE + word * 8) as *mut u64, v) }
+}
+
+/// A word of shared memory used as an atomic.
+fn atomic(addr: u64) -> &'static AtomicU64 {
+    // SAFETY: an aligned word of a mapping that lives until the program
+    // exits; all accesses to it are atomic.
+    unsafe { &*(addr as *const AtomicU64) }
+}
+
+/// Spins until the word at `addr` is nonzero.
+fn wait_for(addr: u64) {
+    while atomic(addr).load(Ordering::Acquire) == 0 {
+        core::hint::spin_loop();
+    }
 }
 
 /// The value `hello` stores in page `page` of vCPU `id`.
@@ -82,58 +122,190 @@ fn pattern(id: u64, page: u64) -> u64 {
     0xc0ff_ee00_0000_0000 ^ (id << 32) ^ page
 }
 
-/// Touches `pages` fresh pages: checks they read as zero, writes a pattern
-/// at both ends of each, reads everything back and prints one line.
+/// Maps `pages` fresh pages, checks they read as zero, writes a pattern at
+/// both ends of each, reads everything back and prints one line.
 fn hello(id: u64, pages: u64) {
+    let base = map(pages);
+    let last = PAGE_SIZE / 8 - 1;
     for p in 0..pages {
-        for w in [0, PAGE_SIZE / 8 - 1] {
-            // SAFETY: user-half memory the VMM maps on demand; only this vCPU
-            // uses its touch region.
-            let before = unsafe { read_volatile(word_addr(id, p, w)) };
+        for w in [0, last] {
+            let before = read(base, p, w);
             if before != 0 {
-                rt::fail(format_args!(
-                    "vcpu {id}: fresh page {p} word {w} reads {before:#x}, not 0"
-                ));
+                rt::fail(format_args!("vcpu {id}: fresh page {p} word {w} reads {before:#x}, not 0"));
             }
-            // SAFETY: as above.
-            unsafe { write_volatile(word_addr(id, p, w), pattern(id, p) ^ w) };
+            write(base, p, w, pattern(id, p) ^ w);
         }
     }
     for p in 0..pages {
-        for w in [0, PAGE_SIZE / 8 - 1] {
-            // SAFETY: as above.
-            let got = unsafe { read_volatile(word_addr(id, p, w)) };
+        for w in [0, last] {
+            let got = read(base, p, w);
             if got != pattern(id, p) ^ w {
-                rt::fail(format_args!(
-                    "vcpu {id}: page {p} word {w} reads {got:#x}, wrote {:#x}",
-                    pattern(id, p) ^ w
-                ));
+                rt::fail(format_args!("vcpu {id}: page {p} word {w} reads {got:#x}, wrote {:#x}", pattern(id, p) ^ w));
             }
         }
     }
-    println!(
-        "hello from vcpu {id}: {pages} fresh pages at {:#x} read as zero, written and read back",
-        touch_base(id)
-    );
+    println!("hello from vcpu {id}: {pages} fresh pages at {base:#x} read as zero, written and read back");
 }
 
-/// Writes one word to each of `pages` fresh pages.
-fn touch(id: u64, pages: u64) {
+/// Writes one word to each of `pages` pages at `base`.
+fn touch(base: u64, pages: u64) {
     for p in 0..pages {
-        // SAFETY: user-half memory the VMM maps on demand.
-        unsafe { write_volatile(word_addr(id, p, 0), p + 1) };
+        write(base, p, 0, p + 1);
     }
 }
 
-/// Spawns `n` vCPUs running `hello` while this one keeps running.
+/// Spawns `n` threads running `hello` while this one keeps running.
 fn spawn(id: u64, n: u64) {
     for _ in 0..n {
-        let child = hypercall(Hypercall::Spawn, [Program::Hello as u64, 0, 0, 0]);
-        if child == u64::MAX {
+        let Some(child) = rt::spawn(Program::Hello, 0) else {
             rt::fail(format_args!("vcpu {id}: spawn refused"));
-        }
+        };
         println!("vcpu {id} spawned vcpu {child}");
     }
+}
+
+/// Pages each `mm-threads` worker owns, and increments per worker.
+const WORKER_PAGES: u64 = 8;
+const WORKER_INCREMENTS: u64 = 10_000;
+
+/// The main thread of `mm-threads`: page 0 of the region holds the shared
+/// counter, then each worker's pages.
+fn mm_threads(n: u64) {
+    let base = map(1 + n * WORKER_PAGES);
+    let mut ids = [0u64; 16];
+    let n = n.min(ids.len() as u64);
+    for i in 0..n {
+        ids[i as usize] = rt::spawn(Program::MmThreads, base + 1 + i)
+            .unwrap_or_else(|| rt::fail(format_args!("spawn of worker {i} refused")));
+    }
+    for (i, id) in ids.iter().take(n as usize).enumerate() {
+        if rt::join(*id) != Some(0) {
+            rt::fail(format_args!("worker {i} (vcpu {id}) did not exit cleanly"));
+        }
+    }
+    let total = atomic(base).load(Ordering::Acquire);
+    if total != n * WORKER_INCREMENTS {
+        rt::fail(format_args!("shared counter is {total}, expected {}", n * WORKER_INCREMENTS));
+    }
+    for i in 0..n {
+        for p in 0..WORKER_PAGES {
+            let page = 1 + i * WORKER_PAGES + p;
+            if read(base, page, 0) != (i << 8) | p || read(base, page, 511) != !((i << 8) | p) {
+                rt::fail(format_args!("worker {i} page {p} holds the wrong data"));
+            }
+        }
+    }
+    println!("mm-threads: {n} threads, {} private pages and a shared counter of {total}: ok", n * WORKER_PAGES);
+}
+
+/// A worker of `mm-threads`: writes its pages, bumps the shared counter.
+fn mm_threads_worker(arg: u64) {
+    let base = arg & !(PAGE_SIZE - 1);
+    let i = (arg & (PAGE_SIZE - 1)) - 1;
+    for p in 0..WORKER_PAGES {
+        let page = 1 + i * WORKER_PAGES + p;
+        write(base, page, 0, (i << 8) | p);
+        write(base, page, 511, !((i << 8) | p));
+        for _ in 0..WORKER_INCREMENTS / WORKER_PAGES {
+            atomic(base).fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Write, mprotect(PROT_READ), read, write: the last write is a SIGSEGV.
+fn mprotect_ro() {
+    let page = map(1);
+    write(page, 0, 0, 7);
+    if let Err(e) = rt::mprotect(page, PAGE_SIZE, prot::READ, 0) {
+        rt::fail(format_args!("mprotect failed: {e}"));
+    }
+    let v = read(page, 0, 0);
+    println!("mprotect-ro: page {page:#x} reads {v} after mprotect(PROT_READ); writing it");
+    write(page, 0, 0, 8);
+    rt::fail(format_args!("a write to a read-only page succeeded"));
+}
+
+/// Write, munmap, read: a SIGSEGV.
+fn munmap_access() {
+    let page = map(1);
+    write(page, 0, 0, 7);
+    if let Err(e) = rt::munmap(page, PAGE_SIZE) {
+        rt::fail(format_args!("munmap failed: {e}"));
+    }
+    println!("munmap-access: unmapped {page:#x}; reading it");
+    let v = read(page, 0, 0);
+    rt::fail(format_args!("a read of an unmapped page returned {v}"));
+}
+
+/// Pages written, dropped with MADV_DONTNEED, read back as zero.
+fn madvise_zero() {
+    let pages = 4;
+    let base = map(pages);
+    for p in 0..pages {
+        write(base, p, 0, 0x1234 + p);
+        write(base, p, 511, 0x5678 + p);
+    }
+    if let Err(e) = rt::madvise(base, pages * PAGE_SIZE, MADV_DONTNEED) {
+        rt::fail(format_args!("madvise failed: {e}"));
+    }
+    for p in 0..pages {
+        let (a, b) = (read(base, p, 0), read(base, p, 511));
+        if a != 0 || b != 0 {
+            rt::fail(format_args!("page {p} reads {a:#x}/{b:#x} after MADV_DONTNEED"));
+        }
+    }
+    println!("madvise-zero: {pages} pages read back as zero after MADV_DONTNEED");
+}
+
+/// Flags of `stale-tlb`, words of the second page of its region.
+const READY: u64 = 0;
+const GO: u64 = 1;
+const WROTE: u64 = 2;
+const GO_AGAIN: u64 = 3;
+
+/// The main thread of `stale-tlb`; `mode` 0 withholds the flush.
+fn stale_tlb(mode: u64) {
+    let base = map(2);
+    let flag = |w: u64| base + PAGE_SIZE + w * 8;
+    write(base, 0, 0, 1);
+    let Some(writer) = rt::spawn(Program::StaleTlb, base | 1 | (mode << 1)) else {
+        rt::fail(format_args!("spawn refused"));
+    };
+    wait_for(flag(READY));
+    let flags = if mode == 0 { MPROTECT_DEFER_FLUSH } else { 0 };
+    if let Err(e) = rt::mprotect(base, PAGE_SIZE, prot::READ, flags) {
+        rt::fail(format_args!("mprotect failed: {e}"));
+    }
+    atomic(flag(GO)).store(1, Ordering::Release);
+    if mode == 0 {
+        wait_for(flag(WROTE));
+        println!("stale-tlb: after mprotect(PROT_READ) without a flush, the page holds {:#x}", read(base, 0, 0));
+        if let Err(e) = rt::flush_tlb(base, PAGE_SIZE) {
+            rt::fail(format_args!("flush failed: {e}"));
+        }
+        atomic(flag(GO_AGAIN)).store(1, Ordering::Release);
+    }
+    if rt::join(writer).is_some() {
+        rt::fail(format_args!("the writer survived a write to a read-only page"));
+    }
+    println!("stale-tlb: after the flush the writer's write faulted; the page holds {:#x}", read(base, 0, 0));
+}
+
+/// The writer thread of `stale-tlb`.
+fn stale_tlb_writer(arg: u64) {
+    let base = arg & !(PAGE_SIZE - 1);
+    let mode = (arg >> 1) & 1;
+    let flag = |w: u64| base + PAGE_SIZE + w * 8;
+    write(base, 0, 0, 2);
+    atomic(flag(READY)).store(1, Ordering::Release);
+    wait_for(flag(GO));
+    write(base, 0, 0, 0xbad1);
+    atomic(flag(WROTE)).store(1, Ordering::Release);
+    if mode == 0 {
+        wait_for(flag(GO_AGAIN));
+        write(base, 0, 0, 0xbad2);
+    }
+    rt::fail(format_args!("a write to a read-only page succeeded after its flush"));
 }
 
 /// Times `f` between two marks the VMM timestamps.
@@ -157,7 +329,7 @@ fn fault_with_fixup() {
             "mov gs:[{fixup}], rax",
             "mov rax, [{addr}]",
             "2:",
-            fixup = const area_offset::FIXUP_RIP,
+            fixup = const cowlab_abi::area_offset::FIXUP_RIP,
             addr = in(reg) UNMAPPED,
             out("rax") _,
             options(nostack),
@@ -173,7 +345,6 @@ fn divide_by_zero() {
 }
 
 fn triple_fault() {
-    // SAFETY: the runtime service empties the IDT and raises #UD: #GP, then
-    // #DF, then a shutdown. It never returns.
+    // SAFETY: the runtime service makes the #UD undeliverable; it never returns.
     unsafe { asm!("int {v}", v = const cowlab_abi::TRIPLE_FAULT_VECTOR, options(nomem, nostack)) };
 }

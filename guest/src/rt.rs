@@ -188,6 +188,48 @@ pub fn hypercall(nr: Hypercall, args: [u64; 4]) -> u64 {
     }
 }
 
+/// A hypercall result as `Result`: negative values are `-errno`.
+fn result(ret: u64) -> Result<u64, i64> {
+    if (ret as i64) < 0 { Err(ret as i64) } else { Ok(ret) }
+}
+
+/// `mmap(NULL, len, prot, MAP_PRIVATE | MAP_ANONYMOUS)`.
+pub fn mmap(len: u64, prot: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::Mmap, [0, len, prot, 0]))
+}
+
+/// `munmap(addr, len)`.
+pub fn munmap(addr: u64, len: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::Munmap, [addr, len, 0, 0]))
+}
+
+/// `mprotect(addr, len, prot)`, with `flags` (`MPROTECT_DEFER_FLUSH`).
+pub fn mprotect(addr: u64, len: u64, prot: u64, flags: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::Mprotect, [addr, len, prot, flags]))
+}
+
+/// `madvise(addr, len, advice)`.
+pub fn madvise(addr: u64, len: u64, advice: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::Madvise, [addr, len, advice, 0]))
+}
+
+/// Performs a TLB flush a deferred `mprotect` left pending.
+pub fn flush_tlb(addr: u64, len: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::FlushTlb, [addr, len, 0, 0]))
+}
+
+/// Starts a thread (a vCPU in this address space) running `program(arg)`.
+pub fn spawn(program: cowlab_abi::Program, arg: u64) -> Option<u64> {
+    let id = hypercall(Hypercall::Spawn, [program as u64, arg, 0, 0]);
+    (id != u64::MAX).then_some(id)
+}
+
+/// Waits for thread `id`; its exit status, `None` if it died otherwise.
+pub fn join(id: u64) -> Option<u64> {
+    let status = hypercall(Hypercall::Join, [id, 0, 0, 0]);
+    (status != u64::MAX).then_some(status)
+}
+
 /// Copies `msg` into the console buffer and issues `nr` with its length.
 fn console_hypercall(nr: Hypercall, msg: &[u8]) {
     let len = msg.len().min(CONSOLE_LEN);

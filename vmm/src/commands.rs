@@ -22,6 +22,10 @@ pub struct RunOptions {
     pub kvm_path: String,
     /// Print a per-vCPU summary (faults, fills, exits) at the end.
     pub stats: bool,
+    /// Run `mm_verify` when vCPUs and the run end.
+    pub check: bool,
+    /// The `tlb_capacity` knob (None = unlimited).
+    pub tlb_capacity: Option<usize>,
 }
 
 fn error(msg: impl std::fmt::Display) {
@@ -60,6 +64,8 @@ pub fn run(opts: &RunOptions) -> i32 {
         arg: opts.arg,
         guest_elf,
         record_faults: false,
+        check: opts.check,
+        tlb_capacity: opts.tlb_capacity,
         kvm_path: opts.kvm_path.clone(),
     };
     let mut vm = match Vm::new(&config) {
@@ -92,6 +98,9 @@ pub fn run(opts: &RunOptions) -> i32 {
     }
     for line in report.problems() {
         error(line);
+    }
+    if opts.check && report.violations.is_empty() && report.timed_out.is_none() {
+        eprintln!("cowlab: mm_verify: no violations");
     }
     report.exit_code()
 }

@@ -43,6 +43,12 @@ enum Command {
         /// Print per-vCPU fault, fill and exit counts on stderr.
         #[arg(long)]
         stats: bool,
+        /// Check the memory manager's invariants (mm_verify) as vCPUs and the run end.
+        #[arg(long)]
+        check: bool,
+        /// Most translations one vCPU's TLB holds; beyond, random entries are evicted.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        tlb_capacity: Option<u64>,
     },
     /// List built-in things.
     List {
@@ -85,6 +91,8 @@ fn main() {
             timeout: secs,
             guest,
             stats,
+            check,
+            tlb_capacity,
         } => {
             if !secs.is_finite() || secs < 0.0 {
                 eprintln!("cowlab: --timeout must be a number of seconds >= 0 (0 = none)");
@@ -99,6 +107,8 @@ fn main() {
                 guest,
                 kvm_path: cli.kvm,
                 stats,
+                check,
+                tlb_capacity: tlb_capacity.map(|n| n as usize),
             })
         }
         Command::List {

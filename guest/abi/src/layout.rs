@@ -106,6 +106,9 @@ pub const USER_STACK_TOP: u64 = 0x0000_7f00_0000_0000;
 /// Distance between the stacks of consecutive vCPUs.
 pub const USER_STACK_STRIDE: u64 = 1 << 24;
 
+/// Size of a thread's stack VMA (below its top).
+pub const USER_STACK_SIZE: u64 = 1 << 20;
+
 /// Virtual address of a guest-physical address in the kernel region.
 pub const fn kernel_va(pa: u64) -> u64 {
     KERNEL_BASE + pa

@@ -52,6 +52,22 @@ pub enum Hypercall {
     /// A guest self-check failed; `console` holds a message of `hcall.args[0]`
     /// bytes. The thread ends with status 1.
     Fail = 10,
+    /// `mmap(args[0] (0 = anywhere), args[1] bytes, args[2] = PROT_*)`,
+    /// anonymous private; `ret` = the address or a negative errno.
+    Mmap = 11,
+    /// `munmap(args[0], args[1])`; `ret` = 0 or a negative errno.
+    Munmap = 12,
+    /// `mprotect(args[0], args[1], args[2] = PROT_*)`; `args[3]` bit 0 =
+    /// [`MPROTECT_DEFER_FLUSH`]. `ret` = 0 or a negative errno.
+    Mprotect = 13,
+    /// `madvise(args[0], args[1], args[2] = MADV_*)`; `ret` = 0 or a negative errno.
+    Madvise = 14,
+    /// Performs the TLB flush of `[args[0], args[0] + args[1])` that a
+    /// deferred `mprotect` left pending.
+    FlushTlb = 15,
+    /// Waits until vCPU `args[0]` has ended; `ret` = its exit status, or
+    /// `u64::MAX` if it did not exit normally (crash, SIGSEGV, OOM).
+    Join = 16,
 }
 
 impl Hypercall {
@@ -68,10 +84,31 @@ impl Hypercall {
             8 => Self::Mark,
             9 => Self::Spawn,
             10 => Self::Fail,
+            11 => Self::Mmap,
+            12 => Self::Munmap,
+            13 => Self::Mprotect,
+            14 => Self::Madvise,
+            15 => Self::FlushTlb,
+            16 => Self::Join,
             _ => return None,
         })
     }
 }
+
+/// `PROT_*` for [`Hypercall::Mmap`] and [`Hypercall::Mprotect`].
+pub mod prot {
+    pub const NONE: u64 = 0;
+    pub const READ: u64 = 1;
+    pub const WRITE: u64 = 2;
+}
+
+/// `MADV_DONTNEED` for [`Hypercall::Madvise`].
+pub const MADV_DONTNEED: u64 = 4;
+
+/// [`Hypercall::Mprotect`] flag: change the PTEs but leave the TLB flush
+/// pending (until [`Hypercall::FlushTlb`]): the deferred flush of uffd-wp
+/// and fork, made available to tests.
+pub const MPROTECT_DEFER_FLUSH: u64 = 1;
 
 /// Bits of the x86 #PF error code.
 pub mod pf_error {

@@ -33,11 +33,21 @@ pub enum Program {
     /// `arg` stores to one word of a user page between two marks (native
     /// execution speed of program code).
     BenchStore = 13,
-}
-
-/// Base of the user-half region that vCPU `id` touches in `Hello`/`Touch`.
-pub const fn touch_base(id: u64) -> u64 {
-    0x10_0000_0000 + id * 0x1_0000_0000
+    /// Maps a region, spawns `arg` threads (default 2) that write their own
+    /// pages and count in shared words, joins them and checks everything.
+    MmThreads = 14,
+    /// Writes a page, mprotects it read-only, reads it, then writes it: the
+    /// write must end the thread with a SIGSEGV at that address.
+    MprotectRo = 15,
+    /// Writes a page, munmaps it, reads it: a SIGSEGV at that address.
+    MunmapAccess = 16,
+    /// Writes pages, madvise(MADV_DONTNEED)s them and checks they read zero.
+    MadviseZero = 17,
+    /// Two threads; a write-protect whose TLB flush is withheld (`arg` 0) or
+    /// done at once (`arg` 1) while the other thread holds a writable TLB
+    /// entry: with the flush withheld its write lands through the stale
+    /// entry; after the flush its next write is a SIGSEGV.
+    StaleTlb = 18,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -98,6 +108,31 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "bench-store",
         Program::BenchStore,
         "ARG stores to user memory (native speed)",
+    ),
+    (
+        "mm-threads",
+        Program::MmThreads,
+        "ARG threads write own and shared pages of one mapping",
+    ),
+    (
+        "mprotect-ro",
+        Program::MprotectRo,
+        "write after mprotect(PROT_READ): a SIGSEGV",
+    ),
+    (
+        "munmap-access",
+        Program::MunmapAccess,
+        "read after munmap: a SIGSEGV",
+    ),
+    (
+        "madvise-zero",
+        Program::MadviseZero,
+        "MADV_DONTNEED pages read back as zero",
+    ),
+    (
+        "stale-tlb",
+        Program::StaleTlb,
+        "a write through a stale TLB entry (ARG 0: flush withheld, 1: not)",
     ),
 ];
 

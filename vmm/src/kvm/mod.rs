@@ -3,14 +3,16 @@
 //! faults are handed to [`crate::mm`].
 
 mod arch;
+mod control;
 mod kick;
 mod loader;
 mod memory;
 mod vcpu;
 mod vm;
 
+pub use control::request;
 pub use memory::GuestMem;
-pub use vcpu::{request, vector_name, Outcome, VcpuReport};
+pub use vcpu::{vector_name, Outcome, VcpuReport};
 pub use vm::{exit_code, Event, RunReport, Vm, VmConfig, MIN_MEM_MIB};
 
 /// The built-in guest, built by `build.rs` from `guest/`.

@@ -1,9 +1,10 @@
 //! One vCPU and the host thread that runs it: boot state, the `KVM_RUN`
-//! loop, hypercalls, forwarded page faults and requests from other threads
-//! (stop, ping, TLB flush by injected interrupt).
+//! loop, hypercalls (the memory-manager calls among them), forwarded page
+//! faults and requests from other threads (stop, ping, TLB flush by
+//! injected interrupt).
 
 use std::mem::offset_of;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,28 +13,18 @@ use kvm_bindings::kvm_fpu;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use cowlab_abi::layout::{
-    area, kernel_va, user_stack_top, vcpu_area_phys, DOORBELL_PHYS, USER_END,
+    area, kernel_va, user_stack_top, vcpu_area_phys, DOORBELL_PHYS, USER_END, USER_STACK_SIZE,
 };
 use cowlab_abi::{
     fault_result, Hypercall, Program, VcpuArea, CONSOLE_LEN, FLUSH_VECTOR, HYPERCALL_PORT,
+    MADV_DONTNEED, MPROTECT_DEFER_FLUSH,
 };
 
 use super::arch;
+use super::control::{request, VcpuCtl};
 use super::kick;
 use super::vm::{Event, Shared};
-use crate::mm::{Access, FaultError, PhysMem, ShadowTlb};
-
-/// Requests other threads post to a vCPU (bits of its request word) before
-/// kicking it.
-pub mod request {
-    /// End the thread (watchdog, VM teardown).
-    pub const STOP: u32 = 1 << 0;
-    /// Answer with [`super::Event::Pong`] (kick round-trip benchmark).
-    pub const PING: u32 = 1 << 1;
-    /// Drop every user translation of this vCPU and make its hardware TLB
-    /// forget them; answered by [`super::Event::FlushAcked`].
-    pub const FLUSH: u32 = 1 << 2;
-}
+use crate::mm::{mmap, verify_tlbs, Access, FaultError, Mm, MmError, PhysMem, ShadowTlb};
 
 /// How a vCPU's thread ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +118,32 @@ pub struct VcpuReport {
     pub exits: u64,
     /// Addresses of forwarded faults, in order (only with `record_faults`).
     pub fault_addrs: Vec<u64>,
+    /// TLB entries of this vCPU found stale when it ended (`mm_verify`).
+    pub violations: Vec<String>,
+}
+
+impl VcpuReport {
+    /// The report of a vCPU that never ran.
+    pub(crate) fn failed(id: usize, program: Program, outcome: Outcome) -> Self {
+        VcpuReport {
+            id,
+            program,
+            outcome,
+            faults: 0,
+            fills: 0,
+            exits: 0,
+            fault_addrs: Vec::new(),
+            violations: Vec::new(),
+        }
+    }
+
+    /// The status `join` returns for this vCPU.
+    pub(crate) fn join_status(&self) -> u64 {
+        match self.outcome {
+            Outcome::Exited(status) => status,
+            _ => u64::MAX,
+        }
+    }
 }
 
 /// An exit copied out of `kvm_run`, so the vCPU can be used while handling it.
@@ -146,18 +163,21 @@ enum Flow {
     End(Outcome),
 }
 
-/// A vCPU being run by its thread.
+/// A vCPU being run by its thread. It is CPU `id` of the memory manager,
+/// running a thread of address space `mm`.
 pub(crate) struct Vcpu {
     id: usize,
     program: Program,
     fd: VcpuFd,
     shared: Arc<Shared>,
-    requests: Arc<AtomicU32>,
+    mm: Arc<Mm>,
+    ctl: Arc<VcpuCtl>,
     events: Sender<Event>,
     area_pa: u64,
-    tlb: ShadowTlb,
-    /// A flush interrupt is waiting for an interrupt window.
-    flush_pending: bool,
+    /// Generation of the flush whose interrupt was injected, until acked.
+    injected_flush: Option<u64>,
+    /// A flush interrupt waits for an interrupt window.
+    flush_window: bool,
     /// The current exit is a forwarded #PF (its reply can carry a flush).
     in_fault: bool,
     faults: u64,
@@ -172,13 +192,15 @@ fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` running `program(arg)` in long mode at the guest entry.
+    /// Creates vCPU `id` running `program(arg)` as a thread of `mm`, in long
+    /// mode at the program's entry, with its stack mapped and its TLB empty.
     pub(crate) fn new(
         shared: Arc<Shared>,
         id: usize,
         program: Program,
         arg: u64,
-        requests: Arc<AtomicU32>,
+        mm: Arc<Mm>,
+        ctl: Arc<VcpuCtl>,
     ) -> KvmResult<Self> {
         let fd = shared
             .vm
@@ -188,12 +210,23 @@ impl Vcpu {
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         let area_pa = vcpu_area_phys(id);
         let area_va = kernel_va(area_pa);
-        let tlb = ShadowTlb::new(&shared.mem, &shared.frames, &arch::kernel_pml4())
-            .map_err(|_| "no guest frame left for a shadow page table".to_string())?;
+        let machine = mm.machine();
+        let tlb = ShadowTlb::new(
+            &*machine.mem,
+            machine.frames.pool(),
+            &machine.kernel_pml4,
+            id as u64 + 1,
+        )
+        .map_err(|_| "no guest frame left for a shadow page table".to_string())?;
+        let root = tlb.root();
+        machine.tlbs.insert(id, tlb);
+        mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
+            .map_err(|e| format!("cannot map the stack of vcpu {id}: {e}"))?;
+        mm.attach_cpu(id);
         init_area(&shared, id, area_pa, program, arg)?;
 
         let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        fd.set_sregs(&arch::sregs(sregs, area_va, tlb.root()))
+        fd.set_sregs(&arch::sregs(sregs, area_va, root))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
         fd.set_regs(&arch::regs(shared.image.entry, user_stack_top(id)))
             .map_err(kvm_err("KVM_SET_REGS"))?;
@@ -203,17 +236,19 @@ impl Vcpu {
             ..Default::default()
         };
         fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+
         let events = shared.events();
         Ok(Vcpu {
             id,
             program,
             fd,
             shared,
-            requests,
+            mm,
+            ctl,
             events,
             area_pa,
-            tlb,
-            flush_pending: false,
+            injected_flush: None,
+            flush_window: false,
             in_fault: false,
             faults: 0,
             exits: 0,
@@ -221,33 +256,48 @@ impl Vcpu {
         })
     }
 
-    /// Runs the vCPU until its program ends; returns its report.
+    /// Runs the vCPU until its program ends; returns its report. On the
+    /// way out the CPU leaves its mm and its TLB is checked and freed.
     pub(crate) fn run(mut self) -> VcpuReport {
         let exit_flag = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         let guard = kick::register_immediate_exit(exit_flag);
         let outcome = self.run_loop();
         drop(guard);
-        let Vcpu {
-            id,
-            program,
-            shared,
-            tlb,
-            faults,
-            exits,
-            fault_addrs,
-            ..
-        } = self;
-        let fills = tlb.fills();
-        tlb.release(&shared.mem, &shared.frames);
+        self.ctl.in_guest.store(false, Ordering::SeqCst);
+        let violations = self.verify_tlb();
+        let machine = Arc::clone(self.mm.machine());
+        self.mm.detach_cpu(self.id);
+        let fills = match machine.tlbs.remove(self.id) {
+            Some(tlb) => {
+                let fills = tlb.fills();
+                tlb.release(&*machine.mem, machine.frames.pool());
+                fills
+            }
+            None => 0,
+        };
         VcpuReport {
-            id,
-            program,
+            id: self.id,
+            program: self.program,
             outcome,
-            faults,
+            faults: self.faults,
             fills,
-            exits,
-            fault_addrs,
+            exits: self.exits,
+            fault_addrs: std::mem::take(&mut self.fault_addrs),
+            violations,
         }
+    }
+
+    /// `mm_verify`'s TLB check for this CPU, under the page-table lock so
+    /// no PTE change is half done.
+    fn verify_tlb(&self) -> Vec<String> {
+        if !self.shared.check {
+            return Vec::new();
+        }
+        let _ptl = self.mm.ptl();
+        verify_tlbs(self.mm.machine(), &[(self.id, &self.mm)])
+            .into_iter()
+            .map(|v| v.0)
+            .collect()
     }
 
     fn run_loop(&mut self) -> Outcome {
@@ -255,7 +305,18 @@ impl Vcpu {
             if let Flow::End(outcome) = self.service_requests() {
                 return outcome;
             }
+            self.ctl.in_guest.store(true, Ordering::SeqCst);
+            if let Err(e) = self.deliver_flush() {
+                return Outcome::Error(e);
+            }
             let exit = self.enter();
+            self.ctl.in_guest.store(false, Ordering::SeqCst);
+            if self.ctl.flush_req.load(Ordering::Acquire)
+                > self.ctl.flush_ack.load(Ordering::Acquire)
+            {
+                // An initiator may be waiting to acknowledge for us.
+                self.ctl.notify();
+            }
             self.exits += 1;
             // Only the exit right after a fault reply may piggyback a flush on it.
             self.in_fault = false;
@@ -324,7 +385,7 @@ impl Vcpu {
 
     /// Handles the requests other threads posted; called before every entry.
     fn service_requests(&mut self) -> Flow {
-        let reqs = self.requests.swap(0, Ordering::AcqRel);
+        let reqs = self.ctl.requests.swap(0, Ordering::AcqRel);
         if reqs & request::STOP != 0 {
             return Flow::End(Outcome::Stopped { rip: self.rip() });
         }
@@ -334,33 +395,28 @@ impl Vcpu {
                 at: Instant::now(),
             });
         }
-        if reqs & request::FLUSH != 0 {
-            self.tlb.flush_all(&self.shared.mem, &self.shared.frames);
-            self.flush_pending = true;
-        }
-        if self.flush_pending {
-            if let Err(e) = self.deliver_flush() {
-                return Flow::End(Outcome::Error(e));
-            }
-        }
         Flow::Continue
     }
 
-    /// Makes the hardware TLB forget this vCPU's user translations: by the
-    /// #PF reply if we are in one, else by injecting the flush interrupt when
-    /// the guest can take it, else by asking KVM for an interrupt window.
+    /// Makes the hardware TLB drop this vCPU's user translations if a flush
+    /// is due: by the #PF reply if we are in one, else by injecting the
+    /// flush interrupt when the guest can take it, else by asking KVM for
+    /// an interrupt window. Called in guest mode's doorway (`in_guest` set).
     fn deliver_flush(&mut self) -> KvmResult<()> {
+        let wanted = self.ctl.flush_req.load(Ordering::Acquire);
+        let remote = wanted > self.ctl.flush_ack.load(Ordering::Acquire);
+        let local = self.ctl.hw_flush.swap(false, Ordering::SeqCst);
+        if !(remote || local || self.flush_window) || self.injected_flush.is_some() {
+            return Ok(());
+        }
         if self.in_fault {
             let result = self.area_read(offset_of!(VcpuArea, fault.result));
             self.area_write(
                 offset_of!(VcpuArea, fault.result),
                 result | fault_result::FLUSH_TLB,
             );
-            self.flush_pending = false;
-            let _ = self.events.send(Event::FlushAcked {
-                id: self.id,
-                at: Instant::now(),
-            });
+            self.flush_window = false;
+            self.ctl.ack(wanted);
             return Ok(());
         }
         let run = self.fd.get_kvm_run();
@@ -376,9 +432,11 @@ impl Vcpu {
             self.fd
                 .set_vcpu_events(&events)
                 .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-            self.flush_pending = false;
+            self.flush_window = false;
+            self.injected_flush = Some(wanted);
         } else {
             run.request_interrupt_window = 1;
+            self.flush_window = true;
         }
         Ok(())
     }
@@ -387,49 +445,91 @@ impl Vcpu {
         let Some(call) = Hypercall::from_u32(nr) else {
             return Flow::End(Outcome::Error(format!("unknown hypercall {nr}")));
         };
-        match call {
+        let ret = match call {
             Hypercall::Booted => {
                 let _ = self.events.send(Event::Booted {
                     id: self.id,
                     at: Instant::now(),
                 });
+                return Flow::Continue;
             }
             Hypercall::Console => {
                 let line = self.console_line();
                 let _ = self.events.send(Event::Console { id: self.id, line });
+                return Flow::Continue;
             }
             Hypercall::Exit => return Flow::End(Outcome::Exited(self.arg(0))),
             Hypercall::Fail => return Flow::End(Outcome::Failed(self.console_line())),
             Hypercall::PageFault => return self.page_fault(),
             Hypercall::Crash => return Flow::End(self.crash()),
             Hypercall::FlushAck => {
+                if let Some(generation) = self.injected_flush.take() {
+                    self.ctl.ack(generation);
+                }
                 let _ = self.events.send(Event::FlushAcked {
                     id: self.id,
                     at: Instant::now(),
                 });
+                return Flow::Continue;
             }
-            Hypercall::Nop => {}
+            Hypercall::Nop => return Flow::Continue,
             Hypercall::Mark => {
                 let _ = self.events.send(Event::Mark {
                     id: self.id,
                     n: self.arg(0),
                     at: Instant::now(),
                 });
+                return Flow::Continue;
             }
-            Hypercall::Spawn => {
-                let ret = match Program::from_u64(self.arg(0)) {
-                    Some(program) => Shared::spawn(&self.shared, program, self.arg(1))
-                        .map_or(u64::MAX, |id| id as u64),
-                    None => u64::MAX,
-                };
-                self.area_write(offset_of!(VcpuArea, hcall.ret), ret);
+            Hypercall::Spawn => match Program::from_u64(self.arg(0)) {
+                Some(program) => {
+                    Shared::spawn(&self.shared, program, self.arg(1), Arc::clone(&self.mm))
+                        .map_or(u64::MAX, |id| id as u64)
+                }
+                None => u64::MAX,
+            },
+            Hypercall::Join => match self.shared.ctl(self.arg(0) as usize) {
+                Some(ctl) if self.arg(0) as usize != self.id => ctl.wait_ended(),
+                _ => u64::MAX,
+            },
+            Hypercall::Mmap => {
+                let hint = Some(self.arg(0)).filter(|a| *a != 0);
+                errno(self.mm.mmap(hint, self.arg(1), self.arg(2) as u32))
             }
-        }
+            Hypercall::Munmap => errno(
+                self.mm
+                    .munmap(self.arg(0), self.arg(1), Some(self.id))
+                    .map(|_| 0),
+            ),
+            Hypercall::Mprotect => {
+                let defer = self.arg(3) & MPROTECT_DEFER_FLUSH != 0;
+                let r = self.mm.mprotect(
+                    self.arg(0),
+                    self.arg(1),
+                    self.arg(2) as u32,
+                    defer,
+                    Some(self.id),
+                );
+                errno(r.map(|_| 0))
+            }
+            Hypercall::Madvise if self.arg(2) == MADV_DONTNEED => errno(
+                self.mm
+                    .madvise_dontneed(self.arg(0), self.arg(1), Some(self.id))
+                    .map(|_| 0),
+            ),
+            Hypercall::Madvise => MmError::Inval.errno() as u64,
+            Hypercall::FlushTlb => errno(
+                self.mm
+                    .flush_deferred(self.arg(0), self.arg(1), Some(self.id))
+                    .map(|_| 0),
+            ),
+        };
+        self.area_write(offset_of!(VcpuArea, hcall.ret), ret);
         Flow::Continue
     }
 
-    /// A forwarded #PF: resolve it in the address space and fill this
-    /// vCPU's TLB, or end the thread.
+    /// A forwarded #PF: the memory manager resolves it and fills this
+    /// CPU's TLB, or the thread ends (SIGSEGV, OOM).
     fn page_fault(&mut self) -> Flow {
         let addr = self.area_read(offset_of!(VcpuArea, fault.cr2));
         let error_code = self.area_read(offset_of!(VcpuArea, fault.error_code));
@@ -448,12 +548,7 @@ impl Vcpu {
                 rsp: 0,
             });
         }
-        let shared = &self.shared;
-        let result = shared
-            .space
-            .handle_fault(&shared.mem, &shared.frames, addr, access)
-            .and_then(|pte| Ok(self.tlb.fill(&shared.mem, &shared.frames, addr, pte)?));
-        let reply = match result {
+        let reply = match self.mm.handle_user_fault(self.id, addr, access) {
             Ok(()) => fault_result::RETRY,
             Err(FaultError::Segv) if self.area_read(offset_of!(VcpuArea, fixup_rip)) != 0 => {
                 fault_result::FIXUP
@@ -507,6 +602,11 @@ impl Vcpu {
     fn rip(&self) -> u64 {
         self.fd.get_regs().map_or(0, |r| r.rip)
     }
+}
+
+/// A memory-manager result as the guest sees it: the value or `-errno`.
+fn errno(r: Result<u64, MmError>) -> u64 {
+    r.unwrap_or_else(|e| e.errno() as u64)
 }
 
 /// Writes the VMM-owned parts of a vCPU area: identity, program, GDT, TSS.

@@ -2,7 +2,7 @@
 //! threads, plus the event stream the controlling thread watches.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,11 +15,12 @@ use vmm_sys_util::signal::Killable;
 use cowlab_abi::layout::{kernel_va, IMAGE_PHYS, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS};
 use cowlab_abi::{BootHeader, Program, BOOT_HEADER_MAGIC};
 
+use super::control::{request, KvmFlusher, VcpuCtl};
 use super::loader::{self, Image};
 use super::memory::GuestMem;
-use super::vcpu::{request, Outcome, Vcpu, VcpuReport};
+use super::vcpu::{Outcome, Vcpu, VcpuReport};
 use super::{arch, kick, Error, GUEST_ELF};
-use crate::mm::{DemandZero, FrameAllocator, PhysMem};
+use crate::mm::{mm_verify, verify_no_leaks, Machine, Mm, PhysMem};
 
 /// Smallest guest memory accepted: the kernel region plus 16 MiB of frames.
 pub const MIN_MEM_MIB: u64 = (KERNEL_REGION_SIZE >> 20) + 16;
@@ -41,6 +42,10 @@ pub struct VmConfig {
     pub guest_elf: Option<Vec<u8>>,
     /// Keep the address of every forwarded fault in the reports.
     pub record_faults: bool,
+    /// Run `mm_verify` when vCPUs and the run end (`--check`).
+    pub check: bool,
+    /// The `tlb_capacity` knob: most translations one TLB holds.
+    pub tlb_capacity: Option<usize>,
     /// The KVM device.
     pub kvm_path: String,
 }
@@ -54,6 +59,8 @@ impl Default for VmConfig {
             arg: 0,
             guest_elf: None,
             record_faults: false,
+            check: true,
+            tlb_capacity: None,
             kvm_path: "/dev/kvm".into(),
         }
     }
@@ -83,7 +90,7 @@ pub enum Event {
 }
 
 struct VcpuSlot {
-    requests: Arc<AtomicU32>,
+    ctl: Arc<VcpuCtl>,
     thread: JoinHandle<()>,
 }
 
@@ -91,13 +98,15 @@ struct VcpuSlot {
 pub(crate) struct Shared {
     pub(crate) vm: VmFd,
     pub(crate) cpuid: CpuId,
-    pub(crate) mem: GuestMem,
-    pub(crate) frames: FrameAllocator,
-    pub(crate) space: DemandZero,
+    pub(crate) mem: Arc<GuestMem>,
+    pub(crate) machine: Arc<Machine>,
+    /// The address spaces (processes), alive until the run ends.
+    processes: Mutex<Vec<Arc<Mm>>>,
     pub(crate) image: Image,
     pub(crate) boot_header: BootHeader,
     pub(crate) nr_vcpus: usize,
     pub(crate) record_faults: bool,
+    pub(crate) check: bool,
     vcpus: Mutex<Vec<VcpuSlot>>,
     events: Mutex<Sender<Event>>,
 }
@@ -114,9 +123,14 @@ impl Shared {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a new vCPU running `program(arg)` in this VM's address space,
-    /// from any thread, while the others run. Returns its id.
-    pub(crate) fn spawn(this: &Arc<Self>, program: Program, arg: u64) -> Result<usize, String> {
+    /// Starts a new vCPU running `program(arg)` as a thread of `mm`, from
+    /// any thread, while the others run. Returns its id.
+    pub(crate) fn spawn(
+        this: &Arc<Self>,
+        program: Program,
+        arg: u64,
+        mm: Arc<Mm>,
+    ) -> Result<usize, String> {
         let mut slots = this.slots();
         let id = slots.len();
         if id >= MAX_VCPUS {
@@ -131,39 +145,44 @@ impl Shared {
             program,
             parent,
         });
-        let requests = Arc::new(AtomicU32::new(0));
-        let (shared, reqs) = (Arc::clone(this), Arc::clone(&requests));
+        let ctl = Arc::new(VcpuCtl::default());
+        let (shared, thread_ctl) = (Arc::clone(this), Arc::clone(&ctl));
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 CURRENT_VCPU.with(|c| c.set(Some(id)));
-                let report = match Vcpu::new(Arc::clone(&shared), id, program, arg, reqs) {
+                let report = match Vcpu::new(
+                    Arc::clone(&shared),
+                    id,
+                    program,
+                    arg,
+                    mm,
+                    Arc::clone(&thread_ctl),
+                ) {
                     Ok(vcpu) => vcpu.run(),
-                    Err(e) => VcpuReport {
-                        id,
-                        program,
-                        outcome: Outcome::Error(e),
-                        faults: 0,
-                        fills: 0,
-                        exits: 0,
-                        fault_addrs: Vec::new(),
-                    },
+                    Err(e) => VcpuReport::failed(id, program, Outcome::Error(e)),
                 };
+                thread_ctl.mark_ended(report.join_status());
                 let _ = events.send(Event::Ended(report));
             })
             .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
-        slots.push(VcpuSlot { requests, thread });
+        slots.push(VcpuSlot { ctl, thread });
         Ok(id)
+    }
+
+    /// The shared state of vCPU `id`.
+    pub(crate) fn ctl(&self, id: usize) -> Option<Arc<VcpuCtl>> {
+        self.slots().get(id).map(|s| Arc::clone(&s.ctl))
     }
 
     /// Posts `bits` to vCPU `id` and kicks it out of the guest. False if
     /// there is no such vCPU.
-    fn request(&self, id: usize, bits: u32) -> bool {
+    pub(crate) fn request(&self, id: usize, bits: u32) -> bool {
         let slots = self.slots();
         let Some(slot) = slots.get(id) else {
             return false;
         };
-        slot.requests.fetch_or(bits, Ordering::AcqRel);
+        slot.ctl.requests.fetch_or(bits, Ordering::AcqRel);
         // A thread that already ended cannot be signalled; nothing to do then.
         let _ = slot.thread.kill(kick::kick_signal());
         true
@@ -193,8 +212,10 @@ pub struct RunReport {
     pub boot_time: Option<Duration>,
     /// VM creation to the end of the run.
     pub wall: Duration,
-    /// User pages the guest touched.
+    /// Pages in use when the last vCPU ended.
     pub user_pages: usize,
+    /// Broken memory-manager invariants (`mm_verify`), if checked.
+    pub violations: Vec<String>,
 }
 
 /// Exit status of the CLI (DESIGN.md §12).
@@ -213,6 +234,7 @@ impl RunReport {
     /// The CLI's exit status for this run.
     pub fn exit_code(&self) -> i32 {
         let vm_error = self.timed_out.is_some()
+            || !self.violations.is_empty()
             || self.vcpus.iter().any(|v| {
                 matches!(
                     v.outcome,
@@ -252,6 +274,7 @@ impl RunReport {
                 ));
             }
         }
+        lines.extend(self.violations.iter().map(|v| format!("mm_verify: {v}")));
         lines
     }
 
@@ -307,7 +330,7 @@ impl Vm {
         }
         let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
         let size = config.mem_mib << 20;
-        let mem = GuestMem::new(size).map_err(Error::Memory)?;
+        let mem = Arc::new(GuestMem::new(size).map_err(Error::Memory)?);
         let region = kvm_userspace_memory_region {
             slot: 0,
             guest_phys_addr: 0,
@@ -333,20 +356,36 @@ impl Vm {
             .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
         kick::install_handler().map_err(Error::Config)?;
 
+        let phys: Arc<dyn PhysMem> = Arc::clone(&mem) as Arc<dyn PhysMem>;
+        let machine = Machine::new(
+            phys,
+            KERNEL_REGION_SIZE,
+            size,
+            arch::kernel_pml4(),
+            config.tlb_capacity,
+        )
+        .map_err(|_| Error::Memory("no frame for the zero page".into()))?;
+        let machine = Arc::new(machine);
+        let mm =
+            Mm::new(&machine).map_err(|_| Error::Memory("no frame for a page table".into()))?;
         let (tx, rx) = channel();
         let shared = Arc::new(Shared {
             vm,
             cpuid,
-            frames: FrameAllocator::new(KERNEL_REGION_SIZE, size),
             mem,
-            space: DemandZero::new(),
+            machine: Arc::clone(&machine),
+            processes: Mutex::new(vec![Arc::clone(&mm)]),
             image,
             boot_header,
             nr_vcpus: config.vcpus,
             record_faults: config.record_faults,
+            check: config.check,
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
         });
+        machine.set_flusher(Arc::new(KvmFlusher {
+            shared: Arc::downgrade(&shared),
+        }));
         let vm = Vm {
             shared,
             events: rx,
@@ -357,7 +396,8 @@ impl Vm {
             ended: BTreeMap::new(),
         };
         for _ in 0..config.vcpus {
-            Shared::spawn(&vm.shared, config.program, config.arg).map_err(Error::Config)?;
+            Shared::spawn(&vm.shared, config.program, config.arg, Arc::clone(&mm))
+                .map_err(Error::Config)?;
         }
         Ok(vm)
     }
@@ -377,9 +417,16 @@ impl Vm {
         self.request(id, request::PING)
     }
 
-    /// Asks vCPU `id` to flush its TLB (shadow entries and hardware).
+    /// Flushes vCPU `id`'s TLB (shadow entries and hardware) from this
+    /// thread, as a VMM-initiated shootdown: returns once it is acknowledged.
     pub fn flush_tlb(&self, id: usize) -> bool {
-        self.request(id, request::FLUSH)
+        let machine = &self.shared.machine;
+        let Some(tlb) = machine.tlbs.get(id) else {
+            return false;
+        };
+        crate::mm::tlb::lock(&tlb).flush_all(&*machine.mem);
+        machine.flusher().flush_cpu(id, None);
+        true
     }
 
     /// Sets `VcpuArea::stop` of vCPU `id` (ends the `spin` program).
@@ -458,17 +505,18 @@ impl Vm {
         }
         let mut vcpus: Vec<VcpuReport> = self.ended.values().cloned().collect();
         for id in &self.live {
-            vcpus.push(VcpuReport {
-                id: *id,
-                program: self.programs[id],
-                outcome: Outcome::Error("did not leave KVM_RUN after being stopped".into()),
-                faults: 0,
-                fills: 0,
-                exits: 0,
-                fault_addrs: Vec::new(),
-            });
+            let outcome = Outcome::Error("did not leave KVM_RUN after being stopped".into());
+            vcpus.push(VcpuReport::failed(*id, self.programs[id], outcome));
         }
         vcpus.sort_by_key(|v| v.id);
+        let user_pages = self.shared.machine.frames.in_use().count();
+        let mut violations: Vec<String> = vcpus
+            .iter()
+            .flat_map(|v| v.violations.iter().cloned())
+            .collect();
+        if self.live.is_empty() {
+            violations.extend(self.teardown());
+        }
         RunReport {
             vcpus,
             console,
@@ -476,8 +524,32 @@ impl Vm {
             stuck,
             boot_time: self.boot_time,
             wall: self.created.elapsed(),
-            user_pages: self.shared.space.pages(),
+            user_pages,
+            violations,
         }
+    }
+
+    /// After the last vCPU: checks the address spaces (`mm_verify`), tears
+    /// them down (`exit_mmap`) and checks that no frame leaked.
+    fn teardown(&self) -> Vec<String> {
+        let processes = std::mem::take(
+            &mut *self
+                .shared
+                .processes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let machine = &self.shared.machine;
+        let mut out = Vec::new();
+        if self.shared.check {
+            let mms: Vec<&Mm> = processes.iter().map(|m| &**m).collect();
+            out.extend(mm_verify(machine, &mms, &[]).into_iter().map(|v| v.0));
+        }
+        drop(processes);
+        if self.shared.check && out.is_empty() {
+            out.extend(verify_no_leaks(machine).into_iter().map(|v| v.0));
+        }
+        out
     }
 }
 

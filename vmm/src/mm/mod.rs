@@ -1,19 +1,24 @@
-//! The memory manager of the guests (DESIGN.md §5). Pure Rust over a
-//! physical-memory abstraction ([`PhysMem`]); it knows nothing about KVM, so
-//! host threads can drive it in unit tests.
+//! The memory manager of the guests (DESIGN.md §5): Linux's anonymous
+//! memory, modelled in pure Rust over a physical-memory abstraction
+//! ([`PhysMem`]) and a CPU-flush interface ([`CpuFlusher`]). It knows
+//! nothing about KVM, so host threads drive it in unit tests.
 //!
-//! What is here so far: the frame pool, x86-64 page-table manipulation, the
-//! per-vCPU shadow page tables that model TLBs (§4), and a demand-zero
-//! address space. The Linux-style model (VMAs, COW, fork, GUP) replaces the
-//! demand-zero space in the next step.
+//! `docs/mm.md` maps every modelled Linux function to its place here.
 
-pub mod demand;
 pub mod frame;
+pub mod memory;
+pub mod mm_struct;
+pub mod mmap;
+pub mod page;
 pub mod pagetable;
 pub mod phys;
 pub mod tlb;
+pub mod verify;
 
-pub use demand::{Access, DemandZero, FaultError};
 pub use frame::{FrameAllocator, OutOfFrames};
+pub use memory::{Access, FaultError};
+pub use mm_struct::{prot, Machine, Mm, Vma};
+pub use mmap::MmError;
 pub use phys::PhysMem;
-pub use tlb::ShadowTlb;
+pub use tlb::{CpuFlusher, ShadowTlb};
+pub use verify::{mm_verify, verify_no_leaks, verify_pages, verify_tlbs, Violation};

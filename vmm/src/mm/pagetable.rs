@@ -43,6 +43,58 @@ fn slot<M: PhysMem + ?Sized>(mem: &M, table_pa: u64, va: u64, level: u32) -> &At
     mem.word(table_pa + index(va, level) * 8)
 }
 
+/// The leaf slot for `va` under `root` if every table above it exists.
+pub fn existing_leaf_slot<M: PhysMem + ?Sized>(mem: &M, root: u64, va: u64) -> Option<&AtomicU64> {
+    let mut table = root;
+    for level in (2..=4).rev() {
+        let e = slot(mem, table, va, level).load(Ordering::Acquire);
+        if e & bits::PRESENT == 0 || e & bits::HUGE != 0 {
+            return None;
+        }
+        table = e & bits::ADDR_MASK;
+    }
+    Some(slot(mem, table, va, 1))
+}
+
+/// Calls `f(va, slot)` for every leaf slot under `root` in `[start, end)`
+/// whose value is nonzero, skipping absent tables.
+pub fn for_each_leaf<M: PhysMem + ?Sized>(
+    mem: &M,
+    root: u64,
+    start: u64,
+    end: u64,
+    f: &mut dyn FnMut(u64, &AtomicU64),
+) {
+    fn walk<M: PhysMem + ?Sized>(
+        mem: &M,
+        table: u64,
+        level: u32,
+        base: u64,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, &AtomicU64),
+    ) {
+        let span = 1u64 << (12 + 9 * (level - 1));
+        for i in 0..ENTRIES {
+            let lo = base + i * span;
+            let hi = lo + span;
+            if hi <= start || lo >= end {
+                continue;
+            }
+            let entry = mem.word(table + i * 8);
+            let e = entry.load(Ordering::Acquire);
+            if level == 1 {
+                if e != 0 {
+                    f(lo, entry);
+                }
+            } else if e & bits::PRESENT != 0 && e & bits::HUGE == 0 {
+                walk(mem, e & bits::ADDR_MASK, level - 1, lo, start, end, f);
+            }
+        }
+    }
+    walk(mem, root, 4, 0, start, end.min(KERNEL_PML4_START << 39), f);
+}
+
 /// The leaf (4 KiB) entry mapping `va` under `root`, if every level is present.
 pub fn lookup<M: PhysMem + ?Sized>(mem: &M, root: u64, va: u64) -> Option<u64> {
     let mut table = root;
@@ -153,6 +205,25 @@ mod tests {
         assert_eq!(leaves, vec![0xabc000]);
         assert_eq!(frames.free_count(), before);
         assert_eq!(lookup(&mem, root, va), None);
+    }
+
+    #[test]
+    fn for_each_leaf_visits_only_the_range() {
+        let mem = VecMem::new(1 << 20);
+        let frames = FrameAllocator::new(0x1000, 1 << 20);
+        let root = frames.alloc().unwrap();
+        mem.zero_frame(root);
+        for va in [0x1000_0000u64, 0x1000_1000, 0x2000_0000, 0x7e00_0000_0000] {
+            leaf_slot(&mem, &frames, root, va)
+                .unwrap()
+                .store(va | bits::PRESENT, Ordering::Release);
+        }
+        let mut seen = Vec::new();
+        for_each_leaf(&mem, root, 0x1000_1000, 0x7e00_0000_1000, &mut |va, s| {
+            assert_eq!(s.load(Ordering::Relaxed) & bits::ADDR_MASK, va);
+            seen.push(va)
+        });
+        assert_eq!(seen, vec![0x1000_1000, 0x2000_0000, 0x7e00_0000_0000]);
     }
 
     #[test]

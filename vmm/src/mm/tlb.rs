@@ -1,10 +1,21 @@
 //! Per-vCPU shadow page tables: the TLB model (DESIGN.md §4).
 //!
-//! The table in a vCPU's CR3 is its shadow table. Its kernel half points at
-//! the shared, permanent kernel mapping; its user half holds exactly the
-//! translations the CPU's TLB holds, filled one page at a time on misses.
+//! The table in a vCPU's CR3 is its shadow table. Its kernel part points at
+//! the shared, permanent kernel mapping; its user part holds exactly the
+//! translations that CPU's TLB holds, filled one page at a time on misses
+//! from the logical page table of its `mm`, and removed only by flushes
+//! (or by eviction when `tlb_capacity` is set). A write-protect in the
+//! logical table therefore leaves other CPUs' writable entries in place
+//! until a flush reaches them: that is the staleness the seeds are about.
+//!
+//! Removing an entry also makes the hardware forget it
+//! ([`PhysMem::revoke`]); the CPU's own hardware flush (interrupt, CR3
+//! reload, acknowledgement) is asked of a [`CpuFlusher`], which the KVM
+//! layer implements with vCPU kicks and unit tests with host threads.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -12,20 +23,43 @@ use super::frame::{FrameAllocator, OutOfFrames};
 use super::pagetable::{self, bits, ENTRIES, KERNEL_PML4_START};
 use super::phys::PhysMem;
 
+/// Makes a CPU's hardware TLB forget what its shadow table no longer holds.
+pub trait CpuFlusher: Send + Sync {
+    /// Flushes `cpu`'s hardware TLB and waits for its acknowledgement, like
+    /// the IPI of `flush_tlb_multi()`. `initiator` is the CPU asking, or
+    /// `None` for a VMM thread; a CPU's own flush is local and never waits.
+    fn flush_cpu(&self, cpu: usize, initiator: Option<usize>);
+}
+
+/// A flusher for CPUs whose hardware never caches anything beyond the
+/// shadow tables (host threads in unit tests).
+#[derive(Debug, Default)]
+pub struct NoHardware;
+
+impl CpuFlusher for NoHardware {
+    fn flush_cpu(&self, _cpu: usize, _initiator: Option<usize>) {}
+}
+
 /// One CPU's TLB, as a shadow page table.
 #[derive(Debug)]
 pub struct ShadowTlb {
     root: u64,
+    /// Pages with a translation, for range flushes and random eviction.
+    entries: BTreeSet<u64>,
     fills: u64,
+    evictions: u64,
+    /// State of the eviction RNG (xorshift64).
+    rng: u64,
 }
 
 impl ShadowTlb {
-    /// An empty TLB whose kernel half is `kernel_pml4` (the PML4 slots from
-    /// 256 up, shared by every address space).
+    /// An empty TLB whose kernel part is `kernel_pml4` (the PML4 slots from
+    /// [`KERNEL_PML4_START`] up, shared by every address space).
     pub fn new<M: PhysMem + ?Sized>(
         mem: &M,
         frames: &FrameAllocator,
         kernel_pml4: &[u64; (ENTRIES - KERNEL_PML4_START) as usize],
+        seed: u64,
     ) -> Result<Self, OutOfFrames> {
         let root = frames.alloc()?;
         mem.zero_frame(root);
@@ -33,7 +67,13 @@ impl ShadowTlb {
             mem.word(root + (KERNEL_PML4_START + i as u64) * 8)
                 .store(*e, Ordering::Release);
         }
-        Ok(ShadowTlb { root, fills: 0 })
+        Ok(ShadowTlb {
+            root,
+            entries: BTreeSet::new(),
+            fills: 0,
+            evictions: 0,
+            rng: seed | 1,
+        })
     }
 
     /// Guest-physical address of the PML4 (the vCPU's CR3).
@@ -46,21 +86,66 @@ impl ShadowTlb {
         self.fills
     }
 
-    /// Installs the translation `pte` for the page of `va` (a TLB fill).
+    /// Number of entries evicted for capacity.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Number of translations held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no translation is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Installs `pte` for the page of `va` (a TLB fill); with `capacity`,
+    /// first evicts random entries so at most `capacity` remain.
     pub fn fill<M: PhysMem + ?Sized>(
         &mut self,
         mem: &M,
         frames: &FrameAllocator,
         va: u64,
         pte: u64,
+        capacity: Option<usize>,
     ) -> Result<(), OutOfFrames> {
+        let page = va & !(PAGE_SIZE - 1);
         debug_assert!(
-            va < (KERNEL_PML4_START << 39),
+            page < (KERNEL_PML4_START << 39),
             "fill of a kernel address {va:#x}"
         );
-        pagetable::leaf_slot(mem, frames, self.root, va)?.store(pte, Ordering::Release);
+        let slot = pagetable::leaf_slot(mem, frames, self.root, page)?;
+        let old = slot.swap(pte, Ordering::AcqRel);
+        if old & bits::PRESENT != 0 && (old ^ pte) & (bits::ADDR_MASK | bits::WRITABLE) != 0 {
+            // Replacing a translation is removing one first.
+            mem.revoke(old & bits::ADDR_MASK);
+        }
+        self.entries.insert(page);
         self.fills += 1;
+        if let Some(cap) = capacity {
+            while self.entries.len() > cap.max(1) {
+                let victim = self.random_entry_except(page);
+                self.remove(mem, victim);
+                self.evictions += 1;
+            }
+        }
         Ok(())
+    }
+
+    fn random_entry_except(&mut self, keep: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let others = self.entries.len() - 1;
+        let n = (self.rng % others as u64) as usize;
+        *self
+            .entries
+            .iter()
+            .filter(|p| **p != keep)
+            .nth(n)
+            .expect("n < others")
     }
 
     /// The translation this TLB holds for `va`, if any.
@@ -68,15 +153,34 @@ impl ShadowTlb {
         pagetable::lookup(mem, self.root, va & !(PAGE_SIZE - 1))
     }
 
-    /// Drops every user-part translation (a full flush of non-global
-    /// entries) and makes the hardware forget the frames they mapped.
-    pub fn flush_all<M: PhysMem + ?Sized>(&mut self, mem: &M, frames: &FrameAllocator) {
-        pagetable::free_user_tables(mem, frames, self.root, &mut |frame| mem.revoke(frame));
+    fn remove<M: PhysMem + ?Sized>(&mut self, mem: &M, page: u64) {
+        if let Some(slot) = pagetable::existing_leaf_slot(mem, self.root, page) {
+            let old = slot.swap(0, Ordering::AcqRel);
+            if old & bits::PRESENT != 0 {
+                mem.revoke(old & bits::ADDR_MASK);
+            }
+        }
+        self.entries.remove(&page);
+    }
+
+    /// Drops the translations of `[start, end)`; returns how many it held.
+    pub fn flush_range<M: PhysMem + ?Sized>(&mut self, mem: &M, start: u64, end: u64) -> usize {
+        let pages: Vec<u64> = self.entries.range(start..end).copied().collect();
+        for page in &pages {
+            self.remove(mem, *page);
+        }
+        pages.len()
+    }
+
+    /// Drops every user translation (a full flush of non-global entries).
+    pub fn flush_all<M: PhysMem + ?Sized>(&mut self, mem: &M) -> usize {
+        self.flush_range(mem, 0, u64::MAX)
     }
 
     /// Frees the whole table, root included.
     pub fn release<M: PhysMem + ?Sized>(mut self, mem: &M, frames: &FrameAllocator) {
-        self.flush_all(mem, frames);
+        self.flush_all(mem);
+        pagetable::free_user_tables(mem, frames, self.root, &mut |f| mem.revoke(f));
         for i in KERNEL_PML4_START..ENTRIES {
             mem.word(self.root + i * 8).store(0, Ordering::Release);
         }
@@ -84,7 +188,57 @@ impl ShadowTlb {
     }
 }
 
-/// A user-half leaf entry for a data page at `frame`.
+/// The TLBs of all CPUs, by CPU number.
+#[derive(Debug, Default)]
+pub struct Tlbs {
+    cpus: RwLock<Vec<Option<Arc<Mutex<ShadowTlb>>>>>,
+}
+
+impl Tlbs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers CPU `cpu`'s TLB.
+    pub fn insert(&self, cpu: usize, tlb: ShadowTlb) -> Arc<Mutex<ShadowTlb>> {
+        let tlb = Arc::new(Mutex::new(tlb));
+        let mut cpus = self.cpus.write().unwrap_or_else(|e| e.into_inner());
+        if cpus.len() <= cpu {
+            cpus.resize(cpu + 1, None);
+        }
+        cpus[cpu] = Some(Arc::clone(&tlb));
+        tlb
+    }
+
+    /// Unregisters CPU `cpu`'s TLB and returns it.
+    pub fn remove(&self, cpu: usize) -> Option<ShadowTlb> {
+        let tlb = self
+            .cpus
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(cpu)?
+            .take()?;
+        let tlb = Arc::try_unwrap(tlb).ok()?;
+        Some(tlb.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// CPU `cpu`'s TLB, if registered.
+    pub fn get(&self, cpu: usize) -> Option<Arc<Mutex<ShadowTlb>>> {
+        self.cpus
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cpu)?
+            .clone()
+    }
+}
+
+/// Locks a TLB; a poisoned lock still guards a consistent table (every
+/// change is one atomic entry store).
+pub fn lock(tlb: &Mutex<ShadowTlb>) -> MutexGuard<'_, ShadowTlb> {
+    tlb.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A user-part leaf entry for a data page at `frame`.
 pub fn user_pte(frame: u64, writable: bool) -> u64 {
     let w = if writable {
         bits::WRITABLE | bits::DIRTY
@@ -99,32 +253,53 @@ mod tests {
     use super::*;
     use crate::mm::phys::testing::VecMem;
 
-    #[test]
-    fn fill_flush_release_keeps_the_kernel_half_and_leaks_nothing() {
+    fn setup() -> (VecMem, FrameAllocator, ShadowTlb) {
         let mem = VecMem::new(1 << 20);
         let frames = FrameAllocator::new(0x1000, 1 << 20);
         let mut kernel = [0u64; (ENTRIES - KERNEL_PML4_START) as usize];
         kernel[0] = 0x5000 | bits::PRESENT;
-        let start = frames.free_count();
+        let tlb = ShadowTlb::new(&mem, &frames, &kernel, 1).unwrap();
+        (mem, frames, tlb)
+    }
 
-        let mut tlb = ShadowTlb::new(&mem, &frames, &kernel).unwrap();
-        tlb.fill(&mem, &frames, 0x1234_5000, user_pte(0x9000, true))
+    #[test]
+    fn fill_flush_release_keeps_the_kernel_part_and_leaks_nothing() {
+        let (mem, frames, mut tlb) = setup();
+        let start = frames.free_count() + 1; // the root
+        tlb.fill(&mem, &frames, 0x1234_5000, user_pte(0x9000, true), None)
             .unwrap();
         assert_eq!(
             tlb.lookup(&mem, 0x1234_5abc).map(|e| e & bits::ADDR_MASK),
             Some(0x9000)
         );
-        assert_eq!(tlb.fills(), 1);
-
-        tlb.flush_all(&mem, &frames);
+        assert_eq!((tlb.fills(), tlb.len()), (1, 1));
+        assert_eq!(tlb.flush_range(&mem, 0, 0x1234_5000), 0);
+        assert_eq!(tlb.flush_all(&mem), 1);
         assert_eq!(tlb.lookup(&mem, 0x1234_5000), None);
         assert_eq!(
             mem.word(tlb.root() + KERNEL_PML4_START * 8)
                 .load(Ordering::Relaxed),
             0x5000 | bits::PRESENT
         );
-
         tlb.release(&mem, &frames);
         assert_eq!(frames.free_count(), start);
+    }
+
+    #[test]
+    fn capacity_evicts_others_and_keeps_the_new_entry() {
+        let (mem, frames, mut tlb) = setup();
+        for i in 0..20u64 {
+            tlb.fill(
+                &mem,
+                &frames,
+                0x40_0000 + i * PAGE_SIZE,
+                user_pte(0x9000, false),
+                Some(4),
+            )
+            .unwrap();
+            assert!(tlb.lookup(&mem, 0x40_0000 + i * PAGE_SIZE).is_some());
+        }
+        assert_eq!(tlb.len(), 4);
+        assert_eq!(tlb.evictions(), 16);
     }
 }

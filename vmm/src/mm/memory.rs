@@ -1,0 +1,339 @@
+//! The fault path, top-down as in mm/memory.c: the hardware walk (TLB
+//! fill), then `do_user_addr_fault` → `handle_mm_fault` → `handle_pte_fault`
+//! → `do_anonymous_page` / `do_wp_page` → `wp_page_reuse` / `wp_page_copy`;
+//! and `zap_page_range`, which unmaps.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
+use cowlab_abi::pf_error;
+
+use super::frame::OutOfFrames;
+use super::mm_struct::{Mm, Vma};
+use super::pagetable::{self, bits};
+use super::tlb::{self, user_pte};
+
+/// Software PTE bit (x86 bit 9, ignored by hardware): a PROT_NONE mapping,
+/// kept with its frame but not present. Models `_PAGE_PROTNONE`.
+pub const PTE_PROTNONE: u64 = 1 << 9;
+
+/// The kind of access that faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Fetch,
+}
+
+impl Access {
+    /// Decodes the access from an x86 #PF error code.
+    pub fn from_error_code(code: u64) -> Self {
+        if code & pf_error::FETCH != 0 {
+            Access::Fetch
+        } else if code & pf_error::WRITE != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::Fetch => "exec",
+        }
+    }
+}
+
+/// A fault the memory manager cannot resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    /// No VMA allows this access: the thread gets a SIGSEGV.
+    #[error("segmentation fault")]
+    Segv,
+    /// No frame was left for the page or its tables: VM_FAULT_OOM.
+    #[error("out of memory")]
+    Oom,
+}
+
+impl From<OutOfFrames> for FaultError {
+    fn from(_: OutOfFrames) -> Self {
+        FaultError::Oom
+    }
+}
+
+/// Whether a present logical PTE lets `access` through (what the hardware
+/// walker checks).
+fn pte_permits(pte: u64, access: Access) -> bool {
+    pte & bits::PRESENT != 0
+        && match access {
+            Access::Read => true,
+            Access::Write => pte & bits::WRITABLE != 0,
+            Access::Fetch => false,
+        }
+}
+
+/// Models mm/mmap.c:access_error() (arch/x86/mm/fault.c).
+fn access_error(vma: &Vma, access: Access) -> bool {
+    match access {
+        Access::Read => !vma.readable(),
+        Access::Write => !vma.writable(),
+        Access::Fetch => true,
+    }
+}
+
+/// A leaf PTE for an anonymous page, writable if `write`.
+fn mk_pte(frame: u64, write: bool) -> u64 {
+    user_pte(frame, write)
+}
+
+impl Mm {
+    /// A user-mode fault of CPU `cpu` at `addr`: the hardware walk (a TLB
+    /// fill) if the logical PTE allows the access, else a page fault, then
+    /// the walk again. Models the x86 page walk + arch/x86/mm/fault.c.
+    pub fn handle_user_fault(
+        &self,
+        cpu: usize,
+        addr: u64,
+        access: Access,
+    ) -> Result<(), FaultError> {
+        loop {
+            if self.tlb_fill(cpu, addr, access)? {
+                return Ok(());
+            }
+            self.do_user_addr_fault(addr, access, cpu)?;
+        }
+    }
+
+    /// The hardware walk of CPU `cpu`: if the logical table allows `access`
+    /// at `addr`, install its translation in the CPU's TLB. The walk and the
+    /// install happen under the CPU's TLB lock, so they are atomic with
+    /// respect to shootdowns, as a walk is within one instruction.
+    pub fn tlb_fill(&self, cpu: usize, addr: u64, access: Access) -> Result<bool, FaultError> {
+        let Some(tlb) = self.m.tlbs.get(cpu) else {
+            return Ok(false);
+        };
+        let mut tlb = tlb::lock(&tlb);
+        let page = addr & !(PAGE_SIZE - 1);
+        let Some(pte) = pagetable::lookup(&*self.m.mem, self.pgd, page) else {
+            return Ok(false);
+        };
+        if !pte_permits(pte, access) {
+            return Ok(false);
+        }
+        let frame = pte & bits::ADDR_MASK;
+        tlb.fill(
+            &*self.m.mem,
+            self.m.frames.pool(),
+            page,
+            user_pte(frame, pte & bits::WRITABLE != 0),
+            self.m.tlb_capacity,
+        )?;
+        Ok(true)
+    }
+
+    /// Finds and locks the VMA, checks the access, handles the fault.
+    /// Models arch/x86/mm/fault.c:do_user_addr_fault().
+    fn do_user_addr_fault(&self, addr: u64, access: Access, cpu: usize) -> Result<(), FaultError> {
+        if !(USER_MIN_ADDR..USER_END).contains(&addr) {
+            return Err(FaultError::Segv);
+        }
+        if let Some(vma) = self.lock_vma_under_rcu(addr) {
+            let Some(_vma_read) = vma.start_read() else {
+                return self.fault_under_mmap_lock(addr, access, cpu);
+            };
+            if access_error(&vma, access) {
+                return Err(FaultError::Segv);
+            }
+            return self.handle_mm_fault(&vma, addr, access, cpu);
+        }
+        self.fault_under_mmap_lock(addr, access, cpu)
+    }
+
+    /// The VMA for `addr` without `mmap_lock`. Models
+    /// mm/memory.c:lock_vma_under_rcu() (its lock is taken by the caller).
+    fn lock_vma_under_rcu(&self, addr: u64) -> Option<std::sync::Arc<Vma>> {
+        self.vma_lookup(addr)
+    }
+
+    /// The fallback: the fault under `mmap_lock` held for read.
+    fn fault_under_mmap_lock(
+        &self,
+        addr: u64,
+        access: Access,
+        cpu: usize,
+    ) -> Result<(), FaultError> {
+        let _mmap = self.mmap_read_lock();
+        let vma = self.vma_lookup(addr).ok_or(FaultError::Segv)?;
+        if access_error(&vma, access) {
+            return Err(FaultError::Segv);
+        }
+        self.handle_mm_fault(&vma, addr, access, cpu)
+    }
+
+    /// Models mm/memory.c:handle_mm_fault() → handle_pte_fault().
+    fn handle_mm_fault(
+        &self,
+        vma: &Vma,
+        addr: u64,
+        access: Access,
+        cpu: usize,
+    ) -> Result<(), FaultError> {
+        let page = addr & !(PAGE_SIZE - 1);
+        let slot = {
+            let _ptl = self.ptl();
+            pagetable::leaf_slot(&*self.m.mem, self.m.frames.pool(), self.pgd, page)?
+        };
+        let orig = slot.load(Ordering::Acquire);
+        if orig & (bits::PRESENT | PTE_PROTNONE) == 0 {
+            return self.do_anonymous_page(vma, slot, access);
+        }
+        if access == Access::Write && orig & bits::WRITABLE == 0 {
+            return self.do_wp_page(vma, page, slot, orig, cpu);
+        }
+        // Another CPU resolved it first: the caller's walk will succeed.
+        Ok(())
+    }
+
+    /// First touch of an anonymous page: the shared zero page for a read,
+    /// a fresh exclusive page for a write. Models mm/memory.c:do_anonymous_page().
+    fn do_anonymous_page(
+        &self,
+        vma: &Vma,
+        slot: &AtomicU64,
+        access: Access,
+    ) -> Result<(), FaultError> {
+        let m = &self.m;
+        if access != Access::Write {
+            let _ptl = self.ptl();
+            if slot.load(Ordering::Acquire) == 0 {
+                slot.store(mk_pte(m.frames.zero_page(), false), Ordering::Release);
+            }
+            return Ok(());
+        }
+        let new = m.frames.alloc_zeroed(&*m.mem)?;
+        let _ptl = self.ptl();
+        if slot.load(Ordering::Acquire) != 0 {
+            m.frames.put_page(new);
+            return Ok(());
+        }
+        m.frames.add_new_anon_rmap(new);
+        slot.store(mk_pte(new, vma.writable()), Ordering::Release);
+        Ok(())
+    }
+
+    /// A write to a present, read-only PTE: reuse the page if it is ours
+    /// alone, else copy it. Models mm/memory.c:do_wp_page().
+    fn do_wp_page(
+        &self,
+        vma: &Vma,
+        page: u64,
+        slot: &AtomicU64,
+        orig: u64,
+        cpu: usize,
+    ) -> Result<(), FaultError> {
+        let m = &self.m;
+        let ptl = self.ptl();
+        if slot.load(Ordering::Acquire) != orig {
+            return Ok(());
+        }
+        let frame = orig & bits::ADDR_MASK;
+        if frame != m.frames.zero_page() {
+            let p = m.frames.page(frame);
+            // Models mm/memory.c:wp_can_reuse_anon_folio(): the refcount rule
+            // of 09854ba94c6a (v5.9): reuse only if no one else holds a reference.
+            if p.anon_exclusive() || p.refcount() == 1 {
+                p.set_anon_exclusive();
+                self.wp_page_reuse(slot, orig);
+                return Ok(());
+            }
+        }
+        drop(ptl);
+        self.wp_page_copy(vma, page, slot, orig, cpu)
+    }
+
+    /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
+    fn wp_page_reuse(&self, slot: &AtomicU64, orig: u64) {
+        slot.store(
+            orig | bits::WRITABLE | bits::DIRTY | bits::ACCESSED,
+            Ordering::Release,
+        );
+    }
+
+    /// Copies the page and maps the copy: reference taken, copy outside the
+    /// PTL, `pte_same` recheck under it, `ptep_clear_flush`, new PTE, and
+    /// the old page's rmap dropped only after the switch. Models
+    /// mm/memory.c:wp_page_copy().
+    fn wp_page_copy(
+        &self,
+        vma: &Vma,
+        page: u64,
+        slot: &AtomicU64,
+        orig: u64,
+        cpu: usize,
+    ) -> Result<(), FaultError> {
+        let m = &self.m;
+        let old = orig & bits::ADDR_MASK;
+        m.frames.get_page(old);
+        let new = if old == m.frames.zero_page() {
+            m.frames.alloc_zeroed(&*m.mem)
+        } else {
+            m.frames
+                .alloc_uninit()
+                .inspect(|new| m.mem.copy_frame(*new, old))
+        };
+        let new = match new {
+            Ok(new) => new,
+            Err(e) => {
+                m.frames.put_page(old);
+                return Err(e.into());
+            }
+        };
+        let ptl = self.ptl();
+        if slot.load(Ordering::Acquire) != orig {
+            drop(ptl);
+            m.frames.put_page(new);
+            m.frames.put_page(old);
+            return Ok(());
+        }
+        // ptep_clear_flush(): no CPU may keep the old translation.
+        slot.store(0, Ordering::Release);
+        self.flush_tlb_page(page, Some(cpu));
+        m.frames.add_new_anon_rmap(new);
+        slot.store(mk_pte(new, vma.writable()), Ordering::Release);
+        // The old rmap goes only now, after the switch (see the comment in
+        // wp_page_copy() about another process reusing the page).
+        if old != m.frames.zero_page() {
+            m.frames.remove_rmap(old);
+            m.frames.put_page(old);
+        }
+        drop(ptl);
+        m.frames.put_page(old);
+        Ok(())
+    }
+
+    /// Unmaps `[start, end)`: clears the PTEs under the PTL, flushes the
+    /// range from every CPU, then drops the pages (after the flush, as
+    /// mmu_gather does). Models mm/memory.c:zap_page_range_single() +
+    /// tlb_finish_mmu().
+    pub(crate) fn zap_page_range(&self, start: u64, end: u64, initiator: Option<usize>) {
+        let m = &self.m;
+        let mut freed = Vec::new();
+        {
+            let _ptl = self.ptl();
+            pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |_, slot| {
+                let pte = slot.swap(0, Ordering::AcqRel);
+                let frame = pte & bits::ADDR_MASK;
+                if m.frames.is_normal(frame) {
+                    m.frames.remove_rmap(frame);
+                    freed.push(frame);
+                }
+            });
+        }
+        self.flush_tlb_range(start, end, initiator);
+        for frame in freed {
+            m.frames.put_page(frame);
+        }
+    }
+}

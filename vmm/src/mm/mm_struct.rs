@@ -1,0 +1,280 @@
+//! The machine (physical memory, frames, TLBs) and the address spaces on it:
+//! `struct mm_struct` and `struct vm_area_struct`.
+//!
+//! Locking, as in Linux 6.4+ (DESIGN.md §5):
+//! - `mmap_lock` (rw): VMA-tree changes hold it for write; faults that fall
+//!   back from the per-VMA lock hold it for read.
+//! - the VMA tree itself is read without `mmap_lock` by `lock_vma_under_rcu`
+//!   (an `RwLock` read stands for the RCU read-side section);
+//! - per-VMA lock (`vm_lock`): faults read-lock it; `vma_start_write`
+//!   write-locks it (and marks the VMA detached when it leaves the tree);
+//! - page-table lock: one per mm (Linux splits it per leaf table; one lock
+//!   is a coarser, still correct, model of it).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use cowlab_abi::layout::PAGE_SIZE;
+
+use super::frame::OutOfFrames;
+use super::page::Frames;
+use super::pagetable::{ENTRIES, KERNEL_PML4_START};
+use super::phys::PhysMem;
+use super::tlb::{CpuFlusher, NoHardware, Tlbs};
+
+/// `PROT_*` bits of a VMA.
+pub mod prot {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const EXEC: u32 = 4;
+    pub const ALL: u32 = READ | WRITE | EXEC;
+}
+
+/// Everything address spaces share: memory, frames, the CPUs' TLBs.
+pub struct Machine {
+    pub mem: Arc<dyn PhysMem>,
+    pub frames: Frames,
+    pub tlbs: Tlbs,
+    flusher: OnceLock<Arc<dyn CpuFlusher>>,
+    /// `tlb_capacity` knob: most translations one TLB holds (None = unlimited).
+    pub tlb_capacity: Option<usize>,
+    /// The kernel part of every shadow table.
+    pub kernel_pml4: [u64; (ENTRIES - KERNEL_PML4_START) as usize],
+    next_mm_id: AtomicUsize,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("frames", &self.frames)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// A machine whose frame pool is `[start, end)` of `mem`.
+    pub fn new(
+        mem: Arc<dyn PhysMem>,
+        start: u64,
+        end: u64,
+        kernel_pml4: [u64; (ENTRIES - KERNEL_PML4_START) as usize],
+        tlb_capacity: Option<usize>,
+    ) -> Result<Self, OutOfFrames> {
+        let frames = Frames::new(&*mem, start, end)?;
+        Ok(Machine {
+            mem,
+            frames,
+            tlbs: Tlbs::new(),
+            flusher: OnceLock::new(),
+            tlb_capacity,
+            kernel_pml4,
+            next_mm_id: AtomicUsize::new(0),
+        })
+    }
+
+    /// Installs the CPU flusher (once; the KVM layer's, or none for host threads).
+    pub fn set_flusher(&self, flusher: Arc<dyn CpuFlusher>) {
+        let _ = self.flusher.set(flusher);
+    }
+
+    pub(crate) fn flusher(&self) -> &dyn CpuFlusher {
+        self.flusher.get().map_or(&NoHardware, |f| &**f)
+    }
+}
+
+/// A VMA: `[start, end)` with protection `prot`. Immutable once in the tree;
+/// changes replace it.
+#[derive(Debug)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    vm_lock: RwLock<()>,
+    detached: AtomicBool,
+}
+
+impl Vma {
+    pub fn new(start: u64, end: u64, prot: u32) -> Arc<Vma> {
+        Arc::new(Vma {
+            start,
+            end,
+            prot,
+            vm_lock: RwLock::new(()),
+            detached: AtomicBool::new(false),
+        })
+    }
+
+    pub fn readable(&self) -> bool {
+        self.prot & (prot::READ | prot::WRITE) != 0
+    }
+
+    pub fn writable(&self) -> bool {
+        self.prot & prot::WRITE != 0
+    }
+
+    /// Read-locks the VMA unless a writer holds it. Models
+    /// include/linux/mm.h:vma_start_read().
+    pub(crate) fn start_read(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        let guard = self.vm_lock.try_read().ok()?;
+        (!self.detached.load(Ordering::Acquire)).then_some(guard)
+    }
+
+    /// Waits for the VMA's readers and marks it detached (it is leaving the
+    /// tree). Models include/linux/mm.h:vma_start_write() + vma_mark_detached().
+    pub(crate) fn start_write_and_detach(&self) {
+        let _writer = self.vm_lock.write().unwrap_or_else(|e| e.into_inner());
+        self.detached.store(true, Ordering::Release);
+    }
+}
+
+/// An address space. Models `struct mm_struct`.
+pub struct Mm {
+    pub id: usize,
+    pub(crate) m: Arc<Machine>,
+    /// Root of the logical page table (`mm->pgd`).
+    pub(crate) pgd: u64,
+    pub(crate) mmap_lock: RwLock<()>,
+    pub(crate) vmas: RwLock<BTreeMap<u64, Arc<Vma>>>,
+    ptl: Mutex<()>,
+    /// `mm->tlb_flush_pending`: flushes promised but not done.
+    pub(crate) tlb_flush_pending: AtomicU64,
+    /// `mm_cpumask(mm)`: CPUs that may hold translations of this mm.
+    pub(crate) cpumask: AtomicU64,
+    /// Where the next `mmap` without a hint goes (top-down); under `mmap_lock`.
+    pub(crate) mmap_base: AtomicU64,
+}
+
+impl std::fmt::Debug for Mm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mm")
+            .field("id", &self.id)
+            .field("pgd", &self.pgd)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Top of the `mmap` area (below the thread stacks).
+pub const MMAP_BASE: u64 = 0x7e00_0000_0000;
+
+impl Mm {
+    /// A new, empty address space. Models kernel/fork.c:mm_alloc().
+    pub fn new(m: &Arc<Machine>) -> Result<Arc<Mm>, OutOfFrames> {
+        let pgd = m.frames.pool().alloc()?;
+        m.mem.zero_frame(pgd);
+        Ok(Arc::new(Mm {
+            id: m.next_mm_id.fetch_add(1, Ordering::Relaxed),
+            m: Arc::clone(m),
+            pgd,
+            mmap_lock: RwLock::new(()),
+            vmas: RwLock::new(BTreeMap::new()),
+            ptl: Mutex::new(()),
+            tlb_flush_pending: AtomicU64::new(0),
+            cpumask: AtomicU64::new(0),
+            mmap_base: AtomicU64::new(MMAP_BASE),
+        }))
+    }
+
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.m
+    }
+
+    pub(crate) fn mmap_read_lock(&self) -> RwLockReadGuard<'_, ()> {
+        self.mmap_lock.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn mmap_write_lock(&self) -> RwLockWriteGuard<'_, ()> {
+        self.mmap_lock.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.
+    pub(crate) fn ptl(&self) -> MutexGuard<'_, ()> {
+        self.ptl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
+    pub(crate) fn vma_lookup(&self, addr: u64) -> Option<Arc<Vma>> {
+        let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
+        vmas.range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| addr < v.end)
+            .cloned()
+    }
+
+    /// The VMAs overlapping `[start, end)`, in order.
+    pub(crate) fn vmas_in(&self, start: u64, end: u64) -> Vec<Arc<Vma>> {
+        let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
+        let first = vmas.range(..=start).next_back().map_or(start, |(s, _)| *s);
+        vmas.range(first..end)
+            .map(|(_, v)| Arc::clone(v))
+            .filter(|v| v.end > start)
+            .collect()
+    }
+
+    /// Every VMA, in order.
+    pub fn vma_list(&self) -> Vec<(u64, u64, u32)> {
+        let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
+        vmas.values().map(|v| (v.start, v.end, v.prot)).collect()
+    }
+
+    /// CPU `cpu` runs this mm from now on. Models the `cpumask_set_cpu()` of
+    /// arch/x86/mm/tlb.c:switch_mm_irqs_off().
+    pub fn attach_cpu(&self, cpu: usize) {
+        self.cpumask.fetch_or(1 << cpu, Ordering::AcqRel);
+    }
+
+    /// CPU `cpu` stopped running this mm (its thread exited).
+    pub fn detach_cpu(&self, cpu: usize) {
+        self.cpumask.fetch_and(!(1 << cpu), Ordering::AcqRel);
+    }
+
+    /// CPUs in `mm_cpumask`.
+    pub fn cpus(&self) -> impl Iterator<Item = usize> {
+        let mask = self.cpumask.load(Ordering::Acquire);
+        (0..64).filter(move |c| mask & (1 << c) != 0)
+    }
+
+    /// Models include/linux/mm_types.h:inc_tlb_flush_pending().
+    pub(crate) fn inc_tlb_flush_pending(&self) {
+        self.tlb_flush_pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Models include/linux/mm_types.h:dec_tlb_flush_pending().
+    pub(crate) fn dec_tlb_flush_pending(&self) {
+        self.tlb_flush_pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Models include/linux/mm_types.h:mm_tlb_flush_pending().
+    pub fn mm_tlb_flush_pending(&self) -> bool {
+        self.tlb_flush_pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Flushes `[start, end)` from every CPU in `mm_cpumask`: their shadow
+    /// entries go (and the hardware forgets them), then each CPU flushes its
+    /// own TLB and the initiator waits for the remote ones' acks. Models
+    /// arch/x86/mm/tlb.c:flush_tlb_mm_range().
+    pub fn flush_tlb_range(&self, start: u64, end: u64, initiator: Option<usize>) {
+        let cpus: Vec<usize> = self.cpus().collect();
+        for cpu in &cpus {
+            if let Some(tlb) = self.m.tlbs.get(*cpu) {
+                super::tlb::lock(&tlb).flush_range(&*self.m.mem, start, end);
+            }
+        }
+        // Like Linux, every CPU in the mask gets the IPI, whatever it holds.
+        for cpu in cpus {
+            self.m.flusher().flush_cpu(cpu, initiator);
+        }
+    }
+
+    /// Models include/linux/mm.h:flush_tlb_page().
+    pub fn flush_tlb_page(&self, addr: u64, initiator: Option<usize>) {
+        let page = addr & !(PAGE_SIZE - 1);
+        self.flush_tlb_range(page, page + PAGE_SIZE, initiator);
+    }
+
+    /// Models include/linux/mm.h:flush_tlb_mm().
+    pub fn flush_tlb_mm(&self, initiator: Option<usize>) {
+        self.flush_tlb_range(0, u64::MAX, initiator);
+    }
+}

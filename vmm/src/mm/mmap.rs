@@ -1,0 +1,254 @@
+//! The calls that change an address space: `mmap`, `munmap`, `mprotect`,
+//! `madvise(MADV_DONTNEED)`, and the teardown at exit. Models mm/mmap.c,
+//! mm/mprotect.c and mm/madvise.c for anonymous private memory.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
+
+use super::memory::PTE_PROTNONE;
+use super::mm_struct::{prot, Mm, Vma};
+use super::pagetable::{self, bits};
+
+/// Why a call failed, as the errno Linux returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MmError {
+    /// EINVAL: misaligned, empty or out-of-range arguments.
+    #[error("invalid argument")]
+    Inval,
+    /// ENOMEM: no room for the mapping, or the range is not all mapped.
+    #[error("out of memory or range not mapped")]
+    NoMem,
+}
+
+impl MmError {
+    /// The negative errno a guest sees.
+    pub fn errno(self) -> i64 {
+        match self {
+            MmError::Inval => -22,
+            MmError::NoMem => -12,
+        }
+    }
+}
+
+/// Gap left between consecutive mappings, so neighbours never merge.
+const GUARD_GAP: u64 = PAGE_SIZE;
+
+fn page_range(addr: u64, len: u64) -> Result<(u64, u64), MmError> {
+    if addr % PAGE_SIZE != 0 || len == 0 {
+        return Err(MmError::Inval);
+    }
+    let end = addr
+        .checked_add(
+            len.checked_next_multiple_of(PAGE_SIZE)
+                .ok_or(MmError::Inval)?,
+        )
+        .ok_or(MmError::Inval)?;
+    if addr < USER_MIN_ADDR || end > USER_END {
+        return Err(MmError::Inval);
+    }
+    Ok((addr, end))
+}
+
+impl Mm {
+    /// Maps `len` bytes of anonymous private memory with `prot`, at `addr`
+    /// if given (it must be free), else top-down below the last mapping.
+    /// Models mm/mmap.c:do_mmap() for MAP_PRIVATE|MAP_ANONYMOUS
+    /// (with MAP_FIXED_NOREPLACE when `addr` is given).
+    pub fn mmap(&self, addr: Option<u64>, len: u64, prot_bits: u32) -> Result<u64, MmError> {
+        if len == 0 || prot_bits & !prot::ALL != 0 {
+            return Err(MmError::Inval);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(MmError::NoMem)?;
+        let _mmap = self.mmap_write_lock();
+        let start = match addr {
+            Some(a) => {
+                let (start, end) = page_range(a, len)?;
+                if !self.vmas_in(start, end).is_empty() {
+                    return Err(MmError::NoMem);
+                }
+                start
+            }
+            None => self.get_unmapped_area(len)?,
+        };
+        let vma = Vma::new(start, start + len, prot_bits);
+        self.vmas
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(start, vma);
+        Ok(start)
+    }
+
+    /// A free range of `len` bytes below the lowest top-down mapping.
+    /// Models mm/mmap.c:get_unmapped_area() (top-down, no reuse of holes).
+    fn get_unmapped_area(&self, len: u64) -> Result<u64, MmError> {
+        let base = self.mmap_base.load(Ordering::Acquire);
+        let start = base
+            .checked_sub(len)
+            .filter(|s| *s >= USER_MIN_ADDR)
+            .ok_or(MmError::NoMem)?;
+        if !self.vmas_in(start, base).is_empty() {
+            return Err(MmError::NoMem);
+        }
+        self.mmap_base.store(start - GUARD_GAP, Ordering::Release);
+        Ok(start)
+    }
+
+    /// Replaces the VMAs overlapping `[start, end)` by pieces split at
+    /// `start` and `end`, with `f` applied to the pieces inside (`None`
+    /// removes them). The replaced VMAs are write-locked and detached, so
+    /// faults that hold them finish first and later ones fall back to
+    /// `mmap_lock`. Caller holds `mmap_lock` for write. Models
+    /// mm/mmap.c:split_vma() + vma_start_write() + the maple-tree update.
+    fn replace_vmas(&self, start: u64, end: u64, f: impl Fn(&Vma) -> Option<u32>) {
+        let old = self.vmas_in(start, end);
+        for vma in &old {
+            vma.start_write_and_detach();
+        }
+        let mut tree = self.vmas.write().unwrap_or_else(|e| e.into_inner());
+        for vma in old {
+            tree.remove(&vma.start);
+            if vma.start < start {
+                tree.insert(vma.start, Vma::new(vma.start, start, vma.prot));
+            }
+            if vma.end > end {
+                tree.insert(end, Vma::new(end, vma.end, vma.prot));
+            }
+            let (lo, hi) = (vma.start.max(start), vma.end.min(end));
+            if let Some(p) = f(&vma) {
+                tree.insert(lo, Vma::new(lo, hi, p));
+            }
+        }
+    }
+
+    /// Unmaps `[addr, addr + len)`: the VMAs go, the pages are zapped and
+    /// flushed from every CPU, then freed. Models mm/mmap.c:do_vmi_munmap().
+    pub fn munmap(&self, addr: u64, len: u64, cpu: Option<usize>) -> Result<(), MmError> {
+        let (start, end) = page_range(addr, len)?;
+        let _mmap = self.mmap_write_lock();
+        self.replace_vmas(start, end, |_| None);
+        self.zap_page_range(start, end, cpu);
+        Ok(())
+    }
+
+    /// Changes the protection of `[addr, addr + len)`, which must be mapped.
+    /// Write-protecting or revoking access changes the PTEs and flushes the
+    /// range — unless `defer_flush`, which leaves `tlb_flush_pending` raised
+    /// and the CPUs' entries as they are until [`Mm::flush_deferred`]: the
+    /// window the deferred flushes of uffd-wp and fork open. Adding write
+    /// leaves the PTEs read-only (the next write fault reuses or copies).
+    /// Models mm/mprotect.c:do_mprotect_pkey() → change_protection().
+    pub fn mprotect(
+        &self,
+        addr: u64,
+        len: u64,
+        prot_bits: u32,
+        defer_flush: bool,
+        cpu: Option<usize>,
+    ) -> Result<(), MmError> {
+        let (start, end) = page_range(addr, len)?;
+        if prot_bits & !prot::ALL != 0 {
+            return Err(MmError::Inval);
+        }
+        let _mmap = self.mmap_write_lock();
+        if !self.covered(start, end) {
+            return Err(MmError::NoMem);
+        }
+        self.replace_vmas(start, end, |_| Some(prot_bits));
+        self.inc_tlb_flush_pending();
+        let downgraded = self.change_protection(start, end, prot_bits);
+        if defer_flush {
+            return Ok(());
+        }
+        if downgraded {
+            self.flush_tlb_range(start, end, cpu);
+        }
+        self.dec_tlb_flush_pending();
+        Ok(())
+    }
+
+    /// Performs a flush that `mprotect(..., defer_flush)` left pending.
+    pub fn flush_deferred(&self, addr: u64, len: u64, cpu: Option<usize>) -> Result<(), MmError> {
+        let (start, end) = page_range(addr, len)?;
+        self.flush_tlb_range(start, end, cpu);
+        if self.tlb_flush_pending.load(Ordering::Acquire) > 0 {
+            self.dec_tlb_flush_pending();
+        }
+        Ok(())
+    }
+
+    /// Rewrites the PTEs of `[start, end)` for `prot_bits`; true if any
+    /// lost a permission. Models mm/mprotect.c:change_pte_range().
+    fn change_protection(&self, start: u64, end: u64, prot_bits: u32) -> bool {
+        let m = &self.m;
+        let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
+        let mut downgraded = false;
+        let _ptl = self.ptl();
+        pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |_, slot| {
+            let old = slot.load(Ordering::Acquire);
+            let mut new = if accessible {
+                (old & !PTE_PROTNONE) | bits::PRESENT
+            } else {
+                (old & !bits::PRESENT) | PTE_PROTNONE
+            };
+            if prot_bits & prot::WRITE == 0 {
+                new &= !bits::WRITABLE;
+            }
+            downgraded |= (old & bits::PRESENT != 0 && new & bits::PRESENT == 0)
+                || (old & bits::WRITABLE != 0 && new & bits::WRITABLE == 0);
+            slot.store(new, Ordering::Release);
+        });
+        downgraded
+    }
+
+    /// Whether VMAs cover all of `[start, end)`.
+    fn covered(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        for vma in self.vmas_in(start, end) {
+            if vma.start > at {
+                return false;
+            }
+            at = vma.end;
+        }
+        at >= end
+    }
+
+    /// Drops the pages of `[addr, addr + len)`, which must be mapped: the
+    /// next touch sees zeroes. Models mm/madvise.c:madvise_dontneed_single_vma().
+    pub fn madvise_dontneed(&self, addr: u64, len: u64, cpu: Option<usize>) -> Result<(), MmError> {
+        let (start, end) = page_range(addr, len)?;
+        let _mmap = self.mmap_read_lock();
+        if !self.covered(start, end) {
+            return Err(MmError::NoMem);
+        }
+        self.zap_page_range(start, end, cpu);
+        Ok(())
+    }
+
+    /// Tears the address space down after its last thread: every page
+    /// unmapped, every page table freed. Models mm/mmap.c:exit_mmap().
+    pub fn exit_mmap(&self) {
+        let _mmap = self.mmap_write_lock();
+        self.replace_vmas(0, u64::MAX, |_| None);
+        self.zap_page_range(0, USER_END, None);
+        let m = &self.m;
+        let _ptl = self.ptl();
+        pagetable::free_user_tables(&*m.mem, m.frames.pool(), self.pgd, &mut |_| {});
+    }
+}
+
+impl Drop for Mm {
+    fn drop(&mut self) {
+        self.exit_mmap();
+        self.m.frames.pool().free(self.pgd);
+    }
+}
+
+/// Makes a thread stack for CPU `cpu`: a VMA below its stack top.
+pub fn map_stack(mm: &Arc<Mm>, top: u64, size: u64) -> Result<(), MmError> {
+    mm.mmap(Some(top - size), size, prot::READ | prot::WRITE)
+        .map(|_| ())
+}

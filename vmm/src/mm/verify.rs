@@ -1,0 +1,160 @@
+//! `mm_verify`: the invariants of DESIGN.md §5, checked when the guests are
+//! quiescent (after a run, or before an address space is torn down).
+//! A violation names the frame and the addresses, and never panics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use super::memory::PTE_PROTNONE;
+use super::mm_struct::{Machine, Mm};
+use super::page::GUP_PIN_COUNTING_BIAS;
+use super::pagetable::{self, bits};
+use super::tlb;
+
+/// One broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks the address spaces `mms` (every live one) against the frames and
+/// the TLBs of `cpus` (CPU number, its mm):
+/// - each page's mapcount is the number of PTEs mapping it, and its
+///   refcount that plus its pins;
+/// - a writable PTE maps an exclusive anonymous page;
+/// - no page is in use without a mapping or a pin (a leak);
+/// - unless a flush is pending, no CPU's TLB entry is more permissive than
+///   the logical PTE (after a completed flush no stale entry remains).
+pub fn mm_verify(m: &Machine, mms: &[&Mm], cpus: &[(usize, &Mm)]) -> Vec<Violation> {
+    let mut out = verify_pages(m, mms);
+    out.extend(verify_tlbs(m, cpus));
+    out
+}
+
+/// The page-count invariants of [`mm_verify`], for every live address space.
+pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut mappings: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
+    for mm in mms {
+        pagetable::for_each_leaf(&*m.mem, mm.pgd, 0, u64::MAX, &mut |va, slot| {
+            let pte = slot.load(Ordering::Acquire);
+            if pte & (bits::PRESENT | PTE_PROTNONE) == 0 {
+                return;
+            }
+            let frame = pte & bits::ADDR_MASK;
+            if !m.frames.is_normal(frame) {
+                if frame != m.frames.zero_page() {
+                    out.push(Violation(format!(
+                        "mm {}: {va:#x} maps {frame:#x}, not a pool frame",
+                        mm.id
+                    )));
+                } else if pte & bits::WRITABLE != 0 {
+                    out.push(Violation(format!(
+                        "mm {}: {va:#x} maps the zero page writable",
+                        mm.id
+                    )));
+                }
+                return;
+            }
+            if pte & bits::WRITABLE != 0 && !m.frames.page(frame).anon_exclusive() {
+                out.push(Violation(format!(
+                    "mm {}: {va:#x} maps frame {frame:#x} writable but it is not PageAnonExclusive",
+                    mm.id
+                )));
+            }
+            mappings.entry(frame).or_default().push((mm.id, va));
+        });
+    }
+    for (frame, page) in m.frames.in_use() {
+        let maps = mappings.remove(&frame).unwrap_or_default();
+        let where_ = maps
+            .iter()
+            .map(|(mm, va)| format!("mm {mm} {va:#x}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if page.mapcount() != maps.len() as i64 {
+            out.push(Violation(format!(
+                "frame {frame:#x}: mapcount {} but {} PTEs map it [{where_}]",
+                page.mapcount(),
+                maps.len()
+            )));
+        }
+        let expected = maps.len() as i64 + page.pincount() * GUP_PIN_COUNTING_BIAS;
+        if page.refcount() != expected {
+            out.push(Violation(format!(
+                "frame {frame:#x}: refcount {} but {} mappings and {} pins [{where_}]",
+                page.refcount(),
+                maps.len(),
+                page.pincount()
+            )));
+        }
+        if maps.is_empty() && page.pincount() == 0 {
+            out.push(Violation(format!(
+                "frame {frame:#x}: in use (refcount {}) but unmapped: leaked",
+                page.refcount()
+            )));
+        }
+    }
+    for (frame, maps) in mappings {
+        out.push(Violation(format!(
+            "frame {frame:#x}: mapped at {maps:x?} but free"
+        )));
+    }
+    out
+}
+
+/// The TLB invariant of [`mm_verify`]: unless a flush is pending, no entry
+/// of `cpu`'s TLB is more permissive than its logical PTE in `mm`.
+pub fn verify_tlbs(m: &Machine, cpus: &[(usize, &Mm)]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (cpu, mm) in cpus {
+        if mm.mm_tlb_flush_pending() {
+            continue;
+        }
+        let Some(t) = m.tlbs.get(*cpu) else { continue };
+        let t = tlb::lock(&t);
+        pagetable::for_each_leaf(&*m.mem, t.root(), 0, u64::MAX, &mut |va, slot| {
+            let shadow = slot.load(Ordering::Acquire);
+            if shadow & bits::PRESENT == 0 {
+                return;
+            }
+            let logical = pagetable::lookup(&*m.mem, mm.pgd, va).unwrap_or(0);
+            let same_frame = logical & bits::ADDR_MASK == shadow & bits::ADDR_MASK;
+            let too_permissive = logical & bits::PRESENT == 0
+                || !same_frame
+                || (shadow & bits::WRITABLE != 0 && logical & bits::WRITABLE == 0);
+            if too_permissive {
+                out.push(Violation(format!(
+                    "cpu {cpu}: TLB entry {va:#x} → {shadow:#x} is stale (logical PTE {logical:#x}) with no flush pending"
+                )));
+            }
+        });
+    }
+    out
+}
+
+/// After every address space is gone: every pool frame is free but the
+/// zero page, and page tables of CPUs that are gone were returned.
+pub fn verify_no_leaks(m: &Machine) -> Vec<Violation> {
+    let in_use: Vec<u64> = m.frames.in_use().map(|(pa, _)| pa).collect();
+    let mut out: Vec<Violation> = in_use
+        .iter()
+        .take(8)
+        .map(|pa| {
+            Violation(format!(
+                "frame {pa:#x}: still in use after every address space exited"
+            ))
+        })
+        .collect();
+    let leaked = m.frames.total() - 1 - m.frames.free_count();
+    if leaked > 0 && out.is_empty() {
+        out.push(Violation(format!(
+            "{leaked} frames (page tables) not returned after every address space exited"
+        )));
+    }
+    out
+}
