@@ -4,12 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cowlab::kvm::{exit_code, Event, Outcome, RunReport, Vm, VmConfig};
-use cowlab_abi::layout::{user_stack_top, PAGE_SIZE, USER_STACK_STRIDE};
-use cowlab_abi::program::touch_base;
+use cowlab_abi::layout::{user_stack_top, PAGE_SIZE, USER_STACK_SIZE};
 use cowlab_abi::Program;
-use cowlab_tests::require_kvm;
-
-const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
+use cowlab_tests::{assert_verified, hex_after, line, require_kvm, TIMEOUT};
 
 fn run(program: Program, vcpus: usize, arg: u64) -> RunReport {
     run_with(VmConfig {
@@ -21,9 +18,7 @@ fn run(program: Program, vcpus: usize, arg: u64) -> RunReport {
 }
 
 fn run_with(config: VmConfig) -> RunReport {
-    require_kvm();
-    let mut vm = Vm::new(&config).expect("VM creation");
-    vm.wait(TIMEOUT, |_| {})
+    cowlab_tests::run(config)
 }
 
 #[test]
@@ -75,6 +70,7 @@ fn vcpus_run_in_parallel() {
     }
     let report = vm.wait(TIMEOUT, |_| {});
     assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    assert_verified(&report);
 }
 
 #[test]
@@ -89,7 +85,8 @@ fn every_touched_page_is_forwarded_exactly_once() {
     });
     assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
     for v in &report.vcpus {
-        let region = touch_base(v.id as u64)..touch_base(v.id as u64) + pages * PAGE_SIZE;
+        let base = hex_after(line(&report, v.id, "touch:"), "at ");
+        let region = base..base + pages * PAGE_SIZE;
         let mut per_page: BTreeMap<u64, usize> = BTreeMap::new();
         for a in v.fault_addrs.iter().filter(|a| region.contains(a)) {
             *per_page.entry(a / PAGE_SIZE).or_default() += 1;
@@ -106,7 +103,7 @@ fn every_touched_page_is_forwarded_exactly_once() {
             v.id
         );
         // The only other faults are on this thread's own stack.
-        let stack = user_stack_top(v.id) - USER_STACK_STRIDE..user_stack_top(v.id);
+        let stack = user_stack_top(v.id) - USER_STACK_SIZE..user_stack_top(v.id);
         let others: Vec<_> = v
             .fault_addrs
             .iter()
@@ -121,6 +118,7 @@ fn every_touched_page_is_forwarded_exactly_once() {
         assert_eq!(v.fills, v.faults, "every fault here ends in a fill");
     }
     assert!(report.user_pages >= 2 * pages as usize);
+    assert_verified(&report);
 }
 
 #[test]
@@ -208,23 +206,6 @@ fn a_failed_self_check_exits_1_with_its_message() {
 }
 
 #[test]
-fn running_out_of_frames_is_an_oom_outcome() {
-    let frames = (cowlab::kvm::MIN_MEM_MIB << 20) / PAGE_SIZE;
-    let report = run_with(VmConfig {
-        program: Program::Touch,
-        arg: frames,
-        mem_mib: cowlab::kvm::MIN_MEM_MIB,
-        ..VmConfig::default()
-    });
-    assert_eq!(report.exit_code(), exit_code::FAILED);
-    assert!(
-        matches!(report.vcpus[0].outcome, Outcome::Oom { .. }),
-        "{}",
-        report.vcpus[0].outcome
-    );
-}
-
-#[test]
 fn vcpus_spawned_while_others_run_share_the_address_space() {
     let report = run(Program::Spawn, 1, 3);
     assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
@@ -269,6 +250,7 @@ fn flush_interrupt_empties_the_tlb_and_is_acknowledged() {
     let report = vm.wait(TIMEOUT, |_| {});
     assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
     // The stack page was mapped before the flush and faulted in again after it.
+    assert_verified(&report);
     let top_page = (user_stack_top(0) - 1) / PAGE_SIZE;
     let stack_faults = report.vcpus[0]
         .fault_addrs

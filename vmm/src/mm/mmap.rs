@@ -36,7 +36,7 @@ impl MmError {
 const GUARD_GAP: u64 = PAGE_SIZE;
 
 fn page_range(addr: u64, len: u64) -> Result<(u64, u64), MmError> {
-    if addr % PAGE_SIZE != 0 || len == 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
         return Err(MmError::Inval);
     }
     let end = addr

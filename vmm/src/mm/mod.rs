@@ -15,6 +15,9 @@ pub mod phys;
 pub mod tlb;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 pub use frame::{FrameAllocator, OutOfFrames};
 pub use memory::{Access, FaultError};
 pub use mm_struct::{prot, Machine, Mm, Vma};

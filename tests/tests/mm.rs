@@ -1,0 +1,150 @@
+//! The memory manager on real vCPUs: threads writing disjoint and shared
+//! pages, mprotect, munmap, MADV_DONTNEED, a stale TLB entry, tlb_capacity.
+//! Every run is checked by `mm_verify` (`cowlab_tests::run`).
+
+use cowlab::kvm::{exit_code, Outcome, VmConfig};
+use cowlab::mm::Access;
+use cowlab_abi::Program;
+use cowlab_tests::{hex_after, line, run};
+
+fn program(program: Program, arg: u64) -> VmConfig {
+    VmConfig {
+        program,
+        arg,
+        ..VmConfig::default()
+    }
+}
+
+#[test]
+fn threads_write_their_own_pages_and_shared_words() {
+    let report = run(program(Program::MmThreads, 3));
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    assert_eq!(report.vcpus.len(), 4);
+    assert!(line(&report, 0, "mm-threads: 3 threads").ends_with("shared counter of 30000: ok"));
+}
+
+#[test]
+fn several_initial_vcpus_are_threads_of_one_process() {
+    let report = run(VmConfig {
+        vcpus: 3,
+        ..program(Program::Hello, 4)
+    });
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    let bases: Vec<u64> = (0..3)
+        .map(|id| hex_after(line(&report, id, "hello from"), "pages at "))
+        .collect();
+    assert!(
+        bases[0] != bases[1] && bases[1] != bases[2],
+        "one address space, distinct mappings: {bases:x?}"
+    );
+}
+
+#[test]
+fn a_write_after_mprotect_read_only_is_a_segv_at_that_address() {
+    let report = run(program(Program::MprotectRo, 0));
+    assert_eq!(report.exit_code(), exit_code::FAILED);
+    let page = hex_after(line(&report, 0, "mprotect-ro:"), "page ");
+    assert!(line(&report, 0, "mprotect-ro:").contains("reads 7"));
+    assert_eq!(
+        report.vcpus[0].outcome,
+        Outcome::Segv {
+            addr: page,
+            access: Access::Write,
+            rip: rip_of(&report.vcpus[0].outcome)
+        }
+    );
+}
+
+#[test]
+fn an_access_after_munmap_is_a_segv() {
+    let report = run(program(Program::MunmapAccess, 0));
+    assert_eq!(report.exit_code(), exit_code::FAILED);
+    let page = hex_after(line(&report, 0, "munmap-access:"), "unmapped ");
+    assert!(
+        matches!(report.vcpus[0].outcome, Outcome::Segv { addr, access: Access::Read, .. } if addr == page)
+    );
+}
+
+#[test]
+fn madvise_dontneed_pages_read_back_as_zero() {
+    let report = run(program(Program::MadviseZero, 0));
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    line(&report, 0, "madvise-zero: 4 pages read back as zero");
+}
+
+#[test]
+fn a_write_lands_through_a_stale_tlb_entry_only_while_the_flush_is_withheld() {
+    // Flush withheld: the other CPU's writable entry survives the logical
+    // write-protect and its store lands; after the flush its store faults.
+    let report = run(program(Program::StaleTlb, 0));
+    let stale = line(
+        &report,
+        0,
+        "stale-tlb: after mprotect(PROT_READ) without a flush",
+    );
+    assert!(stale.ends_with("0xbad1"), "{stale}");
+    assert!(line(&report, 0, "stale-tlb: after the flush").ends_with("0xbad1"));
+    assert_eq!(report.vcpus[0].outcome, Outcome::Exited(0));
+    assert!(
+        matches!(
+            report.vcpus[1].outcome,
+            Outcome::Segv {
+                access: Access::Write,
+                ..
+            }
+        ),
+        "{}",
+        report.vcpus[1].outcome
+    );
+
+    // Flushed at once: the very first store after mprotect faults.
+    let report = run(program(Program::StaleTlb, 1));
+    assert!(line(&report, 0, "stale-tlb: after the flush").ends_with("0x2"));
+    assert_eq!(report.vcpus[0].outcome, Outcome::Exited(0));
+    assert!(matches!(
+        report.vcpus[1].outcome,
+        Outcome::Segv {
+            access: Access::Write,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_tiny_tlb_evicts_and_refaults_but_stays_correct() {
+    let pages = 64;
+    let report = run(VmConfig {
+        tlb_capacity: Some(4),
+        ..program(Program::Hello, pages)
+    });
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    // hello touches every page twice, the second time after 60 others:
+    // with room for 4 translations those are misses again.
+    assert!(
+        report.vcpus[0].faults > 2 * pages,
+        "faults: {}",
+        report.vcpus[0].faults
+    );
+}
+
+#[test]
+fn running_out_of_guest_frames_is_an_oom_outcome() {
+    let frames = (cowlab::kvm::MIN_MEM_MIB << 20) / cowlab_abi::layout::PAGE_SIZE;
+    let report = run(VmConfig {
+        mem_mib: cowlab::kvm::MIN_MEM_MIB,
+        ..program(Program::Touch, frames)
+    });
+    assert_eq!(report.exit_code(), exit_code::FAILED);
+    assert!(
+        matches!(report.vcpus[0].outcome, Outcome::Oom { .. }),
+        "{}",
+        report.vcpus[0].outcome
+    );
+}
+
+fn rip_of(o: &Outcome) -> u64 {
+    match o {
+        Outcome::Segv { rip, .. } => *rip,
+        _ => 0,
+    }
+}
