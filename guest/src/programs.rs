@@ -5,7 +5,7 @@ use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use cowlab_abi::layout::{PAGE_SIZE, USER_MIN_ADDR};
+use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use cowlab_abi::{prot, Hypercall, Program, MADV_DONTNEED, MPROTECT_DEFER_FLUSH};
 
 use crate::rt::{self, area_read, hypercall, println};
@@ -75,6 +75,17 @@ pub extern "C" fn _start() -> ! {
         Some(Program::MprotectRo) => mprotect_ro(),
         Some(Program::MunmapAccess) => munmap_access(),
         Some(Program::MadviseZero) => madvise_zero(),
+        Some(Program::BenchRefill) => {
+            let base = map(arg.max(1));
+            touch(base, arg);
+            bench(|| {
+                for p in 0..arg {
+                    read(base, p, 0);
+                }
+            })
+        }
+        Some(Program::BenchShootdown) if (USER_MIN_ADDR..USER_END).contains(&arg) => wait_for(arg),
+        Some(Program::BenchShootdown) => bench_shootdown(arg & 0xffff_ffff, arg >> 48),
         Some(Program::StaleTlb) if arg >= USER_MIN_ADDR => stale_tlb_writer(arg),
         Some(Program::StaleTlb) => stale_tlb(arg),
         None => rt::fail(format_args!("vcpu {id}: unknown program {}", area_read!(program))),
@@ -306,6 +317,31 @@ fn stale_tlb_writer(arg: u64) {
         write(base, 0, 0, 0xbad2);
     }
     rt::fail(format_args!("a write to a read-only page succeeded after its flush"));
+}
+
+/// `rounds` of write-protect + unprotect of a page, each write-protect a
+/// shootdown to `others` spinning threads of this process.
+fn bench_shootdown(rounds: u64, others: u64) {
+    let base = map(1);
+    let stop = base + 8;
+    write(base, 0, 0, 1);
+    let mut ids = [0u64; 4];
+    for id in ids.iter_mut().take(others.min(4) as usize) {
+        *id = rt::spawn(Program::BenchShootdown, stop).unwrap_or_else(|| rt::fail(format_args!("spawn refused")));
+    }
+    bench(|| {
+        for _ in 0..rounds {
+            if rt::mprotect(base, PAGE_SIZE, prot::READ, 0).is_err()
+                || rt::mprotect(base, PAGE_SIZE, prot::READ | prot::WRITE, 0).is_err()
+            {
+                rt::fail(format_args!("mprotect failed"));
+            }
+        }
+    });
+    atomic(stop).store(1, Ordering::Release);
+    for id in ids.iter().take(others.min(4) as usize) {
+        rt::join(*id);
+    }
 }
 
 /// Times `f` between two marks the VMM timestamps.

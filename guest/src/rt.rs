@@ -96,6 +96,8 @@ global_asm!(
 
     // TLB-flush interrupt: drop every non-global translation, then ack.
     .global flush_stub
+    // A flush that arrives while we are here is answered through
+    // `flush_again` (interrupts stay off in the stub): reload CR3 once more.
     flush_stub:
         push rax
         push rdx
@@ -104,7 +106,12 @@ global_asm!(
         mov dx, {port}
         mov eax, {hc_flush_ack}
         out dx, eax
-        pop rdx
+        cmp qword ptr gs:[{flush_again}], 0
+        je 1f
+        mov qword ptr gs:[{flush_again}], 0
+        mov rax, cr3
+        mov cr3, rax
+    1:  pop rdx
         pop rax
         iretq
 
@@ -148,6 +155,7 @@ global_asm!(
     fault_rip = const off::FAULT_RIP,
     fault_result = const off::FAULT_RESULT,
     fixup_rip = const off::FIXUP_RIP,
+    flush_again = const off::FLUSH_AGAIN,
     port = const HYPERCALL_PORT,
     hc_crash = const Hypercall::Crash as u32,
     hc_pf = const Hypercall::PageFault as u32,

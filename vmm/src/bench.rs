@@ -92,7 +92,14 @@ fn config(opts: &BenchOptions, program: Program, arg: u64) -> VmConfig {
 /// Runs `program(iters)` and returns the time between its marks 1 and 2
 /// divided by `iters`, plus the VM's boot time.
 fn marked_round(opts: &BenchOptions, program: Program) -> Result<(f64, Option<f64>), Error> {
-    let mut vm = Vm::new(&config(opts, program, opts.iters))?;
+    marked(config(opts, program, opts.iters), opts.iters)
+}
+
+/// Runs `config` and returns the time between its marks 1 and 2 divided
+/// by `ops`, plus the VM's boot time.
+fn marked(config: VmConfig, ops: u64) -> Result<(f64, Option<f64>), Error> {
+    let program = config.program;
+    let mut vm = Vm::new(&config)?;
     let (mut start, mut end) = (None, None);
     let report = vm.wait(Some(Duration::from_secs(60)), |e| {
         if let Event::Mark { n, at, .. } = e {
@@ -117,23 +124,30 @@ fn marked_round(opts: &BenchOptions, program: Program) -> Result<(f64, Option<f6
             program.name()
         )));
     };
-    Ok((us(e - s) / opts.iters as f64, report.boot_time.map(us)))
+    Ok((us(e - s) / ops as f64, report.boot_time.map(us)))
 }
 
-/// Kicks a spinning vCPU `iters` times with `request` and times each round
-/// trip from the kick to the answer `answered` picks out.
+/// Kicks a spinning vCPU up to 2000 times with `send` and times each round
+/// trip: until `answered` picks the answer out of the events, or until
+/// `send` returns if `answered` is `None`. The vCPU gets 200 µs to re-enter
+/// its program between kicks, so each kick finds it running there.
 fn kick_round(
     opts: &BenchOptions,
     send: impl Fn(&Vm) -> bool,
-    answered: impl Fn(&Event) -> Option<Instant>,
+    answered: Option<fn(&Event) -> Option<Instant>>,
 ) -> Result<Vec<f64>, Error> {
     let mut vm = Vm::new(&config(opts, Program::Spin, 0))?;
     let timeout = Duration::from_secs(10);
     while !matches!(vm.next_event(timeout), Some(Event::Booted { .. }) | None) {}
     let mut samples = Vec::new();
-    for _ in 0..opts.iters.min(2000) {
+    for i in 0..opts.iters.min(2000) {
+        std::thread::sleep(Duration::from_micros(200));
         let t0 = Instant::now();
         send(&vm);
+        let Some(answered) = answered else {
+            samples.push(us(t0.elapsed()));
+            continue;
+        };
         loop {
             match vm.next_event(timeout) {
                 Some(e) => {
@@ -148,9 +162,9 @@ fn kick_round(
                     }
                 }
                 None => {
-                    return Err(Error::Run(
-                        "a kicked vCPU did not answer within 10 s".into(),
-                    ))
+                    return Err(Error::Run(format!(
+                        "a kicked vCPU did not answer within 10 s (kick {i})"
+                    )))
                 }
             }
         }
@@ -182,25 +196,33 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     let fault = per_op(Program::BenchFault)?;
     let touch = per_op(Program::BenchTouch)?;
     let store = per_op(Program::BenchStore)?;
+    let mut refill = Vec::new();
+    let mut shootdown: [Vec<f64>; 3] = Default::default();
+    let rounds = (opts.iters / 20).max(1);
+    for _ in 0..opts.rounds {
+        let tiny_tlb = VmConfig {
+            tlb_capacity: Some(1),
+            ..config(opts, Program::BenchRefill, opts.iters)
+        };
+        refill.push(marked(tiny_tlb, opts.iters)?.0);
+        for (others, samples) in shootdown.iter_mut().enumerate() {
+            let arg = (others as u64) << 48 | rounds;
+            samples.push(marked(config(opts, Program::BenchShootdown, arg), rounds)?.0);
+        }
+    }
+    let [sd0, sd1, sd2] = shootdown;
     let mut kick = Vec::new();
     let mut ipi = Vec::new();
     for _ in 0..opts.rounds {
         kick.extend(kick_round(
             opts,
             |vm| vm.ping(0),
-            |e| match e {
+            Some(|e| match e {
                 Event::Pong { at, .. } => Some(*at),
                 _ => None,
-            },
+            }),
         )?);
-        ipi.extend(kick_round(
-            opts,
-            |vm| vm.flush_tlb(0),
-            |e| match e {
-                Event::FlushAcked { at, .. } => Some(*at),
-                _ => None,
-            },
-        )?);
+        ipi.extend(kick_round(opts, |vm| vm.flush_tlb(0), None)?);
     }
     let rows = [
         (
@@ -224,6 +246,26 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             touch,
         ),
         (
+            "tlb_fill_fault",
+            "a read that misses the TLB while the logical PTE allows it: forward + walk + fill (tlb_capacity 1)",
+            refill,
+        ),
+        (
+            "mprotect_pair_0",
+            "mprotect(PROT_READ) + mprotect(RW) of a page, no other thread: two exits, PTE changes, local flush",
+            sd0,
+        ),
+        (
+            "mprotect_pair_1",
+            "the same with 1 other thread spinning in the guest: + a shootdown to 1 vCPU (IPI, ack)",
+            sd1,
+        ),
+        (
+            "mprotect_pair_2",
+            "the same with 2 other threads spinning: + a shootdown to 2 vCPUs",
+            sd2,
+        ),
+        (
             "store",
             "one store by program code to mapped user memory (native execution)",
             store,
@@ -235,7 +277,7 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
         ),
         (
             "ipi_round_trip",
-            "kick + injected flush interrupt + guest CR3 reload + ack exit",
+            "VMM-initiated shootdown of a vCPU in its program: flush, kick, injected interrupt, CR3 reload, ack exit, initiator wakes",
             ipi,
         ),
     ];

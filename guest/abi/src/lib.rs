@@ -209,6 +209,9 @@ pub struct VcpuArea {
     pub fixup_rip: u64,
     /// Written by the VMM when it wants a spinning guest to stop.
     pub stop: u64,
+    /// Set by the VMM while the flush stub waits in its acknowledging exit:
+    /// another flush arrived, reload CR3 again before returning.
+    pub flush_again: u64,
     pub hcall: HcallBox,
     pub fault: FaultBox,
     pub crash: CrashBox,
@@ -221,6 +224,7 @@ pub mod area_offset {
     use core::mem::offset_of;
 
     pub const FIXUP_RIP: usize = offset_of!(VcpuArea, fixup_rip);
+    pub const FLUSH_AGAIN: usize = offset_of!(VcpuArea, flush_again);
     pub const FAULT_CR2: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, cr2);
     pub const FAULT_ERROR: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, error_code);
     pub const FAULT_RIP: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, rip);

@@ -48,6 +48,13 @@ pub enum Program {
     /// entry: with the flush withheld its write lands through the stale
     /// entry; after the flush its next write is a SIGSEGV.
     StaleTlb = 18,
+    /// `arg` pages written once, then read once more each between two
+    /// marks; run with `tlb_capacity` 1, every read is a TLB fill.
+    BenchRefill = 19,
+    /// `arg & 0xffff_ffff` rounds of mprotect(PROT_READ) + mprotect(RW) of
+    /// one page between two marks, with `arg >> 48` other threads spinning
+    /// (the first mprotect shoots their TLBs down).
+    BenchShootdown = 20,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -133,6 +140,16 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "stale-tlb",
         Program::StaleTlb,
         "a write through a stale TLB entry (ARG 0: flush withheld, 1: not)",
+    ),
+    (
+        "bench-refill",
+        Program::BenchRefill,
+        "ARG TLB fills (with tlb_capacity 1)",
+    ),
+    (
+        "bench-shootdown",
+        Program::BenchShootdown,
+        "mprotect rounds (ARG low 32 bits) with ARG>>48 spinning threads",
     ),
 ];
 

@@ -87,9 +87,12 @@ impl VcpuCtl {
     }
 
     /// Waits for the acknowledgement of flush `generation`, acknowledging
-    /// it for the vCPU if it is not in guest mode.
-    fn wait_ack(&self, generation: u64) {
+    /// it for the vCPU if it is not in guest mode, and kicking it again
+    /// (`kick`) each time a poll interval passes without an answer: a vCPU
+    /// that was in a stub, interrupts off, delivers on its next entry.
+    fn wait_ack(&self, generation: u64, kick: impl Fn()) {
         let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = true;
         loop {
             if self.flush_ack.load(Ordering::Acquire) >= generation || ended.is_some() {
                 return;
@@ -99,6 +102,10 @@ impl VcpuCtl {
                 self.flush_ack.fetch_max(generation, Ordering::AcqRel);
                 return;
             }
+            if !first {
+                kick();
+            }
+            first = false;
             ended = self
                 .changed
                 .wait_timeout(ended, ACK_POLL)
@@ -132,6 +139,8 @@ impl CpuFlusher for KvmFlusher {
         if ctl.in_guest.load(Ordering::SeqCst) {
             shared.request(cpu, request::FLUSH);
         }
-        ctl.wait_ack(generation);
+        ctl.wait_ack(generation, || {
+            shared.request(cpu, request::FLUSH);
+        });
     }
 }

@@ -157,6 +157,13 @@ enum Exit {
     Other(String),
 }
 
+/// The CPL-0 stubs that exit and then resume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StubExit {
+    PageFault,
+    FlushAck,
+}
+
 /// What to do after handling an exit.
 enum Flow {
     Continue,
@@ -176,10 +183,8 @@ pub(crate) struct Vcpu {
     area_pa: u64,
     /// Generation of the flush whose interrupt was injected, until acked.
     injected_flush: Option<u64>,
-    /// A flush interrupt waits for an interrupt window.
-    flush_window: bool,
-    /// The current exit is a forwarded #PF (its reply can carry a flush).
-    in_fault: bool,
+    /// The current exit comes from a CPL-0 stub whose reply can carry a flush.
+    stub_exit: Option<StubExit>,
     faults: u64,
     exits: u64,
     fault_addrs: Vec<u64>,
@@ -248,8 +253,7 @@ impl Vcpu {
             events,
             area_pa,
             injected_flush: None,
-            flush_window: false,
-            in_fault: false,
+            stub_exit: None,
             faults: 0,
             exits: 0,
             fault_addrs: Vec::new(),
@@ -318,8 +322,8 @@ impl Vcpu {
                 self.ctl.notify();
             }
             self.exits += 1;
-            // Only the exit right after a fault reply may piggyback a flush on it.
-            self.in_fault = false;
+            // Only the exit right after a stub's exit may piggyback a flush on it.
+            self.stub_exit = None;
             let flow = match exit {
                 Ok(Exit::Hypercall(nr)) => self.hypercall(nr),
                 Ok(Exit::PortIo(port)) => Flow::End(Outcome::Error(format!(
@@ -399,45 +403,56 @@ impl Vcpu {
     }
 
     /// Makes the hardware TLB drop this vCPU's user translations if a flush
-    /// is due: by the #PF reply if we are in one, else by injecting the
-    /// flush interrupt when the guest can take it, else by asking KVM for
-    /// an interrupt window. Called in guest mode's doorway (`in_guest` set).
+    /// is due. Called in guest mode's doorway (`in_guest` set).
+    ///
+    /// - Stopped in a stub's exit (#PF, flush ack): the stub's reply makes
+    ///   it reload CR3 before returning; acknowledged now.
+    /// - Running its program (CPL 3, interrupts always on): the flush
+    ///   interrupt is injected; acknowledged by its handler.
+    /// - Anywhere else at CPL 0 (a stub, interrupts off): left pending; the
+    ///   initiator kicks again until it is delivered.
     fn deliver_flush(&mut self) -> KvmResult<()> {
         let wanted = self.ctl.flush_req.load(Ordering::Acquire);
         let remote = wanted > self.ctl.flush_ack.load(Ordering::Acquire);
-        let local = self.ctl.hw_flush.swap(false, Ordering::SeqCst);
-        if !(remote || local || self.flush_window) || self.injected_flush.is_some() {
+        if self.injected_flush.is_some() || !(remote || self.ctl.hw_flush.load(Ordering::SeqCst)) {
             return Ok(());
         }
-        if self.in_fault {
-            let result = self.area_read(offset_of!(VcpuArea, fault.result));
-            self.area_write(
-                offset_of!(VcpuArea, fault.result),
-                result | fault_result::FLUSH_TLB,
-            );
-            self.flush_window = false;
-            self.ctl.ack(wanted);
-            return Ok(());
+        match self.stub_exit {
+            Some(StubExit::PageFault) => {
+                let result = self.area_read(offset_of!(VcpuArea, fault.result));
+                self.area_write(
+                    offset_of!(VcpuArea, fault.result),
+                    result | fault_result::FLUSH_TLB,
+                );
+            }
+            Some(StubExit::FlushAck) => self.area_write(offset_of!(VcpuArea, flush_again), 1),
+            None => {
+                let cpl = self
+                    .fd
+                    .get_sregs()
+                    .map_err(kvm_err("KVM_GET_SREGS"))?
+                    .cs
+                    .dpl;
+                if cpl != 3 {
+                    return Ok(());
+                }
+                let mut events = self
+                    .fd
+                    .get_vcpu_events()
+                    .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+                events.interrupt.injected = 1;
+                events.interrupt.nr = FLUSH_VECTOR;
+                events.interrupt.soft = 0;
+                self.fd
+                    .set_vcpu_events(&events)
+                    .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+                self.ctl.hw_flush.store(false, Ordering::SeqCst);
+                self.injected_flush = Some(wanted);
+                return Ok(());
+            }
         }
-        let run = self.fd.get_kvm_run();
-        if run.if_flag != 0 && run.ready_for_interrupt_injection != 0 {
-            run.request_interrupt_window = 0;
-            let mut events = self
-                .fd
-                .get_vcpu_events()
-                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-            events.interrupt.injected = 1;
-            events.interrupt.nr = FLUSH_VECTOR;
-            events.interrupt.soft = 0;
-            self.fd
-                .set_vcpu_events(&events)
-                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-            self.flush_window = false;
-            self.injected_flush = Some(wanted);
-        } else {
-            run.request_interrupt_window = 1;
-            self.flush_window = true;
-        }
+        self.ctl.hw_flush.store(false, Ordering::SeqCst);
+        self.ctl.ack(wanted);
         Ok(())
     }
 
@@ -466,6 +481,7 @@ impl Vcpu {
                 if let Some(generation) = self.injected_flush.take() {
                     self.ctl.ack(generation);
                 }
+                self.stub_exit = Some(StubExit::FlushAck);
                 let _ = self.events.send(Event::FlushAcked {
                     id: self.id,
                     at: Instant::now(),
@@ -557,7 +573,7 @@ impl Vcpu {
             Err(FaultError::Oom) => return Flow::End(Outcome::Oom { addr }),
         };
         self.area_write(offset_of!(VcpuArea, fault.result), reply);
-        self.in_fault = true;
+        self.stub_exit = Some(StubExit::PageFault);
         Flow::Continue
     }
 
