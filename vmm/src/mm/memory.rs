@@ -74,7 +74,7 @@ fn pte_permits(pte: u64, access: Access) -> bool {
         }
 }
 
-/// Models mm/mmap.c:access_error() (arch/x86/mm/fault.c).
+/// Models arch/x86/mm/fault.c:access_error().
 fn access_error(vma: &Vma, access: Access) -> bool {
     match access {
         Access::Read => !vma.readable(),

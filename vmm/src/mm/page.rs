@@ -3,9 +3,9 @@
 //! Counting follows Linux: every PTE that maps a normal page holds one
 //! reference (`refcount`) and one mapping (`mapcount`, 0-based here where
 //! Linux's `_mapcount` starts at -1); a FOLL_PIN pin adds
-//! [`GUP_PIN_COUNTING_BIAS`] to `refcount`, as for small folios since
-//! v5.8 (fc1d8e7cca2d), and is also counted exactly in `pincount` for
-//! `mm_verify`. The shared zero page is never counted (`vm_normal_page()`
+//! [`GUP_PIN_COUNTING_BIAS`] to `refcount`, as Linux does for small folios
+//! (so `folio_maybe_dma_pinned()` can false-positive), and is also counted
+//! exactly in `pincount` for `mm_verify`. The shared zero page is never counted (`vm_normal_page()`
 //! returns NULL for it).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
