@@ -97,15 +97,7 @@ pub fn for_each_leaf<M: PhysMem + ?Sized>(
 
 /// The leaf (4 KiB) entry mapping `va` under `root`, if every level is present.
 pub fn lookup<M: PhysMem + ?Sized>(mem: &M, root: u64, va: u64) -> Option<u64> {
-    let mut table = root;
-    for level in (2..=4).rev() {
-        let e = slot(mem, table, va, level).load(Ordering::Acquire);
-        if e & bits::PRESENT == 0 || e & bits::HUGE != 0 {
-            return None;
-        }
-        table = e & bits::ADDR_MASK;
-    }
-    let pte = slot(mem, table, va, 1).load(Ordering::Acquire);
+    let pte = existing_leaf_slot(mem, root, va)?.load(Ordering::Acquire);
     (pte & bits::PRESENT != 0).then_some(pte)
 }
 
