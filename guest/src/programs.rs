@@ -86,6 +86,7 @@ pub extern "C" fn _start() -> ! {
         }
         Some(Program::BenchShootdown) if (USER_MIN_ADDR..USER_END).contains(&arg) => wait_for(arg),
         Some(Program::BenchShootdown) => bench_shootdown(arg & 0xffff_ffff, arg >> 48),
+        Some(Program::ForkCow) => fork_cow(),
         Some(Program::StaleTlb) if arg >= USER_MIN_ADDR => stale_tlb_writer(arg),
         Some(Program::StaleTlb) => stale_tlb(arg),
         None => rt::fail(format_args!("vcpu {id}: unknown program {}", area_read!(program))),
@@ -266,6 +267,48 @@ fn madvise_zero() {
         }
     }
     println!("madvise-zero: {pages} pages read back as zero after MADV_DONTNEED");
+}
+
+/// Spins until shared word `i` is nonzero.
+fn await_shared(i: u64) {
+    while rt::shared_word(i).load(Ordering::Acquire) == 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// Basic COW after fork (selftests/mm/cow.c): the child keeps the old
+/// contents after the parent writes, and the parent never sees the child's
+/// write.
+fn fork_cow() {
+    let page = map(1);
+    write(page, 0, 0, 0x11);
+    let child = match rt::fork() {
+        Ok(child) => child,
+        Err(e) => rt::fail(format_args!("fork failed: {e}")),
+    };
+    if child == 0 {
+        await_shared(0);
+        let v = read(page, 0, 0);
+        if v != 0x11 {
+            rt::fail(format_args!("child sees {v:#x}: the parent's write leaked into the child"));
+        }
+        write(page, 0, 0, 0x22);
+        rt::shared_word(1).store(1, Ordering::Release);
+        println!("fork-cow child: kept {v:#x} after the parent's write, wrote 0x22");
+        return;
+    }
+    write(page, 0, 0, 0x33);
+    rt::shared_word(0).store(1, Ordering::Release);
+    await_shared(1);
+    let v = read(page, 0, 0);
+    if v != 0x33 {
+        rt::fail(format_args!("parent sees {v:#x}: the child's write leaked into the parent"));
+    }
+    if rt::join(child) != Some(0) {
+        rt::fail(format_args!("the child (vcpu {child}) failed"));
+    }
+    write(page, 0, 0, 0x44);
+    println!("fork-cow parent: child {child} exited, parent kept {v:#x} and wrote again");
 }
 
 /// Flags of `stale-tlb`, words of the second page of its region.

@@ -57,8 +57,16 @@ global_asm!(
         mov dx, {port}
         mov eax, {hc_crash}
         out dx, eax
-    2:  hlt
-        jmp 2b
+        // Leave the stub for the killed routine at CPL 3 (never resumed
+        // here otherwise). Frame after the two pushes: RIP, CS, RFLAGS, RSP, SS.
+        add rsp, 16
+    4:  mov rax, gs:[{kill_rip}]
+        mov [rsp], rax
+        mov qword ptr [rsp + 8], {user_cs}
+        mov rax, gs:[{kill_rsp}]
+        mov [rsp + 24], rax
+        mov qword ptr [rsp + 32], {user_ss}
+        iretq
 
     // Page fault: forward CR2, error code and RIP in one exit, then do what
     // the VMM answered. Stack: error code, RIP, CS, RFLAGS, RSP, SS.
@@ -83,6 +91,13 @@ global_asm!(
     1:  and rax, 0xff
         cmp rax, {fixup}
         je 2f
+        cmp rax, {kill}
+        jne 5f
+        pop rdx
+        pop rax
+        add rsp, 8
+        jmp 4b
+    5:
         mov rax, gs:[{fault_cr2}]
         invlpg [rax]
         jmp 3f
@@ -141,6 +156,7 @@ global_asm!(
     .irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
         .quad exc_stub_\i
     .endr
+        .quad cowlab_killed
     .section .text
     "#,
     magic = const BOOT_HEADER_MAGIC,
@@ -155,6 +171,11 @@ global_asm!(
     fault_rip = const off::FAULT_RIP,
     fault_result = const off::FAULT_RESULT,
     fixup_rip = const off::FIXUP_RIP,
+    kill_rip = const off::KILL_RIP,
+    kill_rsp = const off::KILL_RSP,
+    kill = const fault_result::KILL,
+    user_cs = const cowlab_abi::layout::selector::USER_CODE,
+    user_ss = const cowlab_abi::layout::selector::USER_DATA,
     flush_again = const off::FLUSH_AGAIN,
     port = const HYPERCALL_PORT,
     hc_crash = const Hypercall::Crash as u32,
@@ -192,7 +213,10 @@ pub fn hypercall(nr: Hypercall, args: [u64; 4]) -> u64 {
     unsafe {
         write_volatile(addr_of_mut!((*a).hcall.args), args);
         write_volatile(DOORBELL_VA as *mut u32, nr as u32);
-        read_volatile(addr_of!((*a).hcall.ret))
+        // Through GS again, not the pointer read before the exit: after a
+        // fork the child resumes here with the parent's registers but its
+        // own GS base.
+        read_volatile(addr_of!((*area()).hcall.ret))
     }
 }
 
@@ -230,6 +254,19 @@ pub fn flush_tlb(addr: u64, len: u64) -> Result<u64, i64> {
 pub fn spawn(program: cowlab_abi::Program, arg: u64) -> Option<u64> {
     let id = hypercall(Hypercall::Spawn, [program as u64, arg, 0, 0]);
     (id != u64::MAX).then_some(id)
+}
+
+/// `fork()`: the child's vCPU id in the parent, 0 in the child.
+pub fn fork() -> Result<u64, i64> {
+    result(hypercall(Hypercall::Fork, [0; 4]))
+}
+
+/// Word `i` of the page every process shares (cross-process events).
+pub fn shared_word(i: u64) -> &'static core::sync::atomic::AtomicU64 {
+    let va = cowlab_abi::layout::kernel_va(cowlab_abi::layout::SHARED_PAGE_PHYS) + (i % 512) * 8;
+    // SAFETY: the shared page is mapped at this address in every address
+    // space for the whole run and only accessed atomically.
+    unsafe { &*(va as *const core::sync::atomic::AtomicU64) }
 }
 
 /// Waits for thread `id`; its exit status, `None` if it died otherwise.
@@ -310,6 +347,13 @@ macro_rules! println {
     ($($arg:tt)*) => { $crate::rt::print_line(format_args!($($arg)*)) };
 }
 pub(crate) use println;
+
+/// Where the VMM sends a thread it killed: tell it we are out of the stubs.
+#[no_mangle]
+extern "C" fn cowlab_killed() -> ! {
+    hypercall(Hypercall::Killed, [0; 4]);
+    halt_forever()
+}
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {

@@ -148,3 +148,14 @@ fn rip_of(o: &Outcome) -> u64 {
         _ => 0,
     }
 }
+
+#[test]
+fn fork_shares_pages_copy_on_write_and_no_write_leaks_across() {
+    let report = run(program(Program::ForkCow, 0));
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    assert_eq!(report.vcpus.len(), 2, "the parent and its forked child");
+    assert!(line(&report, 1, "fork-cow child:").contains("kept 0x11"));
+    assert!(line(&report, 0, "fork-cow parent:").contains("parent kept 0x33"));
+    // Both sides wrote the shared page: each took a COW fault.
+    assert!(report.vcpus.iter().all(|v| v.faults >= 2));
+}

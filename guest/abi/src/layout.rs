@@ -36,6 +36,11 @@ pub const DOORBELL_VA: u64 = KERNEL_BASE + KERNEL_REGION_SIZE;
 /// Guest memory must end below the doorbell.
 pub const MAX_MEM_SIZE: u64 = DOORBELL_PHYS;
 
+/// Physical address of the page shared by every process (in the kernel
+/// region, so mapped identically everywhere and never copied on fork):
+/// words for cross-process events.
+pub const SHARED_PAGE_PHYS: u64 = KERNEL_PT_PHYS + 0x8000;
+
 /// Physical address the guest image is linked to load at (`guest/link.ld`).
 pub const IMAGE_PHYS: u64 = 0x20_0000;
 

@@ -65,9 +65,16 @@ pub enum Hypercall {
     /// Performs the TLB flush of `[args[0], args[0] + args[1])` that a
     /// deferred `mprotect` left pending.
     FlushTlb = 15,
+    /// A killed thread has left the stubs (see [`fault_result::KILL`]); the
+    /// VMM ends it with the outcome it recorded.
+    Killed = 18,
     /// Waits until vCPU `args[0]` has ended; `ret` = its exit status, or
     /// `u64::MAX` if it did not exit normally (crash, SIGSEGV, OOM).
     Join = 16,
+    /// `fork()`: a copy-on-write copy of this process with a copy of this
+    /// thread; `ret` = the child's vCPU id in the parent, 0 in the child,
+    /// or a negative errno.
+    Fork = 17,
 }
 
 impl Hypercall {
@@ -90,6 +97,8 @@ impl Hypercall {
             14 => Self::Madvise,
             15 => Self::FlushTlb,
             16 => Self::Join,
+            17 => Self::Fork,
+            18 => Self::Killed,
             _ => return None,
         })
     }
@@ -127,6 +136,10 @@ pub mod fault_result {
     /// Unresolvable, and the guest armed `fixup_rip`: resume there instead
     /// (a one-entry exception table, like Linux's `fixup_exception`).
     pub const FIXUP: u64 = 1;
+    /// The thread is dead (SIGSEGV, OOM): return to `kill_rip` on
+    /// `kill_rsp` at CPL 3, never to the faulting code. The vCPU then leaves
+    /// guest mode from its program, not from inside a stub.
+    pub const KILL: u64 = 2;
     /// Flag OR-ed into the result: reload CR3 before returning (a TLB flush
     /// queued for this vCPU while it was in the VMM).
     pub const FLUSH_TLB: u64 = 1 << 8;
@@ -147,6 +160,9 @@ pub struct BootHeader {
     pub triple_fault: u64,
     /// Stubs of exception vectors 0–31 (report a crash).
     pub exceptions: [u64; 32],
+    /// Where a thread the VMM has killed goes, at CPL 3: it issues
+    /// [`Hypercall::Killed`] (see [`fault_result::KILL`]).
+    pub killed: u64,
 }
 
 /// "COWLAB01": identifies a [`BootHeader`] of this ABI version.
@@ -209,6 +225,10 @@ pub struct VcpuArea {
     pub fixup_rip: u64,
     /// Written by the VMM when it wants a spinning guest to stop.
     pub stop: u64,
+    /// Where a killed thread resumes (the boot header's `killed`) and on
+    /// which stack (the area's boot stack, always mapped).
+    pub kill_rip: u64,
+    pub kill_rsp: u64,
     /// Set by the VMM while the flush stub waits in its acknowledging exit:
     /// another flush arrived, reload CR3 again before returning.
     pub flush_again: u64,
@@ -225,6 +245,8 @@ pub mod area_offset {
 
     pub const FIXUP_RIP: usize = offset_of!(VcpuArea, fixup_rip);
     pub const FLUSH_AGAIN: usize = offset_of!(VcpuArea, flush_again);
+    pub const KILL_RIP: usize = offset_of!(VcpuArea, kill_rip);
+    pub const KILL_RSP: usize = offset_of!(VcpuArea, kill_rsp);
     pub const FAULT_CR2: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, cr2);
     pub const FAULT_ERROR: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, error_code);
     pub const FAULT_RIP: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, rip);

@@ -55,6 +55,9 @@ pub enum Program {
     /// one page between two marks, with `arg >> 48` other threads spinning
     /// (the first mprotect shoots their TLBs down).
     BenchShootdown = 20,
+    /// Basic COW after fork: parent and child each write their side of a
+    /// shared page; neither sees the other's write.
+    ForkCow = 21,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -140,6 +143,11 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "stale-tlb",
         Program::StaleTlb,
         "a write through a stale TLB entry (ARG 0: flush withheld, 1: not)",
+    ),
+    (
+        "fork-cow",
+        Program::ForkCow,
+        "fork: parent and child write a COW-shared page; no write leaks across",
     ),
     (
         "bench-refill",

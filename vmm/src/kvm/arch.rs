@@ -238,6 +238,7 @@ mod tests {
             flush: 0x7f80_0020_5678,
             triple_fault: 0x7f80_0020_9abc,
             exceptions: [0x7f80_0020_0000; 32],
+            killed: 0x7f80_0020_def0,
         };
         let idt = idt(&header);
         let target = |g: [u64; 2]| (g[0] & 0xffff) | ((g[0] >> 48) << 16) | (g[1] << 32);

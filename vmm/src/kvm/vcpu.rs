@@ -157,6 +157,15 @@ enum Exit {
     Other(String),
 }
 
+/// How a new vCPU starts.
+pub(crate) enum Start {
+    /// At its program's entry with this argument, on a new stack.
+    Program(u64),
+    /// As a copy of the forking vCPU, whose registers these are; `fork`
+    /// returns 0 in it.
+    Forked(Box<kvm_bindings::kvm_regs>),
+}
+
 /// The CPL-0 stubs that exit and then resume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StubExit {
@@ -185,6 +194,9 @@ pub(crate) struct Vcpu {
     injected_flush: Option<u64>,
     /// The current exit comes from a CPL-0 stub whose reply can carry a flush.
     stub_exit: Option<StubExit>,
+    /// Why the thread dies, once the VMM decided it does; it ends when the
+    /// guest reports back from `killed`.
+    killed: Option<Outcome>,
     faults: u64,
     exits: u64,
     fault_addrs: Vec<u64>,
@@ -203,7 +215,7 @@ impl Vcpu {
         shared: Arc<Shared>,
         id: usize,
         program: Program,
-        arg: u64,
+        start: Start,
         mm: Arc<Mm>,
         ctl: Arc<VcpuCtl>,
     ) -> KvmResult<Self> {
@@ -225,16 +237,27 @@ impl Vcpu {
         .map_err(|_| "no guest frame left for a shadow page table".to_string())?;
         let root = tlb.root();
         machine.tlbs.insert(id, tlb);
-        mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
-            .map_err(|e| format!("cannot map the stack of vcpu {id}: {e}"))?;
+        let arg = match start {
+            Start::Program(arg) => {
+                mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
+                    .map_err(|e| format!("cannot map the stack of vcpu {id}: {e}"))?;
+                arg
+            }
+            // The forking thread's stack was copied with its address space.
+            Start::Forked(_) => 0,
+        };
+        mm.mmget();
         mm.attach_cpu(id);
         init_area(&shared, id, area_pa, program, arg)?;
 
         let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         fd.set_sregs(&arch::sregs(sregs, area_va, root))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        fd.set_regs(&arch::regs(shared.image.entry, user_stack_top(id)))
-            .map_err(kvm_err("KVM_SET_REGS"))?;
+        let regs = match start {
+            Start::Program(_) => arch::regs(shared.image.entry, user_stack_top(id)),
+            Start::Forked(regs) => *regs,
+        };
+        fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -254,6 +277,7 @@ impl Vcpu {
             area_pa,
             injected_flush: None,
             stub_exit: None,
+            killed: None,
             faults: 0,
             exits: 0,
             fault_addrs: Vec::new(),
@@ -279,6 +303,7 @@ impl Vcpu {
             }
             None => 0,
         };
+        self.mm.mmput();
         VcpuReport {
             id: self.id,
             program: self.program,
@@ -414,6 +439,11 @@ impl Vcpu {
     fn deliver_flush(&mut self) -> KvmResult<()> {
         let wanted = self.ctl.flush_req.load(Ordering::Acquire);
         let remote = wanted > self.ctl.flush_ack.load(Ordering::Acquire);
+        if self.injected_flush.is_some() && self.injected_flush_lost()? {
+            // PVM occasionally drops an injected interrupt: inject again.
+            self.injected_flush = None;
+            self.ctl.hw_flush.store(true, Ordering::SeqCst);
+        }
         if self.injected_flush.is_some() || !(remote || self.ctl.hw_flush.load(Ordering::SeqCst)) {
             return Ok(());
         }
@@ -427,13 +457,7 @@ impl Vcpu {
             }
             Some(StubExit::FlushAck) => self.area_write(offset_of!(VcpuArea, flush_again), 1),
             None => {
-                let cpl = self
-                    .fd
-                    .get_sregs()
-                    .map_err(kvm_err("KVM_GET_SREGS"))?
-                    .cs
-                    .dpl;
-                if cpl != 3 {
+                if self.cpl()? != 3 {
                     return Ok(());
                 }
                 let mut events = self
@@ -456,6 +480,31 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Whether the flush interrupt we injected is gone without its
+    /// acknowledgement: KVM holds no pending interrupt and the vCPU is back
+    /// in its program (had it been delivered, the vCPU would be in the stub
+    /// or we would have seen the ack).
+    fn injected_flush_lost(&self) -> KvmResult<bool> {
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        if events.interrupt.injected != 0 {
+            return Ok(false);
+        }
+        Ok(self.cpl()? == 3)
+    }
+
+    /// The vCPU's current privilege level.
+    fn cpl(&self) -> KvmResult<u8> {
+        Ok(self
+            .fd
+            .get_sregs()
+            .map_err(kvm_err("KVM_GET_SREGS"))?
+            .cs
+            .dpl)
+    }
+
     fn hypercall(&mut self, nr: u32) -> Flow {
         let Some(call) = Hypercall::from_u32(nr) else {
             return Flow::End(Outcome::Error(format!("unknown hypercall {nr}")));
@@ -476,7 +525,17 @@ impl Vcpu {
             Hypercall::Exit => return Flow::End(Outcome::Exited(self.arg(0))),
             Hypercall::Fail => return Flow::End(Outcome::Failed(self.console_line())),
             Hypercall::PageFault => return self.page_fault(),
-            Hypercall::Crash => return Flow::End(self.crash()),
+            Hypercall::Crash => {
+                // The stub goes on to `killed` at CPL 3, which ends us.
+                self.killed = Some(self.crash());
+                return Flow::Continue;
+            }
+            Hypercall::Killed => {
+                let why = self.killed.take();
+                return Flow::End(
+                    why.unwrap_or_else(|| Outcome::Error("killed for no recorded reason".into())),
+                );
+            }
             Hypercall::FlushAck => {
                 if let Some(generation) = self.injected_flush.take() {
                     self.ctl.ack(generation);
@@ -499,11 +558,13 @@ impl Vcpu {
             }
             Hypercall::Spawn => match Program::from_u64(self.arg(0)) {
                 Some(program) => {
-                    Shared::spawn(&self.shared, program, self.arg(1), Arc::clone(&self.mm))
+                    let start = Start::Program(self.arg(1));
+                    Shared::spawn(&self.shared, program, start, Arc::clone(&self.mm))
                         .map_or(u64::MAX, |id| id as u64)
                 }
                 None => u64::MAX,
             },
+            Hypercall::Fork => self.fork(),
             Hypercall::Join => match self.shared.ctl(self.arg(0) as usize) {
                 Some(ctl) if self.arg(0) as usize != self.id => ctl.wait_ended(),
                 _ => u64::MAX,
@@ -544,6 +605,23 @@ impl Vcpu {
         Flow::Continue
     }
 
+    /// Forks the process: a copy-on-write copy of the address space, and a
+    /// new vCPU that is a copy of this one and runs in it. Returns the
+    /// child's vCPU id (the child sees 0), or a negative errno.
+    fn fork(&mut self) -> u64 {
+        let Ok(regs) = self.fd.get_regs() else {
+            return MmError::Inval.errno() as u64;
+        };
+        let child = match self.mm.dup_mmap(Some(self.id)) {
+            Ok(child) => child,
+            Err(_) => return MmError::NoMem.errno() as u64,
+        };
+        self.shared.add_process(Arc::clone(&child));
+        let start = Start::Forked(Box::new(regs));
+        Shared::spawn(&self.shared, self.program, start, child)
+            .map_or(MmError::NoMem.errno() as u64, |id| id as u64)
+    }
+
     /// A forwarded #PF: the memory manager resolves it and fills this
     /// CPU's TLB, or the thread ends (SIGSEGV, OOM).
     fn page_fault(&mut self) -> Flow {
@@ -555,23 +633,29 @@ impl Vcpu {
         if self.shared.record_faults {
             self.fault_addrs.push(addr);
         }
-        if addr >= USER_END {
-            return Flow::End(Outcome::Crashed {
+        let result = if addr >= USER_END {
+            Err(Outcome::Crashed {
                 vector: 14,
                 error_code,
                 rip,
                 cr2: addr,
                 rsp: 0,
-            });
-        }
-        let reply = match self.mm.handle_user_fault(self.id, addr, access) {
-            Ok(()) => fault_result::RETRY,
-            Err(FaultError::Segv) if self.area_read(offset_of!(VcpuArea, fixup_rip)) != 0 => {
-                fault_result::FIXUP
+            })
+        } else {
+            match self.mm.handle_user_fault(self.id, addr, access) {
+                Ok(()) => Ok(fault_result::RETRY),
+                Err(FaultError::Segv) if self.area_read(offset_of!(VcpuArea, fixup_rip)) != 0 => {
+                    Ok(fault_result::FIXUP)
+                }
+                Err(FaultError::Segv) => Err(Outcome::Segv { addr, access, rip }),
+                Err(FaultError::Oom) => Err(Outcome::Oom { addr }),
             }
-            Err(FaultError::Segv) => return Flow::End(Outcome::Segv { addr, access, rip }),
-            Err(FaultError::Oom) => return Flow::End(Outcome::Oom { addr }),
         };
+        // A dead thread leaves the stub for `killed` (see fault_result::KILL).
+        let reply = result.unwrap_or_else(|outcome| {
+            self.killed = Some(outcome);
+            fault_result::KILL
+        });
         self.area_write(offset_of!(VcpuArea, fault.result), reply);
         self.stub_exit = Some(StubExit::PageFault);
         Flow::Continue
@@ -647,6 +731,11 @@ fn init_area(
         (offset_of!(VcpuArea, program), program as u64),
         (offset_of!(VcpuArea, arg), arg),
         (offset_of!(VcpuArea, user_stack_top), user_stack_top(id)),
+        (offset_of!(VcpuArea, kill_rip), shared.boot_header.killed),
+        (
+            offset_of!(VcpuArea, kill_rsp),
+            area_va + area::BOOT_STACK_TOP - 8,
+        ),
     ];
     for (off, v) in fields {
         mem.word(area_pa + off as u64).store(v, Ordering::Relaxed);

@@ -18,7 +18,7 @@ use cowlab_abi::{BootHeader, Program, BOOT_HEADER_MAGIC};
 use super::control::{request, KvmFlusher, VcpuCtl};
 use super::loader::{self, Image};
 use super::memory::GuestMem;
-use super::vcpu::{Outcome, Vcpu, VcpuReport};
+use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
 use super::{arch, kick, Error, GUEST_ELF};
 use crate::mm::{mm_verify, verify_no_leaks, Machine, Mm, PhysMem};
 
@@ -128,7 +128,7 @@ impl Shared {
     pub(crate) fn spawn(
         this: &Arc<Self>,
         program: Program,
-        arg: u64,
+        start: Start,
         mm: Arc<Mm>,
     ) -> Result<usize, String> {
         let mut slots = this.slots();
@@ -155,7 +155,7 @@ impl Shared {
                     Arc::clone(&shared),
                     id,
                     program,
-                    arg,
+                    start,
                     mm,
                     Arc::clone(&thread_ctl),
                 ) {
@@ -168,6 +168,14 @@ impl Shared {
             .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
         slots.push(VcpuSlot { ctl, thread });
         Ok(id)
+    }
+
+    /// Registers a new address space (a forked child).
+    pub(crate) fn add_process(&self, mm: Arc<Mm>) {
+        self.processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(mm);
     }
 
     /// The shared state of vCPU `id`.
@@ -212,7 +220,8 @@ pub struct RunReport {
     pub boot_time: Option<Duration>,
     /// VM creation to the end of the run.
     pub wall: Duration,
-    /// Pages in use when the last vCPU ended.
+    /// Pages still in use when the run ended (0 once every process has
+    /// exited: its last thread's exit tears its address space down).
     pub user_pages: usize,
     /// Broken memory-manager invariants (`mm_verify`), if checked.
     pub violations: Vec<String>,
@@ -396,8 +405,13 @@ impl Vm {
             ended: BTreeMap::new(),
         };
         for _ in 0..config.vcpus {
-            Shared::spawn(&vm.shared, config.program, config.arg, Arc::clone(&mm))
-                .map_err(Error::Config)?;
+            Shared::spawn(
+                &vm.shared,
+                config.program,
+                Start::Program(config.arg),
+                Arc::clone(&mm),
+            )
+            .map_err(Error::Config)?;
         }
         Ok(vm)
     }
@@ -604,6 +618,7 @@ fn read_boot_header(mem: &GuestMem, image: &Image) -> Result<BootHeader, Error> 
         flush: word(2),
         triple_fault: word(3),
         exceptions,
+        killed: word(36),
     };
     if header.magic != BOOT_HEADER_MAGIC {
         return Err(Error::Image(format!(
@@ -616,9 +631,14 @@ fn read_boot_header(mem: &GuestMem, image: &Image) -> Result<BootHeader, Error> 
             .iter()
             .any(|s| (kernel_va(s.pa)..kernel_va(s.pa) + s.mem_size).contains(&va))
     };
-    let stubs = [header.page_fault, header.flush, header.triple_fault]
-        .into_iter()
-        .chain(header.exceptions);
+    let stubs = [
+        header.page_fault,
+        header.flush,
+        header.triple_fault,
+        header.killed,
+    ]
+    .into_iter()
+    .chain(header.exceptions);
     if let Some(bad) = stubs.into_iter().find(|va| !inside(*va)) {
         return Err(Error::Image(format!(
             "boot header names {bad:#x}, outside the image"

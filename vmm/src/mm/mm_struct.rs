@@ -120,6 +120,12 @@ impl Vma {
         (!self.detached.load(Ordering::Acquire)).then_some(guard)
     }
 
+    /// Write-locks the VMA until the guard goes: waits for its readers and
+    /// keeps new ones out. Models include/linux/mm.h:vma_start_write().
+    pub(crate) fn start_write(&self) -> RwLockWriteGuard<'_, ()> {
+        self.vm_lock.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits for the VMA's readers and marks it detached (it is leaving the
     /// tree). Models include/linux/mm.h:vma_start_write() + vma_mark_detached().
     pub(crate) fn start_write_and_detach(&self) {
@@ -143,6 +149,8 @@ pub struct Mm {
     pub(crate) cpumask: AtomicU64,
     /// Where the next `mmap` without a hint goes (top-down); under `mmap_lock`.
     pub(crate) mmap_base: AtomicU64,
+    /// Threads running in this mm (`mm->mm_users`).
+    users: AtomicUsize,
 }
 
 impl std::fmt::Debug for Mm {
@@ -172,6 +180,7 @@ impl Mm {
             tlb_flush_pending: AtomicU64::new(0),
             cpumask: AtomicU64::new(0),
             mmap_base: AtomicU64::new(MMAP_BASE),
+            users: AtomicUsize::new(0),
         }))
     }
 
@@ -216,6 +225,20 @@ impl Mm {
     pub fn vma_list(&self) -> Vec<(u64, u64, u32)> {
         let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
         vmas.values().map(|v| (v.start, v.end, v.prot)).collect()
+    }
+
+    /// A thread starts running in this mm. Models mmget().
+    pub fn mmget(&self) {
+        self.users.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A thread of this mm exited; the last one tears the address space
+    /// down, so its pages' counts drop now (a parent's next write then
+    /// reuses instead of copying). Models kernel/fork.c:mmput().
+    pub fn mmput(&self) {
+        if self.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.exit_mmap();
+        }
     }
 
     /// CPU `cpu` runs this mm from now on. Models the `cpumask_set_cpu()` of

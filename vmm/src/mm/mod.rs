@@ -5,6 +5,7 @@
 //!
 //! `docs/mm.md` maps every modelled Linux function to its place here.
 
+pub mod fork;
 pub mod frame;
 pub mod memory;
 pub mod mm_struct;

@@ -379,3 +379,49 @@ fn madvise_dontneed_and_tlb_capacity() {
     }
     assert_clean(&mm, &[0]);
 }
+
+#[test]
+fn dup_mmap_write_protects_both_sides_and_counts_the_sharing() {
+    let m = machine();
+    let parent = Mm::new(&m).unwrap();
+    attach(&parent, 0);
+    let a = parent.mmap(None, 2 * PAGE_SIZE, RW).unwrap();
+    access(&parent, 0, a, Some(7)).unwrap();
+    access(&parent, 0, a + PAGE_SIZE, None).unwrap(); // the zero page
+    let child = parent.dup_mmap(Some(0)).unwrap();
+    attach(&child, 1);
+    let frame = pagetable::lookup(&*m.mem, parent.pgd, a).unwrap() & bits::ADDR_MASK;
+    let page = m.frames.page(frame);
+    assert_eq!(
+        (page.refcount(), page.mapcount(), page.anon_exclusive()),
+        (2, 2, false)
+    );
+    for mm in [&parent, &child] {
+        let pte = pagetable::lookup(&*m.mem, mm.pgd, a).unwrap();
+        assert_eq!(
+            pte & (bits::ADDR_MASK | bits::WRITABLE),
+            frame,
+            "shared and read-only"
+        );
+    }
+    // The parent's TLB was flushed at the end of dup_mmap.
+    assert_eq!(tlb::lock(&m.tlbs.get(0).unwrap()).lookup(&*m.mem, a), None);
+    assert_eq!(child.vma_list(), parent.vma_list());
+    assert_eq!(access(&child, 1, a, None), Ok(7));
+    assert_eq!(access(&child, 1, a, Some(8)), Ok(8));
+    assert_eq!(access(&parent, 0, a, None), Ok(7));
+    assert_eq!(access(&child, 1, a + PAGE_SIZE, None), Ok(0));
+    let v = verify_pages(&m, &[&parent, &child]);
+    assert!(v.is_empty(), "{v:#?}");
+    detach(&child, 1);
+    child.exit_mmap();
+    // The child is gone: the parent's page is its alone and is reused.
+    assert_eq!(access(&parent, 0, a, Some(9)), Ok(9));
+    assert_eq!(
+        pagetable::lookup(&*m.mem, parent.pgd, a).unwrap() & bits::ADDR_MASK,
+        frame
+    );
+    detach(&parent, 0);
+    drop((parent, child));
+    assert_eq!(verify_no_leaks(&m), vec![]);
+}

@@ -1,0 +1,123 @@
+//! fork: the child's address space as a copy-on-write copy of the parent's.
+//! Models kernel/fork.c:dup_mmap() and mm/memory.c:copy_page_range() →
+//! copy_pte_range() → copy_present_pte() / copy_present_page().
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cowlab_abi::layout::USER_END;
+
+use super::memory::{FaultError, PTE_PROTNONE};
+use super::mm_struct::{Mm, Vma};
+use super::page::GUP_PIN_COUNTING_BIAS;
+use super::pagetable::{self, bits};
+use super::tlb::user_pte;
+
+impl Mm {
+    /// A new address space for a child of this one: every VMA copied, every
+    /// private anonymous page shared copy-on-write (write-protected in both)
+    /// or, if it may be pinned, copied now. The parent's VMAs are
+    /// write-locked for the whole copy (fb49c455323f, v6.5), and the
+    /// parent's TLB is flushed only at the end, as in Linux: until then
+    /// other CPUs may still write through their old writable entries.
+    /// Models kernel/fork.c:dup_mmap().
+    pub fn dup_mmap(self: &Arc<Self>, cpu: Option<usize>) -> Result<Arc<Mm>, FaultError> {
+        let child = Mm::new(&self.m)?;
+        let _mmap = self.mmap_write_lock();
+        let vmas = self.vmas_in(0, u64::MAX);
+        // vma_start_write() on every parent VMA: faults under per-VMA locks
+        // finish first, and new ones fall back to mmap_lock and wait.
+        let _vma_locks: Vec<_> = vmas.iter().map(|v| v.start_write()).collect();
+        let result = vmas.iter().try_for_each(|vma| {
+            child
+                .vmas
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(vma.start, Vma::new(vma.start, vma.end, vma.prot));
+            self.copy_page_range(&child, vma)
+        });
+        child
+            .mmap_base
+            .store(self.mmap_base.load(Ordering::Acquire), Ordering::Release);
+        self.flush_tlb_mm(cpu);
+        result.map(|()| child)
+    }
+
+    /// Copies the PTEs of `vma` into `child`. Models
+    /// mm/memory.c:copy_page_range() → copy_pte_range().
+    fn copy_page_range(&self, child: &Mm, vma: &Vma) -> Result<(), FaultError> {
+        let m = &self.m;
+        let _src_ptl = self.ptl();
+        let _dst_ptl = child.ptl();
+        let mut result = Ok(());
+        pagetable::for_each_leaf(
+            &*m.mem,
+            self.pgd,
+            vma.start,
+            vma.end.min(USER_END),
+            &mut |va, src| {
+                if result.is_err()
+                    || src.load(Ordering::Acquire) & (bits::PRESENT | PTE_PROTNONE) == 0
+                {
+                    return;
+                }
+                result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
+                    .map_err(FaultError::from)
+                    .and_then(|dst| self.copy_present_pte(vma, src, dst));
+            },
+        );
+        result
+    }
+
+    /// Copies one present PTE: shares the page copy-on-write, or copies it
+    /// when it is exclusive and maybe pinned. Models
+    /// mm/memory.c:copy_present_pte().
+    fn copy_present_pte(
+        &self,
+        vma: &Vma,
+        src: &AtomicU64,
+        dst: &AtomicU64,
+    ) -> Result<(), FaultError> {
+        let m = &self.m;
+        let pte = src.load(Ordering::Acquire);
+        let frame = pte & bits::ADDR_MASK;
+        if !m.frames.is_normal(frame) {
+            // The zero page: nothing to count, read-only already.
+            dst.store(pte, Ordering::Release);
+            return Ok(());
+        }
+        let page = m.frames.page(frame);
+        if page.anon_exclusive() && folio_maybe_dma_pinned(page.refcount()) {
+            // folio_try_dup_anon_rmap_pte() refuses: copy it now (70e806e4e645).
+            return self.copy_present_page(vma, frame, dst);
+        }
+        m.frames.get_page(frame);
+        m.frames.dup_rmap(frame);
+        page.clear_anon_exclusive();
+        // A private writable mapping: write-protect both sides (COW).
+        let shared = pte & !bits::WRITABLE;
+        if pte & bits::WRITABLE != 0 {
+            src.store(shared, Ordering::Release);
+        }
+        dst.store(shared, Ordering::Release);
+        Ok(())
+    }
+
+    /// Gives the child its own copy of a maybe-pinned exclusive page, with a
+    /// plain copy while the parent's threads may be writing it. Models
+    /// mm/memory.c:copy_present_page().
+    fn copy_present_page(&self, vma: &Vma, frame: u64, dst: &AtomicU64) -> Result<(), FaultError> {
+        let m = &self.m;
+        let new = m.frames.alloc_uninit()?;
+        m.mem.copy_frame(new, frame);
+        m.frames.add_new_anon_rmap(new);
+        dst.store(user_pte(new, vma.writable()), Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Whether a small folio with this refcount may be pinned (false positives
+/// allowed). Models include/linux/mm.h:folio_maybe_dma_pinned().
+pub fn folio_maybe_dma_pinned(refcount: i64) -> bool {
+    refcount >= GUP_PIN_COUNTING_BIAS
+}
