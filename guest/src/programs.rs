@@ -87,6 +87,10 @@ pub extern "C" fn _start() -> ! {
         Some(Program::BenchShootdown) if (USER_MIN_ADDR..USER_END).contains(&arg) => wait_for(arg),
         Some(Program::BenchShootdown) => bench_shootdown(arg & 0xffff_ffff, arg >> 48),
         Some(Program::ForkCow) => fork_cow(),
+        Some(Program::CowVmsplice) => cow_vmsplice(),
+        Some(Program::UffdWp) if arg >= USER_MIN_ADDR => uffd_handler(arg),
+        Some(Program::UffdWp) => uffd_wp(),
+        Some(Program::PinCoherent) => pin_coherent(),
         Some(Program::StaleTlb) if arg >= USER_MIN_ADDR => stale_tlb_writer(arg),
         Some(Program::StaleTlb) => stale_tlb(arg),
         None => rt::fail(format_args!("vcpu {id}: unknown program {}", area_read!(program))),
@@ -309,6 +313,82 @@ fn fork_cow() {
     }
     write(page, 0, 0, 0x44);
     println!("fork-cow parent: child {child} exited, parent kept {v:#x} and wrote again");
+}
+
+/// Fails the program with `what` if `r` is an error.
+fn check<T>(r: Result<T, i64>, what: &str) -> T {
+    r.unwrap_or_else(|e| rt::fail(format_args!("{what} failed: {e}")))
+}
+
+/// cow.c "vmsplice() + unmap in child": what the child's read pin sees
+/// after the parent writes its side of the COW page.
+fn cow_vmsplice() {
+    let page = map(1);
+    write(page, 0, 0, 0x11);
+    let child = check(rt::fork(), "fork");
+    if child == 0 {
+        let pin = check(rt::pin(page, cowlab_abi::gup::PIN), "read pin");
+        check(rt::munmap(page, PAGE_SIZE), "munmap");
+        rt::shared_word(0).store(1, Ordering::Release);
+        await_shared(1);
+        let v = rt::dma_read(pin, 0);
+        check(rt::unpin(pin), "unpin");
+        println!("cow-vmsplice: the child's pin reads {v:#x} after the parent wrote 0x22");
+        return;
+    }
+    await_shared(0);
+    write(page, 0, 0, 0x22);
+    rt::shared_word(1).store(1, Ordering::Release);
+    if rt::join(child) != Some(0) {
+        rt::fail(format_args!("the child failed"));
+    }
+}
+
+/// A write to a uffd-wp page waits until the handler thread unprotects it.
+fn uffd_wp() {
+    let page = map(1);
+    write(page, 0, 0, 1);
+    check(rt::uffd_register(page, PAGE_SIZE), "uffd register");
+    check(rt::uffd_wp(page, PAGE_SIZE, true), "uffd protect");
+    let Some(handler) = rt::spawn(Program::UffdWp, page) else {
+        rt::fail(format_args!("spawn refused"));
+    };
+    write(page, 0, 0, 2);
+    if rt::join(handler) != Some(0) || read(page, 0, 0) != 2 {
+        rt::fail(format_args!("the write did not complete after the handler"));
+    }
+    println!("uffd-wp: the write to {page:#x} waited for the handler and then landed");
+}
+
+/// The handler thread of `uffd-wp`: one event, then unprotect.
+fn uffd_handler(page: u64) {
+    let fault = rt::uffd_wait();
+    if fault != page {
+        rt::fail(format_args!("wp fault at {fault:#x}, expected {page:#x}"));
+    }
+    println!("uffd-wp handler: write-protect fault at {fault:#x}; unprotecting");
+    check(rt::uffd_wp(page, PAGE_SIZE, false), "uffd unprotect");
+}
+
+/// cow.c "R/O-mapping a page registered as iouring fixed buffer".
+fn pin_coherent() {
+    use cowlab_abi::gup::{LONGTERM, PIN, WRITE};
+    let page = map(1);
+    write(page, 0, 0, 1);
+    let pin = check(rt::pin(page, WRITE | PIN | LONGTERM), "write pin");
+    check(rt::dma_write(pin, 8, 0x77), "dma write");
+    if read(page, 0, 1) != 0x77 {
+        rt::fail(format_args!("the page does not see the DMA write"));
+    }
+    check(rt::mprotect(page, PAGE_SIZE, prot::READ, 0), "mprotect R");
+    check(rt::mprotect(page, PAGE_SIZE, prot::READ | prot::WRITE, 0), "mprotect RW");
+    write(page, 0, 0, 0x88);
+    let v = rt::dma_read(pin, 0);
+    check(rt::unpin(pin), "unpin");
+    if v != 0x88 {
+        rt::fail(format_args!("the pin reads {v:#x}, the page holds 0x88: not coherent"));
+    }
+    println!("pin-coherent: the pin and the page agree across mprotect (0x88)");
 }
 
 /// Flags of `stale-tlb`, words of the second page of its region.

@@ -261,6 +261,41 @@ pub fn fork() -> Result<u64, i64> {
     result(hypercall(Hypercall::Fork, [0; 4]))
 }
 
+/// Pins (or takes a reference on) the page at `addr`; a handle.
+pub fn pin(addr: u64, flags: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::Pin, [addr, flags, 0, 0]))
+}
+
+/// Releases a pin handle.
+pub fn unpin(handle: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::Unpin, [handle, 0, 0, 0]))
+}
+
+/// "DMA" read through a pin.
+pub fn dma_read(handle: u64, offset: u64) -> u64 {
+    hypercall(Hypercall::DmaRead, [handle, offset, 0, 0])
+}
+
+/// "DMA" write through a pin.
+pub fn dma_write(handle: u64, offset: u64, value: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::DmaWrite, [handle, offset, value, 0]))
+}
+
+/// Registers a range for userfaultfd write-protect.
+pub fn uffd_register(addr: u64, len: u64) -> Result<u64, i64> {
+    result(hypercall(Hypercall::UffdRegister, [addr, len, 0, 0]))
+}
+
+/// Write-protects (`protect`) or unprotects a registered range.
+pub fn uffd_wp(addr: u64, len: u64, protect: bool) -> Result<u64, i64> {
+    result(hypercall(Hypercall::UffdWp, [addr, len, u64::from(protect), 0]))
+}
+
+/// Waits for a userfaultfd wp fault; the faulting page.
+pub fn uffd_wait() -> u64 {
+    hypercall(Hypercall::UffdWait, [0; 4])
+}
+
 /// Word `i` of the page every process shares (cross-process events).
 pub fn shared_word(i: u64) -> &'static core::sync::atomic::AtomicU64 {
     let va = cowlab_abi::layout::kernel_va(cowlab_abi::layout::SHARED_PAGE_PHYS) + (i % 512) * 8;

@@ -113,8 +113,12 @@ fn a_write_lands_through_a_stale_tlb_entry_only_while_the_flush_is_withheld() {
 #[test]
 fn a_tiny_tlb_evicts_and_refaults_but_stays_correct() {
     let pages = 64;
-    let report = run(VmConfig {
+    let policy = cowlab::policy::Policy {
         tlb_capacity: Some(4),
+        ..Default::default()
+    };
+    let report = run(VmConfig {
+        policy,
         ..program(Program::Hello, pages)
     });
     assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
@@ -158,4 +162,65 @@ fn fork_shares_pages_copy_on_write_and_no_write_leaks_across() {
     assert!(line(&report, 0, "fork-cow parent:").contains("parent kept 0x33"));
     // Both sides wrote the shared page: each took a COW fault.
     assert!(report.vcpus.iter().all(|v| v.faults >= 2));
+}
+
+fn with_policy(program: Program, preset: &str) -> VmConfig {
+    let policy = cowlab::policy::Policy::preset(preset).expect("a preset");
+    VmConfig {
+        program,
+        policy,
+        ..VmConfig::default()
+    }
+}
+
+#[test]
+fn a_read_pin_reads_the_wrong_side_of_cow_only_before_v5_8() {
+    // CVE-2020-29374 (seed 003): the child read-pins the COW-shared page and
+    // unmaps it; the parent writes. Without a COW break or unshare for read
+    // pins and with mapcount-based reuse, the parent reuses the pinned page
+    // and the pin sees the parent's write.
+    for (preset, seen) in [
+        ("linux-5.7", "0x22"),
+        ("linux-5.8", "0x11"),
+        ("linux-5.10", "0x11"),
+        ("mainline", "0x11"),
+    ] {
+        let report = run(with_policy(Program::CowVmsplice, preset));
+        assert_eq!(
+            report.exit_code(),
+            exit_code::OK,
+            "{preset}: {:?}",
+            report.problems()
+        );
+        let l = line(&report, 1, "cow-vmsplice:");
+        assert!(l.contains(&format!("pin reads {seen} ")), "{preset}: {l}");
+    }
+}
+
+#[test]
+fn basic_cow_after_fork_holds_under_every_preset() {
+    for preset in ["linux-5.7", "linux-5.10", "linux-6.4", "mainline"] {
+        let report = run(with_policy(Program::ForkCow, preset));
+        assert_eq!(
+            report.exit_code(),
+            exit_code::OK,
+            "{preset}: {:?}",
+            report.problems()
+        );
+    }
+}
+
+#[test]
+fn a_uffd_wp_fault_waits_for_the_handler_thread() {
+    let report = run(program(Program::UffdWp, 0));
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    let page = hex_after(line(&report, 1, "uffd-wp handler:"), "fault at ");
+    assert_eq!(hex_after(line(&report, 0, "uffd-wp:"), "write to "), page);
+}
+
+#[test]
+fn a_longterm_write_pin_stays_coherent_across_mprotect() {
+    let report = run(program(Program::PinCoherent, 0));
+    assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+    line(&report, 0, "pin-coherent: the pin and the page agree");
 }

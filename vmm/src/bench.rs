@@ -201,7 +201,10 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     let rounds = (opts.iters / 20).max(1);
     for _ in 0..opts.rounds {
         let tiny_tlb = VmConfig {
-            tlb_capacity: Some(1),
+            policy: crate::policy::Policy {
+                tlb_capacity: Some(1),
+                ..Default::default()
+            },
             ..config(opts, Program::BenchRefill, opts.iters)
         };
         refill.push(marked(tiny_tlb, opts.iters)?.0);

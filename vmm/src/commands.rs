@@ -9,6 +9,7 @@ use cowlab_abi::Program;
 
 use crate::bench::{self, BenchOptions};
 use crate::kvm::{exit_code, Event, Vm, VmConfig};
+use crate::policy::Policy;
 
 /// Options of `cowlab run`.
 #[derive(Debug, Clone)]
@@ -24,12 +25,19 @@ pub struct RunOptions {
     pub stats: bool,
     /// Run `mm_verify` when vCPUs and the run end.
     pub check: bool,
-    /// The `tlb_capacity` knob (None = unlimited).
-    pub tlb_capacity: Option<usize>,
+    /// `--policy NAME` (default mainline).
+    pub policy: String,
+    /// `--set knob=value`, applied in order after the preset.
+    pub set: Vec<String>,
 }
 
 fn error(msg: impl std::fmt::Display) {
     eprintln!("cowlab: {msg}");
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn out(text: impl std::fmt::Display) {
+    let _ = write!(std::io::stdout().lock(), "{text}");
 }
 
 /// Names of the built-in programs, for error messages.
@@ -46,6 +54,13 @@ pub fn run(opts: &RunOptions) -> i32 {
             program_names()
         ));
         return exit_code::USAGE;
+    };
+    let policy = match make_policy(&opts.policy, &opts.set) {
+        Ok(p) => p,
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
     };
     let guest_elf = match &opts.guest {
         Some(path) => match std::fs::read(path) {
@@ -65,7 +80,7 @@ pub fn run(opts: &RunOptions) -> i32 {
         guest_elf,
         record_faults: false,
         check: opts.check,
-        tlb_capacity: opts.tlb_capacity,
+        policy,
         kvm_path: opts.kvm_path.clone(),
     };
     let mut vm = match Vm::new(&config) {
@@ -105,10 +120,36 @@ pub fn run(opts: &RunOptions) -> i32 {
     report.exit_code()
 }
 
+/// The preset `name` with the `knob=value` settings applied.
+pub fn make_policy(name: &str, set: &[String]) -> Result<Policy, String> {
+    let mut policy = Policy::preset(name).ok_or_else(|| {
+        format!(
+            "unknown policy '{name}' (presets: {})",
+            Policy::preset_names()
+        )
+    })?;
+    for s in set {
+        let (knob, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--set takes knob=value, not '{s}'"))?;
+        policy.set(knob.trim(), value.trim())?;
+    }
+    Ok(policy)
+}
+
+/// `cowlab list policies`: presets × knobs with their commits.
+pub fn list_policies() -> i32 {
+    out(crate::policy::PolicyTable);
+    exit_code::OK
+}
+
 /// `cowlab list programs`.
 pub fn list_programs() -> i32 {
     for (name, _, what) in PROGRAMS {
-        println!("{name:<14} {what}");
+        out(format_args!(
+            "{name:<16} {what}
+"
+        ));
     }
     exit_code::OK
 }
@@ -118,9 +159,9 @@ pub fn bench(opts: &BenchOptions, json: bool) -> i32 {
     match bench::host_limits(opts) {
         Ok(rows) => {
             if json {
-                println!("{}", bench::json(&rows, opts));
+                out(format_args!("{}\n", bench::json(&rows, opts)));
             } else {
-                print!("{}", bench::table(&rows));
+                out(bench::table(&rows));
             }
             exit_code::OK
         }

@@ -8,3 +8,4 @@ pub mod bench;
 pub mod commands;
 pub mod kvm;
 pub mod mm;
+pub mod policy;

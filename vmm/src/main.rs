@@ -46,9 +46,12 @@ enum Command {
         /// Check the memory manager's invariants (mm_verify) as vCPUs and the run end.
         #[arg(long)]
         check: bool,
-        /// Most translations one vCPU's TLB holds; beyond, random entries are evicted.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        tlb_capacity: Option<u64>,
+        /// Kernel behaviour preset (see `cowlab list policies`).
+        #[arg(long, value_name = "NAME", default_value = "mainline")]
+        policy: String,
+        /// Override a knob of the preset, e.g. --set cow_reuse=mapcount (repeatable).
+        #[arg(long = "set", value_name = "KNOB=VALUE")]
+        set: Vec<String>,
     },
     /// List built-in things.
     List {
@@ -73,6 +76,8 @@ enum Command {
 enum ListWhat {
     /// The built-in guest programs.
     Programs,
+    /// The policy presets and their knobs, with the kernel commits.
+    Policies,
 }
 
 fn timeout(secs: f64) -> Option<Duration> {
@@ -92,7 +97,8 @@ fn main() {
             guest,
             stats,
             check,
-            tlb_capacity,
+            policy,
+            set,
         } => {
             if !secs.is_finite() || secs < 0.0 {
                 eprintln!("cowlab: --timeout must be a number of seconds >= 0 (0 = none)");
@@ -108,12 +114,16 @@ fn main() {
                 kvm_path: cli.kvm,
                 stats,
                 check,
-                tlb_capacity: tlb_capacity.map(|n| n as usize),
+                policy,
+                set,
             })
         }
         Command::List {
             what: ListWhat::Programs,
         } => commands::list_programs(),
+        Command::List {
+            what: ListWhat::Policies,
+        } => commands::list_policies(),
         Command::Bench {
             json,
             rounds,

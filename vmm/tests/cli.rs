@@ -108,3 +108,42 @@ fn a_bad_guest_elf_exits_2() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn policies_are_listed_and_bad_names_or_values_exit_2() {
+    let out = cowlab(&["list", "policies"]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = text(&out.stdout);
+    for name in [
+        "mainline",
+        "linux-6.4",
+        "linux-5.7",
+        "proposal-fork-coherent",
+        "fb49c455323f",
+        "cow_reuse",
+    ] {
+        assert!(table.contains(name), "{name} missing from:\n{table}");
+    }
+    let out = cowlab(&["run", "hello", "--policy", "linux-2.6"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("presets: mainline, linux-6.4"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cowlab(&["run", "hello", "--set", "cow_reuse=sometimes"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("mapcount or refcount"));
+    let out = cowlab(&["run", "hello", "--set", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = cowlab(&[
+        "run",
+        "hello",
+        "--policy",
+        "linux-5.7",
+        "--set",
+        "tlb_capacity=4",
+        "--check",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

@@ -68,6 +68,21 @@ pub enum Hypercall {
     /// A killed thread has left the stubs (see [`fault_result::KILL`]); the
     /// VMM ends it with the outcome it recorded.
     Killed = 18,
+    /// `pin_user_pages()`/`get_user_pages()` of the page at `args[0]` with
+    /// `args[1]` = [`gup`] flags; `ret` = a pin handle or a negative errno.
+    Pin = 19,
+    /// Releases pin handle `args[0]`; `ret` = 0 or a negative errno.
+    Unpin = 20,
+    /// "DMA" read of the word at byte `args[1]` of pin `args[0]`: `ret`.
+    DmaRead = 21,
+    /// "DMA" write of `args[2]` to the word at byte `args[1]` of pin `args[0]`.
+    DmaWrite = 22,
+    /// Registers `[args[0], args[0] + args[1])` for userfaultfd write-protect.
+    UffdRegister = 23,
+    /// Write-protects (`args[2]` = 1) or unprotects (0) `[args[0], args[0] + args[1])`.
+    UffdWp = 24,
+    /// Waits for a userfaultfd wp fault; `ret` = the faulting page.
+    UffdWait = 25,
     /// Waits until vCPU `args[0]` has ended; `ret` = its exit status, or
     /// `u64::MAX` if it did not exit normally (crash, SIGSEGV, OOM).
     Join = 16,
@@ -99,6 +114,13 @@ impl Hypercall {
             16 => Self::Join,
             17 => Self::Fork,
             18 => Self::Killed,
+            19 => Self::Pin,
+            20 => Self::Unpin,
+            21 => Self::DmaRead,
+            22 => Self::DmaWrite,
+            23 => Self::UffdRegister,
+            24 => Self::UffdWp,
+            25 => Self::UffdWait,
             _ => return None,
         })
     }
@@ -109,6 +131,16 @@ pub mod prot {
     pub const NONE: u64 = 0;
     pub const READ: u64 = 1;
     pub const WRITE: u64 = 2;
+}
+
+/// Flags of [`Hypercall::Pin`].
+pub mod gup {
+    /// FOLL_WRITE.
+    pub const WRITE: u64 = 1;
+    /// FOLL_PIN (else FOLL_GET).
+    pub const PIN: u64 = 2;
+    /// FOLL_LONGTERM.
+    pub const LONGTERM: u64 = 4;
 }
 
 /// `MADV_DONTNEED` for [`Hypercall::Madvise`].

@@ -58,6 +58,16 @@ pub enum Program {
     /// Basic COW after fork: parent and child each write their side of a
     /// shared page; neither sees the other's write.
     ForkCow = 21,
+    /// cow.c "vmsplice() + unmap in child": the child read-pins a page it
+    /// shares COW with its parent and unmaps it; the parent writes; the pin
+    /// must still read the old contents. Prints what the pin reads.
+    CowVmsplice = 22,
+    /// A userfaultfd-wp round trip: a write to a protected page waits for a
+    /// handler thread that reads the event and unprotects.
+    UffdWp = 23,
+    /// cow.c "R/O-mapping a page registered as iouring fixed buffer": a
+    /// long-term write pin stays coherent with the page across mprotect.
+    PinCoherent = 24,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -148,6 +158,21 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "fork-cow",
         Program::ForkCow,
         "fork: parent and child write a COW-shared page; no write leaks across",
+    ),
+    (
+        "cow-vmsplice",
+        Program::CowVmsplice,
+        "child read-pins a COW page and unmaps it; the parent writes (CVE-2020-29374)",
+    ),
+    (
+        "uffd-wp",
+        Program::UffdWp,
+        "a write to a uffd write-protected page waits for the handler thread",
+    ),
+    (
+        "pin-coherent",
+        Program::PinCoherent,
+        "a long-term write pin stays coherent with the page across mprotect",
     ),
     (
         "bench-refill",

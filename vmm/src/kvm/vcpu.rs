@@ -16,7 +16,7 @@ use cowlab_abi::layout::{
     area, kernel_va, user_stack_top, vcpu_area_phys, DOORBELL_PHYS, USER_END, USER_STACK_SIZE,
 };
 use cowlab_abi::{
-    fault_result, Hypercall, Program, VcpuArea, CONSOLE_LEN, FLUSH_VECTOR, HYPERCALL_PORT,
+    fault_result, gup, Hypercall, Program, VcpuArea, CONSOLE_LEN, FLUSH_VECTOR, HYPERCALL_PORT,
     MADV_DONTNEED, MPROTECT_DEFER_FLUSH,
 };
 
@@ -24,7 +24,7 @@ use super::arch;
 use super::control::{request, VcpuCtl};
 use super::kick;
 use super::vm::{Event, Shared};
-use crate::mm::{mmap, verify_tlbs, Access, FaultError, Mm, MmError, PhysMem, ShadowTlb};
+use crate::mm::{mmap, verify_tlbs, Access, FaultError, GupFlags, Mm, MmError, PhysMem, ShadowTlb};
 
 /// How a vCPU's thread ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -595,6 +595,49 @@ impl Vcpu {
                     .map(|_| 0),
             ),
             Hypercall::Madvise => MmError::Inval.errno() as u64,
+            Hypercall::Pin => {
+                let f = self.arg(1);
+                let flags = GupFlags {
+                    write: f & gup::WRITE != 0,
+                    pin: f & gup::PIN != 0,
+                    longterm: f & gup::LONGTERM != 0,
+                };
+                match self.mm.get_user_page(self.arg(0), flags, self.id) {
+                    Ok(handle) => handle,
+                    Err(FaultError::Oom) => MmError::NoMem.errno() as u64,
+                    Err(_) => -14i64 as u64, // EFAULT
+                }
+            }
+            Hypercall::Unpin => {
+                let m = self.mm.machine();
+                if m.unpin_user_page(self.arg(0)) {
+                    0
+                } else {
+                    MmError::Inval.errno() as u64
+                }
+            }
+            Hypercall::DmaRead => {
+                let m = self.mm.machine();
+                m.dma_read(self.arg(0), self.arg(1))
+                    .unwrap_or(MmError::Inval.errno() as u64)
+            }
+            Hypercall::DmaWrite => {
+                let m = self.mm.machine();
+                m.dma_write(self.arg(0), self.arg(1), self.arg(2))
+                    .map_or(MmError::Inval.errno() as u64, |()| 0)
+            }
+            Hypercall::UffdRegister => {
+                errno(self.mm.uffd_register(self.arg(0), self.arg(1)).map(|_| 0))
+            }
+            Hypercall::UffdWp => {
+                let protect = self.arg(2) != 0;
+                errno(
+                    self.mm
+                        .mwriteprotect_range(self.arg(0), self.arg(1), protect, Some(self.id))
+                        .map(|_| 0),
+                )
+            }
+            Hypercall::UffdWait => self.mm.uffd_wait(),
             Hypercall::FlushTlb => errno(
                 self.mm
                     .flush_deferred(self.arg(0), self.arg(1), Some(self.id))
@@ -649,6 +692,9 @@ impl Vcpu {
                 }
                 Err(FaultError::Segv) => Err(Outcome::Segv { addr, access, rip }),
                 Err(FaultError::Oom) => Err(Outcome::Oom { addr }),
+                Err(FaultError::Userfault(_)) => {
+                    Err(Outcome::Error("a userfault escaped the fault path".into()))
+                }
             }
         };
         // A dead thread leaves the stub for `killed` (see fault_result::KILL).

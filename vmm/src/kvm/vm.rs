@@ -21,6 +21,7 @@ use super::memory::GuestMem;
 use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
 use super::{arch, kick, Error, GUEST_ELF};
 use crate::mm::{mm_verify, verify_no_leaks, Machine, Mm, PhysMem};
+use crate::policy::Policy;
 
 /// Smallest guest memory accepted: the kernel region plus 16 MiB of frames.
 pub const MIN_MEM_MIB: u64 = (KERNEL_REGION_SIZE >> 20) + 16;
@@ -44,8 +45,8 @@ pub struct VmConfig {
     pub record_faults: bool,
     /// Run `mm_verify` when vCPUs and the run end (`--check`).
     pub check: bool,
-    /// The `tlb_capacity` knob: most translations one TLB holds.
-    pub tlb_capacity: Option<usize>,
+    /// The kernel behaviour to model (`--policy`, `--set`).
+    pub policy: Policy,
     /// The KVM device.
     pub kvm_path: String,
 }
@@ -60,7 +61,7 @@ impl Default for VmConfig {
             guest_elf: None,
             record_faults: false,
             check: true,
-            tlb_capacity: None,
+            policy: Policy::MAINLINE,
             kvm_path: "/dev/kvm".into(),
         }
     }
@@ -371,7 +372,7 @@ impl Vm {
             KERNEL_REGION_SIZE,
             size,
             arch::kernel_pml4(),
-            config.tlb_capacity,
+            config.policy,
         )
         .map_err(|_| Error::Memory("no frame for the zero page".into()))?;
         let machine = Arc::new(machine);
@@ -560,6 +561,9 @@ impl Vm {
             out.extend(mm_verify(machine, &mms, &[]).into_iter().map(|v| v.0));
         }
         drop(processes);
+        // What the guests still hold is released with the VM (a pipe or an
+        // io_uring closing).
+        machine.unpin_all();
         if self.shared.check && out.is_empty() {
             out.extend(verify_no_leaks(machine).into_iter().map(|v| v.0));
         }

@@ -17,8 +17,8 @@ impl Mm {
     /// A new address space for a child of this one: every VMA copied, every
     /// private anonymous page shared copy-on-write (write-protected in both)
     /// or, if it may be pinned, copied now. The parent's VMAs are
-    /// write-locked for the whole copy (fb49c455323f, v6.5), and the
-    /// parent's TLB is flushed only at the end, as in Linux: until then
+    /// write-locked for the whole copy when `fork_lock_vmas` (fb49c455323f,
+    /// v6.5), and the parent's TLB is flushed only at the end, as in Linux: until then
     /// other CPUs may still write through their old writable entries.
     /// Models kernel/fork.c:dup_mmap().
     pub fn dup_mmap(self: &Arc<Self>, cpu: Option<usize>) -> Result<Arc<Mm>, FaultError> {
@@ -27,7 +27,12 @@ impl Mm {
         let vmas = self.vmas_in(0, u64::MAX);
         // vma_start_write() on every parent VMA: faults under per-VMA locks
         // finish first, and new ones fall back to mmap_lock and wait.
-        let _vma_locks: Vec<_> = vmas.iter().map(|v| v.start_write()).collect();
+        let lock_vmas = self.m.policy.fork_lock_vmas;
+        let _vma_locks: Vec<_> = vmas
+            .iter()
+            .filter(|_| lock_vmas)
+            .map(|v| v.start_write())
+            .collect();
         let result = vmas.iter().try_for_each(|vma| {
             child
                 .vmas
@@ -63,7 +68,7 @@ impl Mm {
                 }
                 result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
                     .map_err(FaultError::from)
-                    .and_then(|dst| self.copy_present_pte(vma, src, dst));
+                    .and_then(|dst| self.copy_present_pte(vma, va, src, dst));
             },
         );
         result
@@ -75,6 +80,7 @@ impl Mm {
     fn copy_present_pte(
         &self,
         vma: &Vma,
+        va: u64,
         src: &AtomicU64,
         dst: &AtomicU64,
     ) -> Result<(), FaultError> {
@@ -87,9 +93,16 @@ impl Mm {
             return Ok(());
         }
         let page = m.frames.page(frame);
-        if page.anon_exclusive() && folio_maybe_dma_pinned(page.refcount()) {
-            // folio_try_dup_anon_rmap_pte() refuses: copy it now (70e806e4e645).
-            return self.copy_present_page(vma, frame, dst);
+        let policy = &m.policy;
+        // With PageAnonExclusive, folio_try_dup_anon_rmap_pte() refuses an
+        // exclusive maybe-pinned page; before it, page_needs_cow_for_dma().
+        let maybe_pinned =
+            self.has_pinned.load(Ordering::Acquire) && folio_maybe_dma_pinned(page.refcount());
+        if policy.fork_copy_pinned
+            && maybe_pinned
+            && (!policy.anon_exclusive || page.anon_exclusive())
+        {
+            return self.copy_present_page(vma, va, frame, src, dst);
         }
         m.frames.get_page(frame);
         m.frames.dup_rmap(frame);
@@ -104,11 +117,24 @@ impl Mm {
     }
 
     /// Gives the child its own copy of a maybe-pinned exclusive page, with a
-    /// plain copy while the parent's threads may be writing it. Models
-    /// mm/memory.c:copy_present_page().
-    fn copy_present_page(&self, vma: &Vma, frame: u64, dst: &AtomicU64) -> Result<(), FaultError> {
+    /// plain copy while the parent's threads may be writing it (seed 002)
+    /// — unless `fork_wrprotect_pinned`, which write-protects the parent's
+    /// PTE and flushes first, so writers fault and wait for the fork.
+    /// Models mm/memory.c:copy_present_page().
+    fn copy_present_page(
+        &self,
+        vma: &Vma,
+        va: u64,
+        frame: u64,
+        src: &AtomicU64,
+        dst: &AtomicU64,
+    ) -> Result<(), FaultError> {
         let m = &self.m;
         let new = m.frames.alloc_uninit()?;
+        if m.policy.fork_wrprotect_pinned {
+            src.fetch_and(!bits::WRITABLE, Ordering::AcqRel);
+            self.flush_tlb_page(va, None);
+        }
         m.mem.copy_frame(new, frame);
         m.frames.add_new_anon_rmap(new);
         dst.store(user_pte(new, vma.writable()), Ordering::Release);

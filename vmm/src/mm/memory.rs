@@ -12,10 +12,15 @@ use super::frame::OutOfFrames;
 use super::mm_struct::{Mm, Vma};
 use super::pagetable::{self, bits};
 use super::tlb::{self, user_pte};
+use crate::policy::{CowReuse, FaultLock};
 
 /// Software PTE bit (x86 bit 9, ignored by hardware): a PROT_NONE mapping,
 /// kept with its frame but not present. Models `_PAGE_PROTNONE`.
 pub const PTE_PROTNONE: u64 = 1 << 9;
+
+/// Software PTE bit (x86 bit 10): write-protected by userfaultfd. Models
+/// `_PAGE_UFFD_WP`.
+pub const PTE_UFFD_WP: u64 = 1 << 10;
 
 /// The kind of access that faulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +60,11 @@ pub enum FaultError {
     /// No frame was left for the page or its tables: VM_FAULT_OOM.
     #[error("out of memory")]
     Oom,
+    /// A write hit a userfaultfd write-protected page: the thread waits,
+    /// with no lock held, for the handler to resolve `addr`, then retries
+    /// (VM_FAULT_RETRY from handle_userfault()).
+    #[error("userfaultfd write-protect fault")]
+    Userfault(u64),
 }
 
 impl From<OutOfFrames> for FaultError {
@@ -102,7 +112,10 @@ impl Mm {
             if self.tlb_fill(cpu, addr, access)? {
                 return Ok(());
             }
-            self.do_user_addr_fault(addr, access, cpu)?;
+            match self.do_user_addr_fault(addr, access, cpu) {
+                Err(FaultError::Userfault(page)) => self.handle_userfault(page),
+                r => r?,
+            }
         }
     }
 
@@ -128,7 +141,7 @@ impl Mm {
             self.m.frames.pool(),
             page,
             user_pte(frame, pte & bits::WRITABLE != 0),
-            self.m.tlb_capacity,
+            self.m.policy.tlb_capacity,
         )?;
         Ok(true)
     }
@@ -139,14 +152,15 @@ impl Mm {
         if !(USER_MIN_ADDR..USER_END).contains(&addr) {
             return Err(FaultError::Segv);
         }
-        if let Some(vma) = self.lock_vma_under_rcu(addr) {
+        let per_vma = self.m.policy.fault_lock == FaultLock::Vma;
+        if let Some(vma) = per_vma.then(|| self.lock_vma_under_rcu(addr)).flatten() {
             let Some(_vma_read) = vma.start_read() else {
                 return self.fault_under_mmap_lock(addr, access, cpu);
             };
             if access_error(&vma, access) {
                 return Err(FaultError::Segv);
             }
-            return self.handle_mm_fault(&vma, addr, access, cpu);
+            return self.handle_mm_fault(&vma, addr, access, false, cpu);
         }
         self.fault_under_mmap_lock(addr, access, cpu)
     }
@@ -169,15 +183,18 @@ impl Mm {
         if access_error(&vma, access) {
             return Err(FaultError::Segv);
         }
-        self.handle_mm_fault(&vma, addr, access, cpu)
+        self.handle_mm_fault(&vma, addr, access, false, cpu)
     }
 
-    /// Models mm/memory.c:handle_mm_fault() → handle_pte_fault().
-    fn handle_mm_fault(
+    /// Models mm/memory.c:handle_mm_fault() → handle_pte_fault(); `unshare`
+    /// is FAULT_FLAG_UNSHARE (a read fault that must leave this process a
+    /// page of its own, for a read-only pin).
+    pub(crate) fn handle_mm_fault(
         &self,
         vma: &Vma,
         addr: u64,
         access: Access,
+        unshare: bool,
         cpu: usize,
     ) -> Result<(), FaultError> {
         let page = addr & !(PAGE_SIZE - 1);
@@ -189,8 +206,8 @@ impl Mm {
         if orig & (bits::PRESENT | PTE_PROTNONE) == 0 {
             return self.do_anonymous_page(vma, slot, access);
         }
-        if access == Access::Write && orig & bits::WRITABLE == 0 {
-            return self.do_wp_page(vma, page, slot, orig, cpu);
+        if (access == Access::Write || unshare) && orig & bits::WRITABLE == 0 {
+            return self.do_wp_page(vma, page, slot, orig, unshare, cpu);
         }
         // Another CPU resolved it first: the caller's walk will succeed.
         Ok(())
@@ -223,34 +240,64 @@ impl Mm {
         Ok(())
     }
 
-    /// A write to a present, read-only PTE: reuse the page if it is ours
-    /// alone, else copy it. Models mm/memory.c:do_wp_page().
+    /// A write to a present, read-only PTE (or an unshare request): reuse
+    /// the page if it is ours alone, else copy it. Models
+    /// mm/memory.c:do_wp_page().
     fn do_wp_page(
         &self,
         vma: &Vma,
         page: u64,
         slot: &AtomicU64,
         orig: u64,
+        unshare: bool,
         cpu: usize,
     ) -> Result<(), FaultError> {
         let m = &self.m;
+        let policy = &m.policy;
         let ptl = self.ptl();
         if slot.load(Ordering::Acquire) != orig {
             return Ok(());
         }
+        if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
+            return Err(FaultError::Userfault(page));
+        }
+        if policy.uffd_wp_flush_before_copy && vma.uffd_wp() && self.mm_tlb_flush_pending() {
+            // 6ce64428d620: uffd-wp can defer flushes; a stale writable
+            // entry must not survive into the copy below.
+            self.flush_tlb_page(page, Some(cpu));
+        }
         let frame = orig & bits::ADDR_MASK;
         if frame != m.frames.zero_page() {
             let p = m.frames.page(frame);
-            // Models mm/memory.c:wp_can_reuse_anon_folio(): the refcount rule
-            // of 09854ba94c6a (v5.9): reuse only if no one else holds a reference.
-            if p.anon_exclusive() || p.refcount() == 1 {
+            if policy.anon_exclusive && p.anon_exclusive() {
+                // Ours alone: an unshare has nothing to do, a write reuses.
+                if !unshare {
+                    self.wp_page_reuse(slot, orig);
+                }
+                return Ok(());
+            }
+            if !unshare && self.can_reuse(frame) {
                 p.set_anon_exclusive();
                 self.wp_page_reuse(slot, orig);
                 return Ok(());
             }
+        } else if unshare {
+            // The zero page is never unshared (it is not anonymous).
+            return Ok(());
         }
         drop(ptl);
-        self.wp_page_copy(vma, page, slot, orig, cpu)
+        self.wp_page_copy(vma, page, slot, orig, unshare, cpu)
+    }
+
+    /// Whether a shared-looking page is in fact only ours: by refcount
+    /// (v5.9+, `wp_can_reuse_anon_folio()`) or by mapcount (before,
+    /// `reuse_swap_page()`, blind to GUP references).
+    fn can_reuse(&self, frame: u64) -> bool {
+        let p = self.m.frames.page(frame);
+        match self.m.policy.cow_reuse {
+            CowReuse::Refcount => p.refcount() == 1,
+            CowReuse::Mapcount => p.mapcount() == 1,
+        }
     }
 
     /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
@@ -271,6 +318,7 @@ impl Mm {
         page: u64,
         slot: &AtomicU64,
         orig: u64,
+        unshare: bool,
         cpu: usize,
     ) -> Result<(), FaultError> {
         let m = &self.m;
@@ -291,7 +339,18 @@ impl Mm {
             }
         };
         let ptl = self.ptl();
-        if slot.load(Ordering::Acquire) != orig {
+        let recheck = m.policy.wp_copy_recheck_exclusive
+            && !unshare
+            && old != m.frames.zero_page()
+            && m.frames.page(old).mapcount() == 1
+            && m.frames.page(old).refcount() == 2;
+        if slot.load(Ordering::Acquire) != orig || recheck {
+            // pte_same failed: someone else handled it. Or (seed 004's
+            // suggestion) the page became ours alone meanwhile: reuse it.
+            if recheck && slot.load(Ordering::Acquire) == orig {
+                m.frames.page(old).set_anon_exclusive();
+                self.wp_page_reuse(slot, orig);
+            }
             drop(ptl);
             m.frames.put_page(new);
             m.frames.put_page(old);
@@ -301,7 +360,8 @@ impl Mm {
         slot.store(0, Ordering::Release);
         self.flush_tlb_page(page, Some(cpu));
         m.frames.add_new_anon_rmap(new);
-        slot.store(mk_pte(new, vma.writable()), Ordering::Release);
+        // An unshared copy is mapped read-only, like the page it replaces.
+        slot.store(mk_pte(new, vma.writable() && !unshare), Ordering::Release);
         // The old rmap goes only now, after the switch (see the comment in
         // wp_page_copy() about another process reusing the page).
         if old != m.frames.zero_page() {
@@ -319,6 +379,8 @@ impl Mm {
     /// tlb_finish_mmu().
     pub(crate) fn zap_page_range(&self, start: u64, end: u64, initiator: Option<usize>) {
         let m = &self.m;
+        // tlb_gather_mmu(): a flush is pending from the first cleared PTE.
+        self.inc_tlb_flush_pending();
         let mut freed = Vec::new();
         {
             let _ptl = self.ptl();
@@ -332,6 +394,7 @@ impl Mm {
             });
         }
         self.flush_tlb_range(start, end, initiator);
+        self.dec_tlb_flush_pending();
         for frame in freed {
             m.frames.put_page(frame);
         }

@@ -18,10 +18,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLoc
 use cowlab_abi::layout::PAGE_SIZE;
 
 use super::frame::OutOfFrames;
+use super::gup::Pins;
 use super::page::Frames;
 use super::pagetable::{ENTRIES, KERNEL_PML4_START};
 use super::phys::PhysMem;
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
+use super::userfaultfd::Uffd;
+use crate::policy::Policy;
 
 /// `PROT_*` bits of a VMA.
 pub mod prot {
@@ -36,9 +39,11 @@ pub struct Machine {
     pub mem: Arc<dyn PhysMem>,
     pub frames: Frames,
     pub tlbs: Tlbs,
+    /// Pins and references held by the guests (get_user_pages).
+    pub pins: Pins,
     flusher: OnceLock<Arc<dyn CpuFlusher>>,
-    /// `tlb_capacity` knob: most translations one TLB holds (None = unlimited).
-    pub tlb_capacity: Option<usize>,
+    /// The kernel behaviour modelled (DESIGN.md §6).
+    pub policy: Policy,
     /// The kernel part of every shadow table.
     pub kernel_pml4: [u64; (ENTRIES - KERNEL_PML4_START) as usize],
     next_mm_id: AtomicUsize,
@@ -59,15 +64,16 @@ impl Machine {
         start: u64,
         end: u64,
         kernel_pml4: [u64; (ENTRIES - KERNEL_PML4_START) as usize],
-        tlb_capacity: Option<usize>,
+        policy: Policy,
     ) -> Result<Self, OutOfFrames> {
         let frames = Frames::new(&*mem, start, end)?;
         Ok(Machine {
             mem,
             frames,
             tlbs: Tlbs::new(),
+            pins: Pins::default(),
             flusher: OnceLock::new(),
-            tlb_capacity,
+            policy,
             kernel_pml4,
             next_mm_id: AtomicUsize::new(0),
         })
@@ -90,19 +96,32 @@ pub struct Vma {
     pub start: u64,
     pub end: u64,
     pub prot: u32,
+    /// `VM_UFFD_WP`: registered for userfaultfd write-protect faults.
+    pub uffd_wp: bool,
     vm_lock: RwLock<()>,
     detached: AtomicBool,
 }
 
 impl Vma {
     pub fn new(start: u64, end: u64, prot: u32) -> Arc<Vma> {
+        Vma::with_flags(start, end, prot, false)
+    }
+
+    /// A VMA with the uffd-wp registration `uffd_wp`.
+    pub fn with_flags(start: u64, end: u64, prot: u32, uffd_wp: bool) -> Arc<Vma> {
         Arc::new(Vma {
             start,
             end,
             prot,
+            uffd_wp,
             vm_lock: RwLock::new(()),
             detached: AtomicBool::new(false),
         })
+    }
+
+    /// Models include/linux/userfaultfd_k.h:userfaultfd_wp().
+    pub fn uffd_wp(&self) -> bool {
+        self.uffd_wp
     }
 
     pub fn readable(&self) -> bool {
@@ -151,6 +170,10 @@ pub struct Mm {
     pub(crate) mmap_base: AtomicU64,
     /// Threads running in this mm (`mm->mm_users`).
     users: AtomicUsize,
+    /// `MMF_HAS_PINNED`: a page of this mm was ever FOLL_PIN-ned.
+    pub(crate) has_pinned: AtomicBool,
+    /// The userfaultfd of this mm (one per mm here).
+    pub(crate) uffd: Uffd,
 }
 
 impl std::fmt::Debug for Mm {
@@ -181,6 +204,8 @@ impl Mm {
             cpumask: AtomicU64::new(0),
             mmap_base: AtomicU64::new(MMAP_BASE),
             users: AtomicUsize::new(0),
+            has_pinned: AtomicBool::new(false),
+            uffd: Uffd::default(),
         }))
     }
 

@@ -35,7 +35,7 @@ impl MmError {
 /// Gap left between consecutive mappings, so neighbours never merge.
 const GUARD_GAP: u64 = PAGE_SIZE;
 
-fn page_range(addr: u64, len: u64) -> Result<(u64, u64), MmError> {
+pub(crate) fn page_range(addr: u64, len: u64) -> Result<(u64, u64), MmError> {
     if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
         return Err(MmError::Inval);
     }
@@ -98,12 +98,17 @@ impl Mm {
     }
 
     /// Replaces the VMAs overlapping `[start, end)` by pieces split at
-    /// `start` and `end`, with `f` applied to the pieces inside (`None`
-    /// removes them). The replaced VMAs are write-locked and detached, so
+    /// `start` and `end`, with `f` giving the pieces inside their
+    /// protection and uffd-wp registration (`None` removes them). The replaced VMAs are write-locked and detached, so
     /// faults that hold them finish first and later ones fall back to
     /// `mmap_lock`. Caller holds `mmap_lock` for write. Models
     /// mm/mmap.c:split_vma() + vma_start_write() + the maple-tree update.
-    fn replace_vmas(&self, start: u64, end: u64, f: impl Fn(&Vma) -> Option<u32>) {
+    pub(crate) fn replace_vmas(
+        &self,
+        start: u64,
+        end: u64,
+        f: impl Fn(&Vma) -> Option<(u32, bool)>,
+    ) {
         let old = self.vmas_in(start, end);
         for vma in &old {
             vma.start_write_and_detach();
@@ -112,14 +117,17 @@ impl Mm {
         for vma in old {
             tree.remove(&vma.start);
             if vma.start < start {
-                tree.insert(vma.start, Vma::new(vma.start, start, vma.prot));
+                tree.insert(
+                    vma.start,
+                    Vma::with_flags(vma.start, start, vma.prot, vma.uffd_wp),
+                );
             }
             if vma.end > end {
-                tree.insert(end, Vma::new(end, vma.end, vma.prot));
+                tree.insert(end, Vma::with_flags(end, vma.end, vma.prot, vma.uffd_wp));
             }
             let (lo, hi) = (vma.start.max(start), vma.end.min(end));
-            if let Some(p) = f(&vma) {
-                tree.insert(lo, Vma::new(lo, hi, p));
+            if let Some((p, uffd_wp)) = f(&vma) {
+                tree.insert(lo, Vma::with_flags(lo, hi, p, uffd_wp));
             }
         }
     }
@@ -157,7 +165,7 @@ impl Mm {
         if !self.covered(start, end) {
             return Err(MmError::NoMem);
         }
-        self.replace_vmas(start, end, |_| Some(prot_bits));
+        self.replace_vmas(start, end, |v| Some((prot_bits, v.uffd_wp)));
         self.inc_tlb_flush_pending();
         let downgraded = self.change_protection(start, end, prot_bits);
         if defer_flush {
@@ -205,7 +213,7 @@ impl Mm {
     }
 
     /// Whether VMAs cover all of `[start, end)`.
-    fn covered(&self, start: u64, end: u64) -> bool {
+    pub(crate) fn covered(&self, start: u64, end: u64) -> bool {
         let mut at = start;
         for vma in self.vmas_in(start, end) {
             if vma.start > at {

@@ -7,6 +7,7 @@
 
 pub mod fork;
 pub mod frame;
+pub mod gup;
 pub mod memory;
 pub mod mm_struct;
 pub mod mmap;
@@ -14,12 +15,14 @@ pub mod page;
 pub mod pagetable;
 pub mod phys;
 pub mod tlb;
+pub mod userfaultfd;
 pub mod verify;
 
 #[cfg(test)]
 mod tests;
 
 pub use frame::{FrameAllocator, OutOfFrames};
+pub use gup::{GupFlags, Pin};
 pub use memory::{Access, FaultError};
 pub use mm_struct::{prot, Machine, Mm, Vma};
 pub use mmap::MmError;

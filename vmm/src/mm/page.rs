@@ -141,6 +141,29 @@ impl Frames {
         }
     }
 
+    /// Pins a page (FOLL_PIN): [`GUP_PIN_COUNTING_BIAS`] references and
+    /// one exact pin. Models mm/gup.c:try_grab_folio() for FOLL_PIN.
+    pub fn pin_page(&self, pa: u64) {
+        let page = self.page(pa);
+        page.refcount
+            .fetch_add(GUP_PIN_COUNTING_BIAS, Ordering::AcqRel);
+        page.pincount.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops a pin; frees the page when nothing else holds it. Models
+    /// mm/gup.c:unpin_user_page().
+    pub fn unpin_page(&self, pa: u64) {
+        let page = self.page(pa);
+        page.pincount.fetch_sub(1, Ordering::AcqRel);
+        let old = page
+            .refcount
+            .fetch_sub(GUP_PIN_COUNTING_BIAS, Ordering::AcqRel);
+        if old == GUP_PIN_COUNTING_BIAS {
+            page.anon_exclusive.store(false, Ordering::Release);
+            self.pool.free(pa);
+        }
+    }
+
     /// A PTE now maps `pa`: the new anonymous, exclusive mapping of a fresh
     /// page. Models mm/rmap.c:folio_add_new_anon_rmap().
     pub fn add_new_anon_rmap(&self, pa: u64) {

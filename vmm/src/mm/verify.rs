@@ -69,8 +69,15 @@ pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
             mappings.entry(frame).or_default().push((mm.id, va));
         });
     }
+    // References taken by get_user_pages (FOLL_GET) are counted nowhere
+    // else: the pin table has them.
+    let mut gets: BTreeMap<u64, i64> = BTreeMap::new();
+    for pin in m.pins.snapshot().into_iter().filter(|p| !p.flags.pin) {
+        *gets.entry(pin.frame).or_default() += 1;
+    }
     for (frame, page) in m.frames.in_use() {
         let maps = mappings.remove(&frame).unwrap_or_default();
+        let gets = gets.get(&frame).copied().unwrap_or(0);
         let where_ = maps
             .iter()
             .map(|(mm, va)| format!("mm {mm} {va:#x}"))
@@ -83,16 +90,16 @@ pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
                 maps.len()
             )));
         }
-        let expected = maps.len() as i64 + page.pincount() * GUP_PIN_COUNTING_BIAS;
+        let expected = maps.len() as i64 + page.pincount() * GUP_PIN_COUNTING_BIAS + gets;
         if page.refcount() != expected {
             out.push(Violation(format!(
-                "frame {frame:#x}: refcount {} but {} mappings and {} pins [{where_}]",
+                "frame {frame:#x}: refcount {} but {} mappings, {} pins and {gets} references [{where_}]",
                 page.refcount(),
                 maps.len(),
                 page.pincount()
             )));
         }
-        if maps.is_empty() && page.pincount() == 0 {
+        if maps.is_empty() && page.pincount() == 0 && gets == 0 {
             out.push(Violation(format!(
                 "frame {frame:#x}: in use (refcount {}) but unmapped: leaked",
                 page.refcount()

@@ -1,0 +1,187 @@
+//! get_user_pages: references (FOLL_GET) and pins (FOLL_PIN) on the pages
+//! behind user addresses, and "DMA" through them. A pin is a handle the
+//! guest keeps; reading or writing the pinned frame models vmsplice → pipe
+//! read and io_uring fixed-buffer I/O. Models mm/gup.c.
+
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use cowlab_abi::layout::PAGE_SIZE;
+
+use super::memory::{Access, FaultError};
+use super::mm_struct::{Machine, Mm};
+use super::pagetable::{self, bits};
+use crate::policy::GupReadCow;
+
+/// How a page is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GupFlags {
+    /// FOLL_WRITE: the holder will write the page.
+    pub write: bool,
+    /// FOLL_PIN (else FOLL_GET).
+    pub pin: bool,
+    /// FOLL_LONGTERM.
+    pub longterm: bool,
+}
+
+/// A reference or pin the guest holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    pub frame: u64,
+    pub flags: GupFlags,
+}
+
+/// The pins of all guests, by handle.
+#[derive(Debug, Default)]
+pub struct Pins(Mutex<Vec<Option<Pin>>>);
+
+impl Pins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Pin>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, pin: Pin) -> u64 {
+        let mut pins = self.lock();
+        pins.push(Some(pin));
+        pins.len() as u64 - 1
+    }
+
+    /// The pin behind `handle`.
+    pub fn get(&self, handle: u64) -> Option<Pin> {
+        *self.lock().get(handle as usize)?
+    }
+
+    fn take(&self, handle: u64) -> Option<Pin> {
+        self.lock().get_mut(handle as usize)?.take()
+    }
+
+    /// The pins held now.
+    pub fn snapshot(&self) -> Vec<Pin> {
+        self.lock().iter().flatten().copied().collect()
+    }
+
+    /// Takes every pin still held (at the end of a run).
+    pub fn drain(&self) -> Vec<Pin> {
+        self.lock().iter_mut().filter_map(Option::take).collect()
+    }
+}
+
+/// Whether a read-only pin of this PTE must first unshare the page.
+/// Models mm/internal.h:gup_must_unshare().
+fn gup_must_unshare(m: &Machine, pte: u64, flags: GupFlags) -> bool {
+    let frame = pte & bits::ADDR_MASK;
+    flags.pin
+        && !flags.write
+        && m.policy.anon_exclusive
+        && m.policy.gup_read_cow == GupReadCow::Unshare
+        && m.frames.is_normal(frame)
+        && !m.frames.page(frame).anon_exclusive()
+}
+
+impl Mm {
+    /// Takes the page at `addr`, faulting it in, breaking or unsharing COW
+    /// as the flags and the policy ask; returns a pin handle. Models
+    /// mm/gup.c:__get_user_pages() (follow_page_pte() + faultin_page()) for
+    /// one page, and pin_user_pages() / get_user_pages().
+    pub fn get_user_page(&self, addr: u64, flags: GupFlags, cpu: usize) -> Result<u64, FaultError> {
+        let m = &self.m;
+        let page = addr & !(PAGE_SIZE - 1);
+        loop {
+            let _mmap = self.mmap_read_lock();
+            let vma = self.vma_lookup(page).ok_or(FaultError::Segv)?;
+            if (flags.write && !vma.writable()) || !vma.readable() {
+                return Err(FaultError::Segv);
+            }
+            let ptl = self.ptl();
+            let pte = pagetable::lookup(&*m.mem, self.pgd, page).unwrap_or(0);
+            let cow_shared = pte & bits::WRITABLE == 0 && vma.writable();
+            // What faultin_page() would be asked for, if anything.
+            let fault = if pte & bits::PRESENT == 0 {
+                Some((
+                    if flags.write {
+                        Access::Write
+                    } else {
+                        Access::Read
+                    },
+                    false,
+                ))
+            } else if flags.write && pte & bits::WRITABLE == 0 {
+                Some((Access::Write, false))
+            } else if gup_must_unshare(m, pte, flags) {
+                Some((Access::Read, true))
+            } else if !flags.write && cow_shared && m.policy.gup_read_cow == GupReadCow::Break {
+                // 17839856fd58: a read pin of a COW page breaks COW like a write.
+                Some((Access::Write, false))
+            } else {
+                None
+            };
+            if let Some((access, unshare)) = fault {
+                drop(ptl);
+                self.handle_mm_fault(&vma, page, access, unshare, cpu)?;
+                continue;
+            }
+            let frame = pte & bits::ADDR_MASK;
+            if m.frames.is_normal(frame) {
+                if flags.pin {
+                    m.frames.pin_page(frame);
+                    self.has_pinned.store(true, Ordering::Release);
+                } else {
+                    m.frames.get_page(frame);
+                }
+            }
+            drop(ptl);
+            return Ok(m.pins.insert(Pin { frame, flags }));
+        }
+    }
+}
+
+impl Machine {
+    /// Drops the pin or reference `handle`. Models mm/gup.c:unpin_user_page()
+    /// and put_page().
+    pub fn unpin_user_page(&self, handle: u64) -> bool {
+        let Some(pin) = self.pins.take(handle) else {
+            return false;
+        };
+        self.release_pin(pin);
+        true
+    }
+
+    fn release_pin(&self, pin: Pin) {
+        if !self.frames.is_normal(pin.frame) {
+            return;
+        }
+        if pin.flags.pin {
+            self.frames.unpin_page(pin.frame);
+        } else {
+            self.frames.put_page(pin.frame);
+        }
+    }
+
+    /// Releases every pin still held (the end of a run).
+    pub fn unpin_all(&self) {
+        for pin in self.pins.drain() {
+            self.release_pin(pin);
+        }
+    }
+
+    /// "DMA": reads the word at byte `offset` of the pinned frame.
+    pub fn dma_read(&self, handle: u64, offset: u64) -> Option<u64> {
+        let pin = self.pins.get(handle)?;
+        (offset < PAGE_SIZE).then(|| {
+            self.mem
+                .word(pin.frame + (offset & !7))
+                .load(Ordering::SeqCst)
+        })
+    }
+
+    /// "DMA": writes the word at byte `offset` of the pinned frame (a write
+    /// pin only).
+    pub fn dma_write(&self, handle: u64, offset: u64, value: u64) -> Option<()> {
+        let pin = self.pins.get(handle)?;
+        (offset < PAGE_SIZE && pin.flags.write).then(|| {
+            self.mem
+                .word(pin.frame + (offset & !7))
+                .store(value, Ordering::SeqCst)
+        })
+    }
+}

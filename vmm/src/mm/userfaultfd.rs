@@ -1,0 +1,120 @@
+//! userfaultfd write-protect: registration, protect / unprotect with a
+//! deferred TLB flush, and wp faults handed to a handler thread. Models
+//! mm/userfaultfd.c (mwriteprotect_range) and fs/userfaultfd.c
+//! (handle_userfault, the read() of events).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex};
+
+use cowlab_abi::layout::PAGE_SIZE;
+
+use super::memory::PTE_UFFD_WP;
+use super::mm_struct::Mm;
+use super::mmap::MmError;
+use super::pagetable::{self, bits};
+
+/// The userfaultfd context of an mm: pending wp-fault events.
+#[derive(Debug, Default)]
+pub struct Uffd {
+    /// Faulting pages not yet read by the handler.
+    events: Mutex<VecDeque<u64>>,
+    /// Signalled when an event arrives or a page is unprotected.
+    changed: Condvar,
+}
+
+impl Mm {
+    /// Registers `[addr, addr + len)` (mapped) for write-protect faults.
+    /// Models fs/userfaultfd.c:userfaultfd_register() with
+    /// UFFDIO_REGISTER_MODE_WP.
+    pub fn uffd_register(&self, addr: u64, len: u64) -> Result<(), MmError> {
+        let (start, end) = super::mmap::page_range(addr, len)?;
+        let _mmap = self.mmap_write_lock();
+        if !self.covered(start, end) {
+            return Err(MmError::NoMem);
+        }
+        self.replace_vmas(start, end, |v| Some((v.prot, true)));
+        Ok(())
+    }
+
+    /// Write-protects (`protect`) or unprotects `[addr, addr + len)`, under
+    /// `mmap_lock` held for read: `tlb_flush_pending` goes up before the
+    /// PTEs change and down after the one flush at the end, so until then
+    /// other CPUs may keep writable entries. Unprotecting wakes the threads
+    /// waiting on those pages. Models mm/userfaultfd.c:mwriteprotect_range().
+    pub fn mwriteprotect_range(
+        &self,
+        addr: u64,
+        len: u64,
+        protect: bool,
+        cpu: Option<usize>,
+    ) -> Result<(), MmError> {
+        let (start, end) = super::mmap::page_range(addr, len)?;
+        let m = &self.m;
+        let _mmap = self.mmap_read_lock();
+        if !self.covered(start, end) || self.vmas_in(start, end).iter().any(|v| !v.uffd_wp()) {
+            return Err(MmError::NoMem);
+        }
+        self.inc_tlb_flush_pending();
+        {
+            let _ptl = self.ptl();
+            pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |_, slot| {
+                let pte = slot.load(Ordering::Acquire);
+                if pte & bits::PRESENT == 0 {
+                    return;
+                }
+                let new = if protect {
+                    (pte & !bits::WRITABLE) | PTE_UFFD_WP
+                } else {
+                    pte & !PTE_UFFD_WP
+                };
+                slot.store(new, Ordering::Release);
+            });
+        }
+        if protect {
+            self.flush_tlb_range(start, end, cpu);
+        }
+        self.dec_tlb_flush_pending();
+        if !protect {
+            self.uffd.changed.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Hands the wp fault at `page` to the handler and waits, with no lock
+    /// held, until the page is no longer write-protected. Models
+    /// fs/userfaultfd.c:handle_userfault() (VM_FAULT_RETRY).
+    pub(crate) fn handle_userfault(&self, page: u64) {
+        let mut events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.push_back(page);
+        self.uffd.changed.notify_all();
+        while self.uffd_wp_pending(page) {
+            events = self
+                .uffd
+                .changed
+                .wait(events)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn uffd_wp_pending(&self, page: u64) -> bool {
+        pagetable::lookup(&*self.m.mem, self.pgd, page).is_some_and(|pte| pte & PTE_UFFD_WP != 0)
+            && self.vma_lookup(page).is_some_and(|v| v.uffd_wp())
+    }
+
+    /// The next wp fault, waiting for one. Models reading a
+    /// UFFD_EVENT_PAGEFAULT message (with UFFD_PAGEFAULT_FLAG_WP).
+    pub fn uffd_wait(&self) -> u64 {
+        let mut events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(page) = events.pop_front() {
+                return page & !(PAGE_SIZE - 1);
+            }
+            events = self
+                .uffd
+                .changed
+                .wait(events)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! Kernel behaviour as knobs, and presets that name kernel releases
+//! (DESIGN.md §6). Each knob's doc names the commit that changed the
+//! behaviour; `docs/policies.md` has the table, and `cowlab list policies`
+//! prints it.
+
+use std::fmt;
+
+/// Under which lock a page fault runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultLock {
+    /// `mmap_lock` held for read (before v6.4 on x86).
+    Mmap,
+    /// The faulting VMA's per-VMA lock, `lock_vma_under_rcu()`
+    /// (0bff0aaea03e "x86/mm: try VMA lock-based page fault handling first", v6.4).
+    Vma,
+}
+
+/// When `do_wp_page()` may reuse a page instead of copying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CowReuse {
+    /// The page is mapped once (`reuse_swap_page()`, before v5.9): extra
+    /// references such as GUP pins do not prevent reuse.
+    Mapcount,
+    /// Nobody else holds a reference (09854ba94c6a "mm: do_wp_page()
+    /// simplification", v5.9).
+    Refcount,
+}
+
+/// What a read-only GUP pin of a shared anonymous page does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GupReadCow {
+    /// Pins the shared page as it is (before v5.8, and v5.9 to v5.18:
+    /// a308c71bf1e6 removed the forced COW break).
+    None,
+    /// Breaks COW as for a write (17839856fd58 "gup: document and work
+    /// around 'COW can break either way' issue", v5.8).
+    Break,
+    /// Unshares it: a private copy mapped read-only (c89357e27f20
+    /// FAULT_FLAG_UNSHARE, with 6c287605fd56 PageAnonExclusive, v5.19).
+    Unshare,
+}
+
+/// A set of kernel behaviours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub fault_lock: FaultLock,
+    /// `dup_mmap()` write-locks every parent VMA (fb49c455323f "fork: lock
+    /// VMAs of the parent process when forking", v6.5, stable 6.4.y).
+    pub fork_lock_vmas: bool,
+    pub cow_reuse: CowReuse,
+    /// `PageAnonExclusive` and unsharing for R/O pins (6c287605fd56,
+    /// c89357e27f20, v5.19).
+    pub anon_exclusive: bool,
+    pub gup_read_cow: GupReadCow,
+    /// fork copies maybe-pinned exclusive pages at once instead of sharing
+    /// them (70e806e4e645 "mm: Do early cow for pinned pages during fork()
+    /// for ptes").
+    pub fork_copy_pinned: bool,
+    /// fork write-protects a maybe-pinned page and flushes before copying
+    /// it, so the child sees a coherent snapshot (J. Horn, 2025 proposal,
+    /// not merged).
+    pub fork_wrprotect_pinned: bool,
+    /// `do_wp_page()` flushes a pending TLB flush of a uffd-wp VMA before
+    /// copying (6ce64428d620 "mm/userfaultfd: fix memory corruption due to
+    /// writeprotect", v5.12, stable 5.9+).
+    pub uffd_wp_flush_before_copy: bool,
+    /// `wp_page_copy()` rechecks, under the PTL, that the page is still
+    /// shared before installing the copy (suggested in seed 004, not merged).
+    pub wp_copy_recheck_exclusive: bool,
+    /// Most translations one TLB holds (None = unlimited).
+    pub tlb_capacity: Option<usize>,
+}
+
+/// The presets, newest first, with what each stands for.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("mainline", "current Linux"),
+    (
+        "linux-6.4",
+        "per-VMA-lock faults without fork locking the VMAs (seed 000)",
+    ),
+    ("linux-6.3", "faults under mmap_lock"),
+    (
+        "linux-5.10",
+        "refcount reuse, no PageAnonExclusive, no uffd-wp flush before copy (seed 001)",
+    ),
+    ("linux-5.8", "mapcount reuse, GUP read pins break COW"),
+    (
+        "linux-5.7",
+        "mapcount reuse, GUP read pins do not break COW (CVE-2020-29374, seed 003)",
+    ),
+    (
+        "proposal-fork-coherent",
+        "mainline + fork write-protects pinned pages before copying (seed 002)",
+    ),
+];
+
+impl Policy {
+    /// Current Linux.
+    pub const MAINLINE: Policy = Policy {
+        fault_lock: FaultLock::Vma,
+        fork_lock_vmas: true,
+        cow_reuse: CowReuse::Refcount,
+        anon_exclusive: true,
+        gup_read_cow: GupReadCow::Unshare,
+        fork_copy_pinned: true,
+        fork_wrprotect_pinned: false,
+        uffd_wp_flush_before_copy: true,
+        wp_copy_recheck_exclusive: false,
+        tlb_capacity: None,
+    };
+
+    /// The preset `name`, if there is one.
+    pub fn preset(name: &str) -> Option<Policy> {
+        let m = Policy::MAINLINE;
+        let v5_10 = Policy {
+            fault_lock: FaultLock::Mmap,
+            fork_lock_vmas: false,
+            anon_exclusive: false,
+            gup_read_cow: GupReadCow::None,
+            uffd_wp_flush_before_copy: false,
+            ..m
+        };
+        Some(match name {
+            "mainline" => m,
+            "linux-6.4" => Policy {
+                fork_lock_vmas: false,
+                ..m
+            },
+            "linux-6.3" => Policy {
+                fault_lock: FaultLock::Mmap,
+                fork_lock_vmas: false,
+                ..m
+            },
+            "linux-5.10" => v5_10,
+            "linux-5.8" => Policy {
+                cow_reuse: CowReuse::Mapcount,
+                gup_read_cow: GupReadCow::Break,
+                fork_copy_pinned: false,
+                ..v5_10
+            },
+            "linux-5.7" => Policy {
+                cow_reuse: CowReuse::Mapcount,
+                gup_read_cow: GupReadCow::None,
+                fork_copy_pinned: false,
+                ..v5_10
+            },
+            "proposal-fork-coherent" => Policy {
+                fork_wrprotect_pinned: true,
+                ..m
+            },
+            _ => return None,
+        })
+    }
+
+    /// Names of the presets, for error messages.
+    pub fn preset_names() -> String {
+        PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Sets knob `name` from `value` (`--set name=value`).
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let bool_value = || match value {
+            "on" | "true" | "1" | "yes" => Ok(true),
+            "off" | "false" | "0" | "no" => Ok(false),
+            _ => Err(format!("knob {name} takes on or off, not '{value}'")),
+        };
+        match name {
+            "fault_lock" => {
+                self.fault_lock = match value {
+                    "mmap" => FaultLock::Mmap,
+                    "vma" => FaultLock::Vma,
+                    _ => return Err(format!("knob fault_lock takes mmap or vma, not '{value}'")),
+                }
+            }
+            "cow_reuse" => {
+                self.cow_reuse = match value {
+                    "mapcount" => CowReuse::Mapcount,
+                    "refcount" => CowReuse::Refcount,
+                    _ => {
+                        return Err(format!(
+                            "knob cow_reuse takes mapcount or refcount, not '{value}'"
+                        ))
+                    }
+                }
+            }
+            "gup_read_cow" => {
+                self.gup_read_cow = match value {
+                    "none" => GupReadCow::None,
+                    "break" => GupReadCow::Break,
+                    "unshare" => GupReadCow::Unshare,
+                    _ => {
+                        return Err(format!(
+                            "knob gup_read_cow takes none, break or unshare, not '{value}'"
+                        ))
+                    }
+                }
+            }
+            "tlb_capacity" => {
+                self.tlb_capacity =
+                    match value {
+                        "unlimited" => None,
+                        n => match n.parse::<usize>() {
+                            Ok(n) if n > 0 => Some(n),
+                            _ => return Err(format!(
+                                "knob tlb_capacity takes a number >= 1 or unlimited, not '{value}'"
+                            )),
+                        },
+                    }
+            }
+            "fork_lock_vmas" => self.fork_lock_vmas = bool_value()?,
+            "anon_exclusive" => self.anon_exclusive = bool_value()?,
+            "fork_copy_pinned" => self.fork_copy_pinned = bool_value()?,
+            "fork_wrprotect_pinned" => self.fork_wrprotect_pinned = bool_value()?,
+            "uffd_wp_flush_before_copy" => self.uffd_wp_flush_before_copy = bool_value()?,
+            "wp_copy_recheck_exclusive" => self.wp_copy_recheck_exclusive = bool_value()?,
+            _ => {
+                return Err(format!(
+                    "unknown knob '{name}' (knobs: {})",
+                    KNOBS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// The value of every knob, in [`KNOBS`] order.
+    pub fn values(&self) -> Vec<String> {
+        let b = |v: bool| if v { "on" } else { "off" }.to_string();
+        vec![
+            match self.fault_lock {
+                FaultLock::Mmap => "mmap".into(),
+                FaultLock::Vma => "vma".into(),
+            },
+            b(self.fork_lock_vmas),
+            match self.cow_reuse {
+                CowReuse::Mapcount => "mapcount".into(),
+                CowReuse::Refcount => "refcount".into(),
+            },
+            b(self.anon_exclusive),
+            match self.gup_read_cow {
+                GupReadCow::None => "none".into(),
+                GupReadCow::Break => "break".into(),
+                GupReadCow::Unshare => "unshare".into(),
+            },
+            b(self.fork_copy_pinned),
+            b(self.fork_wrprotect_pinned),
+            b(self.uffd_wp_flush_before_copy),
+            b(self.wp_copy_recheck_exclusive),
+            self.tlb_capacity
+                .map_or("unlimited".into(), |n| n.to_string()),
+        ]
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::MAINLINE
+    }
+}
+
+/// Every knob: name, values, the commit that changed it.
+pub const KNOBS: &[(&str, &str, &str)] = &[
+    (
+        "fault_lock",
+        "mmap|vma",
+        "0bff0aaea03e (v6.4): x86 faults under per-VMA locks",
+    ),
+    (
+        "fork_lock_vmas",
+        "on|off",
+        "fb49c455323f (v6.5): dup_mmap write-locks the parent's VMAs",
+    ),
+    (
+        "cow_reuse",
+        "mapcount|refcount",
+        "09854ba94c6a (v5.9): do_wp_page reuses by refcount",
+    ),
+    (
+        "anon_exclusive",
+        "on|off",
+        "6c287605fd56, c89357e27f20 (v5.19): PageAnonExclusive, unshare faults",
+    ),
+    (
+        "gup_read_cow",
+        "none|break|unshare",
+        "17839856fd58 (v5.8) break; a308c71bf1e6 (v5.9) none; v5.19 unshare",
+    ),
+    (
+        "fork_copy_pinned",
+        "on|off",
+        "70e806e4e645: fork copies maybe-pinned anon pages early",
+    ),
+    (
+        "fork_wrprotect_pinned",
+        "on|off",
+        "J. Horn 2025 proposal (not merged): wrprotect + flush before that copy",
+    ),
+    (
+        "uffd_wp_flush_before_copy",
+        "on|off",
+        "6ce64428d620 (v5.12, stable 5.9+): flush a pending flush before COW copy",
+    ),
+    (
+        "wp_copy_recheck_exclusive",
+        "on|off",
+        "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy",
+    ),
+    (
+        "tlb_capacity",
+        "N|unlimited",
+        "cowlab: a small TLB evicts random entries",
+    ),
+];
+
+/// `cowlab list policies`: presets × knobs, then the knobs' commits.
+pub struct PolicyTable;
+
+impl fmt::Display for PolicyTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = |name: &str| name.len().max(10);
+        write!(f, "{:<27}", "knob")?;
+        for (name, _) in PRESETS {
+            write!(f, " {name:<w$}", w = width(name))?;
+        }
+        writeln!(f)?;
+        let columns: Vec<Vec<String>> = PRESETS
+            .iter()
+            .map(|(name, _)| Policy::preset(name).expect("a preset").values())
+            .collect();
+        for (i, (knob, _, _)) in KNOBS.iter().enumerate() {
+            write!(f, "{knob:<27}")?;
+            for (column, (name, _)) in columns.iter().zip(PRESETS) {
+                write!(f, " {:<w$}", column[i], w = width(name))?;
+            }
+            writeln!(f)?;
+        }
+        writeln!(f)?;
+        for (name, what) in PRESETS {
+            writeln!(f, "{name:<23} {what}")?;
+        }
+        writeln!(f)?;
+        for (knob, values, commit) in KNOBS {
+            writeln!(f, "{knob:<27} {values:<19} {commit}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_exists_and_differs_where_history_says() {
+        for (name, _) in PRESETS {
+            assert!(Policy::preset(name).is_some(), "{name}");
+        }
+        let p = |n| Policy::preset(n).unwrap();
+        assert!(p("mainline").fork_lock_vmas && !p("linux-6.4").fork_lock_vmas);
+        assert_eq!(p("linux-6.4").fault_lock, FaultLock::Vma);
+        assert_eq!(p("linux-6.3").fault_lock, FaultLock::Mmap);
+        assert_eq!(p("linux-5.8").cow_reuse, CowReuse::Mapcount);
+        assert_eq!(p("linux-5.8").gup_read_cow, GupReadCow::Break);
+        assert_eq!(p("linux-5.7").gup_read_cow, GupReadCow::None);
+        assert!(!p("linux-5.10").uffd_wp_flush_before_copy);
+        assert!(p("proposal-fork-coherent").fork_wrprotect_pinned);
+        assert_eq!(Policy::preset("linux-2.6"), None);
+    }
+
+    #[test]
+    fn set_accepts_values_and_names_the_valid_ones() {
+        let mut p = Policy::MAINLINE;
+        p.set("cow_reuse", "mapcount").unwrap();
+        p.set("tlb_capacity", "8").unwrap();
+        p.set("fork_lock_vmas", "off").unwrap();
+        assert_eq!(
+            (p.cow_reuse, p.tlb_capacity, p.fork_lock_vmas),
+            (CowReuse::Mapcount, Some(8), false)
+        );
+        assert!(p
+            .set("cow_reuse", "sometimes")
+            .unwrap_err()
+            .contains("mapcount or refcount"));
+        assert!(p.set("tlb_capacity", "0").is_err());
+        assert!(p.set("bogus", "1").unwrap_err().contains("fault_lock"));
+        assert_eq!(p.values().len(), KNOBS.len());
+    }
+}
