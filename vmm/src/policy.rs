@@ -196,16 +196,17 @@ impl Policy {
                 }
             }
             "tlb_capacity" => {
-                self.tlb_capacity =
-                    match value {
-                        "unlimited" => None,
-                        n => match n.parse::<usize>() {
-                            Ok(n) if n > 0 => Some(n),
-                            _ => return Err(format!(
+                self.tlb_capacity = match value {
+                    "unlimited" => None,
+                    n => match n.parse::<usize>() {
+                        Ok(n) if n > 0 => Some(n),
+                        _ => {
+                            return Err(format!(
                                 "knob tlb_capacity takes a number >= 1 or unlimited, not '{value}'"
-                            )),
-                        },
-                    }
+                            ))
+                        }
+                    },
+                }
             }
             "fork_lock_vmas" => self.fork_lock_vmas = bool_value()?,
             "anon_exclusive" => self.anon_exclusive = bool_value()?,

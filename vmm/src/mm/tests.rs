@@ -560,3 +560,40 @@ fn a_read_pin_unshares_a_shared_page_under_mainline() {
     assert!(v.is_empty(), "{v:#?}");
     m.unpin_user_page(pin);
 }
+
+#[test]
+fn the_coherent_fork_proposal_write_protects_the_pinned_page_first() {
+    let m = machine_with(Policy {
+        fork_wrprotect_pinned: true,
+        ..Policy::MAINLINE
+    });
+    let parent = Mm::new(&m).unwrap();
+    attach(&parent, 0);
+    let a = parent.mmap(None, PAGE_SIZE, RW).unwrap();
+    access(&parent, 0, a, Some(5)).unwrap();
+    let pin = parent
+        .get_user_page(
+            a,
+            gup::GupFlags {
+                write: true,
+                pin: true,
+                longterm: true,
+            },
+            0,
+        )
+        .unwrap();
+    let child = parent.dup_mmap(Some(0)).unwrap();
+    let pte = pagetable::lookup(&*m.mem, parent.pgd, a).unwrap();
+    assert_eq!(pte & bits::WRITABLE, 0, "write-protected for the copy");
+    assert_ne!(
+        frame_of(&child, a),
+        frame_of(&parent, a),
+        "still copied, not shared"
+    );
+    // The parent's next write reuses its exclusive page: no copy.
+    let frame = frame_of(&parent, a);
+    access(&parent, 0, a, Some(6)).unwrap();
+    assert_eq!(frame_of(&parent, a), frame);
+    assert_eq!(m.dma_read(pin, 0), Some(6));
+    m.unpin_user_page(pin);
+}
