@@ -4,5 +4,6 @@
 #![no_std]
 #![no_main]
 
+mod litmus;
 mod programs;
 mod rt;

@@ -87,6 +87,7 @@ pub extern "C" fn _start() -> ! {
         Some(Program::BenchShootdown) if (USER_MIN_ADDR..USER_END).contains(&arg) => wait_for(arg),
         Some(Program::BenchShootdown) => bench_shootdown(arg & 0xffff_ffff, arg >> 48),
         Some(Program::ForkCow) => fork_cow(),
+        Some(Program::Litmus) => crate::litmus::run(arg),
         Some(Program::CowVmsplice) => cow_vmsplice(),
         Some(Program::UffdWp) if arg >= USER_MIN_ADDR => uffd_handler(arg),
         Some(Program::UffdWp) => uffd_wp(),

@@ -2,6 +2,7 @@
 //! sees and return the process exit status (DESIGN.md §12).
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cowlab_abi::program::PROGRAMS;
@@ -9,6 +10,7 @@ use cowlab_abi::Program;
 
 use crate::bench::{self, BenchOptions};
 use crate::kvm::{exit_code, Event, Vm, VmConfig};
+use crate::litmus::{self, builtin};
 use crate::policy::Policy;
 
 /// Options of `cowlab run`.
@@ -29,6 +31,10 @@ pub struct RunOptions {
     pub policy: String,
     /// `--set knob=value`, applied in order after the preset.
     pub set: Vec<String>,
+    /// Litmus runs (`--runs`).
+    pub runs: u64,
+    /// One JSON object instead of text (litmus tests).
+    pub json: bool,
 }
 
 fn error(msg: impl std::fmt::Display) {
@@ -45,15 +51,11 @@ pub fn program_names() -> String {
     PROGRAMS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
 }
 
-/// `cowlab run PROGRAM`: boots a VM running a built-in program on every vCPU.
+/// `cowlab run WHAT`: a built-in program, a built-in litmus test, or a
+/// litmus file.
 pub fn run(opts: &RunOptions) -> i32 {
     let Some(program) = Program::from_name(&opts.program) else {
-        error(format_args!(
-            "unknown program '{}' (built-in programs: {})",
-            opts.program,
-            program_names()
-        ));
-        return exit_code::USAGE;
+        return run_litmus(opts);
     };
     let policy = match make_policy(&opts.policy, &opts.set) {
         Ok(p) => p,
@@ -81,6 +83,7 @@ pub fn run(opts: &RunOptions) -> i32 {
         record_faults: false,
         check: opts.check,
         policy,
+        litmus: None,
         kvm_path: opts.kvm_path.clone(),
     };
     let mut vm = match Vm::new(&config) {
@@ -141,6 +144,171 @@ pub fn make_policy(name: &str, set: &[String]) -> Result<Policy, String> {
 pub fn list_policies() -> i32 {
     out(crate::policy::PolicyTable);
     exit_code::OK
+}
+
+/// The source of litmus test `what`: a built-in name or a file.
+fn litmus_source(what: &str) -> Result<String, String> {
+    if let Some(src) = builtin::source(what) {
+        return Ok(src.to_string());
+    }
+    let path = std::path::Path::new(what);
+    if path.exists() || what.ends_with(".litmus") {
+        return std::fs::read_to_string(path).map_err(|e| format!("cannot read {what}: {e}"));
+    }
+    Err(format!(
+        "unknown program or test '{what}' (programs: {}; tests: {}; or a .litmus file)",
+        program_names(),
+        builtin::TESTS
+            .iter()
+            .map(|t| t.0)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// `cowlab run TEST`: a litmus test, `--runs` times.
+fn run_litmus(opts: &RunOptions) -> i32 {
+    let src = match litmus_source(&opts.program) {
+        Ok(src) => src,
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
+    };
+    let compiled = match litmus::load(&src) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            error(format_args!("{}:{e}", opts.program));
+            return exit_code::USAGE;
+        }
+    };
+    let policy = match make_policy(&opts.policy, &opts.set) {
+        Ok(p) => p,
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
+    };
+    let run_opts = litmus::RunOptions {
+        runs: opts.runs.max(1),
+        policy_name: opts.policy.clone(),
+        policy,
+        timeout: opts.timeout.unwrap_or(Duration::from_secs(3600)),
+        kvm_path: opts.kvm_path.clone(),
+        progress: true,
+    };
+    match litmus::run_test(&compiled, &run_opts) {
+        Ok(result) => {
+            if opts.json {
+                out(format_args!("{}\n", result.json()));
+            } else {
+                out(result.text());
+            }
+            if result.met() {
+                exit_code::OK
+            } else {
+                exit_code::FAILED
+            }
+        }
+        Err(e) => {
+            error(&e);
+            e.exit_code()
+        }
+    }
+}
+
+/// `cowlab list tests`.
+pub fn list_tests() -> i32 {
+    for (name, src, suites) in builtin::TESTS {
+        let first = litmus::parse(src)
+            .ok()
+            .and_then(|t| t.description)
+            .unwrap_or_default();
+        let first = first.lines().next().unwrap_or("").to_string();
+        out(format_args!("{name:<24} [{}] {first}\n", suites.join(",")));
+    }
+    exit_code::OK
+}
+
+/// `cowlab suite NAME`: every test of the suite under every policy its
+/// `expect` lines name; a table of observations, expected or not.
+pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
+    let tests = builtin::suite(name);
+    if tests.is_empty() {
+        error(format_args!(
+            "unknown suite '{name}' (suites: {})",
+            builtin::suites().join(", ")
+        ));
+        return exit_code::USAGE;
+    }
+    let mut rows = Vec::new();
+    let mut all_met = true;
+    for (test, src) in tests {
+        let compiled = match litmus::load(src) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                error(format_args!("{test}: {e}"));
+                return exit_code::USAGE;
+            }
+        };
+        for expect in &compiled.test.expects {
+            let Some(policy) = Policy::preset(&expect.policy) else {
+                error(format_args!(
+                    "{test}: expect names unknown policy '{}'",
+                    expect.policy
+                ));
+                return exit_code::USAGE;
+            };
+            let run_opts = litmus::RunOptions {
+                runs: runs.max(1),
+                policy_name: expect.policy.clone(),
+                policy,
+                timeout: Duration::from_secs(30),
+                kvm_path: kvm_path.to_string(),
+                progress: false,
+            };
+            match litmus::run_test(&compiled, &run_opts) {
+                Ok(r) => {
+                    all_met &= r.met();
+                    rows.push(r);
+                }
+                Err(e) => {
+                    error(format_args!("{test} under {}: {e}", expect.policy));
+                    return e.exit_code();
+                }
+            }
+        }
+    }
+    if json {
+        let rows: Vec<serde_json::Value> = rows.iter().map(|r| r.json()).collect();
+        out(format_args!(
+            "{}\n",
+            serde_json::json!({"suite": name, "results": rows, "all_met": all_met})
+        ));
+    } else {
+        out(format_args!(
+            "{:<24} {:<24} {:<10} {:<10} {:>9} {:>9}  {}\n",
+            "test", "policy", "observed", "expected", "positive", "negative", ""
+        ));
+        for r in &rows {
+            let (want, met) = r.expectation.map_or(("-", true), |(v, m)| (v.as_str(), m));
+            out(format_args!(
+                "{:<24} {:<24} {:<10} {:<10} {:>9} {:>9}  {}\n",
+                r.test,
+                r.policy_name,
+                r.observation.as_str(),
+                want,
+                r.positive,
+                r.negative,
+                if met { "ok" } else { "NOT MET" }
+            ));
+        }
+    }
+    if all_met {
+        exit_code::OK
+    } else {
+        exit_code::FAILED
+    }
 }
 
 /// `cowlab list programs`.

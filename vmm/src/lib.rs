@@ -7,5 +7,6 @@
 pub mod bench;
 pub mod commands;
 pub mod kvm;
+pub mod litmus;
 pub mod mm;
 pub mod policy;

@@ -21,10 +21,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot a VM that runs a built-in guest program on every vCPU.
+    /// Run a litmus test (a built-in name or a .litmus file), or boot a VM
+    /// running a built-in guest program on every vCPU.
     Run {
-        /// The program (see `cowlab list programs`).
+        /// The test or program (see `cowlab list tests`, `cowlab list programs`).
+        #[arg(value_name = "TEST|PROGRAM")]
         program: String,
+        /// Litmus: how many times to run the test.
+        #[arg(long, default_value_t = 100)]
+        runs: u64,
+        /// Litmus: print one JSON object instead of the litmus7-style text.
+        #[arg(long)]
+        json: bool,
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
@@ -34,7 +42,8 @@ enum Command {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 256)]
         mem_mib: u64,
-        /// Watchdog: stop the run after SECS seconds (exit 3, naming stuck vCPUs).
+        /// Watchdog: stop a run after SECS seconds (a program: exit 3, naming
+        /// stuck vCPUs; a litmus run: its stuck threads are an outcome).
         #[arg(long, value_name = "SECS", default_value_t = 30.0)]
         timeout: f64,
         /// Boot this guest ELF instead of the built-in one (built like guest/).
@@ -52,6 +61,18 @@ enum Command {
         /// Override a knob of the preset, e.g. --set cow_reuse=mapcount (repeatable).
         #[arg(long = "set", value_name = "KNOB=VALUE")]
         set: Vec<String>,
+    },
+    /// Run a suite of built-in litmus tests under the policies their
+    /// `expect` lines name; print test x policy -> observation.
+    Suite {
+        /// The suite ("all", or see `cowlab list tests`).
+        name: String,
+        /// Runs of each test under each policy.
+        #[arg(long, default_value_t = 10)]
+        runs: u64,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// List built-in things.
     List {
@@ -78,6 +99,8 @@ enum ListWhat {
     Programs,
     /// The policy presets and their knobs, with the kernel commits.
     Policies,
+    /// The built-in litmus tests.
+    Tests,
 }
 
 fn timeout(secs: f64) -> Option<Duration> {
@@ -90,6 +113,8 @@ fn main() {
     let code = match cli.command {
         Command::Run {
             program,
+            runs,
+            json,
             vcpus,
             arg,
             mem_mib,
@@ -116,6 +141,8 @@ fn main() {
                 check,
                 policy,
                 set,
+                runs,
+                json,
             })
         }
         Command::List {
@@ -124,6 +151,10 @@ fn main() {
         Command::List {
             what: ListWhat::Policies,
         } => commands::list_policies(),
+        Command::List {
+            what: ListWhat::Tests,
+        } => commands::list_tests(),
+        Command::Suite { name, runs, json } => commands::suite(&name, runs, json, &cli.kvm),
         Command::Bench {
             json,
             rounds,

@@ -31,8 +31,12 @@ fn unknown_program_exits_2_and_lists_the_programs() {
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(
-        err.contains("unknown program 'nope'") && err.contains("hello"),
+        err.contains("unknown program or test 'nope'") && err.contains("hello"),
         "{err}"
+    );
+    assert!(
+        err.contains("cow-fork-basic"),
+        "the built-in tests are listed too: {err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
@@ -146,4 +150,156 @@ fn policies_are_listed_and_bad_names_or_values_exit_2() {
         "--check",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Writes a litmus file and runs `cowlab run` on it.
+fn run_litmus_src(name: &str, src: &str, extra: &[&str]) -> Output {
+    let path = std::env::temp_dir().join(format!("cowlab-{}-{name}.litmus", std::process::id()));
+    std::fs::write(&path, src).unwrap();
+    let mut args = vec!["run", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = cowlab(&args);
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+#[test]
+fn a_litmus_file_runs_and_prints_the_litmus7_shape() {
+    let src = "cowlab add\n{ region buf 1 rw }\nP0 {\n  r1 = 2\n  r2 = r1 + 3\n  buf[5] = r2\n  r3 = buf[5]\n}\nexists (P0:r3 = 5)\nexpect mainline Always\n";
+    let out = run_litmus_src("add", src, &["--runs", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("3       *>P0:r3=5;"), "{stdout}");
+    assert!(stdout.contains("Observation add Always 3 0"), "{stdout}");
+    assert!(stdout.contains("Expect mainline Always: met"), "{stdout}");
+}
+
+#[test]
+fn an_unmet_expectation_exits_1_and_json_says_so() {
+    let src = "cowlab wrong\nP0 { r1 = 1 }\nexists (P0:r1 = 1)\nexpect mainline Never\n";
+    let out = run_litmus_src("wrong", src, &["--runs", "2", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["observation"], "Always");
+    assert_eq!(v["expectation"]["met"], false);
+    assert_eq!(v["runs"], 2);
+    assert_eq!(v["knobs"]["cow_reuse"], "refcount");
+    assert_eq!(v["histogram"][0]["count"], 2);
+}
+
+#[test]
+fn malformed_litmus_files_give_one_precise_error_and_exit_2() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "no-header",
+            "P0 { r1 = 1 }\nexists (P0:r1 = 1)\n",
+            "1:1: expected the header line 'cowlab NAME'",
+        ),
+        (
+            "no-name",
+            "cowlab\nP0 { }\nexists (true)\n",
+            "1:7: expected a test name",
+        ),
+        (
+            "bad-register",
+            "cowlab t\nP0 { r12 = 1 }\nexists (true)\n",
+            "2:6: register r12 is not available",
+        ),
+        (
+            "unclosed-block",
+            "cowlab t\nP0 { r1 = 1\n",
+            "expected '}' to close the block",
+        ),
+        (
+            "unknown-statement",
+            "cowlab t\nP0 { frobnicate }\nexists (true)\n",
+            "2:6: expected a statement, found 'frobnicate'",
+        ),
+        (
+            "unknown-region",
+            "cowlab t\nP0 { r1 = buf[0] }\nexists (true)\n",
+            "2:11: unknown region 'buf' (regions: none)",
+        ),
+        (
+            "region-index",
+            "cowlab t\n{ region buf 1 rw }\nP0 { r1 = buf[600] }\nexists (true)\n",
+            "3:11: word 600 is outside region 'buf'",
+        ),
+        (
+            "bad-prot",
+            "cowlab t\n{ region buf 1 rx }\nP0 { }\nexists (true)\n",
+            "2:16: expected a protection (rw, r or none), found 'rx'",
+        ),
+        (
+            "no-exists",
+            "cowlab t\nP0 { r1 = 1 }\n",
+            "expected an 'exists (…)' clause",
+        ),
+        (
+            "bad-verdict",
+            "cowlab t\nP0 { }\nexists (true)\nexpect mainline Often\n",
+            "4:17: expected Never, Sometimes or Always, found 'Often'",
+        ),
+        (
+            "no-child-block",
+            "cowlab t\nP0 { fork C3 }\nexists (true)\n",
+            "2:6: no block for thread 'C3'",
+        ),
+        (
+            "wait-unforked",
+            "cowlab t\nP0 { wait C0 }\nC0 { }\nexists (true)\n",
+            "2:6: wait C0: this thread has not forked C0 before",
+        ),
+        (
+            "exists-unknown-thread",
+            "cowlab t\nP0 { }\nexists (P7:r1 = 1)\n",
+            "exists names thread P7",
+        ),
+        (
+            "bad-comparison",
+            "cowlab t\nP0 { }\nexists (P0:r1 ? 1)\n",
+            "3:15: expected a comparison",
+        ),
+        (
+            "duplicate-thread",
+            "cowlab t\nP0 { }\nP0 { }\nexists (true)\n",
+            "3:1: thread P0 is defined twice",
+        ),
+        (
+            "no-initial-thread",
+            "cowlab t\nC0 { }\nexists (true)\n",
+            "at least one initial thread",
+        ),
+        (
+            "unterminated-description",
+            "cowlab t\n\"about\n",
+            "2:1: unterminated description",
+        ),
+        (
+            "missing-separator",
+            "cowlab t\nP0 { r1 = 1 r2 = 2 }\nexists (true)\n",
+            "2:13: expected ';', a new line or '}'",
+        ),
+    ];
+    for (name, src, want) in cases {
+        let out = run_litmus_src(name, src, &["--runs", "1"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: one line: {err}");
+        assert!(err.contains(want), "{name}: expected {want:?} in {err:?}");
+    }
+}
+
+#[test]
+fn builtin_tests_are_listed_and_the_basic_suite_meets_its_expectations() {
+    let out = cowlab(&["list", "tests"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("cow-vmsplice-unmap"));
+    let out = cowlab(&["suite", "basic", "--runs", "2", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["all_met"], true);
+    assert!(v["results"].as_array().unwrap().len() >= 6);
+    let out = cowlab(&["suite", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -41,6 +41,12 @@ pub const MAX_MEM_SIZE: u64 = DOORBELL_PHYS;
 /// words for cross-process events.
 pub const SHARED_PAGE_PHYS: u64 = KERNEL_PT_PHYS + 0x8000;
 
+/// Physical address of the litmus program (bytecode), read by every thread.
+pub const LITMUS_PHYS: u64 = KERNEL_PT_PHYS + 0x1_0000;
+
+/// Room for the litmus program, up to the guest image.
+pub const LITMUS_SIZE: u64 = IMAGE_PHYS - LITMUS_PHYS;
+
 /// Physical address the guest image is linked to load at (`guest/link.ld`).
 pub const IMAGE_PHYS: u64 = 0x20_0000;
 

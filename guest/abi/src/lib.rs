@@ -13,6 +13,7 @@
 //! guest instead of exiting, while an MMIO write exits directly.
 #![no_std]
 
+pub mod bytecode;
 pub mod layout;
 pub mod program;
 
@@ -83,6 +84,8 @@ pub enum Hypercall {
     UffdWp = 24,
     /// Waits for a userfaultfd wp fault; `ret` = the faulting page.
     UffdWait = 25,
+    /// A guest hook point (`hook NAME` in a litmus test) with id `args[0]`.
+    Hook = 26,
     /// Waits until vCPU `args[0]` has ended; `ret` = its exit status, or
     /// `u64::MAX` if it did not exit normally (crash, SIGSEGV, OOM).
     Join = 16,
@@ -121,6 +124,7 @@ impl Hypercall {
             23 => Self::UffdRegister,
             24 => Self::UffdWp,
             25 => Self::UffdWait,
+            26 => Self::Hook,
             _ => return None,
         })
     }
@@ -257,6 +261,11 @@ pub struct VcpuArea {
     pub fixup_rip: u64,
     /// Written by the VMM when it wants a spinning guest to stop.
     pub stop: u64,
+    /// Litmus interpreter: the pc the thread started at, and its final
+    /// registers once `regs_valid` is 1.
+    pub litmus_pc: u64,
+    pub regs_valid: u64,
+    pub regs: [u64; bytecode::NR_REGS],
     /// Where a killed thread resumes (the boot header's `killed`) and on
     /// which stack (the area's boot stack, always mapped).
     pub kill_rip: u64,

@@ -68,6 +68,9 @@ pub enum Program {
     /// cow.c "R/O-mapping a page registered as iouring fixed buffer": a
     /// long-term write pin stays coherent with the page across mprotect.
     PinCoherent = 24,
+    /// A thread of a litmus test: runs the bytecode at `LITMUS_PHYS` from
+    /// pc `arg`.
+    Litmus = 25,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -173,6 +176,11 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "pin-coherent",
         Program::PinCoherent,
         "a long-term write pin stays coherent with the page across mprotect",
+    ),
+    (
+        "litmus",
+        Program::Litmus,
+        "a litmus-test thread (used by `cowlab run TEST.litmus`)",
     ),
     (
         "bench-refill",

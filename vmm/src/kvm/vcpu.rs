@@ -120,6 +120,10 @@ pub struct VcpuReport {
     pub fault_addrs: Vec<u64>,
     /// TLB entries of this vCPU found stale when it ended (`mm_verify`).
     pub violations: Vec<String>,
+    /// A litmus thread: the pc it started at, and its final registers if
+    /// it finished (halt or exit).
+    pub litmus_pc: u64,
+    pub regs: Option<[u64; cowlab_abi::bytecode::NR_REGS]>,
 }
 
 impl VcpuReport {
@@ -134,6 +138,8 @@ impl VcpuReport {
             exits: 0,
             fault_addrs: Vec::new(),
             violations: Vec::new(),
+            litmus_pc: 0,
+            regs: None,
         }
     }
 
@@ -304,6 +310,9 @@ impl Vcpu {
             None => 0,
         };
         self.mm.mmput();
+        let litmus_pc = self.area_read(offset_of!(VcpuArea, litmus_pc));
+        let regs = (self.area_read(offset_of!(VcpuArea, regs_valid)) == 1)
+            .then(|| std::array::from_fn(|i| self.area_read(offset_of!(VcpuArea, regs) + i * 8)));
         VcpuReport {
             id: self.id,
             program: self.program,
@@ -313,6 +322,8 @@ impl Vcpu {
             exits: self.exits,
             fault_addrs: std::mem::take(&mut self.fault_addrs),
             violations,
+            litmus_pc,
+            regs,
         }
     }
 
@@ -547,7 +558,7 @@ impl Vcpu {
                 });
                 return Flow::Continue;
             }
-            Hypercall::Nop => return Flow::Continue,
+            Hypercall::Nop | Hypercall::Hook => return Flow::Continue,
             Hypercall::Mark => {
                 let _ = self.events.send(Event::Mark {
                     id: self.id,

@@ -12,14 +12,17 @@ use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::signal::Killable;
 
-use cowlab_abi::layout::{kernel_va, IMAGE_PHYS, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS};
-use cowlab_abi::{BootHeader, Program, BOOT_HEADER_MAGIC};
+use cowlab_abi::layout::{
+    kernel_va, IMAGE_PHYS, KERNEL_REGION_SIZE, LITMUS_PHYS, LITMUS_SIZE, MAX_MEM_SIZE, MAX_VCPUS,
+};
+use cowlab_abi::{bytecode, BootHeader, Program, BOOT_HEADER_MAGIC};
 
 use super::control::{request, KvmFlusher, VcpuCtl};
 use super::loader::{self, Image};
 use super::memory::GuestMem;
 use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
 use super::{arch, kick, Error, GUEST_ELF};
+use crate::litmus::Compiled;
 use crate::mm::{mm_verify, verify_no_leaks, Machine, Mm, PhysMem};
 use crate::policy::Policy;
 
@@ -47,6 +50,9 @@ pub struct VmConfig {
     pub check: bool,
     /// The kernel behaviour to model (`--policy`, `--set`).
     pub policy: Policy,
+    /// A litmus test to run instead of `program`: its regions are mapped
+    /// and its initial threads started (`vcpus` and `arg` are ignored).
+    pub litmus: Option<Arc<Compiled>>,
     /// The KVM device.
     pub kvm_path: String,
 }
@@ -62,6 +68,7 @@ impl Default for VmConfig {
             record_faults: false,
             check: true,
             policy: Policy::MAINLINE,
+            litmus: None,
             kvm_path: "/dev/kvm".into(),
         }
     }
@@ -87,7 +94,7 @@ pub enum Event {
     /// A [`request::FLUSH`] completed: the guest reloaded CR3.
     FlushAcked { id: usize, at: Instant },
     /// vCPU thread ended.
-    Ended(VcpuReport),
+    Ended(Box<VcpuReport>),
 }
 
 struct VcpuSlot {
@@ -164,7 +171,7 @@ impl Shared {
                     Err(e) => VcpuReport::failed(id, program, Outcome::Error(e)),
                 };
                 thread_ctl.mark_ended(report.join_status());
-                let _ = events.send(Event::Ended(report));
+                let _ = events.send(Event::Ended(Box::new(report)));
             })
             .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
         slots.push(VcpuSlot { ctl, thread });
@@ -405,6 +412,19 @@ impl Vm {
             programs: BTreeMap::new(),
             ended: BTreeMap::new(),
         };
+        if let Some(test) = &config.litmus {
+            load_litmus(&vm.shared.mem, &mm, test)?;
+            for (_, pc) in &test.initial {
+                Shared::spawn(
+                    &vm.shared,
+                    Program::Litmus,
+                    Start::Program(*pc),
+                    Arc::clone(&mm),
+                )
+                .map_err(Error::Config)?;
+            }
+            return Ok(vm);
+        }
         for _ in 0..config.vcpus {
             Shared::spawn(
                 &vm.shared,
@@ -474,7 +494,7 @@ impl Vm {
             }
             Event::Ended(report) => {
                 self.live.remove(&report.id);
-                self.ended.insert(report.id, report.clone());
+                self.ended.insert(report.id, (**report).clone());
             }
             _ => {}
         }
@@ -596,6 +616,33 @@ impl Drop for Vm {
             }
         }
     }
+}
+
+/// Loads a litmus test: its bytecode at `LITMUS_PHYS`, its regions mapped
+/// (and populated) in the first process.
+fn load_litmus(mem: &GuestMem, mm: &Mm, test: &Compiled) -> Result<(), Error> {
+    let header = [bytecode::MAGIC, test.code.len() as u64];
+    let words = header
+        .iter()
+        .copied()
+        .chain(test.code.iter().flat_map(|i| [i.word, i.imm]));
+    for (i, w) in words.enumerate() {
+        let pa = LITMUS_PHYS + i as u64 * 8;
+        if pa >= LITMUS_PHYS + LITMUS_SIZE {
+            return Err(Error::Config("the litmus program does not fit".into()));
+        }
+        mem.word(pa).store(w, Ordering::Relaxed);
+    }
+    for r in &test.regions {
+        let len = r.pages * cowlab_abi::layout::PAGE_SIZE;
+        mm.mmap(Some(r.addr), len, r.prot.bits())
+            .map_err(|e| Error::Config(format!("cannot map region {}: {e}", r.name)))?;
+        if r.populate {
+            mm.populate(r.addr, len)
+                .map_err(|e| Error::Config(format!("cannot populate region {}: {e}", r.name)))?;
+        }
+    }
+    Ok(())
 }
 
 /// Copies the PT_LOAD segments of the guest into memory.

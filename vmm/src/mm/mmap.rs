@@ -236,6 +236,25 @@ impl Mm {
         Ok(())
     }
 
+    /// Faults in every page of `[addr, addr + len)` for writing, as
+    /// MAP_POPULATE does. Models mm/gup.c:populate_vma_page_range().
+    pub fn populate(&self, addr: u64, len: u64) -> Result<(), super::memory::FaultError> {
+        let (start, end) = page_range(addr, len).map_err(|_| super::memory::FaultError::Segv)?;
+        let _mmap = self.mmap_read_lock();
+        for page in (start..end).step_by(PAGE_SIZE as usize) {
+            let vma = self
+                .vma_lookup(page)
+                .ok_or(super::memory::FaultError::Segv)?;
+            let access = if vma.writable() {
+                super::memory::Access::Write
+            } else {
+                super::memory::Access::Read
+            };
+            self.handle_mm_fault(&vma, page, access, false, 0)?;
+        }
+        Ok(())
+    }
+
     /// Tears the address space down after its last thread: every page
     /// unmapped, every page table freed. Models mm/mmap.c:exit_mmap().
     pub fn exit_mmap(&self) {

@@ -1,0 +1,70 @@
+//! The built-in litmus tests (`tests/litmus/*.litmus`), embedded in the
+//! binary and runnable by name.
+
+/// Name, source and the suites a test belongs to.
+pub const TESTS: &[(&str, &str, &[&str])] = &[
+    (
+        "cow-fork-basic",
+        include_str!("../../../tests/litmus/cow-fork-basic.litmus"),
+        &["basic", "cow"],
+    ),
+    (
+        "cow-vmsplice-unmap",
+        include_str!("../../../tests/litmus/cow-vmsplice-unmap.litmus"),
+        &["basic", "cow"],
+    ),
+    (
+        "threads-counter",
+        include_str!("../../../tests/litmus/threads-counter.litmus"),
+        &["basic"],
+    ),
+    (
+        "munmap-segv",
+        include_str!("../../../tests/litmus/munmap-segv.litmus"),
+        &["basic"],
+    ),
+    (
+        "madvise-dontneed-zero",
+        include_str!("../../../tests/litmus/madvise-dontneed-zero.litmus"),
+        &["basic"],
+    ),
+    (
+        "uffd-wp-handler",
+        include_str!("../../../tests/litmus/uffd-wp-handler.litmus"),
+        &["basic"],
+    ),
+];
+
+/// The source of built-in test `name`.
+pub fn source(name: &str) -> Option<&'static str> {
+    TESTS.iter().find(|t| t.0 == name).map(|t| t.1)
+}
+
+/// The tests of suite `suite` ("all" for every one).
+pub fn suite(suite: &str) -> Vec<(&'static str, &'static str)> {
+    TESTS
+        .iter()
+        .filter(|t| suite == "all" || t.2.contains(&suite))
+        .map(|t| (t.0, t.1))
+        .collect()
+}
+
+/// Every suite name.
+pub fn suites() -> Vec<&'static str> {
+    let mut s: Vec<&str> = TESTS.iter().flat_map(|t| t.2.iter().copied()).collect();
+    s.push("all");
+    s.sort();
+    s.dedup();
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_builtin_parses_and_compiles() {
+        for (name, src, _) in super::TESTS {
+            let c = crate::litmus::load(src).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(&c.test.name, name, "the file's header names the test");
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! From a parsed test to bytecode (`cowlab_abi::bytecode`), the regions to
+//! map, and the threads to start; with the checks that need the whole test
+//! (unknown regions, children, events).
+
+use std::collections::BTreeMap;
+
+use cowlab_abi::bytecode::{Insn, Op, LOOP_COUNTERS, SCRATCH};
+use cowlab_abi::gup;
+use cowlab_abi::layout::{LITMUS_SIZE, PAGE_SIZE};
+
+use super::ast::*;
+use super::parse::{ParseError, MAX_USER_REG};
+
+/// Where the first region is mapped; the others follow with a guard page.
+pub const REGION_BASE: u64 = 0x10_0000_0000;
+
+/// Most events a test may name (words of the shared page).
+const MAX_EVENTS: usize = 512;
+
+/// A region placed in the address space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedRegion {
+    pub name: String,
+    pub addr: u64,
+    pub pages: u64,
+    pub prot: Prot,
+    pub populate: bool,
+}
+
+/// A compiled test, ready to load into a VM.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub test: Test,
+    pub code: Vec<Insn>,
+    pub regions: Vec<PlacedRegion>,
+    /// The initial threads (P*) and the pc each starts at.
+    pub initial: Vec<(String, u64)>,
+    /// Thread names by start pc (initial threads, fork children, spawned).
+    pub names: BTreeMap<u64, String>,
+    /// Hook names by id.
+    pub hooks: Vec<String>,
+}
+
+fn error<T>(pos: Pos, msg: impl Into<String>) -> Result<T, ParseError> {
+    Err(ParseError {
+        pos,
+        msg: msg.into(),
+    })
+}
+
+struct Compiler<'t> {
+    test: &'t Test,
+    code: Vec<Insn>,
+    regions: BTreeMap<&'t str, PlacedRegion>,
+    events: BTreeMap<String, u64>,
+    hooks: Vec<String>,
+    /// Jumps to thread starts to patch: (insn index, thread name, pos).
+    fixups: Vec<(usize, String, Pos)>,
+    /// Per thread being compiled: next hidden register (downwards), and
+    /// the registers holding fork results by child name.
+    next_hidden: u8,
+    children: BTreeMap<String, u8>,
+}
+
+impl<'t> Compiler<'t> {
+    fn emit(&mut self, op: Op, a: u8, b: u8, c: u8, imm: u64) -> usize {
+        self.code.push(Insn::new(op, a, b, c, imm));
+        self.code.len() - 1
+    }
+
+    fn hidden(&mut self, pos: Pos) -> Result<u8, ParseError> {
+        if self.next_hidden <= MAX_USER_REG {
+            return error(
+                pos,
+                "too many nested loops, forks and waits for the hidden registers (r10 to r14)",
+            );
+        }
+        let r = self.next_hidden;
+        self.next_hidden -= 1;
+        Ok(r)
+    }
+
+    fn region(&self, name: &str, pos: Pos) -> Result<&PlacedRegion, ParseError> {
+        self.regions.get(name).map_or_else(
+            || {
+                let known: Vec<&str> = self.regions.keys().copied().collect();
+                error(
+                    pos,
+                    format!(
+                        "unknown region '{name}' (regions: {})",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            },
+            Ok,
+        )
+    }
+
+    fn event(&mut self, name: &str, pos: Pos) -> Result<u64, ParseError> {
+        let n = self.events.len() as u64;
+        let id = *self.events.entry(name.to_string()).or_insert(n);
+        if self.events.len() > MAX_EVENTS {
+            return error(pos, format!("more than {MAX_EVENTS} events"));
+        }
+        Ok(id)
+    }
+
+    /// Puts `o` in a register: itself, or `scratch` loaded with it.
+    fn operand(&mut self, o: &Operand, scratch: u8) -> Result<u8, ParseError> {
+        Ok(match o {
+            Operand::Reg(r) => *r,
+            Operand::Imm(v) => {
+                self.emit(Op::Li, scratch, 0, 0, *v);
+                scratch
+            }
+            Operand::Region(name, pos) => {
+                let addr = self.region(name, *pos)?.addr;
+                self.emit(Op::Li, scratch, 0, 0, addr);
+                scratch
+            }
+        })
+    }
+
+    /// Puts `o` in a register other than SCRATCH: itself, or a hidden
+    /// register used only by the next instruction.
+    fn temp(&mut self, o: &Operand, pos: Pos) -> Result<u8, ParseError> {
+        match o {
+            Operand::Reg(r) => Ok(*r),
+            other => {
+                let tmp = self.hidden(pos)?;
+                self.next_hidden += 1;
+                self.operand(other, tmp)
+            }
+        }
+    }
+
+    /// A memory word as (base register, byte offset); may use SCRATCH.
+    fn mem(&mut self, m: &Mem) -> Result<(u8, u64), ParseError> {
+        match m {
+            Mem::Deref { reg, offset } => Ok((*reg, *offset)),
+            Mem::Region { name, index, pos } => {
+                let r = self.region(name, *pos)?.clone();
+                match index {
+                    Operand::Imm(i) => {
+                        if *i >= r.pages * PAGE_SIZE / 8 {
+                            return error(
+                                *pos,
+                                format!(
+                                    "word {i} is outside region '{name}' ({} words)",
+                                    r.pages * PAGE_SIZE / 8
+                                ),
+                            );
+                        }
+                        self.emit(Op::Li, SCRATCH, 0, 0, r.addr);
+                        Ok((SCRATCH, i * 8))
+                    }
+                    Operand::Reg(i) => {
+                        // SCRATCH = base + 8 * i
+                        self.emit(Op::Li, SCRATCH, 0, 0, 8);
+                        self.emit(Op::Mul, SCRATCH, *i, SCRATCH, 0);
+                        self.emit(Op::Addi, SCRATCH, SCRATCH, 0, r.addr);
+                        Ok((SCRATCH, 0))
+                    }
+                    Operand::Region(..) => {
+                        error(*pos, "a region index must be a number or a register")
+                    }
+                }
+            }
+        }
+    }
+
+    fn thread_ref(&mut self, name: &str, pos: Pos, insn: usize) -> Result<(), ParseError> {
+        if !self.test.threads.iter().any(|t| t.name == name) {
+            return error(pos, format!("no block for thread '{name}'"));
+        }
+        self.fixups.push((insn, name.to_string(), pos));
+        Ok(())
+    }
+
+    fn body(&mut self, body: &[Stmt]) -> Result<(), ParseError> {
+        body.iter().try_for_each(|s| self.stmt(s))
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), ParseError> {
+        let pos = s.pos;
+        match &s.kind {
+            StmtKind::Assign { dst, expr } => match expr {
+                Expr::Operand(o) => {
+                    let r = self.operand(o, *dst)?;
+                    if r != *dst {
+                        self.emit(Op::Mov, *dst, r, 0, 0);
+                    }
+                }
+                Expr::Binary(l, op, r) => {
+                    let lr = self.operand(l, SCRATCH)?;
+                    let op = match op {
+                        BinOp::Add => Op::Add,
+                        BinOp::Sub => Op::Sub,
+                        BinOp::Mul => Op::Mul,
+                        BinOp::Div => Op::Div,
+                        BinOp::Rem => Op::Rem,
+                        BinOp::And => Op::And,
+                        BinOp::Or => Op::Or,
+                        BinOp::Xor => Op::Xor,
+                        BinOp::Eq => Op::Eq,
+                        BinOp::Ne => Op::Ne,
+                        BinOp::Lt => Op::Lt,
+                    };
+                    if let (Op::Add, Operand::Imm(v)) = (op, r) {
+                        self.emit(Op::Addi, *dst, lr, 0, *v);
+                    } else {
+                        let rr = self.temp(r, pos)?;
+                        self.emit(op, *dst, lr, rr, 0);
+                    }
+                }
+                Expr::Load(m) => {
+                    let (base, off) = self.mem(m)?;
+                    self.emit(Op::Load, *dst, base, 0, off);
+                }
+            },
+            StmtKind::Store { mem, value } => {
+                let (base, off) = self.mem(mem)?;
+                // The value must not clobber SCRATCH when the address is in it.
+                let v = self.temp(value, pos)?;
+                self.emit(Op::Store, v, base, 0, off);
+            }
+            StmtKind::Loop { count, body } => {
+                let counter = self.hidden(pos)?;
+                self.emit(Op::Li, counter, 0, 0, *count);
+                let skip = self.emit(Op::Jz, counter, 0, 0, 0);
+                let top = self.code.len();
+                self.body(body)?;
+                self.emit(Op::Addi, counter, counter, 0, u64::MAX);
+                self.emit(Op::Jnz, counter, 0, 0, top as u64);
+                self.code[skip].imm = self.code.len() as u64;
+                self.next_hidden += 1;
+            }
+            StmtKind::LoopUntil { event, body } => {
+                let ev = self.event(event, pos)?;
+                let flag = self.hidden(pos)?;
+                let top = self.code.len();
+                self.emit(Op::Poll, flag, 0, 0, ev);
+                let exit = self.emit(Op::Jnz, flag, 0, 0, 0);
+                self.body(body)?;
+                self.emit(Op::Jmp, 0, 0, 0, top as u64);
+                self.code[exit].imm = self.code.len() as u64;
+                self.next_hidden += 1;
+            }
+            StmtKind::Signal(e) => {
+                let ev = self.event(e, pos)?;
+                self.emit(Op::Signal, 0, 0, 0, ev);
+            }
+            StmtKind::Await(e) => {
+                let ev = self.event(e, pos)?;
+                self.emit(Op::Await, 0, 0, 0, ev);
+            }
+            StmtKind::Fill { region, value } => {
+                let r = self.region(region, pos)?.clone();
+                let v = self.temp(value, pos)?;
+                self.emit(Op::Li, SCRATCH, 0, 0, r.addr);
+                self.emit(Op::Fill, v, SCRATCH, 0, r.pages);
+            }
+            StmtKind::Compare { dst, region, value } => {
+                let r = self.region(region, pos)?.clone();
+                let v = self.operand(value, *dst)?;
+                self.emit(Op::Li, SCRATCH, 0, 0, r.addr);
+                self.emit(Op::Cmp, *dst, SCRATCH, v, r.pages);
+            }
+            StmtKind::Mmap { dst, pages, prot } => {
+                self.emit(Op::Mmap, *dst, 0, prot.bits() as u8, *pages);
+            }
+            StmtKind::Munmap { addr, pages } => {
+                let a = self.operand(addr, SCRATCH)?;
+                self.emit(Op::Munmap, a, SCRATCH, 0, *pages);
+            }
+            StmtKind::Mprotect { addr, pages, prot } => {
+                let a = self.operand(addr, SCRATCH)?;
+                self.emit(Op::Mprotect, a, SCRATCH, prot.bits() as u8, *pages);
+            }
+            StmtKind::Madvise { addr, pages } => {
+                let a = self.operand(addr, SCRATCH)?;
+                self.emit(Op::Madvise, a, SCRATCH, 0, *pages);
+            }
+            StmtKind::Fork { dst, child } => {
+                if !child.starts_with('C') {
+                    return error(pos, format!("fork starts a C block, not '{child}'"));
+                }
+                let r = match dst {
+                    Some(r) => *r,
+                    None => self.hidden(pos)?,
+                };
+                self.children.insert(child.clone(), r);
+                let at = self.emit(Op::Fork, r, 0, 0, 0);
+                self.thread_ref(child, pos, at)?;
+            }
+            StmtKind::Wait { dst, target } => {
+                let who = match target {
+                    WaitTarget::Reg(r) => *r,
+                    WaitTarget::Child(c) => match self.children.get(c) {
+                        Some(r) => *r,
+                        None => {
+                            return error(
+                                pos,
+                                format!("wait {c}: this thread has not forked {c} before"),
+                            )
+                        }
+                    },
+                };
+                let d = dst.unwrap_or(SCRATCH);
+                self.emit(Op::Wait, d, who, 0, 0);
+            }
+            StmtKind::Exit(status) => {
+                self.emit(Op::Exit, 0, 0, 0, *status);
+            }
+            StmtKind::Spawn { dst, thread } => {
+                let r = dst.unwrap_or(SCRATCH);
+                let at = self.emit(Op::Spawn, r, 0, 0, 0);
+                self.thread_ref(thread, pos, at)?;
+            }
+            StmtKind::Pin { dst, addr, flags } => {
+                let a = self.operand(addr, SCRATCH)?;
+                let mut f = 0;
+                if flags.write {
+                    f |= gup::WRITE;
+                }
+                if !flags.get {
+                    f |= gup::PIN;
+                }
+                if flags.longterm {
+                    f |= gup::LONGTERM;
+                }
+                self.emit(Op::Pin, *dst, a, f as u8, 0);
+            }
+            StmtKind::Unpin(r) => {
+                self.emit(Op::Unpin, *r, 0, 0, 0);
+            }
+            StmtKind::DmaRead { dst, pin, offset } => {
+                self.emit(Op::DmaRead, *dst, *pin, 0, *offset);
+            }
+            StmtKind::DmaWrite { pin, offset, value } => {
+                let v = self.operand(value, SCRATCH)?;
+                self.emit(Op::DmaWrite, v, *pin, 0, *offset);
+            }
+            StmtKind::UffdRegister { addr, pages } => {
+                let a = self.operand(addr, SCRATCH)?;
+                self.emit(Op::UffdRegister, a, 0, 0, *pages);
+            }
+            StmtKind::UffdWp { addr, pages, on } => {
+                let a = self.operand(addr, SCRATCH)?;
+                self.emit(Op::UffdWp, a, 0, u8::from(*on), *pages);
+            }
+            StmtKind::UffdResolve { dst } => {
+                self.emit(Op::UffdResolve, dst.unwrap_or(SCRATCH), 0, 0, 0);
+            }
+            StmtKind::Hook(name) => {
+                let id = match self.hooks.iter().position(|h| h == name) {
+                    Some(i) => i,
+                    None => {
+                        self.hooks.push(name.clone());
+                        self.hooks.len() - 1
+                    }
+                };
+                self.emit(Op::Hook, 0, 0, 0, id as u64);
+            }
+            StmtKind::Pause(n) => {
+                self.emit(Op::Pause, 0, 0, 0, *n);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Compiles `test`.
+pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
+    let mut regions = BTreeMap::new();
+    let mut next = REGION_BASE;
+    for r in &test.regions {
+        if regions.contains_key(r.name.as_str()) {
+            return error(r.pos, format!("region '{}' is defined twice", r.name));
+        }
+        let placed = PlacedRegion {
+            name: r.name.clone(),
+            addr: next,
+            pages: r.pages,
+            prot: r.prot,
+            populate: r.populate,
+        };
+        next += (r.pages + 1) * PAGE_SIZE;
+        regions.insert(r.name.as_str(), placed);
+    }
+    let mut c = Compiler {
+        test,
+        code: Vec::new(),
+        regions,
+        events: BTreeMap::new(),
+        hooks: Vec::new(),
+        fixups: Vec::new(),
+        next_hidden: LOOP_COUNTERS,
+        children: BTreeMap::new(),
+    };
+    let mut starts = BTreeMap::new();
+    for t in &test.threads {
+        starts.insert(t.name.clone(), c.code.len() as u64);
+        c.next_hidden = LOOP_COUNTERS;
+        c.children.clear();
+        c.body(&t.body)?;
+        c.emit(Op::Halt, 0, 0, 0, 0);
+    }
+    for (at, name, _) in std::mem::take(&mut c.fixups) {
+        c.code[at].imm = starts[&name];
+    }
+    check_exists(&test.exists, test)?;
+    let max = ((LITMUS_SIZE - 16) / 16) as usize;
+    if c.code.len() > max {
+        return error(
+            Pos { line: 1, col: 1 },
+            format!(
+                "the test compiles to {} instructions; at most {max} fit",
+                c.code.len()
+            ),
+        );
+    }
+    let initial = test
+        .threads
+        .iter()
+        .filter(|t| t.name.starts_with('P'))
+        .map(|t| (t.name.clone(), starts[&t.name]))
+        .collect();
+    let names = starts.iter().map(|(n, pc)| (*pc, n.clone())).collect();
+    Ok(Compiled {
+        test: test.clone(),
+        code: c.code,
+        regions: c.regions.into_values().collect(),
+        initial,
+        names,
+        hooks: c.hooks,
+    })
+}
+
+/// Every thread the exists clause names must exist.
+fn check_exists(cond: &Cond, test: &Test) -> Result<(), ParseError> {
+    let known = |t: &str| test.threads.iter().any(|th| th.name == t);
+    let pos = Pos { line: 1, col: 1 };
+    match cond {
+        Cond::And(a, b) | Cond::Or(a, b) => {
+            check_exists(a, test)?;
+            check_exists(b, test)
+        }
+        Cond::Not(a) => check_exists(a, test),
+        Cond::Status { thread, .. } if !known(thread) => error(
+            pos,
+            format!("exists names thread {thread}, which has no block"),
+        ),
+        Cond::Cmp(l, _, r) => [l, r].iter().try_for_each(|v| match v {
+            Value::Reg { thread, .. } if !known(thread) => error(
+                pos,
+                format!("exists names thread {thread}, which has no block"),
+            ),
+            _ => Ok(()),
+        }),
+        _ => Ok(()),
+    }
+}

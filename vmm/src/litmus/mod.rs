@@ -1,0 +1,18 @@
+//! Litmus tests (DESIGN.md §7): the language (`docs/litmus.md`), its
+//! parser and compiler to guest bytecode, the runner and litmus7-style
+//! verdicts, and the built-in tests.
+
+pub mod ast;
+pub mod builtin;
+pub mod compile;
+pub mod parse;
+pub mod run;
+
+pub use compile::{compile, Compiled};
+pub use parse::{parse, ParseError};
+pub use run::{run_test, LitmusResult, RunOptions};
+
+/// Parses and compiles a test.
+pub fn load(src: &str) -> Result<Compiled, ParseError> {
+    compile(&parse(src)?)
+}

@@ -1,0 +1,931 @@
+//! The litmus parser: source text to [`Test`], with errors that say where
+//! (line:column) and what was expected.
+
+use super::ast::*;
+
+/// A syntax or meaning error at a place in the source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{pos}: {msg}")]
+pub struct ParseError {
+    pub pos: Pos,
+    pub msg: String,
+}
+
+type R<T> = Result<T, ParseError>;
+
+struct Parser<'s> {
+    src: &'s [u8],
+    at: usize,
+    line: usize,
+    col: usize,
+    /// A status atom (`P1:segv`) just read by `value()`.
+    pending_status: Option<Status>,
+}
+
+fn is_word(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+impl<'s> Parser<'s> {
+    fn new(src: &'s str) -> Self {
+        Parser {
+            src: src.as_bytes(),
+            at: 0,
+            line: 1,
+            col: 1,
+            pending_status: None,
+        }
+    }
+
+    fn pos(&self) -> Pos {
+        Pos {
+            line: self.line,
+            col: self.col,
+        }
+    }
+
+    fn err<T>(&self, msg: impl Into<String>) -> R<T> {
+        Err(ParseError {
+            pos: self.pos(),
+            msg: msg.into(),
+        })
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.src.get(self.at).copied()
+    }
+
+    fn peek2(&self) -> Option<u8> {
+        self.src.get(self.at + 1).copied()
+    }
+
+    fn bump(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.at += 1;
+        if c == b'\n' {
+            self.line += 1;
+            self.col = 1;
+        } else {
+            self.col += 1;
+        }
+        Some(c)
+    }
+
+    /// Skips spaces, tabs and comments (`#…` to the end of the line), not newlines.
+    fn skip_blank(&mut self) {
+        while let Some(c) = self.peek() {
+            match c {
+                b' ' | b'\t' | b'\r' => {
+                    self.bump();
+                }
+                b'#' => {
+                    while self.peek().is_some_and(|c| c != b'\n') {
+                        self.bump();
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Skips blanks, comments and newlines.
+    fn skip_all(&mut self) {
+        loop {
+            self.skip_blank();
+            if self.peek() == Some(b'\n') {
+                self.bump();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// What the next token looks like, for messages.
+    fn describe_next(&self) -> String {
+        match self.peek() {
+            None => "the end of the file".into(),
+            Some(b'\n') => "the end of the line".into(),
+            Some(c) if is_word(c) => {
+                let end = self.src[self.at..]
+                    .iter()
+                    .position(|c| !is_word(*c))
+                    .map_or(self.src.len(), |n| self.at + n);
+                format!("'{}'", String::from_utf8_lossy(&self.src[self.at..end]))
+            }
+            Some(c) => format!("'{}'", c as char),
+        }
+    }
+
+    fn expected<T>(&self, what: &str) -> R<T> {
+        self.err(format!("expected {what}, found {}", self.describe_next()))
+    }
+
+    /// Consumes `c` (after blanks) or fails saying it was expected.
+    fn punct(&mut self, c: u8) -> R<()> {
+        self.skip_blank();
+        if self.peek() == Some(c) {
+            self.bump();
+            Ok(())
+        } else {
+            self.expected(&format!("'{}'", c as char))
+        }
+    }
+
+    fn try_punct(&mut self, c: u8) -> bool {
+        self.skip_blank();
+        if self.peek() == Some(c) {
+            self.bump();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A word: letters, digits and `_`.
+    fn word(&mut self, what: &str) -> R<(String, Pos)> {
+        self.skip_blank();
+        let pos = self.pos();
+        if !self.peek().is_some_and(is_word) {
+            return self.expected(what);
+        }
+        let mut s = String::new();
+        while let Some(c) = self.peek().filter(|c| is_word(*c)) {
+            s.push(c as char);
+            self.bump();
+        }
+        Ok((s, pos))
+    }
+
+    /// The next word without consuming it.
+    fn peek_word(&mut self) -> Option<String> {
+        self.skip_blank();
+        let end = self.src[self.at..]
+            .iter()
+            .position(|c| !is_word(*c))
+            .map_or(self.src.len(), |n| self.at + n);
+        (end > self.at).then(|| String::from_utf8_lossy(&self.src[self.at..end]).into_owned())
+    }
+
+    fn keyword(&mut self, kw: &str) -> R<()> {
+        match self.peek_word() {
+            Some(w) if w == kw => {
+                self.word(kw)?;
+                Ok(())
+            }
+            _ => self.expected(&format!("'{kw}'")),
+        }
+    }
+
+    /// A raw token up to the next blank (names of tests and policies may
+    /// contain '-' and '.').
+    fn raw(&mut self, what: &str) -> R<(String, Pos)> {
+        self.skip_blank();
+        let pos = self.pos();
+        let mut s = String::new();
+        while let Some(c) = self
+            .peek()
+            .filter(|c| !c.is_ascii_whitespace() && *c != b'#')
+        {
+            s.push(c as char);
+            self.bump();
+        }
+        if s.is_empty() {
+            return self.expected(what);
+        }
+        Ok((s, pos))
+    }
+
+    fn number(&mut self, what: &str) -> R<u64> {
+        let (w, pos) = self.word(what)?;
+        parse_number(&w).ok_or(ParseError {
+            pos,
+            msg: format!("expected {what}, found '{w}'"),
+        })
+    }
+
+    /// The end of a statement: ';', a newline, or a closing '}' (not consumed).
+    fn end_of_stmt(&mut self) -> R<()> {
+        self.skip_blank();
+        match self.peek() {
+            Some(b';') | Some(b'\n') => {
+                self.bump();
+                Ok(())
+            }
+            Some(b'}') | None => Ok(()),
+            _ => self.expected("';', a new line or '}' after the statement"),
+        }
+    }
+
+    /// A description: `"…"`, may span lines (runs of blanks become one space).
+    fn string(&mut self) -> R<String> {
+        let start = self.pos();
+        self.punct(b'"')?;
+        let mut s = String::new();
+        loop {
+            match self.bump() {
+                Some(b'"') => return Ok(s),
+                None => {
+                    return Err(ParseError {
+                        pos: start,
+                        msg: "unterminated description: expected a closing '\"'".into(),
+                    })
+                }
+                Some(c) if c.is_ascii_whitespace() => {
+                    if !s.ends_with(' ') {
+                        s.push(' ');
+                    }
+                }
+                Some(c) => s.push(c as char),
+            }
+        }
+    }
+}
+
+fn parse_number(w: &str) -> Option<u64> {
+    let w = w.replace('_', "");
+    if let Some(hex) = w.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16).ok()
+    } else {
+        w.parse().ok()
+    }
+}
+
+/// `rN` with N in 0..=9 (the rest belong to the compiler).
+fn parse_reg(w: &str, pos: Pos) -> R<u8> {
+    let n = w.strip_prefix('r').and_then(|n| n.parse::<u8>().ok());
+    match n {
+        Some(n) if n <= MAX_USER_REG => Ok(n),
+        Some(_) => Err(ParseError {
+            pos,
+            msg: format!("register {w} is not available: tests use r0 to r{MAX_USER_REG}"),
+        }),
+        None => Err(ParseError {
+            pos,
+            msg: format!("expected a register (r0 to r{MAX_USER_REG}), found '{w}'"),
+        }),
+    }
+}
+
+/// The highest register a test may name.
+pub const MAX_USER_REG: u8 = 9;
+
+fn is_reg(w: &str) -> bool {
+    w.len() >= 2 && w.starts_with('r') && w[1..].bytes().all(|c| c.is_ascii_digit())
+}
+
+fn is_thread_name(w: &str) -> bool {
+    w.len() >= 2
+        && matches!(w.as_bytes()[0], b'P' | b'C' | b'T')
+        && w[1..].bytes().all(|c| c.is_ascii_digit())
+}
+
+impl Parser<'_> {
+    fn reg(&mut self) -> R<u8> {
+        let (w, pos) = self.word("a register")?;
+        parse_reg(&w, pos)
+    }
+
+    fn prot(&mut self) -> R<Prot> {
+        let (w, pos) = self.word("a protection (rw, r or none)")?;
+        match w.as_str() {
+            "rw" => Ok(Prot::ReadWrite),
+            "r" => Ok(Prot::Read),
+            "none" => Ok(Prot::None),
+            _ => Err(ParseError {
+                pos,
+                msg: format!("expected a protection (rw, r or none), found '{w}'"),
+            }),
+        }
+    }
+
+    /// A register, a number, or a region name.
+    fn operand(&mut self) -> R<Operand> {
+        let (w, pos) = self.word("a register, a number or a region")?;
+        if is_reg(&w) {
+            return parse_reg(&w, pos).map(Operand::Reg);
+        }
+        if w.as_bytes()[0].is_ascii_digit() {
+            return parse_number(&w).map(Operand::Imm).ok_or(ParseError {
+                pos,
+                msg: format!("expected a number, found '{w}'"),
+            });
+        }
+        Ok(Operand::Region(w, pos))
+    }
+
+    /// `NAME[i]` after the name, or `*(rN + off)` from the '*'.
+    fn mem_after_name(&mut self, name: String, pos: Pos) -> R<Mem> {
+        self.punct(b'[')?;
+        let index = self.operand()?;
+        if let Operand::Region(..) = index {
+            return Err(ParseError {
+                pos,
+                msg: "a region index must be a number or a register".into(),
+            });
+        }
+        self.punct(b']')?;
+        Ok(Mem::Region { name, index, pos })
+    }
+
+    fn deref(&mut self) -> R<Mem> {
+        self.punct(b'*')?;
+        self.punct(b'(')?;
+        let reg = self.reg()?;
+        let offset = if self.try_punct(b'+') {
+            self.number("an offset in bytes")?
+        } else {
+            0
+        };
+        self.punct(b')')?;
+        Ok(Mem::Deref { reg, offset })
+    }
+
+    fn binop(&mut self) -> Option<BinOp> {
+        self.skip_blank();
+        let (op, len) = match (self.peek()?, self.peek2()) {
+            (b'=', Some(b'=')) => (BinOp::Eq, 2),
+            (b'!', Some(b'=')) => (BinOp::Ne, 2),
+            (b'+', _) => (BinOp::Add, 1),
+            (b'-', _) => (BinOp::Sub, 1),
+            (b'*', _) => (BinOp::Mul, 1),
+            (b'/', _) => (BinOp::Div, 1),
+            (b'%', _) => (BinOp::Rem, 1),
+            (b'&', _) => (BinOp::And, 1),
+            (b'|', _) => (BinOp::Or, 1),
+            (b'^', _) => (BinOp::Xor, 1),
+            (b'<', _) => (BinOp::Lt, 1),
+            _ => return None,
+        };
+        for _ in 0..len {
+            self.bump();
+        }
+        Some(op)
+    }
+
+    fn block(&mut self) -> R<Vec<Stmt>> {
+        self.punct(b'{')?;
+        let mut body = Vec::new();
+        loop {
+            self.skip_all();
+            if self.try_punct(b'}') {
+                return Ok(body);
+            }
+            if self.peek().is_none() {
+                return self.expected("'}' to close the block");
+            }
+            body.push(self.stmt()?);
+            self.end_of_stmt()?;
+        }
+    }
+
+    /// `rN = …`: an expression or a call that returns a value.
+    fn assignment(&mut self, dst: u8, pos: Pos) -> R<StmtKind> {
+        self.punct(b'=')?;
+        self.skip_blank();
+        if self.peek() == Some(b'*') {
+            return Ok(StmtKind::Assign {
+                dst,
+                expr: Expr::Load(self.deref()?),
+            });
+        }
+        let call = self.peek_word().unwrap_or_default();
+        let kind = match call.as_str() {
+            "mmap" => {
+                self.word("mmap")?;
+                let pages = self.number("a number of pages")?;
+                StmtKind::Mmap {
+                    dst,
+                    pages,
+                    prot: self.prot()?,
+                }
+            }
+            "fork" => {
+                self.word("fork")?;
+                StmtKind::Fork {
+                    dst: Some(dst),
+                    child: self.child("a child block (C0, C1, …)", b'C')?,
+                }
+            }
+            "wait" => {
+                self.word("wait")?;
+                StmtKind::Wait {
+                    dst: Some(dst),
+                    target: self.wait_target()?,
+                }
+            }
+            "spawn" => {
+                self.word("spawn")?;
+                StmtKind::Spawn {
+                    dst: Some(dst),
+                    thread: self.child("a thread block (T0, T1, …)", b'T')?,
+                }
+            }
+            "pin" | "get" => {
+                let (w, _) = self.word("pin")?;
+                let addr = self.operand()?;
+                let mut flags = PinFlags {
+                    get: w == "get",
+                    ..Default::default()
+                };
+                while let Some(f) = self.peek_word() {
+                    match f.as_str() {
+                        "write" => flags.write = true,
+                        "longterm" => flags.longterm = true,
+                        _ => break,
+                    }
+                    self.word("a flag")?;
+                }
+                StmtKind::Pin { dst, addr, flags }
+            }
+            "dma_read" => {
+                self.word("dma_read")?;
+                let pin = self.reg()?;
+                StmtKind::DmaRead {
+                    dst,
+                    pin,
+                    offset: self.number("a byte offset")?,
+                }
+            }
+            "cmp" => {
+                self.word("cmp")?;
+                let (region, _) = self.word("a region")?;
+                StmtKind::Compare {
+                    dst,
+                    region,
+                    value: self.operand()?,
+                }
+            }
+            "uffd_resolve" => {
+                self.word("uffd_resolve")?;
+                StmtKind::UffdResolve { dst: Some(dst) }
+            }
+            _ => {
+                let (w, wpos) = self.word("a value, a memory word or a call")?;
+                self.skip_blank();
+                if self.peek() == Some(b'[') && !is_reg(&w) {
+                    return Ok(StmtKind::Assign {
+                        dst,
+                        expr: Expr::Load(self.mem_after_name(w, wpos)?),
+                    });
+                }
+                let lhs = operand_of(w, wpos)?;
+                let expr = match self.binop() {
+                    Some(op) => Expr::Binary(lhs, op, self.operand()?),
+                    None => Expr::Operand(lhs),
+                };
+                StmtKind::Assign { dst, expr }
+            }
+        };
+        let _ = pos;
+        Ok(kind)
+    }
+
+    fn child(&mut self, what: &str, prefix: u8) -> R<String> {
+        let (w, pos) = self.word(what)?;
+        if is_thread_name(&w) && w.as_bytes()[0] == prefix {
+            Ok(w)
+        } else {
+            Err(ParseError {
+                pos,
+                msg: format!("expected {what}, found '{w}'"),
+            })
+        }
+    }
+
+    fn wait_target(&mut self) -> R<WaitTarget> {
+        let (w, pos) = self.word("a register or a child (C0, …)")?;
+        if is_reg(&w) {
+            parse_reg(&w, pos).map(WaitTarget::Reg)
+        } else if is_thread_name(&w) {
+            Ok(WaitTarget::Child(w))
+        } else {
+            Err(ParseError {
+                pos,
+                msg: format!("expected a register or a child (C0, …), found '{w}'"),
+            })
+        }
+    }
+
+    fn stmt(&mut self) -> R<Stmt> {
+        self.skip_blank();
+        let pos = self.pos();
+        if self.peek() == Some(b'*') {
+            let mem = self.deref()?;
+            self.punct(b'=')?;
+            return Ok(Stmt {
+                kind: StmtKind::Store {
+                    mem,
+                    value: self.operand()?,
+                },
+                pos,
+            });
+        }
+        let (w, wpos) = self.word("a statement")?;
+        if is_reg(&w) {
+            let dst = parse_reg(&w, wpos)?;
+            return Ok(Stmt {
+                kind: self.assignment(dst, pos)?,
+                pos,
+            });
+        }
+        let kind = match w.as_str() {
+            "loop" => {
+                if self.peek_word().as_deref() == Some("until") {
+                    self.word("until")?;
+                    let (event, _) = self.word("an event name")?;
+                    StmtKind::LoopUntil {
+                        event,
+                        body: self.block()?,
+                    }
+                } else {
+                    let count = self.number("a loop count or 'until'")?;
+                    StmtKind::Loop {
+                        count,
+                        body: self.block()?,
+                    }
+                }
+            }
+            "signal" => StmtKind::Signal(self.word("an event name")?.0),
+            "await" => StmtKind::Await(self.word("an event name")?.0),
+            "fill" => {
+                let (region, _) = self.word("a region")?;
+                StmtKind::Fill {
+                    region,
+                    value: self.operand()?,
+                }
+            }
+            "munmap" | "madvise" => {
+                let addr = self.operand()?;
+                let pages = self.number("a number of pages")?;
+                if w == "munmap" {
+                    StmtKind::Munmap { addr, pages }
+                } else {
+                    StmtKind::Madvise { addr, pages }
+                }
+            }
+            "mprotect" => {
+                let addr = self.operand()?;
+                let pages = self.number("a number of pages")?;
+                StmtKind::Mprotect {
+                    addr,
+                    pages,
+                    prot: self.prot()?,
+                }
+            }
+            "fork" => StmtKind::Fork {
+                dst: None,
+                child: self.child("a child block (C0, C1, …)", b'C')?,
+            },
+            "wait" => StmtKind::Wait {
+                dst: None,
+                target: self.wait_target()?,
+            },
+            "exit" => StmtKind::Exit(self.number("an exit status")?),
+            "spawn" => StmtKind::Spawn {
+                dst: None,
+                thread: self.child("a thread block (T0, T1, …)", b'T')?,
+            },
+            "unpin" => StmtKind::Unpin(self.reg()?),
+            "dma_write" => {
+                let pin = self.reg()?;
+                let offset = self.number("a byte offset")?;
+                StmtKind::DmaWrite {
+                    pin,
+                    offset,
+                    value: self.operand()?,
+                }
+            }
+            "uffd_register" => {
+                let addr = self.operand()?;
+                StmtKind::UffdRegister {
+                    addr,
+                    pages: self.number("a number of pages")?,
+                }
+            }
+            "uffd_wp" => {
+                let addr = self.operand()?;
+                let pages = self.number("a number of pages")?;
+                let (onoff, opos) = self.word("on or off")?;
+                let on = match onoff.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => {
+                        return Err(ParseError {
+                            pos: opos,
+                            msg: format!("expected on or off, found '{onoff}'"),
+                        })
+                    }
+                };
+                StmtKind::UffdWp { addr, pages, on }
+            }
+            "uffd_resolve" => StmtKind::UffdResolve { dst: None },
+            "hook" => StmtKind::Hook(self.word("a hook name")?.0),
+            "pause" => StmtKind::Pause(self.number("a number of spins")?),
+            name => {
+                self.skip_blank();
+                if self.peek() != Some(b'[') {
+                    return Err(ParseError {
+                        pos: wpos,
+                        msg: format!("expected a statement, found '{name}' (see docs/litmus.md for the statements)"),
+                    });
+                }
+                let mem = self.mem_after_name(w.clone(), wpos)?;
+                self.punct(b'=')?;
+                StmtKind::Store {
+                    mem,
+                    value: self.operand()?,
+                }
+            }
+        };
+        Ok(Stmt { kind, pos })
+    }
+
+    fn region(&mut self) -> R<Region> {
+        let pos = self.pos();
+        self.keyword("region")?;
+        let (name, npos) = self.word("a region name")?;
+        if is_reg(&name) || is_thread_name(&name) {
+            return Err(ParseError {
+                pos: npos,
+                msg: format!("'{name}' cannot name a region (it is a register or a thread)"),
+            });
+        }
+        let pages = self.number("a number of pages")?;
+        if pages == 0 {
+            return Err(ParseError {
+                pos: npos,
+                msg: format!("region {name} has no pages"),
+            });
+        }
+        let prot = self.prot()?;
+        let populate = if self.peek_word().as_deref() == Some("populate") {
+            self.word("populate")?;
+            true
+        } else {
+            false
+        };
+        Ok(Region {
+            name,
+            pages,
+            prot,
+            populate,
+            pos,
+        })
+    }
+
+    fn init(&mut self) -> R<Vec<Region>> {
+        self.punct(b'{')?;
+        let mut regions = Vec::new();
+        loop {
+            self.skip_all();
+            if self.try_punct(b'}') {
+                return Ok(regions);
+            }
+            if self.peek().is_none() {
+                return self.expected("'}' to close the init section");
+            }
+            regions.push(self.region()?);
+            self.end_of_stmt()?;
+        }
+    }
+
+    // The exists clause: or := and ('\/' and)*; and := unary ('/\' unary)*.
+    fn cond(&mut self) -> R<Cond> {
+        let mut lhs = self.cond_and()?;
+        loop {
+            self.skip_all();
+            if self.peek() == Some(b'\\') && self.peek2() == Some(b'/') {
+                self.bump();
+                self.bump();
+                lhs = Cond::Or(Box::new(lhs), Box::new(self.cond_and()?));
+            } else {
+                return Ok(lhs);
+            }
+        }
+    }
+
+    fn cond_and(&mut self) -> R<Cond> {
+        let mut lhs = self.cond_unary()?;
+        loop {
+            self.skip_all();
+            if self.peek() == Some(b'/') && self.peek2() == Some(b'\\') {
+                self.bump();
+                self.bump();
+                lhs = Cond::And(Box::new(lhs), Box::new(self.cond_unary()?));
+            } else {
+                return Ok(lhs);
+            }
+        }
+    }
+
+    fn cond_unary(&mut self) -> R<Cond> {
+        self.skip_all();
+        if self.try_punct(b'~') {
+            return Ok(Cond::Not(Box::new(self.cond_unary()?)));
+        }
+        if self.try_punct(b'(') {
+            let c = self.cond()?;
+            self.skip_all();
+            self.punct(b')')?;
+            return Ok(c);
+        }
+        if self.peek_word().as_deref() == Some("true") {
+            self.word("true")?;
+            return Ok(Cond::True);
+        }
+        let lhs = self.value()?;
+        if let Value::Reg {
+            thread,
+            reg: STATUS_REG,
+        } = &lhs
+        {
+            return Ok(Cond::Status {
+                thread: thread.clone(),
+                status: self.pending_status.take().expect("set with it"),
+            });
+        }
+        self.skip_blank();
+        let op = match (self.peek(), self.peek2()) {
+            (Some(b'='), Some(b'=')) => (CmpOp::Eq, 2),
+            (Some(b'='), _) => (CmpOp::Eq, 1),
+            (Some(b'!'), Some(b'=')) => (CmpOp::Ne, 2),
+            (Some(b'<'), Some(b'=')) => (CmpOp::Le, 2),
+            (Some(b'>'), Some(b'=')) => (CmpOp::Ge, 2),
+            (Some(b'<'), _) => (CmpOp::Lt, 1),
+            (Some(b'>'), _) => (CmpOp::Gt, 1),
+            _ => return self.expected("a comparison (=, !=, <, <=, >, >=)"),
+        };
+        for _ in 0..op.1 {
+            self.bump();
+        }
+        let rhs = self.value()?;
+        if let Value::Reg {
+            reg: STATUS_REG, ..
+        } = rhs
+        {
+            return self.err("a thread status (segv, oom, crashed, ok) cannot be compared");
+        }
+        Ok(Cond::Cmp(lhs, op.0, rhs))
+    }
+
+    /// `T:rN`, `T:status`, or a number.
+    fn value(&mut self) -> R<Value> {
+        let (w, pos) = self.word("a thread register (P0:r1) or a number")?;
+        if w.as_bytes()[0].is_ascii_digit() {
+            return parse_number(&w).map(Value::Imm).ok_or(ParseError {
+                pos,
+                msg: format!("expected a number, found '{w}'"),
+            });
+        }
+        if !is_thread_name(&w) {
+            return Err(ParseError {
+                pos,
+                msg: format!("expected a thread register (P0:r1) or a number, found '{w}'"),
+            });
+        }
+        self.punct(b':')?;
+        let (what, wpos) = self.word("a register or a status (segv, oom, crashed, ok)")?;
+        let status = match what.as_str() {
+            "segv" => Some(Status::Segv),
+            "oom" => Some(Status::Oom),
+            "crashed" => Some(Status::Crashed),
+            "ok" => Some(Status::Ok),
+            _ => None,
+        };
+        if let Some(s) = status {
+            self.pending_status = Some(s);
+            return Ok(Value::Reg {
+                thread: w,
+                reg: STATUS_REG,
+            });
+        }
+        Ok(Value::Reg {
+            thread: w,
+            reg: parse_reg(&what, wpos)?,
+        })
+    }
+}
+
+/// Stands for a status atom between `value()` and `cond_unary()`.
+const STATUS_REG: u8 = u8::MAX;
+
+fn operand_of(w: String, pos: Pos) -> R<Operand> {
+    if is_reg(&w) {
+        return parse_reg(&w, pos).map(Operand::Reg);
+    }
+    if w.as_bytes()[0].is_ascii_digit() {
+        return parse_number(&w).map(Operand::Imm).ok_or(ParseError {
+            pos,
+            msg: format!("expected a number, found '{w}'"),
+        });
+    }
+    Ok(Operand::Region(w, pos))
+}
+
+/// Parses a litmus test.
+pub fn parse(src: &str) -> R<Test> {
+    let mut p = Parser::new(src);
+    p.skip_all();
+    let start = p.pos();
+    match p.peek_word() {
+        Some(w) if w == "cowlab" => {
+            p.word("cowlab")?;
+        }
+        _ => return p.expected("the header line 'cowlab NAME'"),
+    }
+    let (name, _) = p.raw("a test name after 'cowlab'")?;
+    p.skip_all();
+    let description = if p.peek() == Some(b'"') {
+        Some(p.string()?)
+    } else {
+        None
+    };
+    p.skip_all();
+    let regions = if p.peek() == Some(b'{') {
+        p.init()?
+    } else {
+        Vec::new()
+    };
+    let mut threads: Vec<Thread> = Vec::new();
+    let mut exists = None;
+    let mut exists_src = String::new();
+    let mut expects = Vec::new();
+    loop {
+        p.skip_all();
+        let pos = p.pos();
+        let Some(w) = p.peek_word() else {
+            if p.peek().is_none() {
+                break;
+            }
+            return p.expected("a thread block (P0 { … }), 'exists' or 'expect'");
+        };
+        if is_thread_name(&w) {
+            if exists.is_some() {
+                return p.err("thread blocks must come before 'exists'");
+            }
+            p.word("a thread")?;
+            if threads.iter().any(|t| t.name == w) {
+                return Err(ParseError {
+                    pos,
+                    msg: format!("thread {w} is defined twice"),
+                });
+            }
+            let body = p.block()?;
+            threads.push(Thread { name: w, body, pos });
+        } else if w == "exists" {
+            if exists.is_some() {
+                return p.err("a test has one 'exists' clause");
+            }
+            p.word("exists")?;
+            p.skip_all();
+            let from = p.at;
+            exists = Some(p.cond()?);
+            exists_src = String::from_utf8_lossy(&p.src[from..p.at])
+                .trim()
+                .to_string();
+        } else if w == "expect" {
+            p.word("expect")?;
+            let (policy, _) = p.raw("a policy name")?;
+            let (v, vpos) = p.word("Never, Sometimes or Always")?;
+            let verdict = match v.as_str() {
+                "Never" => Verdict::Never,
+                "Sometimes" => Verdict::Sometimes,
+                "Always" => Verdict::Always,
+                _ => {
+                    return Err(ParseError {
+                        pos: vpos,
+                        msg: format!("expected Never, Sometimes or Always, found '{v}'"),
+                    })
+                }
+            };
+            expects.push(Expect {
+                policy,
+                verdict,
+                pos,
+            });
+        } else {
+            return p.expected("a thread block (P0 { … }), 'exists' or 'expect'");
+        }
+    }
+    if !threads.iter().any(|t| t.name.starts_with('P')) {
+        return Err(ParseError {
+            pos: start,
+            msg: "a test needs at least one initial thread (P0 { … })".into(),
+        });
+    }
+    let Some(exists) = exists else {
+        return Err(ParseError {
+            pos: p.pos(),
+            msg: "expected an 'exists (…)' clause".into(),
+        });
+    };
+    Ok(Test {
+        name,
+        description,
+        regions,
+        threads,
+        exists,
+        exists_src,
+        expects,
+    })
+}

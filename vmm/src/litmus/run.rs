@@ -1,0 +1,316 @@
+//! Running a litmus test many times and reporting like litmus7: the
+//! histogram of final states, the witnesses of `exists`, the observation
+//! and whether the `expect` line for the policy holds.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cowlab_abi::Program;
+
+use super::ast::{CmpOp, Cond, Status, Value, Verdict};
+use super::compile::Compiled;
+use crate::kvm::{Error, Outcome, RunReport, Vm, VmConfig};
+use crate::policy::Policy;
+
+/// How to run a test.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub runs: u64,
+    /// The preset name (for `expect` lines) and the policy (preset + `--set`).
+    pub policy_name: String,
+    pub policy: Policy,
+    /// Watchdog per run.
+    pub timeout: Duration,
+    pub kvm_path: String,
+    /// Draw a progress bar on stderr (only if it is a terminal).
+    pub progress: bool,
+}
+
+/// How one thread of one run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThreadEnd {
+    Ok([u64; cowlab_abi::bytecode::NR_REGS]),
+    Status(Status, &'static str),
+}
+
+/// The threads of one run, by name.
+pub type RunState = BTreeMap<String, ThreadEnd>;
+
+/// The result of many runs.
+#[derive(Debug, Clone)]
+pub struct LitmusResult {
+    pub test: String,
+    pub policy_name: String,
+    pub policy: Policy,
+    pub runs: u64,
+    /// State → (count, satisfies `exists`).
+    pub histogram: BTreeMap<String, (u64, bool)>,
+    pub positive: u64,
+    pub negative: u64,
+    pub observation: Verdict,
+    /// The `expect` line for this policy, if any, and whether it held.
+    pub expectation: Option<(Verdict, bool)>,
+    pub condition: String,
+    pub elapsed: Duration,
+}
+
+/// One run's threads from the VM report.
+fn run_state(test: &Compiled, report: &RunReport) -> RunState {
+    let mut state = RunState::new();
+    for v in &report.vcpus {
+        let base = test
+            .names
+            .get(&v.litmus_pc)
+            .cloned()
+            .unwrap_or_else(|| format!("vcpu{}", v.id));
+        let mut name = base.clone();
+        let mut n = 2;
+        while state.contains_key(&name) {
+            name = format!("{base}#{n}");
+            n += 1;
+        }
+        let end = match (&v.outcome, v.regs) {
+            (Outcome::Exited(_), Some(regs)) => ThreadEnd::Ok(regs),
+            (Outcome::Segv { .. }, _) => ThreadEnd::Status(Status::Segv, "segv"),
+            (Outcome::Oom { .. }, _) => ThreadEnd::Status(Status::Oom, "oom"),
+            (Outcome::Stopped { .. }, _) => ThreadEnd::Status(Status::Crashed, "stuck"),
+            _ => ThreadEnd::Status(Status::Crashed, "crashed"),
+        };
+        state.insert(name, end);
+    }
+    state
+}
+
+fn value(state: &RunState, v: &Value) -> Option<u64> {
+    match v {
+        Value::Imm(n) => Some(*n),
+        Value::Reg { thread, reg } => match state.get(thread)? {
+            ThreadEnd::Ok(regs) => Some(regs[*reg as usize]),
+            ThreadEnd::Status(..) => None,
+        },
+    }
+}
+
+/// Whether `cond` holds in `state`. A register of a thread that did not
+/// finish has no value: comparisons with it are false.
+pub fn holds(cond: &Cond, state: &RunState) -> bool {
+    match cond {
+        Cond::True => true,
+        Cond::And(a, b) => holds(a, state) && holds(b, state),
+        Cond::Or(a, b) => holds(a, state) || holds(b, state),
+        Cond::Not(a) => !holds(a, state),
+        Cond::Status { thread, status } => match (state.get(thread), status) {
+            (Some(ThreadEnd::Ok(_)), Status::Ok) => true,
+            (Some(ThreadEnd::Status(s, _)), want) => s == want,
+            _ => false,
+        },
+        Cond::Cmp(l, op, r) => match (value(state, l), value(state, r)) {
+            (Some(l), Some(r)) => match op {
+                CmpOp::Eq => l == r,
+                CmpOp::Ne => l != r,
+                CmpOp::Lt => l < r,
+                CmpOp::Le => l <= r,
+                CmpOp::Gt => l > r,
+                CmpOp::Ge => l >= r,
+            },
+            _ => false,
+        },
+    }
+}
+
+/// The (thread, register) pairs and threads the condition names, in order.
+fn named(cond: &Cond, regs: &mut Vec<(String, u8)>, threads: &mut Vec<String>) {
+    let add_thread = |t: &String, threads: &mut Vec<String>| {
+        if !threads.contains(t) {
+            threads.push(t.clone());
+        }
+    };
+    match cond {
+        Cond::And(a, b) | Cond::Or(a, b) => {
+            named(a, regs, threads);
+            named(b, regs, threads);
+        }
+        Cond::Not(a) => named(a, regs, threads),
+        Cond::Status { thread, .. } => add_thread(thread, threads),
+        Cond::Cmp(l, _, r) => {
+            for v in [l, r] {
+                if let Value::Reg { thread, reg } = v {
+                    add_thread(thread, threads);
+                    if !regs.contains(&(thread.clone(), *reg)) {
+                        regs.push((thread.clone(), *reg));
+                    }
+                }
+            }
+        }
+        Cond::True => {}
+    }
+}
+
+/// The histogram key of a state: the named registers, or the way a
+/// named thread ended if it did not finish.
+fn key(cond: &Cond, state: &RunState) -> String {
+    let (mut regs, mut threads) = (Vec::new(), Vec::new());
+    named(cond, &mut regs, &mut threads);
+    let mut parts = Vec::new();
+    for t in &threads {
+        match state.get(t) {
+            Some(ThreadEnd::Ok(r)) => {
+                for (_, reg) in regs.iter().filter(|(th, _)| th == t) {
+                    parts.push(format!("{t}:r{reg}={}", fmt_value(r[*reg as usize])));
+                }
+                if !regs.iter().any(|(th, _)| th == t) {
+                    parts.push(format!("{t}:ok"));
+                }
+            }
+            Some(ThreadEnd::Status(_, what)) => parts.push(format!("{t}:{what}")),
+            None => parts.push(format!("{t}:absent")),
+        }
+    }
+    parts.join("; ") + ";"
+}
+
+/// Small numbers in decimal, the rest (addresses, patterns) in hex.
+fn fmt_value(v: u64) -> String {
+    if v >= 16 {
+        format!("{v:#x}")
+    } else {
+        v.to_string()
+    }
+}
+
+/// Runs `test` `opts.runs` times.
+pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult, Error> {
+    let start = Instant::now();
+    let mut histogram: BTreeMap<String, (u64, bool)> = BTreeMap::new();
+    let show_progress = opts.progress && opts.runs >= 50 && std::io::stderr().is_terminal();
+    let mut last_draw = Instant::now();
+    for i in 0..opts.runs {
+        let config = VmConfig {
+            program: Program::Litmus,
+            policy: opts.policy,
+            litmus: Some(Arc::clone(test)),
+            check: true,
+            kvm_path: opts.kvm_path.clone(),
+            ..VmConfig::default()
+        };
+        let mut vm = Vm::new(&config)?;
+        let report = vm.wait(Some(opts.timeout), |_| {});
+        drop(vm);
+        if let Some(e) = report.vcpus.iter().find_map(|v| match &v.outcome {
+            Outcome::Error(e) => Some(e.clone()),
+            _ => None,
+        }) {
+            return Err(Error::Run(format!("run {}: {e}", i + 1)));
+        }
+        if let Some(v) = report.violations.first() {
+            return Err(Error::Run(format!("run {}: mm_verify: {v}", i + 1)));
+        }
+        let state = run_state(test, &report);
+        let entry = histogram
+            .entry(key(&test.test.exists, &state))
+            .or_insert((0, holds(&test.test.exists, &state)));
+        entry.0 += 1;
+        if show_progress && last_draw.elapsed() > Duration::from_millis(100) {
+            eprint!("\r{} run {}/{}", test.test.name, i + 1, opts.runs);
+            last_draw = Instant::now();
+        }
+    }
+    if show_progress {
+        eprint!("\r\x1b[K");
+    }
+    let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
+    let negative = opts.runs - positive;
+    let observation = match (positive, negative) {
+        (0, _) => Verdict::Never,
+        (_, 0) => Verdict::Always,
+        _ => Verdict::Sometimes,
+    };
+    let expectation = test
+        .test
+        .expects
+        .iter()
+        .rev()
+        .find(|e| e.policy == opts.policy_name)
+        .map(|e| (e.verdict, e.verdict == observation));
+    Ok(LitmusResult {
+        test: test.test.name.clone(),
+        policy_name: opts.policy_name.clone(),
+        policy: opts.policy,
+        runs: opts.runs,
+        histogram,
+        positive,
+        negative,
+        observation,
+        expectation,
+        condition: test.test.exists_src.clone(),
+        elapsed: start.elapsed(),
+    })
+}
+
+impl LitmusResult {
+    /// litmus7's text shape.
+    pub fn text(&self) -> String {
+        let mut out = format!("Test {} (policy {})\n", self.test, self.policy_name);
+        out += &format!("Histogram ({} states)\n", self.histogram.len());
+        for (state, (n, witness)) in &self.histogram {
+            out += &format!("{n:<8}{}>{state}\n", if *witness { "*" } else { ":" });
+        }
+        out += if self.positive > 0 { "Ok\n" } else { "No\n" };
+        out += &format!(
+            "Witnesses\nPositive: {}, Negative: {}\n",
+            self.positive, self.negative
+        );
+        out += &format!("Condition exists {}\n", self.condition);
+        out += &format!(
+            "Observation {} {} {} {}\n",
+            self.test,
+            self.observation.as_str(),
+            self.positive,
+            self.negative
+        );
+        if let Some((want, met)) = self.expectation {
+            out += &format!(
+                "Expect {} {}: {}\n",
+                self.policy_name,
+                want.as_str(),
+                if met { "met" } else { "NOT met" }
+            );
+        }
+        out += &format!("Time {} {:.2}\n", self.test, self.elapsed.as_secs_f64());
+        out
+    }
+
+    /// The same as one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        let knobs: serde_json::Map<String, serde_json::Value> = crate::policy::KNOBS
+            .iter()
+            .zip(self.policy.values())
+            .map(|((k, _, _), v)| (k.to_string(), v.into()))
+            .collect();
+        let histogram: Vec<serde_json::Value> = self
+            .histogram
+            .iter()
+            .map(|(s, (n, w))| serde_json::json!({"state": s, "count": n, "witness": w}))
+            .collect();
+        serde_json::json!({
+            "test": self.test,
+            "policy": self.policy_name,
+            "knobs": knobs,
+            "runs": self.runs,
+            "histogram": histogram,
+            "condition": self.condition,
+            "observation": self.observation.as_str(),
+            "positive": self.positive,
+            "negative": self.negative,
+            "expectation": self.expectation.map(|(v, met)| serde_json::json!({"verdict": v.as_str(), "met": met})),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    /// Whether the expectation for this policy (if any) held.
+    pub fn met(&self) -> bool {
+        self.expectation.is_none_or(|(_, met)| met)
+    }
+}
