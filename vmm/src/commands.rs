@@ -9,6 +9,7 @@ use cowlab_abi::program::PROGRAMS;
 use cowlab_abi::Program;
 
 use crate::bench::{self, BenchOptions};
+use crate::hooks;
 use crate::kvm::{exit_code, Event, Vm, VmConfig};
 use crate::litmus::{self, builtin};
 use crate::policy::Policy;
@@ -35,6 +36,25 @@ pub struct RunOptions {
     pub runs: u64,
     /// One JSON object instead of text (litmus tests).
     pub json: bool,
+    /// `--inject RULE`, `--schedule S`, `--chaos SEED`.
+    pub inject: Vec<String>,
+    pub schedule: Option<String>,
+    pub chaos: Option<u64>,
+}
+
+/// The injection settings of `opts`, parsed.
+fn injection(opts: &RunOptions) -> Result<(Vec<hooks::Rule>, Option<Vec<hooks::Step>>), String> {
+    let rules = opts
+        .inject
+        .iter()
+        .map(|r| hooks::parse_rule(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    // `--schedule none` runs a litmus test free, without its own schedule.
+    let schedule = match opts.schedule.as_deref() {
+        Some("none") => Some(Vec::new()),
+        s => s.map(hooks::parse_schedule).transpose()?,
+    };
+    Ok((rules, schedule))
 }
 
 fn error(msg: impl std::fmt::Display) {
@@ -64,6 +84,13 @@ pub fn run(opts: &RunOptions) -> i32 {
             return exit_code::USAGE;
         }
     };
+    let (rules, schedule) = match injection(opts) {
+        Ok(x) => x,
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
+    };
     let guest_elf = match &opts.guest {
         Some(path) => match std::fs::read(path) {
             Ok(bytes) => Some(bytes),
@@ -84,6 +111,9 @@ pub fn run(opts: &RunOptions) -> i32 {
         check: opts.check,
         policy,
         litmus: None,
+        rules,
+        schedule: schedule.unwrap_or_default(),
+        chaos: opts.chaos,
         kvm_path: opts.kvm_path.clone(),
     };
     let mut vm = match Vm::new(&config) {
@@ -189,6 +219,13 @@ fn run_litmus(opts: &RunOptions) -> i32 {
             return exit_code::USAGE;
         }
     };
+    let (rules, schedule) = match injection(opts) {
+        Ok(x) => x,
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
+    };
     let run_opts = litmus::RunOptions {
         runs: opts.runs.max(1),
         policy_name: opts.policy.clone(),
@@ -196,6 +233,9 @@ fn run_litmus(opts: &RunOptions) -> i32 {
         timeout: opts.timeout.unwrap_or(Duration::from_secs(3600)),
         kvm_path: opts.kvm_path.clone(),
         progress: true,
+        rules,
+        schedule,
+        chaos: opts.chaos,
     };
     match litmus::run_test(&compiled, &run_opts) {
         Ok(result) => {
@@ -266,6 +306,9 @@ pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
                 timeout: Duration::from_secs(30),
                 kvm_path: kvm_path.to_string(),
                 progress: false,
+                rules: Vec::new(),
+                schedule: None,
+                chaos: None,
             };
             match litmus::run_test(&compiled, &run_opts) {
                 Ok(r) => {
@@ -309,6 +352,15 @@ pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
     } else {
         exit_code::FAILED
     }
+}
+
+/// `cowlab list points`: the injection points.
+pub fn list_points() -> i32 {
+    for (name, what) in hooks::POINTS {
+        out(format_args!("{name:<32} {what}\n"));
+    }
+    out("guest:NAME                       a litmus test's `hook NAME`\n");
+    exit_code::OK
 }
 
 /// `cowlab list programs`.

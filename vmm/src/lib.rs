@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod hooks;
 pub mod kvm;
 pub mod litmus;
 pub mod mm;

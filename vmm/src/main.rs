@@ -33,6 +33,16 @@ enum Command {
         /// Litmus: print one JSON object instead of the litmus7-style text.
         #[arg(long)]
         json: bool,
+        /// An injection rule ACTION@POINT[/vN][/hit=N][/addr=A-B], ACTION one
+        /// of delay=US, pause, count, fail (repeatable; `cowlab list points`).
+        #[arg(long, value_name = "RULE")]
+        inject: Vec<String>,
+        /// Force an interleaving: vN@POINT < vM@POINT < ...
+        #[arg(long, value_name = "STEPS")]
+        schedule: Option<String>,
+        /// Seeded random delays at points (run i of a litmus test uses SEED+i).
+        #[arg(long, value_name = "SEED")]
+        chaos: Option<u64>,
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
@@ -101,6 +111,8 @@ enum ListWhat {
     Policies,
     /// The built-in litmus tests.
     Tests,
+    /// The injection points.
+    Points,
 }
 
 fn timeout(secs: f64) -> Option<Duration> {
@@ -115,6 +127,9 @@ fn main() {
             program,
             runs,
             json,
+            inject,
+            schedule,
+            chaos,
             vcpus,
             arg,
             mem_mib,
@@ -143,6 +158,9 @@ fn main() {
                 set,
                 runs,
                 json,
+                inject,
+                schedule,
+                chaos,
             })
         }
         Command::List {
@@ -154,6 +172,9 @@ fn main() {
         Command::List {
             what: ListWhat::Tests,
         } => commands::list_tests(),
+        Command::List {
+            what: ListWhat::Points,
+        } => commands::list_points(),
         Command::Suite { name, runs, json } => commands::suite(&name, runs, json, &cli.kvm),
         Command::Bench {
             json,

@@ -306,11 +306,22 @@ fn builtin_tests_are_listed_and_the_basic_suite_meets_its_expectations() {
 
 #[test]
 fn the_examples_in_docs_litmus_md_run_as_written() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/litmus.md")).unwrap();
-    let blocks: Vec<&str> = doc.split("```").skip(1).step_by(2).filter(|b| b.trim_start().starts_with("cowlab ")).collect();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/litmus.md")).unwrap();
+    let blocks: Vec<&str> = doc
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .filter(|b| b.trim_start().starts_with("cowlab "))
+        .collect();
     assert!(blocks.len() >= 3, "the doc has its examples");
     for (i, src) in blocks.iter().enumerate() {
         let out = run_litmus_src(&format!("doc{i}"), src, &["--runs", "2"]);
-        assert_eq!(out.status.code(), Some(0), "example {i}:\n{src}\n{}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "example {i}:\n{src}\n{}",
+            text(&out.stderr)
+        );
     }
 }

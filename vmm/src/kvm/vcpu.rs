@@ -160,13 +160,23 @@ enum Exit {
     Shutdown,
     IrqWindowOpen,
     Interrupted,
+    /// `KVM_RUN` failed with EFAULT: the guest touched a frame while
+    /// [`PhysMem::revoke`] had its host page read-only for a moment.
+    Revoked,
     Other(String),
 }
 
+/// Consecutive EFAULT exits after which the frame is taken as really gone.
+const MAX_REVOKED_RETRIES: u32 = 10_000;
+
 /// How a new vCPU starts.
 pub(crate) enum Start {
-    /// At its program's entry with this argument, on a new stack.
+    /// At its program's entry with this argument, on the stack the VM
+    /// mapped before starting any vCPU (boot vCPUs).
     Program(u64),
+    /// Like `Program`, but spawned by a running guest: maps its own stack
+    /// (clone()'s child stack is an mmap like any other).
+    Thread(u64),
     /// As a copy of the forking vCPU, whose registers these are; `fork`
     /// returns 0 in it.
     Forked(Box<kvm_bindings::kvm_regs>),
@@ -244,7 +254,10 @@ impl Vcpu {
         let root = tlb.root();
         machine.tlbs.insert(id, tlb);
         let arg = match start {
-            Start::Program(arg) => {
+            // Boot vCPUs: the VM mapped every stack before starting any of
+            // them, so no thread takes mmap_lock before its first instruction.
+            Start::Program(arg) => arg,
+            Start::Thread(arg) => {
                 mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
                     .map_err(|e| format!("cannot map the stack of vcpu {id}: {e}"))?;
                 arg
@@ -260,7 +273,9 @@ impl Vcpu {
         fd.set_sregs(&arch::sregs(sregs, area_va, root))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
         let regs = match start {
-            Start::Program(_) => arch::regs(shared.image.entry, user_stack_top(id)),
+            Start::Program(_) | Start::Thread(_) => {
+                arch::regs(shared.image.entry, user_stack_top(id))
+            }
             Start::Forked(regs) => *regs,
         };
         fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -341,6 +356,7 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> Outcome {
+        let mut revoked_streak = 0u32;
         loop {
             if let Flow::End(outcome) = self.service_requests() {
                 return outcome;
@@ -360,6 +376,9 @@ impl Vcpu {
             self.exits += 1;
             // Only the exit right after a stub's exit may piggyback a flush on it.
             self.stub_exit = None;
+            if !matches!(exit, Ok(Exit::Revoked)) {
+                revoked_streak = 0;
+            }
             let flow = match exit {
                 Ok(Exit::Hypercall(nr)) => self.hypercall(nr),
                 Ok(Exit::PortIo(port)) => Flow::End(Outcome::Error(format!(
@@ -370,6 +389,17 @@ impl Vcpu {
                 ))),
                 Ok(Exit::Shutdown) => Flow::End(Outcome::TripleFault { rip: self.rip() }),
                 Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => Flow::Continue,
+                Ok(Exit::Revoked) => {
+                    revoked_streak += 1;
+                    if revoked_streak > MAX_REVOKED_RETRIES {
+                        return Outcome::Error(format!(
+                            "KVM_RUN: guest memory stayed inaccessible (EFAULT) at RIP {:#x}",
+                            self.rip()
+                        ));
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
                 Ok(Exit::Other(what)) => {
                     Flow::End(Outcome::Error(format!("unexpected exit: {what}")))
                 }
@@ -402,6 +432,7 @@ impl Vcpu {
             Ok(VcpuExit::InternalError) => Exit::Other(self.internal_error()),
             Ok(other) => Exit::Other(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) if e.errno() == libc::EFAULT => Exit::Revoked,
             Err(e) => return Err(format!("KVM_RUN: {e}")),
         };
         self.fd.set_kvm_immediate_exit(0);
@@ -558,7 +589,12 @@ impl Vcpu {
                 });
                 return Flow::Continue;
             }
-            Hypercall::Nop | Hypercall::Hook => return Flow::Continue,
+            Hypercall::Nop => return Flow::Continue,
+            Hypercall::Hook => {
+                let name = self.shared.hook_name(self.arg(0));
+                let _ = self.mm.machine().hooks.hit(&name, Some(self.id), None);
+                return Flow::Continue;
+            }
             Hypercall::Mark => {
                 let _ = self.events.send(Event::Mark {
                     id: self.id,
@@ -569,7 +605,7 @@ impl Vcpu {
             }
             Hypercall::Spawn => match Program::from_u64(self.arg(0)) {
                 Some(program) => {
-                    let start = Start::Program(self.arg(1));
+                    let start = Start::Thread(self.arg(1));
                     Shared::spawn(&self.shared, program, start, Arc::clone(&self.mm))
                         .map_or(u64::MAX, |id| id as u64)
                 }
@@ -648,7 +684,11 @@ impl Vcpu {
                         .map(|_| 0),
                 )
             }
-            Hypercall::UffdWait => self.mm.uffd_wait(),
+            // Stopped while waiting: the request loop ends the thread.
+            Hypercall::UffdWait => self
+                .mm
+                .uffd_wait()
+                .unwrap_or(MmError::Interrupted.errno() as u64),
             Hypercall::FlushTlb => errno(
                 self.mm
                     .flush_deferred(self.arg(0), self.arg(1), Some(self.id))
@@ -703,6 +743,8 @@ impl Vcpu {
                 }
                 Err(FaultError::Segv) => Err(Outcome::Segv { addr, access, rip }),
                 Err(FaultError::Oom) => Err(Outcome::Oom { addr }),
+                // The stop request ends the thread before it re-enters.
+                Err(FaultError::Interrupted) => Ok(fault_result::RETRY),
                 Err(FaultError::Userfault(_)) => {
                     Err(Outcome::Error("a userfault escaped the fault path".into()))
                 }

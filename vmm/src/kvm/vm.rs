@@ -13,7 +13,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::signal::Killable;
 
 use cowlab_abi::layout::{
-    kernel_va, IMAGE_PHYS, KERNEL_REGION_SIZE, LITMUS_PHYS, LITMUS_SIZE, MAX_MEM_SIZE, MAX_VCPUS,
+    kernel_va, user_stack_top, IMAGE_PHYS, KERNEL_REGION_SIZE, LITMUS_PHYS, LITMUS_SIZE,
+    MAX_MEM_SIZE, MAX_VCPUS, USER_STACK_SIZE,
 };
 use cowlab_abi::{bytecode, BootHeader, Program, BOOT_HEADER_MAGIC};
 
@@ -22,12 +23,19 @@ use super::loader::{self, Image};
 use super::memory::GuestMem;
 use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
 use super::{arch, kick, Error, GUEST_ELF};
+use crate::hooks::{self, Rule, Step};
 use crate::litmus::Compiled;
-use crate::mm::{mm_verify, verify_no_leaks, Machine, Mm, PhysMem};
+use crate::mm::{mm_verify, mmap, verify_no_leaks, Machine, Mm, PhysMem};
 use crate::policy::Policy;
 
 /// Smallest guest memory accepted: the kernel region plus 16 MiB of frames.
 pub const MIN_MEM_MIB: u64 = (KERNEL_REGION_SIZE >> 20) + 16;
+
+/// The longest delay chaos mode injects at a point.
+pub const CHAOS_MAX_DELAY: Duration = Duration::from_micros(200);
+
+/// How often `wait` checks whether the schedule can still be satisfied.
+const SCHEDULE_CHECK: Duration = Duration::from_millis(10);
 
 /// How long stopped vCPUs get to leave `KVM_RUN` after a timeout.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -53,6 +61,10 @@ pub struct VmConfig {
     /// A litmus test to run instead of `program`: its regions are mapped
     /// and its initial threads started (`vcpus` and `arg` are ignored).
     pub litmus: Option<Arc<Compiled>>,
+    /// Injection rules, a schedule to enforce, a chaos seed (DESIGN.md §8).
+    pub rules: Vec<Rule>,
+    pub schedule: Vec<Step>,
+    pub chaos: Option<u64>,
     /// The KVM device.
     pub kvm_path: String,
 }
@@ -69,6 +81,9 @@ impl Default for VmConfig {
             check: true,
             policy: Policy::MAINLINE,
             litmus: None,
+            rules: Vec::new(),
+            schedule: Vec::new(),
+            chaos: None,
             kvm_path: "/dev/kvm".into(),
         }
     }
@@ -115,6 +130,8 @@ pub(crate) struct Shared {
     pub(crate) nr_vcpus: usize,
     pub(crate) record_faults: bool,
     pub(crate) check: bool,
+    /// Guest hook point names (`guest:NAME`) by id, from the litmus test.
+    hook_names: Vec<String>,
     vcpus: Mutex<Vec<VcpuSlot>>,
     events: Mutex<Sender<Event>>,
 }
@@ -159,6 +176,7 @@ impl Shared {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 CURRENT_VCPU.with(|c| c.set(Some(id)));
+                hooks::set_current_cpu(Some(id));
                 let report = match Vcpu::new(
                     Arc::clone(&shared),
                     id,
@@ -176,6 +194,14 @@ impl Shared {
             .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
         slots.push(VcpuSlot { ctl, thread });
         Ok(id)
+    }
+
+    /// The injection point of guest hook `id`.
+    pub(crate) fn hook_name(&self, id: u64) -> String {
+        match self.hook_names.get(id as usize) {
+            Some(n) => format!("guest:{n}"),
+            None => format!("guest:{id}"),
+        }
     }
 
     /// Registers a new address space (a forked child).
@@ -233,6 +259,10 @@ pub struct RunReport {
     pub user_pages: usize,
     /// Broken memory-manager invariants (`mm_verify`), if checked.
     pub violations: Vec<String>,
+    /// The schedule could not be satisfied: where each thread was blocked.
+    pub unreachable: Option<String>,
+    /// Each rule with how often it matched and acted.
+    pub rule_counts: Vec<(String, u64, u64)>,
 }
 
 /// Exit status of the CLI (DESIGN.md §12).
@@ -397,9 +427,22 @@ impl Vm {
             nr_vcpus: config.vcpus,
             record_faults: config.record_faults,
             check: config.check,
+            hook_names: config
+                .litmus
+                .as_ref()
+                .map_or_else(Vec::new, |t| t.hooks.clone()),
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
         });
+        for rule in &config.rules {
+            machine.hooks.add_rule(rule.clone());
+        }
+        if !config.schedule.is_empty() {
+            machine.hooks.set_schedule(config.schedule.clone());
+        }
+        if let Some(seed) = config.chaos {
+            machine.hooks.set_chaos(seed, CHAOS_MAX_DELAY);
+        }
         machine.set_flusher(Arc::new(KvmFlusher {
             shared: Arc::downgrade(&shared),
         }));
@@ -412,6 +455,14 @@ impl Vm {
             programs: BTreeMap::new(),
             ended: BTreeMap::new(),
         };
+        let boot_vcpus = match &config.litmus {
+            Some(test) => test.initial.len(),
+            None => config.vcpus,
+        };
+        for id in 0..boot_vcpus {
+            mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
+                .map_err(|e| Error::Config(format!("cannot map the stack of vcpu {id}: {e}")))?;
+        }
         if let Some(test) = &config.litmus {
             load_litmus(&vm.shared.mem, &mm, test)?;
             for (_, pc) in &test.initial {
@@ -518,26 +569,41 @@ impl Vm {
             record(&e, &mut console);
             on_event(&e);
         }
+        let shared = Arc::clone(&self.shared);
+        let hooks = &shared.machine.hooks;
+        let mut unreachable = None;
         while !self.live.is_empty() {
-            let wait_for = deadline.map_or(Duration::from_secs(3600), |d| {
+            let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
-            match self.next_event(wait_for) {
+            match self.next_event(until_deadline.min(SCHEDULE_CHECK)) {
                 Some(e) => {
                     record(&e, &mut console);
                     on_event(&e);
                 }
-                None if timed_out.is_none() && deadline.is_some() => {
+                None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    if timed_out.is_some() {
+                        break;
+                    }
                     timed_out = timeout;
                     stuck = self.live.iter().copied().collect();
+                    hooks.release_all();
+                    shared.machine.stop_sleepers();
                     for id in &stuck {
                         self.request(*id, request::STOP);
                     }
                     deadline = Some(Instant::now() + STOP_GRACE);
                 }
-                None => break,
+                None => {}
+            }
+            if unreachable.is_none() {
+                unreachable = hooks.check_schedule(self.live.len());
             }
         }
+        if unreachable.is_none() && timed_out.is_none() {
+            unreachable = hooks.check_schedule(0);
+        }
+        hooks.release_all();
         let mut vcpus: Vec<VcpuReport> = self.ended.values().cloned().collect();
         for id in &self.live {
             let outcome = Outcome::Error("did not leave KVM_RUN after being stopped".into());
@@ -561,6 +627,8 @@ impl Vm {
             wall: self.created.elapsed(),
             user_pages,
             violations,
+            unreachable,
+            rule_counts: hooks.rule_counts(),
         }
     }
 
@@ -600,6 +668,8 @@ fn record(e: &Event, console: &mut Vec<(usize, String)>) {
 impl Drop for Vm {
     fn drop(&mut self) {
         let count = self.shared.slots().len();
+        self.shared.machine.hooks.release_all();
+        self.shared.machine.stop_sleepers();
         for id in 0..count {
             self.shared.request(id, request::STOP);
         }

@@ -296,4 +296,8 @@ pub struct Test {
     /// The exists clause as written, for the output.
     pub exists_src: String,
     pub expects: Vec<Expect>,
+    /// `schedule { … }`: the steps as written (threads Pn or vCPUs vN).
+    pub schedule: Option<(String, Pos)>,
+    /// `inject RULE` lines.
+    pub injects: Vec<(String, Pos)>,
 }

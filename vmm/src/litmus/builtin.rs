@@ -29,6 +29,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic"],
     ),
     (
+        "fork-vma-lock",
+        include_str!("../../../tests/litmus/fork-vma-lock.litmus"),
+        &["seeds"],
+    ),
+    (
         "uffd-wp-handler",
         include_str!("../../../tests/litmus/uffd-wp-handler.litmus"),
         &["basic"],

@@ -10,6 +10,7 @@ use cowlab_abi::layout::{LITMUS_SIZE, PAGE_SIZE};
 
 use super::ast::*;
 use super::parse::{ParseError, MAX_USER_REG};
+use crate::hooks::{parse_rule, parse_schedule, Rule, Step};
 
 /// Where the first region is mapped; the others follow with a guard page.
 pub const REGION_BASE: u64 = 0x10_0000_0000;
@@ -39,6 +40,9 @@ pub struct Compiled {
     pub names: BTreeMap<u64, String>,
     /// Hook names by id.
     pub hooks: Vec<String>,
+    /// The test's `inject` rules and `schedule`.
+    pub rules: Vec<Rule>,
+    pub schedule: Vec<Step>,
 }
 
 fn error<T>(pos: Pos, msg: impl Into<String>) -> Result<T, ParseError> {
@@ -431,6 +435,27 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
         .map(|t| (t.name.clone(), starts[&t.name]))
         .collect();
     let names = starts.iter().map(|(n, pc)| (*pc, n.clone())).collect();
+    let rules = test
+        .injects
+        .iter()
+        .map(|(r, pos)| {
+            let (head, filters) = r.split_once('/').map_or((r.as_str(), ""), |(h, f)| (h, f));
+            let (action, point) = head.split_once('@').unwrap_or((head, ""));
+            let point = region_filter(point, test, *pos)?;
+            let text = if filters.is_empty() {
+                format!("{action}@{point}")
+            } else {
+                format!("{action}@{point}/{filters}")
+            };
+            parse_rule(&text).or_else(|e| error(*pos, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let schedule = match &test.schedule {
+        Some((s, pos)) => {
+            parse_schedule(&thread_steps(s, test, *pos)?).or_else(|e| error(*pos, e))?
+        }
+        None => Vec::new(),
+    };
     Ok(Compiled {
         test: test.clone(),
         code: c.code,
@@ -438,7 +463,61 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
         initial,
         names,
         hooks: c.hooks,
+        rules,
+        schedule,
     })
+}
+
+/// Rewrites `Pn@` in a schedule to `vK@` where Pn is the K-th initial
+/// thread (initial threads run on vCPUs 0, 1, … in order; children get the
+/// next vCPU ids in the order they are created).
+fn thread_steps(s: &str, test: &Test, pos: Pos) -> Result<String, ParseError> {
+    let mut out = Vec::new();
+    for step in s.split('<') {
+        let step = step.trim();
+        let (who, point) = step.split_once('@').unwrap_or((step, ""));
+        let v = if who.starts_with('P') {
+            let idx = test
+                .threads
+                .iter()
+                .filter(|t| t.name.starts_with('P'))
+                .position(|t| t.name == who);
+            match idx {
+                Some(i) => format!("v{i}"),
+                None => {
+                    return error(
+                        pos,
+                        format!("schedule names thread {who}, which has no block"),
+                    )
+                }
+            }
+        } else {
+            who.to_string()
+        };
+        out.push(format!("{v}@{}", region_filter(point, test, pos)?));
+    }
+    Ok(out.join(" < "))
+}
+
+/// `POINT[REGION]` → `POINT/addr=START-END` for the region's pages.
+fn region_filter(point: &str, test: &Test, pos: Pos) -> Result<String, ParseError> {
+    let Some((p, rest)) = point.split_once('[') else {
+        return Ok(point.to_string());
+    };
+    let Some(name) = rest.strip_suffix(']') else {
+        return error(pos, format!("expected POINT[REGION], found '{point}'"));
+    };
+    let mut addr = REGION_BASE;
+    for r in &test.regions {
+        if r.name == name {
+            return Ok(format!(
+                "{p}/addr={addr:#x}-{:#x}",
+                addr + r.pages * PAGE_SIZE
+            ));
+        }
+        addr += (r.pages + 1) * PAGE_SIZE;
+    }
+    error(pos, format!("unknown region '{name}' in '{point}'"))
 }
 
 /// Every thread the exists clause names must exist.

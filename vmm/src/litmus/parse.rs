@@ -850,6 +850,8 @@ pub fn parse(src: &str) -> R<Test> {
     let mut exists = None;
     let mut exists_src = String::new();
     let mut expects = Vec::new();
+    let mut schedule = None;
+    let mut injects = Vec::new();
     loop {
         p.skip_all();
         let pos = p.pos();
@@ -857,7 +859,8 @@ pub fn parse(src: &str) -> R<Test> {
             if p.peek().is_none() {
                 break;
             }
-            return p.expected("a thread block (P0 { … }), 'exists' or 'expect'");
+            return p
+                .expected("a thread block (P0 { … }), 'exists', 'expect', 'schedule' or 'inject'");
         };
         if is_thread_name(&w) {
             if exists.is_some() {
@@ -883,6 +886,30 @@ pub fn parse(src: &str) -> R<Test> {
             exists_src = String::from_utf8_lossy(&p.src[from..p.at])
                 .trim()
                 .to_string();
+        } else if w == "schedule" {
+            p.word("schedule")?;
+            if schedule.is_some() {
+                return p.err("a test has one 'schedule' section");
+            }
+            p.punct(b'{')?;
+            let at = p.pos();
+            let from = p.at;
+            while p.peek().is_some_and(|c| c != b'}') {
+                p.bump();
+            }
+            if p.peek().is_none() {
+                return p.expected("'}' to close the schedule");
+            }
+            let text = String::from_utf8_lossy(&p.src[from..p.at])
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            p.bump();
+            schedule = Some((text, at));
+        } else if w == "inject" {
+            p.word("inject")?;
+            let (rule, rpos) = p.raw("a rule (ACTION@POINT[/FILTER]...)")?;
+            injects.push((rule, rpos));
         } else if w == "expect" {
             p.word("expect")?;
             let (policy, _) = p.raw("a policy name")?;
@@ -904,7 +931,8 @@ pub fn parse(src: &str) -> R<Test> {
                 pos,
             });
         } else {
-            return p.expected("a thread block (P0 { … }), 'exists' or 'expect'");
+            return p
+                .expected("a thread block (P0 { … }), 'exists', 'expect', 'schedule' or 'inject'");
         }
     }
     if !threads.iter().any(|t| t.name.starts_with('P')) {
@@ -927,5 +955,7 @@ pub fn parse(src: &str) -> R<Test> {
         exists,
         exists_src,
         expects,
+        schedule,
+        injects,
     })
 }

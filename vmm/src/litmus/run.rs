@@ -11,6 +11,7 @@ use cowlab_abi::Program;
 
 use super::ast::{CmpOp, Cond, Status, Value, Verdict};
 use super::compile::Compiled;
+use crate::hooks::{Rule, Step};
 use crate::kvm::{Error, Outcome, RunReport, Vm, VmConfig};
 use crate::policy::Policy;
 
@@ -26,6 +27,11 @@ pub struct RunOptions {
     pub kvm_path: String,
     /// Draw a progress bar on stderr (only if it is a terminal).
     pub progress: bool,
+    /// Rules added to the test's own, a schedule replacing its own, and a
+    /// chaos seed (run i uses seed + i).
+    pub rules: Vec<Rule>,
+    pub schedule: Option<Vec<Step>>,
+    pub chaos: Option<u64>,
 }
 
 /// How one thread of one run ended.
@@ -54,6 +60,12 @@ pub struct LitmusResult {
     pub expectation: Option<(Verdict, bool)>,
     pub condition: String,
     pub elapsed: Duration,
+    /// Runs whose schedule could not be satisfied, by reason.
+    pub unreachable: BTreeMap<String, u64>,
+    /// The schedule enforced, as text, if any.
+    pub schedule: Option<String>,
+    /// With chaos: the seeds of the runs that satisfied `exists`.
+    pub witness_seeds: Vec<u64>,
 }
 
 /// One run's threads from the VM report.
@@ -186,12 +198,23 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let mut histogram: BTreeMap<String, (u64, bool)> = BTreeMap::new();
     let show_progress = opts.progress && opts.runs >= 50 && std::io::stderr().is_terminal();
     let mut last_draw = Instant::now();
+    let mut unreachable: BTreeMap<String, u64> = BTreeMap::new();
+    let mut witness_seeds = Vec::new();
+    let schedule = opts
+        .schedule
+        .clone()
+        .unwrap_or_else(|| test.schedule.clone());
+    let rules: Vec<Rule> = test.rules.iter().chain(&opts.rules).cloned().collect();
     for i in 0..opts.runs {
+        let seed = opts.chaos.map(|s| s.wrapping_add(i));
         let config = VmConfig {
             program: Program::Litmus,
             policy: opts.policy,
             litmus: Some(Arc::clone(test)),
             check: true,
+            rules: rules.clone(),
+            schedule: schedule.clone(),
+            chaos: seed,
             kvm_path: opts.kvm_path.clone(),
             ..VmConfig::default()
         };
@@ -207,11 +230,23 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if let Some(v) = report.violations.first() {
             return Err(Error::Run(format!("run {}: mm_verify: {v}", i + 1)));
         }
+        if let Some(why) = &report.unreachable {
+            *unreachable.entry(why.clone()).or_default() += 1;
+            histogram
+                .entry("unreachable;".into())
+                .or_insert((0, false))
+                .0 += 1;
+            continue;
+        }
         let state = run_state(test, &report);
+        let witness = holds(&test.test.exists, &state);
         let entry = histogram
             .entry(key(&test.test.exists, &state))
-            .or_insert((0, holds(&test.test.exists, &state)));
+            .or_insert((0, witness));
         entry.0 += 1;
+        if let (true, Some(seed)) = (witness, seed) {
+            witness_seeds.push(seed);
+        }
         if show_progress && last_draw.elapsed() > Duration::from_millis(100) {
             eprint!("\r{} run {}/{}", test.test.name, i + 1, opts.runs);
             last_draw = Instant::now();
@@ -246,6 +281,15 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         expectation,
         condition: test.test.exists_src.clone(),
         elapsed: start.elapsed(),
+        unreachable,
+        schedule: (!schedule.is_empty()).then(|| {
+            schedule
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(" < ")
+        }),
+        witness_seeds,
     })
 }
 
@@ -256,6 +300,9 @@ impl LitmusResult {
         out += &format!("Histogram ({} states)\n", self.histogram.len());
         for (state, (n, witness)) in &self.histogram {
             out += &format!("{n:<8}{}>{state}\n", if *witness { "*" } else { ":" });
+        }
+        for (why, n) in &self.unreachable {
+            out += &format!("Unreachable ({n} runs): {why}\n");
         }
         out += if self.positive > 0 { "Ok\n" } else { "No\n" };
         out += &format!(
@@ -277,6 +324,28 @@ impl LitmusResult {
                 want.as_str(),
                 if met { "met" } else { "NOT met" }
             );
+        }
+        if self.positive > 0 {
+            if let Some(s) = &self.schedule {
+                out += &format!("Replay: --schedule '{s}' (forces it in every run)\n");
+            }
+            if let Some(seed) = self.witness_seeds.first() {
+                let more: Vec<String> = self
+                    .witness_seeds
+                    .iter()
+                    .skip(1)
+                    .take(4)
+                    .map(|s| s.to_string())
+                    .collect();
+                out += &format!(
+                    "Replay: --chaos {seed} --runs 1{}\n",
+                    if more.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (also seeds {})", more.join(", "))
+                    }
+                );
+            }
         }
         out += &format!("Time {} {:.2}\n", self.test, self.elapsed.as_secs_f64());
         out
@@ -306,6 +375,9 @@ impl LitmusResult {
             "negative": self.negative,
             "expectation": self.expectation.map(|(v, met)| serde_json::json!({"verdict": v.as_str(), "met": met})),
             "elapsed_s": self.elapsed.as_secs_f64(),
+            "unreachable": self.unreachable.iter().map(|(w, n)| serde_json::json!({"reason": w, "runs": n})).collect::<Vec<_>>(),
+            "schedule": self.schedule,
+            "witness_seeds": self.witness_seeds,
         })
     }
 

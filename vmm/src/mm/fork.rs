@@ -23,7 +23,7 @@ impl Mm {
     /// Models kernel/fork.c:dup_mmap().
     pub fn dup_mmap(self: &Arc<Self>, cpu: Option<usize>) -> Result<Arc<Mm>, FaultError> {
         let child = Mm::new(&self.m)?;
-        let _mmap = self.mmap_write_lock();
+        let _mmap = self.mmap_write_lock_for("fork");
         let vmas = self.vmas_in(0, u64::MAX);
         // vma_start_write() on every parent VMA: faults under per-VMA locks
         // finish first, and new ones fall back to mmap_lock and wait.
@@ -33,27 +33,32 @@ impl Mm {
             .filter(|_| lock_vmas)
             .map(|v| v.start_write())
             .collect();
+        let _ = self.m.hooks.hit("fork:enter", cpu, None);
+        self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);
         let result = vmas.iter().try_for_each(|vma| {
             child
                 .vmas
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(vma.start, Vma::new(vma.start, vma.end, vma.prot));
-            self.copy_page_range(&child, vma)
+            self.copy_page_range(&child, vma, cpu)
         });
         child
             .mmap_base
             .store(self.mmap_base.load(Ordering::Acquire), Ordering::Release);
+        let _ = self.m.hooks.hit("fork:before_flush", cpu, None);
         self.flush_tlb_mm(cpu);
+        self.fork_flush_deferred.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.m.hooks.hit("fork:after_flush", cpu, None);
         result.map(|()| child)
     }
 
-    /// Copies the PTEs of `vma` into `child`. Models
-    /// mm/memory.c:copy_page_range() → copy_pte_range().
-    fn copy_page_range(&self, child: &Mm, vma: &Vma) -> Result<(), FaultError> {
+    /// Copies the PTEs of `vma` into `child`, taking both PTLs for each
+    /// PTE (Linux drops them every batch of PTEs; here every PTE, so other
+    /// threads' faults can run between two copies, as they can there).
+    /// Models mm/memory.c:copy_page_range() → copy_pte_range().
+    fn copy_page_range(&self, child: &Mm, vma: &Vma, cpu: Option<usize>) -> Result<(), FaultError> {
         let m = &self.m;
-        let _src_ptl = self.ptl();
-        let _dst_ptl = child.ptl();
         let mut result = Ok(());
         pagetable::for_each_leaf(
             &*m.mem,
@@ -66,9 +71,18 @@ impl Mm {
                 {
                     return;
                 }
-                result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
-                    .map_err(FaultError::from)
-                    .and_then(|dst| self.copy_present_pte(vma, va, src, dst));
+                let wrprotected = {
+                    let _src_ptl = self.ptl();
+                    let _dst_ptl = child.ptl();
+                    let was = src.load(Ordering::Acquire);
+                    result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
+                        .map_err(FaultError::from)
+                        .and_then(|dst| self.copy_present_pte(vma, va, src, dst, cpu));
+                    was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0
+                };
+                if wrprotected {
+                    let _ = m.hooks.hit("fork:after_wrprotect", cpu, Some(va));
+                }
             },
         );
         result
@@ -83,6 +97,7 @@ impl Mm {
         va: u64,
         src: &AtomicU64,
         dst: &AtomicU64,
+        cpu: Option<usize>,
     ) -> Result<(), FaultError> {
         let m = &self.m;
         let pte = src.load(Ordering::Acquire);
@@ -102,7 +117,7 @@ impl Mm {
             && maybe_pinned
             && (!policy.anon_exclusive || page.anon_exclusive())
         {
-            return self.copy_present_page(vma, va, frame, src, dst);
+            return self.copy_present_page(vma, va, frame, src, dst, cpu);
         }
         m.frames.get_page(frame);
         m.frames.dup_rmap(frame);
@@ -128,13 +143,15 @@ impl Mm {
         frame: u64,
         src: &AtomicU64,
         dst: &AtomicU64,
+        cpu: Option<usize>,
     ) -> Result<(), FaultError> {
         let m = &self.m;
         let new = m.frames.alloc_uninit()?;
         if m.policy.fork_wrprotect_pinned {
             src.fetch_and(!bits::WRITABLE, Ordering::AcqRel);
-            self.flush_tlb_page(va, None);
+            self.flush_tlb_page(va, cpu);
         }
+        let _ = m.hooks.hit("fork:before_copy_page", cpu, Some(va));
         m.mem.copy_frame(new, frame);
         m.frames.add_new_anon_rmap(new);
         dst.store(user_pte(new, vma.writable()), Ordering::Release);

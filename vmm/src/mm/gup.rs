@@ -130,6 +130,7 @@ impl Mm {
                 }
             }
             drop(ptl);
+            let _ = m.hooks.hit("gup:after_grab", Some(cpu), Some(page));
             return Ok(m.pins.insert(Pin { frame, flags }));
         }
     }

@@ -65,6 +65,10 @@ pub enum FaultError {
     /// (VM_FAULT_RETRY from handle_userfault()).
     #[error("userfaultfd write-protect fault")]
     Userfault(u64),
+    /// The VM is stopping the thread while it waits for the userfaultfd
+    /// handler (the fatal signal that ends handle_userfault()'s sleep).
+    #[error("stopped while waiting for a userfaultfd handler")]
+    Interrupted,
 }
 
 impl From<OutOfFrames> for FaultError {
@@ -113,7 +117,7 @@ impl Mm {
                 return Ok(());
             }
             match self.do_user_addr_fault(addr, access, cpu) {
-                Err(FaultError::Userfault(page)) => self.handle_userfault(page),
+                Err(FaultError::Userfault(page)) => self.handle_userfault(page)?,
                 r => r?,
             }
         }
@@ -143,7 +147,26 @@ impl Mm {
             user_pte(frame, pte & bits::WRITABLE != 0),
             self.m.policy.tlb_capacity,
         )?;
+        drop(tlb);
+        let _ = self.m.hooks.hit("fault:fill", Some(cpu), Some(page));
         Ok(true)
+    }
+
+    /// A fresh data page for `addr`, unless a `fail@alloc_page` rule says
+    /// no; zeroed or a copy of `from`.
+    fn alloc_data_page(&self, cpu: usize, addr: u64, from: Option<u64>) -> Result<u64, FaultError> {
+        let m = &self.m;
+        if m.hooks.hit("alloc_page", Some(cpu), Some(addr)).is_err() {
+            return Err(FaultError::Oom);
+        }
+        match from {
+            Some(src) if src != m.frames.zero_page() => {
+                let new = m.frames.alloc_uninit()?;
+                m.mem.copy_frame(new, src);
+                Ok(new)
+            }
+            _ => Ok(m.frames.alloc_zeroed(&*m.mem)?),
+        }
     }
 
     /// Finds and locks the VMA, checks the access, handles the fault.
@@ -152,6 +175,7 @@ impl Mm {
         if !(USER_MIN_ADDR..USER_END).contains(&addr) {
             return Err(FaultError::Segv);
         }
+        let _ = self.m.hooks.hit("fault:enter", Some(cpu), Some(addr));
         let per_vma = self.m.policy.fault_lock == FaultLock::Vma;
         if let Some(vma) = per_vma.then(|| self.lock_vma_under_rcu(addr)).flatten() {
             let Some(_vma_read) = vma.start_read() else {
@@ -204,7 +228,7 @@ impl Mm {
         };
         let orig = slot.load(Ordering::Acquire);
         if orig & (bits::PRESENT | PTE_PROTNONE) == 0 {
-            return self.do_anonymous_page(vma, slot, access);
+            return self.do_anonymous_page(vma, page, slot, access, cpu);
         }
         if (access == Access::Write || unshare) && orig & bits::WRITABLE == 0 {
             return self.do_wp_page(vma, page, slot, orig, unshare, cpu);
@@ -218,8 +242,10 @@ impl Mm {
     fn do_anonymous_page(
         &self,
         vma: &Vma,
+        page: u64,
         slot: &AtomicU64,
         access: Access,
+        cpu: usize,
     ) -> Result<(), FaultError> {
         let m = &self.m;
         if access != Access::Write {
@@ -229,7 +255,10 @@ impl Mm {
             }
             return Ok(());
         }
-        let new = m.frames.alloc_zeroed(&*m.mem)?;
+        let new = self.alloc_data_page(cpu, page, None)?;
+        let _ = m
+            .hooks
+            .hit("do_anonymous_page:after_alloc", Some(cpu), Some(page));
         let _ptl = self.ptl();
         if slot.load(Ordering::Acquire) != 0 {
             m.frames.put_page(new);
@@ -258,6 +287,7 @@ impl Mm {
         if slot.load(Ordering::Acquire) != orig {
             return Ok(());
         }
+        let _ = m.hooks.hit("do_wp_page:enter", Some(cpu), Some(page));
         if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
             return Err(FaultError::Userfault(page));
         }
@@ -324,20 +354,19 @@ impl Mm {
         let m = &self.m;
         let old = orig & bits::ADDR_MASK;
         m.frames.get_page(old);
-        let new = if old == m.frames.zero_page() {
-            m.frames.alloc_zeroed(&*m.mem)
-        } else {
-            m.frames
-                .alloc_uninit()
-                .inspect(|new| m.mem.copy_frame(*new, old))
-        };
-        let new = match new {
+        let _ = m
+            .hooks
+            .hit("wp_page_copy:before_copy", Some(cpu), Some(page));
+        let new = match self.alloc_data_page(cpu, page, Some(old)) {
             Ok(new) => new,
             Err(e) => {
                 m.frames.put_page(old);
-                return Err(e.into());
+                return Err(e);
             }
         };
+        let _ = m
+            .hooks
+            .hit("wp_page_copy:after_copy", Some(cpu), Some(page));
         let ptl = self.ptl();
         let recheck = m.policy.wp_copy_recheck_exclusive
             && !unshare
@@ -356,9 +385,15 @@ impl Mm {
             m.frames.put_page(old);
             return Ok(());
         }
+        let _ = m
+            .hooks
+            .hit("wp_page_copy:before_clear_flush", Some(cpu), Some(page));
         // ptep_clear_flush(): no CPU may keep the old translation.
         slot.store(0, Ordering::Release);
         self.flush_tlb_page(page, Some(cpu));
+        let _ = m
+            .hooks
+            .hit("wp_page_copy:after_clear_flush", Some(cpu), Some(page));
         m.frames.add_new_anon_rmap(new);
         // An unshared copy is mapped read-only, like the page it replaces.
         slot.store(mk_pte(new, vma.writable() && !unshare), Ordering::Release);
@@ -370,6 +405,7 @@ impl Mm {
         }
         drop(ptl);
         m.frames.put_page(old);
+        let _ = m.hooks.hit("wp_page_copy:installed", Some(cpu), Some(page));
         Ok(())
     }
 
@@ -393,6 +429,7 @@ impl Mm {
                 }
             });
         }
+        let _ = m.hooks.hit("munmap:after_zap", initiator, Some(start));
         self.flush_tlb_range(start, end, initiator);
         self.dec_tlb_flush_pending();
         for frame in freed {

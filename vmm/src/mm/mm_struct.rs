@@ -24,6 +24,7 @@ use super::pagetable::{ENTRIES, KERNEL_PML4_START};
 use super::phys::PhysMem;
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
+use crate::hooks::{self, Hooks};
 use crate::policy::Policy;
 
 /// `PROT_*` bits of a VMA.
@@ -41,12 +42,16 @@ pub struct Machine {
     pub tlbs: Tlbs,
     /// Pins and references held by the guests (get_user_pages).
     pub pins: Pins,
+    /// Injection points, rules, schedules, chaos.
+    pub hooks: Hooks,
     flusher: OnceLock<Arc<dyn CpuFlusher>>,
     /// The kernel behaviour modelled (DESIGN.md §6).
     pub policy: Policy,
     /// The kernel part of every shadow table.
     pub kernel_pml4: [u64; (ENTRIES - KERNEL_PML4_START) as usize],
     next_mm_id: AtomicUsize,
+    /// The VM is stopping every thread: sleeps in the mm give up.
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -72,16 +77,29 @@ impl Machine {
             frames,
             tlbs: Tlbs::new(),
             pins: Pins::default(),
+            hooks: Hooks::new(),
             flusher: OnceLock::new(),
             policy,
             kernel_pml4,
             next_mm_id: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
     /// Installs the CPU flusher (once; the KVM layer's, or none for host threads).
     pub fn set_flusher(&self, flusher: Arc<dyn CpuFlusher>) {
         let _ = self.flusher.set(flusher);
+    }
+
+    /// Wakes every thread sleeping in the mm (userfaultfd waits) for good:
+    /// the VM is stopping them, as a fatal signal would.
+    pub fn stop_sleepers(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Machine::stop_sleepers`] was called.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     pub(crate) fn flusher(&self) -> &dyn CpuFlusher {
@@ -164,6 +182,11 @@ pub struct Mm {
     ptl: Mutex<()>,
     /// `mm->tlb_flush_pending`: flushes promised but not done.
     pub(crate) tlb_flush_pending: AtomicU64,
+    /// A fork is between its first write-protect and its final
+    /// `flush_tlb_mm`: Linux defers the parent's flush to the end of
+    /// dup_mmap() without raising `tlb_flush_pending`, so stale writable
+    /// entries are expected meanwhile. Bookkeeping for `mm_verify` only.
+    pub(crate) fork_flush_deferred: AtomicU64,
     /// `mm_cpumask(mm)`: CPUs that may hold translations of this mm.
     pub(crate) cpumask: AtomicU64,
     /// Where the next `mmap` without a hint goes (top-down); under `mmap_lock`.
@@ -174,6 +197,21 @@ pub struct Mm {
     pub(crate) has_pinned: AtomicBool,
     /// The userfaultfd of this mm (one per mm here).
     pub(crate) uffd: Uffd,
+    /// Who holds `mmap_lock` for write and the PTL, for wait reports.
+    mmap_writer: Mutex<Option<(Option<usize>, &'static str)>>,
+    ptl_holder: Mutex<Option<(Option<usize>, &'static str)>>,
+}
+
+/// A lock guard that forgets its holder when dropped.
+pub(crate) struct Held<'a, G> {
+    _guard: G,
+    holder: &'a Mutex<Option<(Option<usize>, &'static str)>>,
+}
+
+impl<G> Drop for Held<'_, G> {
+    fn drop(&mut self) {
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 impl std::fmt::Debug for Mm {
@@ -201,11 +239,14 @@ impl Mm {
             vmas: RwLock::new(BTreeMap::new()),
             ptl: Mutex::new(()),
             tlb_flush_pending: AtomicU64::new(0),
+            fork_flush_deferred: AtomicU64::new(0),
             cpumask: AtomicU64::new(0),
             mmap_base: AtomicU64::new(MMAP_BASE),
             users: AtomicUsize::new(0),
             has_pinned: AtomicBool::new(false),
             uffd: Uffd::default(),
+            mmap_writer: Mutex::new(None),
+            ptl_holder: Mutex::new(None),
         }))
     }
 
@@ -213,17 +254,79 @@ impl Mm {
         &self.m
     }
 
-    pub(crate) fn mmap_read_lock(&self) -> RwLockReadGuard<'_, ()> {
-        self.mmap_lock.read().unwrap_or_else(|e| e.into_inner())
+    /// Notes where this thread's vCPU waits (for `unreachable` reports),
+    /// runs `wait`, and clears the note.
+    fn waiting<T>(&self, what: impl FnOnce() -> String, wait: impl FnOnce() -> T) -> T {
+        let cpu = hooks::current_cpu();
+        if let Some(c) = cpu {
+            self.m
+                .hooks
+                .set_blocked(c, Some(format!("v{c} waits for {}", what())));
+        }
+        let r = wait();
+        if let Some(c) = cpu {
+            self.m.hooks.set_blocked(c, None);
+        }
+        r
     }
 
-    pub(crate) fn mmap_write_lock(&self) -> RwLockWriteGuard<'_, ()> {
-        self.mmap_lock.write().unwrap_or_else(|e| e.into_inner())
+    fn holder(&self, h: &Mutex<Option<(Option<usize>, &'static str)>>) -> String {
+        match *h.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((Some(c), what)) => format!(" held by v{c} in {what}"),
+            Some((None, what)) => format!(" held by the VMM in {what}"),
+            None => String::new(),
+        }
+    }
+
+    pub(crate) fn mmap_read_lock(&self) -> RwLockReadGuard<'_, ()> {
+        if let Ok(g) = self.mmap_lock.try_read() {
+            return g;
+        }
+        self.waiting(
+            || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
+            || self.mmap_lock.read().unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    pub(crate) fn mmap_write_lock(&self) -> Held<'_, RwLockWriteGuard<'_, ()>> {
+        self.mmap_write_lock_for("an mm call")
+    }
+
+    /// `mmap_lock` for write, noting who holds it and why.
+    pub(crate) fn mmap_write_lock_for(
+        &self,
+        what: &'static str,
+    ) -> Held<'_, RwLockWriteGuard<'_, ()>> {
+        let guard = match self.mmap_lock.try_write() {
+            Ok(g) => g,
+            Err(_) => self.waiting(
+                || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
+                || self.mmap_lock.write().unwrap_or_else(|e| e.into_inner()),
+            ),
+        };
+        *self.mmap_writer.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((hooks::current_cpu(), what));
+        Held {
+            _guard: guard,
+            holder: &self.mmap_writer,
+        }
     }
 
     /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.
-    pub(crate) fn ptl(&self) -> MutexGuard<'_, ()> {
-        self.ptl.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn ptl(&self) -> Held<'_, MutexGuard<'_, ()>> {
+        let guard = match self.ptl.try_lock() {
+            Ok(g) => g,
+            Err(_) => self.waiting(
+                || format!("the page-table lock{}", self.holder(&self.ptl_holder)),
+                || self.ptl.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
+        };
+        *self.ptl_holder.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((hooks::current_cpu(), "a fault or an mm call"));
+        Held {
+            _guard: guard,
+            holder: &self.ptl_holder,
+        }
     }
 
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
@@ -298,11 +401,21 @@ impl Mm {
         self.tlb_flush_pending.load(Ordering::Acquire) > 0
     }
 
+    /// Whether a CPU may legitimately hold entries more permissive than the
+    /// PTEs: a flush is pending or a fork has deferred its flush.
+    pub fn tlb_may_be_stale(&self) -> bool {
+        self.mm_tlb_flush_pending() || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+    }
+
     /// Flushes `[start, end)` from every CPU in `mm_cpumask`: their shadow
     /// entries go (and the hardware forgets them), then each CPU flushes its
     /// own TLB and the initiator waits for the remote ones' acks. Models
     /// arch/x86/mm/tlb.c:flush_tlb_mm_range().
     pub fn flush_tlb_range(&self, start: u64, end: u64, initiator: Option<usize>) {
+        let _ = self
+            .m
+            .hooks
+            .hit("tlb:before_shootdown", initiator, Some(start));
         let cpus: Vec<usize> = self.cpus().collect();
         for cpu in &cpus {
             if let Some(tlb) = self.m.tlbs.get(*cpu) {
@@ -313,6 +426,7 @@ impl Mm {
         for cpu in cpus {
             self.m.flusher().flush_cpu(cpu, initiator);
         }
+        let _ = self.m.hooks.hit("tlb:after_ack", initiator, Some(start));
     }
 
     /// Models include/linux/mm.h:flush_tlb_page().

@@ -20,6 +20,9 @@ pub enum MmError {
     /// ENOMEM: no room for the mapping, or the range is not all mapped.
     #[error("out of memory or range not mapped")]
     NoMem,
+    /// EINTR: a wait was ended by the VM stopping the thread.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl MmError {
@@ -28,6 +31,7 @@ impl MmError {
         match self {
             MmError::Inval => -22,
             MmError::NoMem => -12,
+            MmError::Interrupted => -4,
         }
     }
 }
@@ -168,6 +172,7 @@ impl Mm {
         self.replace_vmas(start, end, |v| Some((prot_bits, v.uffd_wp)));
         self.inc_tlb_flush_pending();
         let downgraded = self.change_protection(start, end, prot_bits);
+        let _ = self.m.hooks.hit("mprotect:after_change", cpu, Some(start));
         if defer_flush {
             return Ok(());
         }

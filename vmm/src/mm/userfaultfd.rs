@@ -9,10 +9,14 @@ use std::sync::{Condvar, Mutex};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
-use super::memory::PTE_UFFD_WP;
+use super::memory::{FaultError, PTE_UFFD_WP};
 use super::mm_struct::Mm;
 use super::mmap::MmError;
 use super::pagetable::{self, bits};
+
+/// How often a thread sleeping in userfaultfd checks whether the VM is
+/// stopping it.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The userfaultfd context of an mm: pending wp-fault events.
 #[derive(Debug, Default)]
@@ -71,6 +75,7 @@ impl Mm {
                 slot.store(new, Ordering::Release);
             });
         }
+        let _ = m.hooks.hit("uffd:after_wrprotect", cpu, Some(start));
         if protect {
             self.flush_tlb_range(start, end, cpu);
         }
@@ -82,19 +87,32 @@ impl Mm {
     }
 
     /// Hands the wp fault at `page` to the handler and waits, with no lock
-    /// held, until the page is no longer write-protected. Models
-    /// fs/userfaultfd.c:handle_userfault() (VM_FAULT_RETRY).
-    pub(crate) fn handle_userfault(&self, page: u64) {
+    /// held, until the page is no longer write-protected or the VM stops
+    /// the thread. Models fs/userfaultfd.c:handle_userfault() (VM_FAULT_RETRY).
+    pub(crate) fn handle_userfault(&self, page: u64) -> Result<(), FaultError> {
         let mut events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
         events.push_back(page);
         self.uffd.changed.notify_all();
         while self.uffd_wp_pending(page) {
-            events = self
-                .uffd
-                .changed
-                .wait(events)
-                .unwrap_or_else(|e| e.into_inner());
+            if self.m.stopping() {
+                return Err(FaultError::Interrupted);
+            }
+            events = self.uffd_sleep(events);
         }
+        Ok(())
+    }
+
+    /// One interruptible sleep on the userfaultfd wait queue: wakes on an
+    /// event, an unprotect, or after a tick to notice the VM stopping.
+    fn uffd_sleep<'a>(
+        &self,
+        events: std::sync::MutexGuard<'a, VecDeque<u64>>,
+    ) -> std::sync::MutexGuard<'a, VecDeque<u64>> {
+        self.uffd
+            .changed
+            .wait_timeout(events, STOP_POLL)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     fn uffd_wp_pending(&self, page: u64) -> bool {
@@ -102,19 +120,19 @@ impl Mm {
             && self.vma_lookup(page).is_some_and(|v| v.uffd_wp())
     }
 
-    /// The next wp fault, waiting for one. Models reading a
-    /// UFFD_EVENT_PAGEFAULT message (with UFFD_PAGEFAULT_FLAG_WP).
-    pub fn uffd_wait(&self) -> u64 {
+    /// The next wp fault, waiting for one; `None` if the VM stops the
+    /// thread first. Models reading a UFFD_EVENT_PAGEFAULT message (with
+    /// UFFD_PAGEFAULT_FLAG_WP).
+    pub fn uffd_wait(&self) -> Option<u64> {
         let mut events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(page) = events.pop_front() {
-                return page & !(PAGE_SIZE - 1);
+                return Some(page & !(PAGE_SIZE - 1));
             }
-            events = self
-                .uffd
-                .changed
-                .wait(events)
-                .unwrap_or_else(|e| e.into_inner());
+            if self.m.stopping() {
+                return None;
+            }
+            events = self.uffd_sleep(events);
         }
     }
 }

@@ -114,12 +114,13 @@ pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
     out
 }
 
-/// The TLB invariant of [`mm_verify`]: unless a flush is pending, no entry
+/// The TLB invariant of [`mm_verify`]: unless a flush is pending (or a
+/// fork deferred its flush), no entry
 /// of `cpu`'s TLB is more permissive than its logical PTE in `mm`.
 pub fn verify_tlbs(m: &Machine, cpus: &[(usize, &Mm)]) -> Vec<Violation> {
     let mut out = Vec::new();
     for (cpu, mm) in cpus {
-        if mm.mm_tlb_flush_pending() {
+        if mm.tlb_may_be_stale() {
             continue;
         }
         let Some(t) = m.tlbs.get(*cpu) else { continue };

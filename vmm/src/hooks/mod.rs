@@ -1,0 +1,554 @@
+//! Injection points, rules, schedules and chaos (DESIGN.md §8).
+//!
+//! The memory manager and the VMM call [`Hooks::hit`] at named points. With
+//! nothing set the call is one relaxed load. Rules act at points (delay,
+//! pause, count, fail), filtered by vCPU, address and hit number; a
+//! schedule orders (vCPU, point) events across vCPUs and, when it cannot
+//! be satisfied, says where each thread was blocked; chaos adds seeded
+//! random delays.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+mod spec;
+
+pub use spec::{parse_rule, parse_schedule, Action, Rule, Step};
+
+/// Every injection point of the memory manager and the VMM, with what it
+/// marks. Guest hook points are `guest:NAME`.
+pub const POINTS: &[(&str, &str)] = &[
+    (
+        "fault:enter",
+        "a page fault reaches the mm (do_user_addr_fault)",
+    ),
+    ("fault:fill", "a TLB fill installs a translation"),
+    (
+        "do_anonymous_page:after_alloc",
+        "a fresh page was allocated, before the PTL",
+    ),
+    (
+        "do_wp_page:enter",
+        "a write fault on a read-only PTE, under the PTL",
+    ),
+    (
+        "wp_page_copy:before_copy",
+        "reference taken, the copy not yet made (PTL dropped)",
+    ),
+    (
+        "wp_page_copy:after_copy",
+        "the copy is made, before retaking the PTL",
+    ),
+    (
+        "wp_page_copy:before_clear_flush",
+        "PTL retaken, pte_same passed, before ptep_clear_flush",
+    ),
+    (
+        "wp_page_copy:after_clear_flush",
+        "the old PTE cleared and flushed, before the new one",
+    ),
+    (
+        "wp_page_copy:installed",
+        "the copy is mapped, the old rmap dropped",
+    ),
+    (
+        "fork:enter",
+        "dup_mmap holds mmap_lock (and the VMA locks, per policy)",
+    ),
+    (
+        "fork:after_wrprotect",
+        "copy_present_pte write-protected a parent PTE",
+    ),
+    (
+        "fork:before_copy_page",
+        "copy_present_page is about to copy a pinned page",
+    ),
+    (
+        "fork:before_flush",
+        "every PTE copied, the parent's TLB not yet flushed",
+    ),
+    (
+        "fork:after_flush",
+        "the parent's TLB flushed, fork about to return",
+    ),
+    ("tlb:before_shootdown", "flush_tlb_range starts"),
+    (
+        "tlb:after_ack",
+        "flush_tlb_range finished: every CPU acknowledged",
+    ),
+    ("gup:after_grab", "get_user_pages took its reference or pin"),
+    (
+        "uffd:after_wrprotect",
+        "mwriteprotect_range changed the PTEs, before its flush",
+    ),
+    (
+        "mprotect:after_change",
+        "mprotect changed the PTEs, before its flush",
+    ),
+    (
+        "munmap:after_zap",
+        "zap_page_range cleared the PTEs, before its flush",
+    ),
+    (
+        "alloc_page",
+        "a data page is allocated (a 'fail' rule makes it fail)",
+    ),
+];
+
+thread_local! {
+    static CURRENT_CPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The vCPU this thread runs (set by the vCPU thread), for lock-wait reports.
+pub fn current_cpu() -> Option<usize> {
+    CURRENT_CPU.with(|c| c.get())
+}
+
+/// Declares that this thread runs vCPU `cpu`.
+pub fn set_current_cpu(cpu: Option<usize>) {
+    CURRENT_CPU.with(|c| c.set(cpu));
+}
+
+/// Whether `name` is a known point or a guest hook point.
+pub fn is_point(name: &str) -> bool {
+    POINTS.iter().any(|p| p.0 == name) || name.strip_prefix("guest:").is_some_and(|n| !n.is_empty())
+}
+
+/// What a rule asked of the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injected {
+    /// Fail the operation (an allocation).
+    Fail,
+}
+
+/// A rule and its counters.
+#[derive(Debug)]
+struct Armed {
+    rule: Rule,
+    /// Hits that matched the point and filters so far.
+    matched: AtomicU64,
+    /// Hits the action was applied to.
+    acted: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Schedule {
+    steps: Vec<Step>,
+    next: usize,
+    /// Set when the schedule was found unsatisfiable; waiters go free.
+    aborted: bool,
+    last_progress: Option<Instant>,
+    /// Since when every live vCPU has been blocked (a deadlock, if it lasts).
+    all_blocked_since: Option<Instant>,
+    unreachable: Option<String>,
+}
+
+/// Seeded random delays, reproducible per vCPU.
+#[derive(Debug)]
+struct Chaos {
+    seed: u64,
+    max_delay: Duration,
+    rngs: Mutex<BTreeMap<usize, u64>>,
+}
+
+/// The hooks of one VM.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    active: AtomicBool,
+    rules: Mutex<Vec<std::sync::Arc<Armed>>>,
+    schedule: Mutex<Schedule>,
+    changed: Condvar,
+    chaos: Mutex<Option<std::sync::Arc<Chaos>>>,
+    /// Where each vCPU is blocked, for `unreachable` reports.
+    blocked: Mutex<BTreeMap<usize, String>>,
+    /// vCPUs parked by a `pause` rule (or all, `usize::MAX`), until resumed.
+    paused: Mutex<BTreeMap<usize, String>>,
+    /// Everything waiting here goes free (the run is ending).
+    released: AtomicBool,
+}
+
+/// How long a schedule may make no progress while a thread waits on it
+/// before it is declared unsatisfiable.
+const STALL: Duration = Duration::from_millis(400);
+
+/// How long every live vCPU must stay blocked (on the schedule or on a lock
+/// held by a blocked one) before that is taken as a deadlock. Only covers
+/// the moment between a lock's release and its waiter's wake-up.
+const DEADLOCK: Duration = Duration::from_millis(20);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn spin_for(d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+impl Hooks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn refresh_active(&self) {
+        let active = !lock(&self.rules).is_empty()
+            || !lock(&self.schedule).steps.is_empty()
+            || lock(&self.chaos).is_some();
+        self.active.store(active, Ordering::Release);
+    }
+
+    /// Adds a rule; returns its id.
+    pub fn add_rule(&self, rule: Rule) -> usize {
+        let mut rules = lock(&self.rules);
+        rules.push(std::sync::Arc::new(Armed {
+            rule,
+            matched: AtomicU64::new(0),
+            acted: AtomicU64::new(0),
+        }));
+        let id = rules.len() - 1;
+        drop(rules);
+        self.refresh_active();
+        id
+    }
+
+    /// Removes every rule at `point` (all rules if `None`); how many went.
+    pub fn remove_rules(&self, point: Option<&str>) -> usize {
+        let mut rules = lock(&self.rules);
+        let before = rules.len();
+        rules.retain(|r| point.is_some_and(|p| r.rule.point != p));
+        let gone = before - rules.len();
+        drop(rules);
+        self.refresh_active();
+        gone
+    }
+
+    /// The rules with how often each matched and acted.
+    pub fn rule_counts(&self) -> Vec<(String, u64, u64)> {
+        lock(&self.rules)
+            .iter()
+            .map(|r| {
+                (
+                    r.rule.to_string(),
+                    r.matched.load(Ordering::Acquire),
+                    r.acted.load(Ordering::Acquire),
+                )
+            })
+            .collect()
+    }
+
+    /// Sets the schedule to enforce.
+    pub fn set_schedule(&self, steps: Vec<Step>) {
+        *lock(&self.schedule) = Schedule {
+            steps,
+            ..Schedule::default()
+        };
+        self.refresh_active();
+    }
+
+    /// Turns chaos on with `seed` (delays up to `max_delay`).
+    pub fn set_chaos(&self, seed: u64, max_delay: Duration) {
+        *lock(&self.chaos) = Some(std::sync::Arc::new(Chaos {
+            seed,
+            max_delay,
+            rngs: Mutex::new(BTreeMap::new()),
+        }));
+        self.refresh_active();
+    }
+
+    /// Notes that vCPU `cpu` is blocked (`Some(why)`) or not any more.
+    pub fn set_blocked(&self, cpu: usize, why: Option<String>) {
+        let mut b = lock(&self.blocked);
+        match why {
+            Some(w) => b.insert(cpu, w),
+            None => b.remove(&cpu),
+        };
+    }
+
+    /// vCPU `cpu` reached `point` (about `addr`). Applies the rules, the
+    /// schedule and chaos; may block, delay, or ask the caller to fail.
+    pub fn hit(&self, point: &str, cpu: Option<usize>, addr: Option<u64>) -> Result<(), Injected> {
+        if !self.active.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.hit_slow(point, cpu, addr)
+    }
+
+    fn hit_slow(&self, point: &str, cpu: Option<usize>, addr: Option<u64>) -> Result<(), Injected> {
+        let rules: Vec<_> = lock(&self.rules)
+            .iter()
+            .filter(|r| r.rule.point == point)
+            .cloned()
+            .collect();
+        let mut result = Ok(());
+        for r in rules {
+            if !r.rule.matches_target(cpu, addr) {
+                continue;
+            }
+            let n = r.matched.fetch_add(1, Ordering::AcqRel) + 1;
+            if !r.rule.matches_hit(n) {
+                continue;
+            }
+            r.acted.fetch_add(1, Ordering::AcqRel);
+            match r.rule.action {
+                Action::Delay(us) => spin_for(Duration::from_micros(us)),
+                Action::Count => {}
+                Action::Fail => result = Err(Injected::Fail),
+                Action::Pause => self.pause(cpu, point),
+            }
+        }
+        if let Some(cpu) = cpu {
+            self.schedule_step(cpu, point, addr);
+            self.chaos_delay(cpu);
+        }
+        result
+    }
+
+    fn chaos_delay(&self, cpu: usize) {
+        let Some(chaos) = lock(&self.chaos).clone() else {
+            return;
+        };
+        let r = {
+            let mut rngs = lock(&chaos.rngs);
+            let s = rngs
+                .entry(cpu)
+                .or_insert(chaos.seed ^ (cpu as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            *s ^= *s << 13;
+            *s ^= *s >> 7;
+            *s ^= *s << 17;
+            *s
+        };
+        // One hit in four waits a random while: windows widen, reproducibly.
+        if r % 4 == 0 {
+            let us = (r >> 8) % (chaos.max_delay.as_micros() as u64 + 1);
+            spin_for(Duration::from_micros(us));
+        }
+    }
+
+    fn schedule_step(&self, cpu: usize, point: &str, addr: Option<u64>) {
+        let mut s = lock(&self.schedule);
+        if s.aborted || s.next >= s.steps.len() {
+            return;
+        }
+        let Some(j) = (s.next..s.steps.len()).find(|&j| s.steps[j].matches(cpu, point, addr))
+        else {
+            return;
+        };
+        s.last_progress.get_or_insert_with(Instant::now);
+        while s.next < j && !s.aborted && !self.released.load(Ordering::Acquire) {
+            let waiting_for = s.steps[s.next].clone();
+            self.set_blocked(
+                cpu,
+                Some(format!(
+                    "v{cpu} waits at {point} (step {}) for step {}: {waiting_for}",
+                    j + 1,
+                    s.next + 1
+                )),
+            );
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.set_blocked(cpu, None);
+        if s.next == j && !s.aborted {
+            s.next = j + 1;
+            s.last_progress = Some(Instant::now());
+            self.changed.notify_all();
+        }
+    }
+
+    fn pause(&self, cpu: Option<usize>, point: &str) {
+        let key = cpu.unwrap_or(usize::MAX);
+        lock(&self.paused).insert(key, point.to_string());
+        if let Some(c) = cpu {
+            self.set_blocked(c, Some(format!("v{c} paused at {point}")));
+        }
+        let mut paused = lock(&self.paused);
+        while paused.contains_key(&key) && !self.released.load(Ordering::Acquire) {
+            paused = self
+                .changed
+                .wait_timeout(paused, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if let Some(c) = cpu {
+            self.set_blocked(c, None);
+        }
+    }
+
+    /// The vCPUs parked by `pause` rules, with their points.
+    pub fn paused(&self) -> BTreeMap<usize, String> {
+        lock(&self.paused).clone()
+    }
+
+    /// Lets vCPU `cpu` (or every one) go on from a `pause` rule.
+    pub fn resume(&self, cpu: Option<usize>) {
+        let mut paused = lock(&self.paused);
+        match cpu {
+            Some(c) => {
+                paused.remove(&c);
+            }
+            None => paused.clear(),
+        }
+        drop(paused);
+        self.changed.notify_all();
+    }
+
+    /// Called while a run goes on with the number of `live` vCPUs: if every
+    /// one is blocked (a deadlock), or the schedule made no progress for a
+    /// while with one waiting on it, or all ended with steps left, the
+    /// schedule is unsatisfiable: say where each is blocked and let the
+    /// waiters go.
+    pub fn check_schedule(&self, live: usize) -> Option<String> {
+        let mut s = lock(&self.schedule);
+        if s.aborted || s.steps.is_empty() || s.next >= s.steps.len() {
+            return None;
+        }
+        let blocked = lock(&self.blocked).len();
+        let all_blocked = live > 0 && blocked >= live;
+        let deadlocked = match (all_blocked, s.all_blocked_since) {
+            (false, _) => {
+                s.all_blocked_since = None;
+                false
+            }
+            (true, None) => {
+                s.all_blocked_since = Some(Instant::now());
+                false
+            }
+            (true, Some(t)) => t.elapsed() > DEADLOCK,
+        };
+        let stalled = s.last_progress.is_some_and(|t| t.elapsed() > STALL) && blocked > 0;
+        if !(deadlocked || stalled || live == 0) {
+            return None;
+        }
+        let mut why: Vec<String> = lock(&self.blocked).values().cloned().collect();
+        if why.is_empty() {
+            why.push(format!(
+                "step {} ({}) never happened",
+                s.next + 1,
+                s.steps[s.next]
+            ));
+        }
+        let report = why.join("; ");
+        s.aborted = true;
+        s.unreachable = Some(report.clone());
+        self.changed.notify_all();
+        Some(report)
+    }
+
+    /// Why the schedule was unsatisfiable, if it was.
+    pub fn unreachable(&self) -> Option<String> {
+        lock(&self.schedule).unreachable.clone()
+    }
+
+    /// Whether every step happened.
+    pub fn schedule_done(&self) -> bool {
+        let s = lock(&self.schedule);
+        s.next >= s.steps.len()
+    }
+
+    /// Frees every thread waiting in a pause or a schedule (end of run).
+    pub fn release_all(&self) {
+        self.released.store(true, Ordering::Release);
+        lock(&self.schedule).aborted = true;
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_schedule_orders_two_threads() {
+        let hooks = Arc::new(Hooks::new());
+        hooks.set_schedule(parse_schedule("v1@guest:b < v0@guest:a").unwrap());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let t0 = {
+            let (h, o) = (Arc::clone(&hooks), Arc::clone(&order));
+            std::thread::spawn(move || {
+                h.hit("guest:a", Some(0), None).unwrap();
+                lock(&o).push("a");
+            })
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        hooks.hit("guest:b", Some(1), None).unwrap();
+        lock(&order).push("b");
+        t0.join().unwrap();
+        assert_eq!(*lock(&order), vec!["b", "a"]);
+        assert!(hooks.schedule_done());
+    }
+
+    #[test]
+    fn an_unsatisfiable_schedule_is_reported_and_frees_the_waiters() {
+        let hooks = Arc::new(Hooks::new());
+        hooks.set_schedule(parse_schedule("v0@guest:second < v0@guest:first").unwrap());
+        let t = {
+            let h = Arc::clone(&hooks);
+            std::thread::spawn(move || h.hit("guest:first", Some(0), None))
+        };
+        let report = loop {
+            if let Some(r) = hooks.check_schedule(1) {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(report.contains("v0 waits at guest:first"), "{report}");
+        t.join().unwrap().unwrap();
+        assert!(hooks.unreachable().is_some());
+    }
+
+    #[test]
+    fn rules_filter_by_vcpu_and_hit_and_fail_allocations() {
+        let hooks = Hooks::new();
+        hooks.add_rule(parse_rule("fail@alloc_page/v1/hit=2").unwrap());
+        hooks.add_rule(parse_rule("count@alloc_page").unwrap());
+        assert_eq!(hooks.hit("alloc_page", Some(1), None), Ok(()));
+        assert_eq!(hooks.hit("alloc_page", Some(0), None), Ok(()));
+        assert_eq!(hooks.hit("alloc_page", Some(1), None), Err(Injected::Fail));
+        assert_eq!(hooks.hit("alloc_page", Some(1), None), Ok(()));
+        let counts = hooks.rule_counts();
+        assert_eq!((counts[0].1, counts[0].2), (3, 1));
+        assert_eq!((counts[1].1, counts[1].2), (4, 4));
+        assert_eq!(hooks.remove_rules(None), 2);
+        assert!(!hooks.active.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn chaos_is_reproducible_per_seed() {
+        let delays = |seed| {
+            let hooks = Hooks::new();
+            hooks.set_chaos(seed, Duration::from_micros(50));
+            let chaos = lock(&hooks.chaos).clone().unwrap();
+            (0..20)
+                .map(|_| {
+                    hooks.chaos_delay(3);
+                    *lock(&chaos.rngs).get(&3).unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(delays(7), delays(7));
+        assert_ne!(delays(7), delays(8));
+    }
+
+    #[test]
+    fn a_pause_holds_until_resumed() {
+        let hooks = Arc::new(Hooks::new());
+        hooks.add_rule(parse_rule("pause@guest:x/v2").unwrap());
+        let t = {
+            let h = Arc::clone(&hooks);
+            std::thread::spawn(move || h.hit("guest:x", Some(2), None))
+        };
+        while hooks.paused().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(hooks.paused().get(&2).map(String::as_str), Some("guest:x"));
+        hooks.resume(Some(2));
+        t.join().unwrap().unwrap();
+    }
+}

@@ -1,0 +1,262 @@
+//! The text forms of rules and schedules, shared by `--inject`,
+//! `--schedule`, litmus files and the control socket.
+//!
+//! - rule: `ACTION@POINT[/FILTER]…` with ACTION `delay=US`, `pause`,
+//!   `count` or `fail`, and FILTER `vN` (a vCPU), `hit=N` (only the Nth
+//!   matching hit), `hits=A-B`, `addr=START-END` (hex or decimal);
+//! - schedule: `vN@POINT < vM@POINT < …`.
+
+use std::fmt;
+
+use super::is_point;
+
+/// What a rule does at its point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Wait this many microseconds.
+    Delay(u64),
+    /// Stop until resumed (a breakpoint).
+    Pause,
+    /// Only count.
+    Count,
+    /// Make the operation fail (allocations).
+    Fail,
+}
+
+/// A rule at a point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub point: String,
+    pub action: Action,
+    pub vcpu: Option<usize>,
+    /// Inclusive range of matching hits the action applies to (1-based).
+    pub hits: Option<(u64, u64)>,
+    pub addr: Option<(u64, u64)>,
+}
+
+impl Rule {
+    pub(super) fn matches_target(&self, cpu: Option<usize>, addr: Option<u64>) -> bool {
+        self.vcpu.is_none_or(|v| cpu == Some(v))
+            && self
+                .addr
+                .is_none_or(|(lo, hi)| addr.is_some_and(|a| a >= lo && a < hi))
+    }
+
+    pub(super) fn matches_hit(&self, n: u64) -> bool {
+        self.hits.is_none_or(|(lo, hi)| n >= lo && n <= hi)
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.action {
+            Action::Delay(us) => write!(f, "delay={us}")?,
+            Action::Pause => write!(f, "pause")?,
+            Action::Count => write!(f, "count")?,
+            Action::Fail => write!(f, "fail")?,
+        }
+        write!(f, "@{}", self.point)?;
+        if let Some(v) = self.vcpu {
+            write!(f, "/v{v}")?;
+        }
+        match self.hits {
+            Some((a, b)) if a == b => write!(f, "/hit={a}")?,
+            Some((a, b)) => write!(f, "/hits={a}-{b}")?,
+            None => {}
+        }
+        if let Some((lo, hi)) = self.addr {
+            write!(f, "/addr={lo:#x}-{hi:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One event of a schedule: vCPU `vcpu` reaches `point` (about an address
+/// in `addr`, if given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub vcpu: usize,
+    pub point: String,
+    pub addr: Option<(u64, u64)>,
+}
+
+impl Step {
+    pub(super) fn matches(&self, cpu: usize, point: &str, addr: Option<u64>) -> bool {
+        self.vcpu == cpu
+            && self.point == point
+            && self
+                .addr
+                .is_none_or(|(lo, hi)| addr.is_some_and(|a| a >= lo && a < hi))
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}@{}", self.vcpu, self.point)?;
+        if let Some((lo, hi)) = self.addr {
+            write!(f, "/addr={lo:#x}-{hi:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn vcpu(s: &str) -> Option<usize> {
+    s.strip_prefix('v')?.parse().ok()
+}
+
+fn point(p: &str) -> Result<String, String> {
+    if is_point(p) {
+        Ok(p.to_string())
+    } else {
+        Err(format!(
+            "unknown injection point '{p}' (see `cowlab list points`; guest hooks are guest:NAME)"
+        ))
+    }
+}
+
+/// Parses a rule (`delay=200@wp_page_copy:after_copy/v1/hit=1`).
+pub fn parse_rule(s: &str) -> Result<Rule, String> {
+    let s = s.trim();
+    let (action, rest) = s
+        .split_once('@')
+        .ok_or_else(|| format!("a rule is ACTION@POINT[/FILTER]..., not '{s}'"))?;
+    let action = match action {
+        "pause" => Action::Pause,
+        "count" => Action::Count,
+        "fail" => Action::Fail,
+        a => match a.strip_prefix("delay=").and_then(number) {
+            Some(us) => Action::Delay(us),
+            None => {
+                return Err(format!(
+                    "unknown action '{a}' (delay=US, pause, count or fail)"
+                ))
+            }
+        },
+    };
+    let mut parts = rest.split('/');
+    let point = point(parts.next().unwrap_or(""))?;
+    let mut rule = Rule {
+        point,
+        action,
+        vcpu: None,
+        hits: None,
+        addr: None,
+    };
+    for filter in parts {
+        if let Some(v) = vcpu(filter) {
+            rule.vcpu = Some(v);
+        } else if let Some(n) = filter.strip_prefix("hit=").and_then(number) {
+            rule.hits = Some((n, n));
+        } else if let Some((a, b)) = filter.strip_prefix("hits=").and_then(|r| r.split_once('-')) {
+            let (a, b) = number(a)
+                .zip(number(b))
+                .ok_or_else(|| format!("bad hit range '{filter}'"))?;
+            rule.hits = Some((a, b));
+        } else if let Some((a, b)) = filter.strip_prefix("addr=").and_then(|r| r.split_once('-')) {
+            let (a, b) = number(a)
+                .zip(number(b))
+                .ok_or_else(|| format!("bad address range '{filter}'"))?;
+            rule.addr = Some((a, b));
+        } else {
+            return Err(format!(
+                "unknown filter '{filter}' (vN, hit=N, hits=A-B, addr=START-END)"
+            ));
+        }
+    }
+    Ok(rule)
+}
+
+/// Parses a schedule (`v1@fork:after_wrprotect < v2@do_wp_page:enter`).
+pub fn parse_schedule(s: &str) -> Result<Vec<Step>, String> {
+    let steps: Result<Vec<Step>, String> = s
+        .split('<')
+        .map(|step| {
+            let step = step.trim();
+            let (v, p) = step
+                .split_once('@')
+                .ok_or_else(|| format!("a schedule step is vN@POINT, not '{step}'"))?;
+            let vcpu =
+                vcpu(v).ok_or_else(|| format!("a schedule step names a vCPU as vN, not '{v}'"))?;
+            let (p, addr) = match p.split_once("/addr=") {
+                Some((p, range)) => {
+                    let (a, b) = range
+                        .split_once('-')
+                        .and_then(|(a, b)| number(a).zip(number(b)))
+                        .ok_or_else(|| format!("bad address range in '{step}'"))?;
+                    (p, Some((a, b)))
+                }
+                None => (p, None),
+            };
+            Ok(Step {
+                vcpu,
+                point: point(p)?,
+                addr,
+            })
+        })
+        .collect();
+    let steps = steps?;
+    if steps.len() < 2 {
+        return Err("a schedule orders at least two steps: vN@POINT < vM@POINT".into());
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_round_trip_and_bad_ones_say_why() {
+        for s in [
+            "delay=200@wp_page_copy:after_copy/v1/hit=1",
+            "pause@guest:x",
+            "fail@alloc_page/hits=2-5",
+            "count@fault:enter/addr=0x1000-0x2000",
+        ] {
+            assert_eq!(parse_rule(s).unwrap().to_string(), s);
+        }
+        assert!(parse_rule("delay@fork:enter")
+            .unwrap_err()
+            .contains("unknown action"));
+        assert!(parse_rule("count@nowhere")
+            .unwrap_err()
+            .contains("unknown injection point"));
+        assert!(parse_rule("count@fork:enter/x9")
+            .unwrap_err()
+            .contains("unknown filter"));
+        assert!(parse_rule("fork:enter").is_err());
+    }
+
+    #[test]
+    fn schedules_parse() {
+        let s = parse_schedule(
+            "v1@fork:after_wrprotect < v2@wp_page_copy:after_copy < v1@fork:before_flush",
+        )
+        .unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(
+            s[1],
+            Step {
+                vcpu: 2,
+                point: "wp_page_copy:after_copy".into(),
+                addr: None
+            }
+        );
+        let s =
+            parse_schedule("v0@fork:after_wrprotect/addr=0x1000-0x2000 < v1@fault:enter").unwrap();
+        assert_eq!(s[0].addr, Some((0x1000, 0x2000)));
+        assert_eq!(
+            s[0].to_string(),
+            "v0@fork:after_wrprotect/addr=0x1000-0x2000"
+        );
+        assert!(parse_schedule("v1@fork:enter").is_err());
+        assert!(parse_schedule("P1@fork:enter < v0@fork:enter").is_err());
+    }
+}
