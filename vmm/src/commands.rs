@@ -9,6 +9,7 @@ use cowlab_abi::program::PROGRAMS;
 use cowlab_abi::Program;
 
 use crate::bench::{self, BenchOptions};
+use crate::control::{Controller, Server};
 use crate::hooks;
 use crate::kvm::{exit_code, Event, Vm, VmConfig};
 use crate::litmus::{self, builtin};
@@ -40,6 +41,10 @@ pub struct RunOptions {
     pub inject: Vec<String>,
     pub schedule: Option<String>,
     pub chaos: Option<u64>,
+    /// `--control PATH`: serve the control socket there; `--wait`: start
+    /// stopped until its `cont`.
+    pub control: Option<std::path::PathBuf>,
+    pub wait: bool,
 }
 
 /// The injection settings of `opts`, parsed.
@@ -72,10 +77,32 @@ pub fn program_names() -> String {
 }
 
 /// `cowlab run WHAT`: a built-in program, a built-in litmus test, or a
-/// litmus file.
+/// litmus file; with `--control`, a control socket serves it meanwhile.
 pub fn run(opts: &RunOptions) -> i32 {
+    let Some(path) = &opts.control else {
+        if opts.wait {
+            error("--wait needs --control PATH (something must send cont)");
+            return exit_code::USAGE;
+        }
+        return run_with(opts, None);
+    };
+    let ctl = Controller::new(opts.wait);
+    let server = match Server::start(path, Arc::clone(&ctl)) {
+        Ok(s) => s,
+        Err(e) => {
+            error(format_args!("--control {e}"));
+            return exit_code::USAGE;
+        }
+    };
+    let code = run_with(opts, Some(&ctl));
+    ctl.finish();
+    drop(server);
+    code
+}
+
+fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     let Some(program) = Program::from_name(&opts.program) else {
-        return run_litmus(opts);
+        return run_litmus(opts, ctl);
     };
     let policy = match make_policy(&opts.policy, &opts.set) {
         Ok(p) => p,
@@ -101,7 +128,7 @@ pub fn run(opts: &RunOptions) -> i32 {
         },
         None => None,
     };
-    let config = VmConfig {
+    let mut config = VmConfig {
         vcpus: opts.vcpus,
         mem_mib: opts.mem_mib,
         program,
@@ -114,8 +141,16 @@ pub fn run(opts: &RunOptions) -> i32 {
         rules,
         schedule: schedule.unwrap_or_default(),
         chaos: opts.chaos,
+        control: None,
         kvm_path: opts.kvm_path.clone(),
     };
+    if let Some(ctl) = ctl {
+        ctl.begin(&opts.program, &opts.policy, 1);
+        if let Err(e) = ctl.configure(&mut config) {
+            error(e);
+            return exit_code::USAGE;
+        }
+    }
     let mut vm = match Vm::new(&config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -123,13 +158,22 @@ pub fn run(opts: &RunOptions) -> i32 {
             return e.exit_code();
         }
     };
+    if let Some(ctl) = ctl {
+        ctl.attach(vm.handle(), 1);
+    }
     let report = vm.wait(opts.timeout, |e| {
         if let Event::Console { line, .. } = e {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
         }
+        if let Some(ctl) = ctl {
+            ctl.vm_event(e);
+        }
     });
     drop(vm);
+    if let Some(ctl) = ctl {
+        ctl.detach(1, serde_json::json!({ "exit_code": report.exit_code() }));
+    }
     if opts.stats {
         for v in &report.vcpus {
             eprintln!(
@@ -197,7 +241,7 @@ fn litmus_source(what: &str) -> Result<String, String> {
 }
 
 /// `cowlab run TEST`: a litmus test, `--runs` times.
-fn run_litmus(opts: &RunOptions) -> i32 {
+fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     let src = match litmus_source(&opts.program) {
         Ok(src) => src,
         Err(e) => {
@@ -236,6 +280,7 @@ fn run_litmus(opts: &RunOptions) -> i32 {
         rules,
         schedule,
         chaos: opts.chaos,
+        control: ctl.cloned(),
     };
     match litmus::run_test(&compiled, &run_opts) {
         Ok(result) => {
@@ -309,6 +354,7 @@ pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
                 rules: Vec::new(),
                 schedule: None,
                 chaos: None,
+                control: None,
             };
             match litmus::run_test(&compiled, &run_opts) {
                 Ok(r) => {

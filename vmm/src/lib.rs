@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod control;
 pub mod hooks;
 pub mod kvm;
 pub mod litmus;

@@ -71,6 +71,24 @@ enum Command {
         /// Override a knob of the preset, e.g. --set cow_reuse=mapcount (repeatable).
         #[arg(long = "set", value_name = "KNOB=VALUE")]
         set: Vec<String>,
+        /// Serve the control socket at PATH while running (docs/control.md).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Start stopped until a `cont` arrives on the control socket.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Send one command to a control socket and print its answer (or, for
+    /// `watch`, print events until the run ends).
+    Ctl {
+        /// The socket of a `cowlab run --control PATH`.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// query-status, stop, cont, inject, uninject, query-rules,
+        /// set-knob, query-points, query-commands, quit, or watch.
+        command: String,
+        /// Arguments as KEY=VALUE (VALUE read as JSON if it parses, else a string).
+        args: Vec<String>,
     },
     /// Run a suite of built-in litmus tests under the policies their
     /// `expect` lines name; print test x policy -> observation.
@@ -139,6 +157,8 @@ fn main() {
             check,
             policy,
             set,
+            control,
+            wait,
         } => {
             if !secs.is_finite() || secs < 0.0 {
                 eprintln!("cowlab: --timeout must be a number of seconds >= 0 (0 = none)");
@@ -161,8 +181,15 @@ fn main() {
                 inject,
                 schedule,
                 chaos,
+                control,
+                wait,
             })
         }
+        Command::Ctl {
+            socket,
+            command,
+            args,
+        } => cowlab::control::client::ctl(&socket, &command, &args),
         Command::List {
             what: ListWhat::Programs,
         } => commands::list_programs(),

@@ -122,10 +122,34 @@ pub enum Injected {
     Fail,
 }
 
+/// A rule acted at a point: what an observer (the control socket) is told.
+#[derive(Debug, Clone)]
+pub struct HookEvent {
+    pub point: String,
+    pub cpu: Option<usize>,
+    pub addr: Option<u64>,
+    /// The rule that acted, as written.
+    pub rule: String,
+}
+
+/// Receives every [`HookEvent`]; must not block.
+pub type Observer = std::sync::Arc<dyn Fn(HookEvent) + Send + Sync>;
+
+#[derive(Default)]
+struct ObserverSlot(Mutex<Option<Observer>>);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObserverSlot")
+    }
+}
+
 /// A rule and its counters.
 #[derive(Debug)]
 struct Armed {
     rule: Rule,
+    /// Who added it (a control-socket rule id), to remove it by.
+    tag: Option<u64>,
     /// Hits that matched the point and filters so far.
     matched: AtomicU64,
     /// Hits the action was applied to.
@@ -166,6 +190,7 @@ pub struct Hooks {
     paused: Mutex<BTreeMap<usize, String>>,
     /// Everything waiting here goes free (the run is ending).
     released: AtomicBool,
+    observer: ObserverSlot,
 }
 
 /// How long a schedule may make no progress while a thread waits on it
@@ -202,9 +227,15 @@ impl Hooks {
 
     /// Adds a rule; returns its id.
     pub fn add_rule(&self, rule: Rule) -> usize {
+        self.add_tagged_rule(rule, None)
+    }
+
+    /// Adds a rule that [`Hooks::remove_tagged`] can take out again.
+    pub fn add_tagged_rule(&self, rule: Rule, tag: Option<u64>) -> usize {
         let mut rules = lock(&self.rules);
         rules.push(std::sync::Arc::new(Armed {
             rule,
+            tag,
             matched: AtomicU64::new(0),
             acted: AtomicU64::new(0),
         }));
@@ -223,6 +254,22 @@ impl Hooks {
         drop(rules);
         self.refresh_active();
         gone
+    }
+
+    /// Removes the rules added with `tag`; how many went.
+    pub fn remove_tagged(&self, tag: u64) -> usize {
+        let mut rules = lock(&self.rules);
+        let before = rules.len();
+        rules.retain(|r| r.tag != Some(tag));
+        let gone = before - rules.len();
+        drop(rules);
+        self.refresh_active();
+        gone
+    }
+
+    /// Tells `observer` about every rule that acts from now on.
+    pub fn set_observer(&self, observer: Option<Observer>) {
+        *lock(&self.observer.0) = observer;
     }
 
     /// The rules with how often each matched and acted.
@@ -292,6 +339,14 @@ impl Hooks {
                 continue;
             }
             r.acted.fetch_add(1, Ordering::AcqRel);
+            if let Some(observe) = lock(&self.observer.0).clone() {
+                observe(HookEvent {
+                    point: point.to_string(),
+                    cpu,
+                    addr,
+                    rule: r.rule.to_string(),
+                });
+            }
             match r.rule.action {
                 Action::Delay(us) => spin_for(Duration::from_micros(us)),
                 Action::Count => {}
@@ -438,6 +493,21 @@ impl Hooks {
         s.unreachable = Some(report.clone());
         self.changed.notify_all();
         Some(report)
+    }
+
+    /// Counts as progress of the schedule (vCPUs were stopped from outside:
+    /// their standing still is not a stall).
+    pub fn hold_progress(&self) {
+        let mut s = lock(&self.schedule);
+        if s.last_progress.is_some() {
+            s.last_progress = Some(Instant::now());
+        }
+        s.all_blocked_since = None;
+    }
+
+    /// Whether the run is ending and every waiter was let go.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
     }
 
     /// Why the schedule was unsatisfiable, if it was.

@@ -27,6 +27,8 @@ pub mod request {
     pub const PING: u32 = 1 << 1;
     /// A TLB flush is waiting (see [`super::VcpuCtl::flush_req`]).
     pub const FLUSH: u32 = 1 << 2;
+    /// Look at the control gate (a `stop` from the control socket).
+    pub const PARK: u32 = 1 << 3;
 }
 
 /// How long an initiator sleeps between checks of an unacknowledged target.
@@ -73,7 +75,8 @@ impl VcpuCtl {
         }
     }
 
-    fn has_ended(&self) -> bool {
+    /// Whether the thread ended.
+    pub(crate) fn has_ended(&self) -> bool {
         self.ended
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -13,7 +13,7 @@ mod vm;
 pub use control::request;
 pub use memory::GuestMem;
 pub use vcpu::{vector_name, Outcome, VcpuReport};
-pub use vm::{exit_code, Event, RunReport, Vm, VmConfig, MIN_MEM_MIB};
+pub use vm::{exit_code, Event, RunReport, VcpuState, Vm, VmConfig, VmHandle, MIN_MEM_MIB};
 
 /// The built-in guest, built by `build.rs` from `guest/`.
 pub static GUEST_ELF: &[u8] = include_bytes!(env!("COWLAB_GUEST_ELF"));

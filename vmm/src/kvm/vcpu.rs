@@ -466,6 +466,17 @@ impl Vcpu {
                 at: Instant::now(),
             });
         }
+        if let Some(gate) = &self.shared.gate {
+            let (ctl, hooks) = (&self.ctl, &self.shared.machine.hooks);
+            let (id, events) = (self.id, &self.events);
+            gate.park(
+                id,
+                || ctl.requests.load(Ordering::Acquire) & request::STOP != 0 || hooks.released(),
+                |parked| {
+                    let _ = events.send(Event::Parked { id, parked });
+                },
+            );
+        }
         Flow::Continue
     }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use super::loader::{self, Image};
 use super::memory::GuestMem;
 use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
 use super::{arch, kick, Error, GUEST_ELF};
+use crate::control::{Attachment, Gate};
 use crate::hooks::{self, Rule, Step};
 use crate::litmus::Compiled;
 use crate::mm::{mm_verify, mmap, verify_no_leaks, Machine, Mm, PhysMem};
@@ -65,6 +66,9 @@ pub struct VmConfig {
     pub rules: Vec<Rule>,
     pub schedule: Vec<Step>,
     pub chaos: Option<u64>,
+    /// The control socket's hold on the VM: its stop gate, its rules, its
+    /// observer of rules acting.
+    pub control: Option<Attachment>,
     /// The KVM device.
     pub kvm_path: String,
 }
@@ -84,6 +88,7 @@ impl Default for VmConfig {
             rules: Vec::new(),
             schedule: Vec::new(),
             chaos: None,
+            control: None,
             kvm_path: "/dev/kvm".into(),
         }
     }
@@ -110,6 +115,8 @@ pub enum Event {
     FlushAcked { id: usize, at: Instant },
     /// vCPU thread ended.
     Ended(Box<VcpuReport>),
+    /// vCPU `id` parked (`true`) by the control gate, or left it (`false`).
+    Parked { id: usize, parked: bool },
 }
 
 struct VcpuSlot {
@@ -132,6 +139,8 @@ pub(crate) struct Shared {
     pub(crate) check: bool,
     /// Guest hook point names (`guest:NAME`) by id, from the litmus test.
     hook_names: Vec<String>,
+    /// Stops vCPUs from outside (the control socket).
+    pub(crate) gate: Option<Arc<Gate>>,
     vcpus: Mutex<Vec<VcpuSlot>>,
     events: Mutex<Sender<Event>>,
 }
@@ -431,6 +440,7 @@ impl Vm {
                 .litmus
                 .as_ref()
                 .map_or_else(Vec::new, |t| t.hooks.clone()),
+            gate: config.control.as_ref().map(|c| Arc::clone(&c.gate)),
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
         });
@@ -442,6 +452,12 @@ impl Vm {
         }
         if let Some(seed) = config.chaos {
             machine.hooks.set_chaos(seed, CHAOS_MAX_DELAY);
+        }
+        if let Some(control) = &config.control {
+            for (tag, rule) in &control.rules {
+                machine.hooks.add_tagged_rule(rule.clone(), Some(*tag));
+            }
+            machine.hooks.set_observer(control.observer.clone());
         }
         machine.set_flusher(Arc::new(KvmFlusher {
             shared: Arc::downgrade(&shared),
@@ -486,6 +502,11 @@ impl Vm {
             .map_err(Error::Config)?;
         }
         Ok(vm)
+    }
+
+    /// A handle the control socket keeps while the VM runs.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(Arc::downgrade(&self.shared))
     }
 
     /// When the VM was created.
@@ -572,7 +593,16 @@ impl Vm {
         let shared = Arc::clone(&self.shared);
         let hooks = &shared.machine.hooks;
         let mut unreachable = None;
+        let mut tick = Instant::now();
         while !self.live.is_empty() {
+            // Time with vCPUs stopped from outside counts for neither the
+            // watchdog nor the schedule's stall detection.
+            let now = Instant::now();
+            if timed_out.is_none() && shared.gate.as_ref().is_some_and(|g| g.any_stopped()) {
+                deadline = deadline.map(|d| d + (now - tick));
+                hooks.hold_progress();
+            }
+            tick = now;
             let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
@@ -596,7 +626,8 @@ impl Vm {
                 }
                 None => {}
             }
-            if unreachable.is_none() {
+            let stopped = shared.gate.as_ref().is_some_and(|g| g.any_stopped());
+            if unreachable.is_none() && !stopped {
                 unreachable = hooks.check_schedule(self.live.len());
             }
         }
@@ -656,6 +687,78 @@ impl Vm {
             out.extend(verify_no_leaks(machine).into_iter().map(|v| v.0));
         }
         out
+    }
+}
+
+/// A weak hold on a running VM, for the control socket: it can look at
+/// the vCPUs and hooks, kick vCPUs to the control gate, and end the run.
+#[derive(Clone)]
+pub struct VmHandle(Weak<Shared>);
+
+/// What a vCPU is doing, as `query-status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuState {
+    Running,
+    /// Parked by the control gate (`stop`).
+    Stopped,
+    /// Held by a `pause` rule at this point.
+    PausedAt(String),
+    Ended,
+}
+
+impl VmHandle {
+    /// The VM's vCPUs and what each is doing; `None` once the VM is gone.
+    pub fn vcpus(&self) -> Option<Vec<VcpuState>> {
+        let shared = self.0.upgrade()?;
+        let paused = shared.machine.hooks.paused();
+        let parked = shared.gate.as_ref().map(|g| g.parked()).unwrap_or_default();
+        let slots = shared.slots();
+        Some(
+            slots
+                .iter()
+                .enumerate()
+                .map(|(id, slot)| {
+                    if slot.ctl.has_ended() {
+                        VcpuState::Ended
+                    } else if let Some(p) = paused.get(&id) {
+                        VcpuState::PausedAt(p.clone())
+                    } else if parked.contains(&id) {
+                        VcpuState::Stopped
+                    } else {
+                        VcpuState::Running
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Kicks every vCPU out of the guest so it looks at the control gate.
+    pub fn kick_all(&self) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let count = shared.slots().len();
+        for id in 0..count {
+            shared.request(id, request::PARK);
+        }
+    }
+
+    /// Runs `f` on the VM's hooks (rules, pauses), if the VM is still there.
+    pub fn with_hooks<T>(&self, f: impl FnOnce(&hooks::Hooks) -> T) -> Option<T> {
+        self.0.upgrade().map(|s| f(&s.machine.hooks))
+    }
+
+    /// Ends the run: every waiter goes free and every vCPU is stopped.
+    pub fn stop_all(&self) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        shared.machine.hooks.release_all();
+        shared.machine.stop_sleepers();
+        let count = shared.slots().len();
+        for id in 0..count {
+            shared.request(id, request::STOP);
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use cowlab_abi::Program;
 
 use super::ast::{CmpOp, Cond, Status, Value, Verdict};
 use super::compile::Compiled;
+use crate::control::Controller;
 use crate::hooks::{Rule, Step};
 use crate::kvm::{Error, Outcome, RunReport, Vm, VmConfig};
 use crate::policy::Policy;
@@ -32,6 +33,8 @@ pub struct RunOptions {
     pub rules: Vec<Rule>,
     pub schedule: Option<Vec<Step>>,
     pub chaos: Option<u64>,
+    /// The control socket's controller, if `--control`.
+    pub control: Option<Arc<Controller>>,
 }
 
 /// How one thread of one run ended.
@@ -192,6 +195,14 @@ fn fmt_value(v: u64) -> String {
     }
 }
 
+/// One run's outcome as the histogram keys it (for `RUN_FINISHED`).
+fn run_outcome(test: &Compiled, report: &RunReport) -> String {
+    if report.unreachable.is_some() {
+        return "unreachable".into();
+    }
+    key(&test.test.exists, &run_state(test, report))
+}
+
 /// Runs `test` `opts.runs` times.
 pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult, Error> {
     let start = Instant::now();
@@ -205,9 +216,16 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         .clone()
         .unwrap_or_else(|| test.schedule.clone());
     let rules: Vec<Rule> = test.rules.iter().chain(&opts.rules).cloned().collect();
+    let mut done = 0;
+    if let Some(ctl) = &opts.control {
+        ctl.begin(&test.test.name, &opts.policy_name, opts.runs);
+    }
     for i in 0..opts.runs {
+        if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
+            break;
+        }
         let seed = opts.chaos.map(|s| s.wrapping_add(i));
-        let config = VmConfig {
+        let mut config = VmConfig {
             program: Program::Litmus,
             policy: opts.policy,
             litmus: Some(Arc::clone(test)),
@@ -218,9 +236,24 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             kvm_path: opts.kvm_path.clone(),
             ..VmConfig::default()
         };
+        if let Some(ctl) = &opts.control {
+            ctl.configure(&mut config).map_err(Error::Config)?;
+        }
         let mut vm = Vm::new(&config)?;
-        let report = vm.wait(Some(opts.timeout), |_| {});
+        if let Some(ctl) = &opts.control {
+            ctl.attach(vm.handle(), i + 1);
+        }
+        let report = vm.wait(Some(opts.timeout), |e| {
+            if let Some(ctl) = &opts.control {
+                ctl.vm_event(e);
+            }
+        });
         drop(vm);
+        done += 1;
+        let outcome = run_outcome(test, &report);
+        if let Some(ctl) = &opts.control {
+            ctl.detach(i + 1, serde_json::Value::String(outcome.clone()));
+        }
         if let Some(e) = report.vcpus.iter().find_map(|v| match &v.outcome {
             Outcome::Error(e) => Some(e.clone()),
             _ => None,
@@ -256,7 +289,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         eprint!("\r\x1b[K");
     }
     let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
-    let negative = opts.runs - positive;
+    let negative = done - positive;
     let observation = match (positive, negative) {
         (0, _) => Verdict::Never,
         (_, 0) => Verdict::Always,
@@ -273,7 +306,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         test: test.test.name.clone(),
         policy_name: opts.policy_name.clone(),
         policy: opts.policy,
-        runs: opts.runs,
+        runs: done,
         histogram,
         positive,
         negative,

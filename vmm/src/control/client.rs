@@ -1,0 +1,138 @@
+//! `cowlab ctl`: sends one command to a control socket and prints the
+//! answer, or (`watch`) prints the events as they come.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::kvm::exit_code;
+
+/// `KEY=VALUE` arguments as a JSON object: a VALUE that parses as JSON (a
+/// number, `true`, a quoted string) is taken as such, anything else as a
+/// string.
+pub fn parse_args(args: &[String]) -> Result<Map<String, Value>, String> {
+    let mut map = Map::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            return Err(format!("argument '{a}' is not KEY=VALUE"));
+        };
+        if k.is_empty() {
+            return Err(format!("argument '{a}' has no key"));
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        map.insert(k.to_string(), value);
+    }
+    Ok(map)
+}
+
+fn connect(socket: &Path) -> Result<(UnixStream, BufReader<UnixStream>), String> {
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", socket.display()))?,
+    );
+    let greeting = read_json(&mut reader)?;
+    if greeting.get("QMP").is_none() {
+        return Err(format!(
+            "{}: not a cowlab control socket (greeting {greeting})",
+            socket.display()
+        ));
+    }
+    Ok((stream, reader))
+}
+
+fn read_json(reader: &mut impl BufRead) -> Result<Value, String> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => Err("the control socket closed".into()),
+        Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad line from the socket: {e}")),
+        Err(e) => Err(format!("reading the control socket: {e}")),
+    }
+}
+
+/// Runs `cowlab ctl`; returns the exit status.
+pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
+    let fail = |msg: String, code: i32| {
+        eprintln!("cowlab: {msg}");
+        code
+    };
+    let arguments = match parse_args(args) {
+        Ok(a) => a,
+        Err(e) => return fail(e, exit_code::USAGE),
+    };
+    let (mut stream, mut reader) = match connect(socket) {
+        Ok(c) => c,
+        Err(e) => return fail(e, exit_code::VM_ERROR),
+    };
+    if command == "watch" {
+        return watch(&mut reader);
+    }
+    let request = json!({ "execute": command, "arguments": arguments, "id": 1 });
+    if let Err(e) = writeln!(stream, "{request}") {
+        return fail(
+            format!("writing the control socket: {e}"),
+            exit_code::VM_ERROR,
+        );
+    }
+    // Events may come before the answer; the answer carries our id.
+    loop {
+        let v = match read_json(&mut reader) {
+            Ok(v) => v,
+            Err(e) => return fail(e, exit_code::VM_ERROR),
+        };
+        if v.get("event").is_some() {
+            continue;
+        }
+        if let Some(r) = v.get("return") {
+            println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            return exit_code::OK;
+        }
+        let class = v["error"]["class"].as_str().unwrap_or("GenericError");
+        let desc = v["error"]["desc"].as_str().unwrap_or("no description");
+        return fail(format!("{command}: {class}: {desc}"), exit_code::FAILED);
+    }
+}
+
+/// Prints each event line until the socket closes.
+fn watch(reader: &mut impl BufRead) -> i32 {
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return exit_code::OK,
+            Ok(_) => {
+                if out
+                    .write_all(line.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    return exit_code::OK;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_value_arguments_become_json() {
+        let a = parse_args(&[
+            "vcpu=1".into(),
+            "rule=pause@fork:enter".into(),
+            "x=\"2\"".into(),
+        ])
+        .unwrap();
+        assert_eq!(a["vcpu"], 1);
+        assert_eq!(a["rule"], "pause@fork:enter");
+        assert_eq!(a["x"], "2");
+        assert!(parse_args(&["novalue".into()]).is_err());
+        assert!(parse_args(&["=1".into()]).is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! The control socket (DESIGN.md §9): a person or a script drives a running
+//! VM over newline-delimited JSON in QMP's shape. [`Controller`] is the
+//! state the socket and the runner share across the runs of one command;
+//! [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
+
+pub mod client;
+mod gate;
+mod protocol;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+pub use gate::Gate;
+pub use server::Server;
+
+use crate::hooks::{HookEvent, Observer, Rule};
+use crate::kvm::{Event, Outcome, VcpuReport, VmConfig, VmHandle};
+use crate::policy::Policy;
+
+/// What a VM takes from the controller when it starts.
+#[derive(Clone)]
+pub struct Attachment {
+    pub gate: Arc<Gate>,
+    /// Rules added through the socket, by id.
+    pub rules: Vec<(u64, Rule)>,
+    pub observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the command is.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// What runs (a test or program name) and under which policy.
+    what: String,
+    policy: String,
+    /// The run under way (1-based) of `runs`; 0 before the first.
+    run: u64,
+    runs: u64,
+    finished: bool,
+}
+
+/// A client's outgoing line queue; lines past its bound are dropped (a
+/// slow client loses events, never stalls a vCPU).
+pub(crate) type ClientTx = SyncSender<String>;
+
+/// The state the control socket and the runner share.
+pub struct Controller {
+    gate: Arc<Gate>,
+    current: Mutex<Option<VmHandle>>,
+    progress: Mutex<Progress>,
+    rules: Mutex<BTreeMap<u64, Rule>>,
+    next_rule: AtomicU64,
+    /// `set-knob` overrides, applied to every run that starts after them.
+    knobs: Mutex<Vec<(String, String)>>,
+    clients: Mutex<Vec<ClientTx>>,
+    quit: AtomicBool,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("progress", &*lock(&self.progress))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Controller {
+    /// A controller; with `wait`, VMs start stopped until `cont`.
+    pub fn new(wait: bool) -> Arc<Self> {
+        Arc::new(Controller {
+            gate: Arc::new(Gate::new(wait)),
+            current: Mutex::new(None),
+            progress: Mutex::new(Progress::default()),
+            rules: Mutex::new(BTreeMap::new()),
+            next_rule: AtomicU64::new(1),
+            knobs: Mutex::new(Vec::new()),
+            clients: Mutex::new(Vec::new()),
+            quit: AtomicBool::new(false),
+        })
+    }
+
+    /// Names what the command runs, for `query-status`.
+    pub fn begin(&self, what: &str, policy: &str, runs: u64) {
+        *lock(&self.progress) = Progress {
+            what: what.to_string(),
+            policy: policy.to_string(),
+            runs,
+            ..Progress::default()
+        };
+    }
+
+    /// Fills in the controller's part of a VM about to start: the gate, the
+    /// socket's rules, the observer, and the `set-knob` overrides.
+    pub fn configure(self: &Arc<Self>, config: &mut VmConfig) -> Result<(), String> {
+        for (knob, value) in lock(&self.knobs).iter() {
+            config.policy.set(knob, value)?;
+        }
+        let me = Arc::downgrade(self);
+        let observer: Observer = Arc::new(move |e: HookEvent| {
+            if let Some(c) = me.upgrade() {
+                c.emit("POINT_HIT", hook_event_data(&e));
+            }
+        });
+        config.control = Some(Attachment {
+            gate: Arc::clone(&self.gate),
+            rules: lock(&self.rules)
+                .iter()
+                .map(|(id, r)| (*id, r.clone()))
+                .collect(),
+            observer: Some(observer),
+        });
+        Ok(())
+    }
+
+    /// Run `run` (1-based) started in the VM behind `vm`.
+    pub fn attach(&self, vm: VmHandle, run: u64) {
+        *lock(&self.current) = Some(vm);
+        lock(&self.progress).run = run;
+    }
+
+    /// Run `run` ended: `outcome` is its summary (`RUN_FINISHED` data).
+    pub fn detach(&self, run: u64, outcome: Value) {
+        *lock(&self.current) = None;
+        self.emit("RUN_FINISHED", json!({ "run": run, "outcome": outcome }));
+    }
+
+    /// The whole command ended.
+    pub fn finish(&self) {
+        lock(&self.progress).finished = true;
+        self.emit("SHUTDOWN", json!({}));
+    }
+
+    /// Whether a client asked to quit: the runner starts no further run.
+    pub fn quit_requested(&self) -> bool {
+        self.quit.load(Ordering::Acquire)
+    }
+
+    /// Forwards what a VM reports (`Vm::wait`'s events) to the clients.
+    pub fn vm_event(&self, e: &Event) {
+        match e {
+            Event::Parked { id, parked: true } => self.emit("VCPU_STOPPED", json!({ "vcpu": id })),
+            Event::Parked { id, parked: false } => self.emit("VCPU_RESUMED", json!({ "vcpu": id })),
+            Event::Ended(report) => self.vcpu_ended(report),
+            _ => {}
+        }
+    }
+
+    fn vcpu_ended(&self, report: &VcpuReport) {
+        let data = json!({ "vcpu": report.id, "outcome": report.outcome.to_string() });
+        if matches!(
+            report.outcome,
+            Outcome::Segv { .. } | Outcome::Oom { .. } | Outcome::Crashed { .. }
+        ) {
+            self.emit("FAULT", data.clone());
+        }
+        self.emit("VCPU_ENDED", data);
+    }
+
+    /// Sends an asynchronous event to every client.
+    pub(crate) fn emit(&self, name: &str, data: Value) {
+        let line = event_line(name, data);
+        lock(&self.clients).retain(|tx| match tx.try_send(line.clone()) {
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => true,
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    pub(crate) fn add_client(&self, tx: ClientTx) {
+        lock(&self.clients).push(tx);
+    }
+
+    fn current(&self) -> Option<VmHandle> {
+        lock(&self.current).clone()
+    }
+
+    /// Validates a knob override against a preset.
+    fn check_knob(knob: &str, value: &str) -> Result<(), String> {
+        let mut p = Policy::MAINLINE;
+        p.set(knob, value)
+    }
+}
+
+fn hook_event_data(e: &HookEvent) -> Value {
+    json!({
+        "point": e.point,
+        "vcpu": e.cpu,
+        "addr": e.addr.map(|a| format!("{a:#x}")),
+        "rule": e.rule,
+    })
+}
+
+/// One event line in QMP's shape.
+fn event_line(name: &str, data: Value) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({
+        "event": name,
+        "data": data,
+        "timestamp": { "seconds": now.as_secs(), "microseconds": now.subsec_micros() },
+    })
+    .to_string()
+}
