@@ -188,7 +188,10 @@ fn serve(stream: UnixStream, ctl: &Arc<Controller>) -> Option<Client> {
     let ctl = Arc::clone(ctl);
     let reader = std::thread::Builder::new()
         .name("control-in".into())
-        .spawn(move || read_loop(reader_stream, &ctl, &tx))
+        .spawn(move || {
+            read_loop(reader_stream, &ctl, &tx);
+            let _ = tx.send(CLOSE.to_string());
+        })
         .ok()?;
     Some(Client {
         stream,
@@ -196,8 +199,15 @@ fn serve(stream: UnixStream, ctl: &Arc<Controller>) -> Option<Client> {
     })
 }
 
+/// Queued by the reader when it is done: the writer closes the connection
+/// once everything before it is written.
+const CLOSE: &str = "";
+
 fn write_loop(mut stream: UnixStream, rx: Receiver<String>) {
     for line in rx {
+        if line == CLOSE {
+            break;
+        }
         if stream
             .write_all(line.as_bytes())
             .and_then(|()| stream.write_all(b"\n"))

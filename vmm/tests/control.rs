@@ -1,0 +1,441 @@
+//! The control socket as a client sees it: lifecycle, commands, events,
+//! and bad input that must not disturb the VM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cowlab"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A fresh socket path for test `name`.
+fn sock(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cowlab-control-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn start(path: &Path, args: &[&str]) -> Child {
+    let child = bin()
+        .args(args)
+        .arg("--control")
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cowlab");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < until, "no socket at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().expect("cowlab ends")
+}
+
+fn ctl(path: &Path, args: &[&str]) -> Output {
+    bin()
+        .arg("ctl")
+        .arg("--socket")
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A raw protocol client.
+struct Client {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+    events: Vec<Value>,
+}
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let out = UnixStream::connect(path).expect("connect");
+        out.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let input = BufReader::new(out.try_clone().unwrap());
+        let mut c = Client {
+            out,
+            input,
+            events: Vec::new(),
+        };
+        let greeting = c.line().expect("a greeting");
+        assert!(
+            greeting["QMP"]["version"]["cowlab"].is_string(),
+            "{greeting}"
+        );
+        c
+    }
+
+    fn line(&mut self) -> Option<Value> {
+        let mut s = String::new();
+        match self.input.read_line(&mut s) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&s).expect("every line is JSON")),
+        }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.out.write_all(bytes).unwrap();
+    }
+
+    /// The next non-event line; events on the way are kept.
+    fn reply(&mut self) -> Value {
+        loop {
+            let v = self.line().expect("a reply");
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    fn ask(&mut self, execute: &str, arguments: Value) -> Value {
+        let req = json!({ "execute": execute, "arguments": arguments, "id": execute });
+        self.send_raw(format!("{req}\n").as_bytes());
+        let r = self.reply();
+        assert_eq!(r["id"], execute, "{r}");
+        r
+    }
+
+    /// Every event until the server closes the connection.
+    fn drain(mut self) -> Vec<Value> {
+        while let Some(v) = self.line() {
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+        self.events
+    }
+}
+
+fn status(c: &mut Client) -> Value {
+    c.ask("query-status", json!({}))["return"].clone()
+}
+
+fn vcpu_states(st: &Value) -> Vec<String> {
+    st["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_socket_is_private_and_gone_after_the_run() {
+    let path = sock("lifecycle");
+    let child = start(&path, &["run", "hello", "--vcpus", "2", "--wait"]);
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let out = ctl(&path, &["cont"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 2);
+    assert!(!path.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn a_file_or_a_live_socket_is_never_replaced_but_a_stale_one_is() {
+    let path = sock("occupied");
+    std::fs::write(&path, "precious").unwrap();
+    let out = bin()
+        .args(["run", "hello", "--control"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+    std::fs::remove_file(&path).unwrap();
+
+    let live = UnixListener::bind(&path).unwrap();
+    let out = bin()
+        .args(["run", "hello", "--control"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("another process"));
+    drop(live); // leaves a stale socket file behind
+    assert!(path.exists());
+    let out = bin()
+        .args(["run", "hello", "--control"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn wait_holds_every_vcpu_and_cont_lets_one_or_all_go() {
+    let path = sock("wait");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "1",
+            "--wait",
+        ],
+    );
+    let mut c = Client::connect(&path);
+    let st = status(&mut c);
+    assert_eq!(st["status"], "paused", "{st}");
+    assert_eq!(st["what"], "fork-vma-lock");
+    // Boot vCPUs park before their first instruction.
+    let until = Instant::now() + Duration::from_secs(10);
+    while vcpu_states(&status(&mut c)) != ["stopped", "stopped", "stopped"] {
+        assert!(Instant::now() < until, "{}", status(&mut c));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(c.ask("cont", json!({ "vcpu": 0 }))["return"].is_object());
+    std::thread::sleep(Duration::from_millis(300));
+    let st = status(&mut c);
+    let states = vcpu_states(&st);
+    assert_ne!(states[0], "stopped", "{st}");
+    assert_eq!(&states[1..], ["stopped", "stopped"], "{st}");
+    assert_eq!(st["run"], 1);
+    drop(c);
+    let out = ctl(&path, &["cont"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Observation fork-vma-lock Always 1 0"));
+}
+
+#[test]
+fn rules_injected_over_the_socket_act_and_events_follow_each_run() {
+    let path = sock("events");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "2",
+            "--wait",
+        ],
+    );
+    let mut c = Client::connect(&path);
+    let r = c.ask("inject", json!({ "rule": "count@fork:enter" }));
+    assert!(r["return"]["id"].is_u64(), "{r}");
+    let r = c.ask("query-rules", json!({}));
+    assert_eq!(r["return"][0]["rule"], "count@fork:enter", "{r}");
+    let points = c.ask("query-points", json!({}));
+    assert!(points["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "fork:after_wrprotect"));
+    c.ask("cont", json!({}));
+    let events = c.drain();
+    let named = |n: &str| events.iter().filter(|e| e["event"] == n).count();
+    assert_eq!(named("POINT_HIT"), 2, "one fork per run: {events:?}");
+    assert_eq!(named("RUN_FINISHED"), 2, "{events:?}");
+    assert_eq!(named("SHUTDOWN"), 1, "{events:?}");
+    assert!(named("VCPU_ENDED") >= 8, "4 threads per run: {events:?}");
+    let hit = events.iter().find(|e| e["event"] == "POINT_HIT").unwrap();
+    assert_eq!(hit["data"]["point"], "fork:enter");
+    assert_eq!(hit["data"]["vcpu"], 2);
+    assert!(hit["timestamp"]["seconds"].is_u64());
+    assert_eq!(finish(child).status.code(), Some(0));
+}
+
+#[test]
+fn set_knob_applies_from_the_next_run() {
+    let path = sock("knob");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "2",
+            "--wait",
+            "--json",
+        ],
+    );
+    // Run 1 already exists (held by --wait); run 2 locks the VMAs in fork.
+    let out = ctl(&path, &["set-knob", "knob=fork_lock_vmas", "value=on"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("next run"));
+    assert_eq!(ctl(&path, &["cont"]).status.code(), Some(0));
+    let out = finish(child);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON result");
+    let text = v.to_string();
+    assert!(text.contains("unreachable"), "run 2 is unreachable: {text}");
+    assert_eq!(v["positive"], 1, "{text}");
+}
+
+#[test]
+fn quit_ends_the_command_early() {
+    let path = sock("quit");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "100000",
+            "--wait",
+        ],
+    );
+    let out = ctl(&path, &["quit"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = finish(child);
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("Observation"))
+        .expect("a result");
+    let runs: u64 = line
+        .split_whitespace()
+        .rev()
+        .take(2)
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    assert!(runs < 100000, "{stdout}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn bad_input_gets_errors_and_leaves_the_vm_alone() {
+    let path = sock("robust");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "3",
+            "--wait",
+        ],
+    );
+    let mut c = Client::connect(&path);
+    for (raw, class) in [
+        ("{\"execute\": \n", "GenericError"),
+        ("garbage\n", "GenericError"),
+        ("[\"stop\"]\n", "GenericError"),
+        ("{\"execute\": \"self-destruct\"}\n", "CommandNotFound"),
+        (
+            "{\"execute\": \"stop\", \"arguments\": {\"vcpu\": -1}}\n",
+            "GenericError",
+        ),
+        (
+            "{\"execute\": \"inject\", \"arguments\": {\"rule\": 5}}\n",
+            "GenericError",
+        ),
+        (
+            "{\"execute\": \"uninject\", \"arguments\": {\"id\": \"1\"}}\n",
+            "GenericError",
+        ),
+        ("\u{0}\u{1}\u{ff}\n", "GenericError"),
+    ] {
+        c.send_raw(raw.as_bytes());
+        let r = c.reply();
+        assert_eq!(r["error"]["class"], class, "{raw:?}: {r}");
+    }
+    // Blank lines are ignored; the connection still works.
+    c.send_raw(b"\n\n");
+    assert_eq!(status(&mut c)["status"], "paused");
+
+    // An endless line: an error, then the connection is closed.
+    let mut big = Client::connect(&path);
+    let chunk = vec![b'x'; 80 * 1024];
+    let _ = big.out.write_all(&chunk);
+    let r = big.reply();
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("longer than"),
+        "{r}"
+    );
+    assert!(big.line().is_none(), "closed after an over-long line");
+
+    // A client that leaves in the middle of a line.
+    let mut half = Client::connect(&path);
+    half.send_raw(b"{\"execute\": \"qu");
+    drop(half);
+
+    // Several clients at once.
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let p = path.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&p);
+                (0..20).all(|_| status(&mut c)["what"] == "fork-vma-lock")
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap());
+    }
+    assert_eq!(
+        status(&mut c)["status"],
+        "paused",
+        "no request started the VM"
+    );
+    c.ask("cont", json!({}));
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Observation fork-vma-lock Always 3 0"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn cowlab_ctl_reports_usage_connection_and_command_errors() {
+    let path = sock("ctl-errors");
+    let out = ctl(&path, &["query-status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("cannot connect"));
+    let child = start(&path, &["run", "hello", "--wait"]);
+    let out = ctl(&path, &["stop", "vcpu"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = ctl(&path, &["stop", "vcpu=first"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stderr).lines().count(), 1);
+    assert!(text(&out.stderr).contains("GenericError"));
+    let out = ctl(&path, &["query-status"]);
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["status"], "paused");
+    assert_eq!(ctl(&path, &["cont"]).status.code(), Some(0));
+    assert_eq!(finish(child).status.code(), Some(0));
+
+    let out = bin().args(["run", "hello", "--wait"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--wait needs --control"));
+}
