@@ -158,8 +158,8 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
             return e.exit_code();
         }
     };
-    if let Some(ctl) = ctl {
-        ctl.attach(vm.handle(), 1);
+    if let (Some(ctl), Some(attached)) = (ctl, &config.control) {
+        ctl.attach(vm.handle(), attached, 1);
     }
     let report = vm.wait(opts.timeout, |e| {
         if let Event::Console { line, .. } = e {

@@ -439,3 +439,47 @@ fn cowlab_ctl_reports_usage_connection_and_command_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--wait needs --control"));
 }
+
+#[test]
+fn a_pause_rule_is_a_breakpoint_that_cont_releases() {
+    let path = sock("breakpoint");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "1",
+            "--wait",
+        ],
+    );
+    let mut c = Client::connect(&path);
+    let r = c.ask("inject", json!({ "rule": "pause@fork:after_wrprotect/v2" }));
+    let id = r["return"]["id"].as_u64().unwrap();
+    c.ask("cont", json!({}));
+    let until = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = status(&mut c);
+        if st["vcpus"][2]["state"] == "paused" {
+            break st;
+        }
+        assert!(Instant::now() < until, "{st}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st["vcpus"][2]["point"], "fork:after_wrprotect", "{st}");
+    // Held at a breakpoint, the schedule waits rather than giving up.
+    std::thread::sleep(Duration::from_millis(600));
+    let st = status(&mut c);
+    assert_eq!(st["vcpus"][2]["state"], "paused", "{st}");
+    assert!(c.ask("uninject", json!({ "id": id }))["return"].is_object());
+    c.ask("cont", json!({ "vcpu": 2 }));
+    let events = c.drain();
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "POINT_HIT" && e["data"]["point"] == "fork:after_wrprotect"));
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("Observation fork-vma-lock Always 1 0"));
+}

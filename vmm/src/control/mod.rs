@@ -129,9 +129,24 @@ impl Controller {
         Ok(())
     }
 
-    /// Run `run` (1-based) started in the VM behind `vm`.
-    pub fn attach(&self, vm: VmHandle, run: u64) {
+    /// Run `run` (1-based) started in the VM behind `vm`, configured with
+    /// `attached`: rules injected or removed since then are applied now.
+    pub fn attach(&self, vm: VmHandle, attached: &Attachment, run: u64) {
+        let rules = lock(&self.rules);
+        vm.with_hooks(|h| {
+            for (id, rule) in rules.iter() {
+                if !attached.rules.iter().any(|(a, _)| a == id) {
+                    h.add_tagged_rule(rule.clone(), Some(*id));
+                }
+            }
+            for (id, _) in &attached.rules {
+                if !rules.contains_key(id) {
+                    h.remove_tagged(*id);
+                }
+            }
+        });
         *lock(&self.current) = Some(vm);
+        drop(rules);
         lock(&self.progress).run = run;
     }
 

@@ -190,20 +190,25 @@ fn execute(ctl: &Controller, name: &str, args: &Map<String, Value>) -> Result<Va
             let id = ctl
                 .next_rule
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            lock(&ctl.rules).insert(id, rule.clone());
+            // Held while the VM gets it, so `attach` sees it once.
+            let mut rules = lock(&ctl.rules);
+            rules.insert(id, rule.clone());
             if let Some(vm) = ctl.current() {
                 vm.with_hooks(|h| h.add_tagged_rule(rule, Some(id)));
             }
+            drop(rules);
             json!({ "id": id })
         }
         "uninject" => {
             let id = Args::required(a.uint("id")?, "id")?;
-            if lock(&ctl.rules).remove(&id).is_none() {
+            let mut rules = lock(&ctl.rules);
+            if rules.remove(&id).is_none() {
                 return Err(generic(format!("no rule with id {id}")));
             }
             if let Some(vm) = ctl.current() {
                 vm.with_hooks(|h| h.remove_tagged(id));
             }
+            drop(rules);
             json!({})
         }
         "query-rules" => lock(&ctl.rules)

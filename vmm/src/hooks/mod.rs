@@ -463,6 +463,14 @@ impl Hooks {
         if s.aborted || s.steps.is_empty() || s.next >= s.steps.len() {
             return None;
         }
+        if !lock(&self.paused).is_empty() {
+            // A breakpoint holds a thread: waiting for it is not a deadlock.
+            s.all_blocked_since = None;
+            if s.last_progress.is_some() {
+                s.last_progress = Some(Instant::now());
+            }
+            return None;
+        }
         let blocked = lock(&self.blocked).len();
         let all_blocked = live > 0 && blocked >= live;
         let deadlocked = match (all_blocked, s.all_blocked_since) {

@@ -265,7 +265,6 @@ impl Vcpu {
             // The forking thread's stack was copied with its address space.
             Start::Forked(_) => 0,
         };
-        mm.mmget();
         mm.attach_cpu(id);
         init_area(&shared, id, area_pa, program, arg)?;
 

@@ -146,6 +146,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether the control socket holds a vCPU (`stop`, or a `pause` rule
+    /// it can `cont`): such a wait is neither a hang nor a deadlock.
+    fn held_from_outside(&self) -> bool {
+        self.gate
+            .as_ref()
+            .is_some_and(|g| g.any_stopped() || !self.machine.hooks.paused().is_empty())
+    }
+
     pub(crate) fn events(&self) -> Sender<Event> {
         self.events
             .lock()
@@ -180,6 +188,14 @@ impl Shared {
             parent,
         });
         let ctl = Arc::new(VcpuCtl::default());
+        // The new thread holds the mm from now: a sibling that exits before
+        // it starts must not tear the address space down under it (clone()
+        // takes the reference in the parent, in copy_mm()). Only the vCPU
+        // keeps a strong pointer, so the mm is gone when the thread reports
+        // its end.
+        mm.mmget();
+        let weak_mm = Arc::downgrade(&mm);
+        let unspawned_mm = Arc::downgrade(&mm);
         let (shared, thread_ctl) = (Arc::clone(this), Arc::clone(&ctl));
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -195,12 +211,22 @@ impl Shared {
                     Arc::clone(&thread_ctl),
                 ) {
                     Ok(vcpu) => vcpu.run(),
-                    Err(e) => VcpuReport::failed(id, program, Outcome::Error(e)),
+                    Err(e) => {
+                        if let Some(mm) = weak_mm.upgrade() {
+                            mm.mmput();
+                        }
+                        VcpuReport::failed(id, program, Outcome::Error(e))
+                    }
                 };
                 thread_ctl.mark_ended(report.join_status());
                 let _ = events.send(Event::Ended(Box::new(report)));
             })
-            .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
+            .map_err(|e| {
+                if let Some(mm) = unspawned_mm.upgrade() {
+                    mm.mmput();
+                }
+                format!("cannot start a vCPU thread: {e}")
+            })?;
         slots.push(VcpuSlot { ctl, thread });
         Ok(id)
     }
@@ -598,7 +624,7 @@ impl Vm {
             // Time with vCPUs stopped from outside counts for neither the
             // watchdog nor the schedule's stall detection.
             let now = Instant::now();
-            if timed_out.is_none() && shared.gate.as_ref().is_some_and(|g| g.any_stopped()) {
+            if timed_out.is_none() && shared.held_from_outside() {
                 deadline = deadline.map(|d| d + (now - tick));
                 hooks.hold_progress();
             }
@@ -626,8 +652,7 @@ impl Vm {
                 }
                 None => {}
             }
-            let stopped = shared.gate.as_ref().is_some_and(|g| g.any_stopped());
-            if unreachable.is_none() && !stopped {
+            if unreachable.is_none() && !shared.held_from_outside() {
                 unreachable = hooks.check_schedule(self.live.len());
             }
         }

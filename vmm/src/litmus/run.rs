@@ -240,8 +240,8 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             ctl.configure(&mut config).map_err(Error::Config)?;
         }
         let mut vm = Vm::new(&config)?;
-        if let Some(ctl) = &opts.control {
-            ctl.attach(vm.handle(), i + 1);
+        if let (Some(ctl), Some(attached)) = (&opts.control, &config.control) {
+            ctl.attach(vm.handle(), attached, i + 1);
         }
         let report = vm.wait(Some(opts.timeout), |e| {
             if let Some(ctl) = &opts.control {

@@ -210,16 +210,26 @@ impl Tlbs {
         tlb
     }
 
-    /// Unregisters CPU `cpu`'s TLB and returns it.
+    /// Unregisters CPU `cpu`'s TLB and returns it. A shootdown or fill
+    /// that looked it up just before may still hold it: wait for those to
+    /// finish (no new ones can find it), so the caller gets the only copy
+    /// and can free its tables.
     pub fn remove(&self, cpu: usize) -> Option<ShadowTlb> {
-        let tlb = self
+        let mut tlb = self
             .cpus
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(cpu)?
             .take()?;
-        let tlb = Arc::try_unwrap(tlb).ok()?;
-        Some(tlb.into_inner().unwrap_or_else(|e| e.into_inner()))
+        loop {
+            match Arc::try_unwrap(tlb) {
+                Ok(t) => return Some(t.into_inner().unwrap_or_else(|e| e.into_inner())),
+                Err(shared) => {
+                    tlb = shared;
+                    std::thread::yield_now();
+                }
+            }
+        }
     }
 
     /// CPU `cpu`'s TLB, if registered.

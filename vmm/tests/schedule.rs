@@ -1,0 +1,796 @@
+//! Injection points, rules, schedules and chaos as a user drives them from
+//! the command line (docs/injection.md): forcing the fork-vma-lock seed,
+//! replaying it, `unreachable`, rules that act, and bad input.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn cowlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cowlab"))
+        .args(args)
+        .output()
+        .expect("run cowlab")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs `cowlab` with `--json` added; the exit status and the one JSON object.
+fn cowlab_json(args: &[&str]) -> (Option<i32>, Value) {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let out = cowlab(&args);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: not one JSON object ({e}): stdout {:?} stderr {:?}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+/// Writes a litmus file and runs `cowlab run` on it.
+fn run_litmus_src(name: &str, src: &str, extra: &[&str]) -> Output {
+    let path =
+        std::env::temp_dir().join(format!("cowlab-sched-{}-{name}.litmus", std::process::id()));
+    std::fs::write(&path, src).unwrap();
+    let mut args = vec!["run", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = cowlab(&args);
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+/// The same with `--json`; the exit status and the JSON object.
+fn litmus_json(name: &str, src: &str, extra: &[&str]) -> (Option<i32>, Value) {
+    let mut extra = extra.to_vec();
+    extra.push("--json");
+    let out = run_litmus_src(name, src, &extra);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{name}: not one JSON object ({e}): stdout {:?} stderr {:?}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+/// The histogram of a litmus JSON result as (state, count) pairs.
+fn histogram(v: &Value) -> Vec<(String, u64)> {
+    v["histogram"]
+        .as_array()
+        .expect("a histogram")
+        .iter()
+        .map(|h| {
+            (
+                h["state"].as_str().unwrap().to_string(),
+                h["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The blocking reason under mainline: the fault waits for fork's mmap_lock.
+const MAINLINE_REASON: &str = "v1 waits for mmap_lock held by v2 in fork";
+
+// --- a. the issue's "done when" ---------------------------------------------
+
+#[test]
+fn the_schedule_forces_fork_vma_lock_in_every_run_under_linux_6_4() {
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--runs",
+        "10",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["runs"], 10);
+    assert_eq!(v["positive"], 10, "every run satisfies exists: {v}");
+    assert_eq!(v["negative"], 0);
+    assert_eq!(v["observation"], "Always");
+    assert_eq!(v["expectation"]["met"], true);
+    assert_eq!(histogram(&v), vec![("P0:r2=1;".to_string(), 10)]);
+    assert!(v["unreachable"].as_array().unwrap().is_empty(), "{v}");
+    let schedule = v["schedule"].as_str().expect("the schedule enforced");
+    assert!(
+        schedule
+            .starts_with("v2@fork:after_wrprotect/addr=0x1000000000-0x1000001000 < v1@guest:go"),
+        "Pn became vN and buf its address range: {schedule}"
+    );
+    assert!(schedule.ends_with("< v2@fork:before_flush"), "{schedule}");
+}
+
+#[test]
+fn free_running_fork_vma_lock_is_rare_under_linux_6_4() {
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--schedule",
+        "none",
+        "--runs",
+        "100",
+    ]);
+    let positive = v["positive"].as_u64().unwrap();
+    assert!(positive < 100, "not every free run loses the write: {v}");
+    assert_eq!(v["runs"], 100);
+    assert_ne!(v["observation"], "Always");
+    // `expect linux-6.4 Always` is not met without the schedule.
+    assert_eq!(code, Some(1), "{v}");
+    assert!(v["schedule"].is_null(), "no schedule enforced: {v}");
+    assert!(v["unreachable"].as_array().unwrap().is_empty(), "{v}");
+}
+
+#[test]
+fn under_mainline_the_schedule_is_unreachable_because_fork_holds_mmap_lock() {
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "mainline",
+        "--runs",
+        "10",
+    ]);
+    assert_eq!(code, Some(0), "expect mainline Never is met: {v}");
+    assert_eq!(v["positive"], 0);
+    assert_eq!(v["observation"], "Never");
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 10)]);
+    let unreachable = v["unreachable"].as_array().unwrap();
+    let runs: u64 = unreachable
+        .iter()
+        .map(|u| u["runs"].as_u64().unwrap())
+        .sum();
+    assert_eq!(runs, 10, "every run is unreachable: {v}");
+    for u in unreachable {
+        let reason = u["reason"].as_str().unwrap();
+        assert!(reason.contains(MAINLINE_REASON), "{reason}");
+    }
+    // The text form says it too.
+    let out = cowlab(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "mainline",
+        "--runs",
+        "3",
+    ]);
+    let stdout = text(&out.stdout);
+    // One line per distinct reason (v1 may block on mmap_lock before or
+    // after its guest:go), with its number of runs.
+    let mut runs = 0;
+    for line in stdout.lines().filter(|l| l.starts_with("Unreachable (")) {
+        assert!(line.contains(MAINLINE_REASON), "{line}");
+        let n = line["Unreachable (".len()..].split(' ').next().unwrap();
+        runs += n.parse::<u64>().unwrap();
+    }
+    assert_eq!(runs, 3, "{stdout}");
+    assert!(stdout.contains("3       :>unreachable;"), "{stdout}");
+    assert!(!stdout.contains("Replay:"), "nothing to replay: {stdout}");
+}
+
+// --- b. replay --------------------------------------------------------------
+
+/// The schedule of the `Replay: --schedule '…'` line of a text result.
+fn replay_schedule(stdout: &str) -> String {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("Replay: --schedule '"))
+        .unwrap_or_else(|| panic!("no Replay line in:\n{stdout}"));
+    let rest = line.strip_prefix("Replay: --schedule '").unwrap();
+    rest[..rest.find('\'').expect("a closing quote")].to_string()
+}
+
+#[test]
+fn the_printed_replay_schedule_reproduces_the_outcome_in_every_run() {
+    let out = cowlab(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--runs",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let schedule = replay_schedule(&text(&out.stdout));
+    // Given back on the command line, with the test's own schedule replaced
+    // by it, it forces the same lost write.
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--schedule",
+        &schedule,
+        "--runs",
+        "5",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["positive"], 5, "{v}");
+    assert_eq!(histogram(&v), vec![("P0:r2=1;".to_string(), 5)]);
+    assert_eq!(
+        v["schedule"],
+        schedule.as_str(),
+        "it is printed back unchanged"
+    );
+    // The same schedule under mainline cannot happen, and says why.
+    let (_, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "mainline",
+        "--schedule",
+        &schedule,
+        "--runs",
+        "2",
+    ]);
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)]);
+    assert!(
+        v["unreachable"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(MAINLINE_REASON),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_schedule_step_that_never_happens_is_unreachable_when_the_run_ends() {
+    // No hook 'nowhere' in the test: every thread ends with step 2 pending.
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--schedule",
+        "v1@guest:go < v0@guest:nowhere",
+        "--runs",
+        "2",
+    ]);
+    assert_eq!(code, Some(1), "expect Always is not met: {v}");
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)]);
+    assert_eq!(
+        v["unreachable"][0]["reason"],
+        "step 2 (v0@guest:nowhere) never happened"
+    );
+}
+
+#[test]
+fn schedules_name_initial_threads_in_file_order_and_children_by_creation() {
+    // P1's block comes first, so P1 runs on v0 and P0 on v1. Each waits for
+    // the other to start before its hook.
+    let src = "cowlab swapped\nP1 {\n  signal s1\n  await s0\n  hook one\n}\nP0 {\n  signal s0\n  await s1\n  hook zero\n}\nexists (true)\n";
+    let (_, v) = litmus_json(
+        "swapped",
+        src,
+        &["--runs", "2", "--schedule", "v1@guest:zero < v0@guest:one"],
+    );
+    assert_eq!(histogram(&v), vec![(";".to_string(), 2)], "satisfied: {v}");
+    let (_, v) = litmus_json(
+        "swapped-no",
+        src,
+        &["--runs", "2", "--schedule", "v0@guest:zero < v1@guest:one"],
+    );
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)], "{v}");
+    assert_eq!(
+        v["unreachable"][0]["reason"],
+        "step 1 (v0@guest:zero) never happened"
+    );
+    // In the file, Pn is translated the same way.
+    let with_schedule = src.replace(
+        "exists",
+        "schedule { P0@guest:zero < P1@guest:one }\nexists",
+    );
+    let (_, v) = litmus_json("swapped-file", &with_schedule, &["--runs", "2"]);
+    assert_eq!(v["schedule"], "v1@guest:zero < v0@guest:one");
+    assert_eq!(histogram(&v), vec![(";".to_string(), 2)], "{v}");
+    // One initial thread: the child of its fork is v1, not v2.
+    let src = "cowlab child\nP0 {\n  r1 = fork C0\n  hook parent\n  wait r1\n}\nC0 {\n  hook child\n}\nexists (true)\n";
+    let (_, v) = litmus_json(
+        "child",
+        src,
+        &[
+            "--runs",
+            "2",
+            "--schedule",
+            "v1@guest:child < v0@guest:parent",
+        ],
+    );
+    assert_eq!(histogram(&v), vec![(";".to_string(), 2)], "{v}");
+    let (_, v) = litmus_json(
+        "child-v2",
+        src,
+        &[
+            "--runs",
+            "2",
+            "--schedule",
+            "v2@guest:child < v0@guest:parent",
+        ],
+    );
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)], "{v}");
+    assert_eq!(
+        v["unreachable"][0]["reason"],
+        "v0 waits at guest:parent (step 2) for step 1: v2@guest:child"
+    );
+}
+
+#[test]
+fn a_thread_spinning_in_the_guest_is_caught_as_a_stall() {
+    // P0 waits at its hook for P1's, which P1 reaches only after P0 signals:
+    // P1 spins on await (not blocked in the VMM), so only the stall check
+    // can end it.
+    let src = "cowlab stall\nP0 {\n  hook a\n  signal x\n}\nP1 {\n  await x\n  hook b\n}\nschedule { P1@guest:b < P0@guest:a }\nexists (true)\n";
+    let (code, v) = litmus_json("stall", src, &["--runs", "2"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)], "{v}");
+    assert_eq!(
+        v["unreachable"][0]["reason"],
+        "v0 waits at guest:a (step 2) for step 1: v1@guest:b"
+    );
+}
+
+// --- c. the points ----------------------------------------------------------
+
+#[test]
+fn list_points_names_the_fork_wp_page_copy_and_tlb_points_once_each_with_a_description() {
+    let out = cowlab(&["list", "points"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    let rows: Vec<(&str, &str)> = stdout
+        .lines()
+        .map(|l| {
+            let (name, what) = l.split_once(' ').unwrap_or((l, ""));
+            (name, what.trim())
+        })
+        .collect();
+    for point in [
+        "fork:enter",
+        "fork:after_wrprotect",
+        "fork:before_copy_page",
+        "fork:before_flush",
+        "fork:after_flush",
+        "wp_page_copy:before_copy",
+        "wp_page_copy:after_copy",
+        "wp_page_copy:before_clear_flush",
+        "wp_page_copy:after_clear_flush",
+        "wp_page_copy:installed",
+        "tlb:before_shootdown",
+        "tlb:after_ack",
+        "alloc_page",
+        "guest:NAME",
+    ] {
+        let found: Vec<_> = rows.iter().filter(|(n, _)| *n == point).collect();
+        assert_eq!(found.len(), 1, "{point} once in:\n{stdout}");
+        assert!(!found[0].1.is_empty(), "{point} has a description");
+        assert_eq!(found[0].1.lines().count(), 1);
+    }
+    let mut names: Vec<&str> = rows.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), rows.len(), "no point twice:\n{stdout}");
+    // Every listed point is accepted by --inject (one run of hello).
+    let rules: Vec<String> = rows
+        .iter()
+        .map(|(n, _)| format!("count@{}", n.replace("NAME", "x")))
+        .collect();
+    let mut args = vec!["run", "hello"];
+    for r in &rules {
+        args.extend(["--inject", r.as_str()]);
+    }
+    let out = cowlab(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("hello from vcpu 0"));
+}
+
+// --- d. bad input -----------------------------------------------------------
+
+#[test]
+fn bad_rules_schedules_and_points_exit_2_with_one_line_saying_why() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--inject", "delay@fork:enter"], "unknown action 'delay'"),
+        (
+            &["--inject", "sleep=5@fork:enter"],
+            "unknown action 'sleep=5'",
+        ),
+        (
+            &["--inject", "fork:enter"],
+            "a rule is ACTION@POINT[/FILTER]...",
+        ),
+        (
+            &["--inject", "count@nowhere"],
+            "unknown injection point 'nowhere'",
+        ),
+        (
+            &["--inject", "count@guest:"],
+            "unknown injection point 'guest:'",
+        ),
+        (&["--inject", "count@fork:enter/x9"], "unknown filter 'x9'"),
+        (
+            &["--inject", "count@fork:enter/hits=3"],
+            "unknown filter 'hits=3'",
+        ),
+        (&["--inject", "count@fork:enter/hits=a-3"], "bad hit range"),
+        (
+            &["--inject", "fail@alloc_page/addr=1-zz"],
+            "bad address range",
+        ),
+        (
+            &[
+                "--inject",
+                "count@fork:enter",
+                "--inject",
+                "count@fork:nope",
+            ],
+            "unknown injection point 'fork:nope'",
+        ),
+        (&["--schedule", "v1@fork:enter"], "at least two steps"),
+        (
+            &["--schedule", "v1@fork:enter < fork:enter"],
+            "a schedule step is vN@POINT",
+        ),
+        (
+            &["--schedule", "v1@fork:enter < P2@fork:enter"],
+            "names a vCPU as vN, not 'P2'",
+        ),
+        (
+            &["--schedule", "v1@nowhere < v2@fork:enter"],
+            "unknown injection point 'nowhere'",
+        ),
+        (
+            &["--schedule", "v1@fork:enter/addr=5 < v2@fork:enter"],
+            "bad address range in 'v1@fork:enter/addr=5'",
+        ),
+        (
+            &["--schedule", "nothing"],
+            "a schedule step is vN@POINT, not 'nothing'",
+        ),
+    ];
+    for (target, what) in [("fork-vma-lock", "a litmus test"), ("hello", "a program")] {
+        for (flags, want) in cases {
+            let mut args = vec!["run", target, "--runs", "1"];
+            args.extend_from_slice(flags);
+            let out = cowlab(&args);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what} {flags:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{what} {flags:?}: one line: {err}");
+            assert!(err.starts_with("cowlab: "), "{err}");
+            assert!(
+                err.contains(want),
+                "{what} {flags:?}: expected {want:?} in {err:?}"
+            );
+            assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
+        }
+    }
+}
+
+#[test]
+fn a_bad_chaos_seed_exits_2_naming_the_flag() {
+    for seed in ["abc", "-1", "18446744073709551616", "1.5"] {
+        let flag = format!("--chaos={seed}");
+        let out = cowlab(&["run", "fork-vma-lock", "--runs", "1", &flag]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{seed}: {err}");
+        // clap's message: its first line says what is wrong (a hint and a
+        // blank line follow, as for every bad flag value).
+        let first = err.lines().next().unwrap_or("");
+        assert!(
+            first.contains(&format!("invalid value '{seed}' for '--chaos <SEED>'")),
+            "{seed}: {err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn malformed_schedule_and_inject_lines_in_a_litmus_file_give_line_column_and_exit_2() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "unclosed",
+            "cowlab t\nP0 { hook a }\nschedule { P0@guest:a < P0@guest:b\nexists (true)\n",
+            "5:1: expected '}' to close the schedule",
+        ),
+        (
+            "one-step",
+            "cowlab t\nP0 { hook a }\nschedule {\n  P0@guest:a\n}\nexists (true)\n",
+            "3:11: a schedule orders at least two steps",
+        ),
+        (
+            "no-such-thread",
+            "cowlab t\nP0 { hook a }\nschedule {\n  P0@guest:a < P3@guest:a\n}\nexists (true)\n",
+            "3:11: schedule names thread P3, which has no block",
+        ),
+        (
+            "child-thread",
+            "cowlab t\nP0 { fork C0 }\nC0 { hook a }\nschedule { P0@fork:enter < C0@guest:a }\nexists (true)\n",
+            "4:11: a schedule step names a vCPU as vN, not 'C0'",
+        ),
+        (
+            "unknown-point",
+            "cowlab t\nP0 { hook a }\nschedule { P0@guest:a < P0@nowhere }\nexists (true)\n",
+            "3:11: unknown injection point 'nowhere'",
+        ),
+        (
+            "unknown-region",
+            "cowlab t\n{ region buf 1 rw }\nP0 { hook a }\nschedule { P0@guest:a < P0@fault:enter[nobuf] }\nexists (true)\n",
+            "4:11: unknown region 'nobuf' in 'fault:enter[nobuf]'",
+        ),
+        (
+            "unclosed-region",
+            "cowlab t\n{ region buf 1 rw }\nP0 { hook a }\nschedule { P0@guest:a < P0@fault:enter[buf }\nexists (true)\n",
+            "4:11: expected POINT[REGION], found 'fault:enter[buf'",
+        ),
+        (
+            "two-schedules",
+            "cowlab t\nP0 { hook a }\nschedule { P0@guest:a < P0@guest:a }\nschedule { P0@guest:a < P0@guest:a }\nexists (true)\n",
+            "4:9: a test has one 'schedule' section",
+        ),
+        (
+            "bad-action",
+            "cowlab t\nP0 { hook a }\ninject delay@guest:a\nexists (true)\n",
+            "3:8: unknown action 'delay'",
+        ),
+        (
+            "bad-filter",
+            "cowlab t\nP0 { hook a }\ninject   count@guest:a/v0/zz\nexists (true)\n",
+            "3:10: unknown filter 'zz'",
+        ),
+        (
+            "inject-unknown-region",
+            "cowlab t\nP0 { hook a }\ninject fail@alloc_page[buf]\nexists (true)\n",
+            "3:8: unknown region 'buf' in 'alloc_page[buf]'",
+        ),
+    ];
+    for (name, src, want) in cases {
+        let out = run_litmus_src(name, src, &["--runs", "1"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: one line: {err}");
+        assert!(err.contains(want), "{name}: expected {want:?} in {err:?}");
+    }
+}
+
+// --- e. rules ---------------------------------------------------------------
+
+/// One thread writes two fresh pages of `buf`; the rules come from `inject`.
+fn two_pages(injects: &str) -> String {
+    format!(
+        "cowlab two-pages\n{{ region buf 2 rw\n  region other 1 rw }}\n{injects}\nP0 {{\n  other[0] = 1\n  buf[0] = 1\n  buf[512] = 2\n  r1 = buf[0]\n  r2 = buf[512]\n}}\nexists (P0:oom)\n"
+    )
+}
+
+#[test]
+fn a_fail_rule_at_alloc_page_makes_the_fault_oom_filtered_by_region_and_hit() {
+    // Without a rule every page is there.
+    let (code, v) = litmus_json("plain", &two_pages(""), &["--runs", "2"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(histogram(&v), vec![("P0:ok;".to_string(), 2)]);
+    // Every allocation in buf fails: the first write to buf is out of memory.
+    let (code, v) = litmus_json(
+        "fail-buf",
+        &two_pages("inject fail@alloc_page[buf]"),
+        &["--runs", "3"],
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(histogram(&v), vec![("P0:oom;".to_string(), 3)], "{v}");
+    assert_eq!(v["observation"], "Always");
+    // Only the 2nd allocation in buf fails (its second page): still oom.
+    let (_, v) = litmus_json(
+        "fail-hit2",
+        &two_pages("inject fail@alloc_page[buf]/hit=2"),
+        &["--runs", "2"],
+    );
+    assert_eq!(histogram(&v), vec![("P0:oom;".to_string(), 2)], "{v}");
+    // There is no 3rd allocation in buf: the rule never acts.
+    let (_, v) = litmus_json(
+        "fail-hit3",
+        &two_pages("inject fail@alloc_page[buf]/hit=3"),
+        &["--runs", "2"],
+    );
+    assert_eq!(histogram(&v), vec![("P0:ok;".to_string(), 2)], "{v}");
+    // A rule for another vCPU does not act on P0's faults.
+    let (_, v) = litmus_json(
+        "fail-v1",
+        &two_pages("inject fail@alloc_page/v1"),
+        &["--runs", "2"],
+    );
+    assert_eq!(histogram(&v), vec![("P0:ok;".to_string(), 2)], "{v}");
+    // --inject adds to the test's rules; addr= is what [buf] stands for
+    // (regions start at 0x10_0000_0000; `other` is buf's 2 pages and a guard
+    // page higher).
+    let (_, v) = litmus_json(
+        "fail-addr-other",
+        &two_pages(""),
+        &[
+            "--runs",
+            "2",
+            "--inject",
+            "fail@alloc_page/addr=0x1000003000-0x1000004000",
+        ],
+    );
+    assert_eq!(histogram(&v), vec![("P0:oom;".to_string(), 2)], "{v}");
+    let (_, v) = litmus_json(
+        "fail-addr-guard",
+        &two_pages(""),
+        &[
+            "--runs",
+            "2",
+            "--inject",
+            "fail@alloc_page/addr=0x1000002000-0x1000003000",
+        ],
+    );
+    assert_eq!(
+        histogram(&v),
+        vec![("P0:ok;".to_string(), 2)],
+        "the guard page: {v}"
+    );
+}
+
+#[test]
+fn a_fail_rule_filtered_by_vcpu_fails_only_that_vcpu() {
+    // Each thread waits for the other to start, then touches its own page.
+    let src = "cowlab per-vcpu\n{ region buf 2 rw }\ninject fail@alloc_page[buf]/v1\nP0 {\n  signal a\n  await b\n  buf[0] = 1\n  r1 = buf[0]\n}\nP1 {\n  signal b\n  await a\n  buf[512] = 1\n}\nexists (P0:r1 = 1 /\\ P1:oom)\n";
+    let (code, v) = litmus_json("per-vcpu", src, &["--runs", "3"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        histogram(&v),
+        vec![("P0:r1=1; P1:oom;".to_string(), 3)],
+        "{v}"
+    );
+}
+
+#[test]
+fn a_fail_rule_makes_a_program_exit_1_out_of_memory() {
+    let out = cowlab(&["run", "hello", "--inject", "fail@alloc_page/hit=1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("vcpu 0 (hello): out of memory faulting in"),
+        "{err}"
+    );
+    // Filtered to a vCPU that does not exist, it never acts.
+    let out = cowlab(&["run", "hello", "--inject", "fail@alloc_page/v1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn delay_and_count_rules_let_the_runs_complete_with_the_same_outcome() {
+    // Forced: still every run.
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--runs",
+        "3",
+        "--inject",
+        "delay=300@wp_page_copy:after_copy/v1",
+        "--inject",
+        "delay=50@fault:enter",
+        "--inject",
+        "count@fault:fill",
+        "--inject",
+        "count@tlb:before_shootdown/hits=1-2",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["positive"], 3, "{v}");
+    // Under mainline delays change nothing: still unreachable, same reason.
+    let (_, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "mainline",
+        "--runs",
+        "2",
+        "--inject",
+        "delay=200@fork:after_wrprotect",
+        "--inject",
+        "count@fork:enter",
+    ]);
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)]);
+    assert!(v["unreachable"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains(MAINLINE_REASON));
+    // A program with rules at every fault: same output.
+    let out = cowlab(&[
+        "run",
+        "hello",
+        "--inject",
+        "delay=100@fault:enter",
+        "--inject",
+        "count@alloc_page",
+        "--check",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("read as zero, written and read back"));
+}
+
+// --- f. chaos ---------------------------------------------------------------
+
+#[test]
+fn chaos_gives_run_i_seed_plus_i_and_names_the_witness_seeds() {
+    // With the schedule forcing the outcome every run is a witness, so the
+    // witness seeds are exactly SEED, SEED+1, …
+    let (code, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--runs",
+        "4",
+        "--chaos",
+        "40",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["positive"], 4);
+    assert_eq!(v["witness_seeds"], serde_json::json!([40, 41, 42, 43]));
+    let out = cowlab(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--runs",
+        "3",
+        "--chaos",
+        "7",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("Replay: --chaos 7 --runs 1 (also seeds 8, 9)"),
+        "{stdout}"
+    );
+    // Chaos does not make the mainline schedule reachable.
+    let (_, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "mainline",
+        "--runs",
+        "3",
+        "--chaos",
+        "7",
+    ]);
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 3)]);
+    assert_eq!(v["witness_seeds"], serde_json::json!([]));
+    // Without chaos there are no seeds to name.
+    let (_, v) = cowlab_json(&[
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        "linux-6.4",
+        "--runs",
+        "2",
+    ]);
+    assert_eq!(v["witness_seeds"], serde_json::json!([]));
+}
+
+// --- docs -------------------------------------------------------------------
+
+#[test]
+fn the_litmus_examples_in_docs_injection_md_run_as_written() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/injection.md"))
+        .unwrap();
+    let blocks: Vec<&str> = doc
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .filter(|b| b.trim_start().starts_with("cowlab "))
+        .collect();
+    assert!(!blocks.is_empty(), "the doc has its examples");
+    for (i, src) in blocks.iter().enumerate() {
+        let out = run_litmus_src(&format!("doc{i}"), src, &["--runs", "3"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "example {i}:\n{src}\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
