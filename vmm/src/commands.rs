@@ -194,7 +194,17 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     if opts.check && report.violations.is_empty() && report.timed_out.is_none() {
         eprintln!("cowlab: mm_verify: no violations");
     }
-    report.exit_code()
+    for (rule, matched, acted) in &report.rule_counts {
+        eprintln!("cowlab: rule {rule}: matched {matched}, acted {acted}");
+    }
+    match &report.unreachable {
+        // The schedule asked for an interleaving this run could not have.
+        Some(why) => {
+            error(format_args!("schedule unreachable: {why}"));
+            report.exit_code().max(exit_code::FAILED)
+        }
+        None => report.exit_code(),
+    }
 }
 
 /// The preset `name` with the `knob=value` settings applied.

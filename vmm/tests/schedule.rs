@@ -741,8 +741,33 @@ fn chaos_gives_run_i_seed_plus_i_and_names_the_witness_seeds() {
         "7",
     ]);
     let stdout = text(&out.stdout);
+    // The schedule, not the seed, is what replays a forced run.
+    assert!(stdout.contains("Replay: --schedule"), "{stdout}");
+    assert!(!stdout.contains("Replay: --chaos"), "{stdout}");
+    // Free-running, the seeds of the witnesses are what can be replayed,
+    // with the flags that recreate the setup.
+    let out = cowlab(&[
+        "run",
+        "uffd-wp-handler",
+        "--runs",
+        "3",
+        "--chaos",
+        "7",
+        "--inject",
+        "count@fault:enter",
+    ]);
+    let stdout = text(&out.stdout);
+    let replay = stdout
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "Replay: --chaos 7 --runs 1 --policy mainline --inject 'count@fault:enter'",
+            )
+        })
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(replay.ends_with("(also seeds 8, 9)"), "{replay}");
     assert!(
-        stdout.contains("Replay: --chaos 7 --runs 1 (also seeds 8, 9)"),
+        stdout.contains("Rule count@fault:enter: matched"),
         "{stdout}"
     );
     // Chaos does not make the mainline schedule reachable.
@@ -793,4 +818,52 @@ fn the_litmus_examples_in_docs_injection_md_run_as_written() {
             text(&out.stderr)
         );
     }
+}
+
+#[test]
+fn a_program_run_reports_an_unreachable_schedule_and_exits_1() {
+    let out = cowlab(&[
+        "run",
+        "hello",
+        "--vcpus",
+        "2",
+        "--schedule",
+        "v0@guest:never < v1@fault:enter",
+        "--inject",
+        "count@fault:enter",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("schedule unreachable: "), "{err}");
+    assert!(err.contains("v0@guest:never"), "{err}");
+    assert!(err.contains("rule count@fault:enter: matched"), "{err}");
+}
+
+#[test]
+fn populating_regions_at_load_is_outside_every_rule_and_schedule() {
+    // The loader's faults are no vCPU's: a step or rule naming v0 waits
+    // for v0's own faults, never for the loader's (which would hang or
+    // fail before boot).
+    let src = "cowlab populate-setup\n{ region buf 1 rw populate }\n\
+               P0 { r1 = buf[0]\n  hook a }\nP1 { hook b }\nexists (P0:r1 = 0)\n";
+    let (code, v) = litmus_json(
+        "populate-setup",
+        src,
+        &[
+            "--runs",
+            "2",
+            "--timeout",
+            "20",
+            "--schedule",
+            "v1@guest:b < v0@do_anonymous_page:after_alloc/addr=0x1000000000-0x1000001000",
+            "--inject",
+            "fail@alloc_page/v0/addr=0x1000000000-0x1000001000",
+        ],
+    );
+    assert!(code.is_some(), "{v}");
+    assert_eq!(
+        histogram(&v),
+        vec![("unreachable;".to_string(), 2)],
+        "v0 never allocates (buf is populated), so the step never happens: {v}"
+    );
 }

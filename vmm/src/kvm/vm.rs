@@ -470,21 +470,6 @@ impl Vm {
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
         });
-        for rule in &config.rules {
-            machine.hooks.add_rule(rule.clone());
-        }
-        if !config.schedule.is_empty() {
-            machine.hooks.set_schedule(config.schedule.clone());
-        }
-        if let Some(seed) = config.chaos {
-            machine.hooks.set_chaos(seed, CHAOS_MAX_DELAY);
-        }
-        if let Some(control) = &config.control {
-            for (tag, rule) in &control.rules {
-                machine.hooks.add_tagged_rule(rule.clone(), Some(*tag));
-            }
-            machine.hooks.set_observer(control.observer.clone());
-        }
         machine.set_flusher(Arc::new(KvmFlusher {
             shared: Arc::downgrade(&shared),
         }));
@@ -507,6 +492,11 @@ impl Vm {
         }
         if let Some(test) = &config.litmus {
             load_litmus(&vm.shared.mem, &mm, test)?;
+        }
+        // Armed after the loader populated the regions: setup is not part
+        // of any vCPU's run, so no rule or schedule step can match it.
+        arm_hooks(&machine.hooks, config);
+        if let Some(test) = &config.litmus {
             for (_, pc) in &test.initial {
                 Shared::spawn(
                     &vm.shared,
@@ -784,6 +774,25 @@ impl VmHandle {
         for id in 0..count {
             shared.request(id, request::STOP);
         }
+    }
+}
+
+/// Installs the rules, schedule, chaos and observer of `config`.
+fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
+    for rule in &config.rules {
+        hooks.add_rule(rule.clone());
+    }
+    if !config.schedule.is_empty() {
+        hooks.set_schedule(config.schedule.clone());
+    }
+    if let Some(seed) = config.chaos {
+        hooks.set_chaos(seed, CHAOS_MAX_DELAY);
+    }
+    if let Some(control) = &config.control {
+        for (tag, rule) in &control.rules {
+            hooks.add_tagged_rule(rule.clone(), Some(*tag));
+        }
+        hooks.set_observer(control.observer.clone());
     }
 }
 

@@ -69,6 +69,11 @@ pub struct LitmusResult {
     pub schedule: Option<String>,
     /// With chaos: the seeds of the runs that satisfied `exists`.
     pub witness_seeds: Vec<u64>,
+    /// The flags besides `--chaos` that a chaos replay needs.
+    pub replay_flags: String,
+    /// Each rule, as written, with its matched and acted hits summed over
+    /// the runs.
+    pub rules: BTreeMap<String, (u64, u64)>,
 }
 
 /// One run's threads from the VM report.
@@ -217,6 +222,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         .unwrap_or_else(|| test.schedule.clone());
     let rules: Vec<Rule> = test.rules.iter().chain(&opts.rules).cloned().collect();
     let mut done = 0;
+    let mut rule_totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     if let Some(ctl) = &opts.control {
         ctl.begin(&test.test.name, &opts.policy_name, opts.runs);
     }
@@ -250,6 +256,11 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         });
         drop(vm);
         done += 1;
+        for (rule, matched, acted) in &report.rule_counts {
+            let t = rule_totals.entry(rule.clone()).or_default();
+            t.0 += matched;
+            t.1 += acted;
+        }
         let outcome = run_outcome(test, &report);
         if let Some(ctl) = &opts.control {
             ctl.detach(i + 1, serde_json::Value::String(outcome.clone()));
@@ -323,7 +334,21 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
                 .join(" < ")
         }),
         witness_seeds,
+        replay_flags: replay_flags(test, opts),
+        rules: rule_totals,
     })
+}
+
+/// The flags that recreate this command's setup for one chaos run.
+fn replay_flags(test: &Compiled, opts: &RunOptions) -> String {
+    let mut flags = format!("--policy {}", opts.policy_name);
+    if opts.schedule.as_ref().is_some_and(|s| s.is_empty()) && !test.schedule.is_empty() {
+        flags += " --schedule none";
+    }
+    for r in &opts.rules {
+        flags += &format!(" --inject '{r}'");
+    }
+    flags
 }
 
 impl LitmusResult {
@@ -358,11 +383,13 @@ impl LitmusResult {
                 if met { "met" } else { "NOT met" }
             );
         }
+        for (rule, (matched, acted)) in &self.rules {
+            out += &format!("Rule {rule}: matched {matched}, acted {acted}\n");
+        }
         if self.positive > 0 {
             if let Some(s) = &self.schedule {
                 out += &format!("Replay: --schedule '{s}' (forces it in every run)\n");
-            }
-            if let Some(seed) = self.witness_seeds.first() {
+            } else if let Some(seed) = self.witness_seeds.first() {
                 let more: Vec<String> = self
                     .witness_seeds
                     .iter()
@@ -371,7 +398,8 @@ impl LitmusResult {
                     .map(|s| s.to_string())
                     .collect();
                 out += &format!(
-                    "Replay: --chaos {seed} --runs 1{}\n",
+                    "Replay: --chaos {seed} --runs 1 {} (replays the injected delays; timing outside them still varies){}\n",
+                    self.replay_flags,
                     if more.is_empty() {
                         String::new()
                     } else {
@@ -411,6 +439,7 @@ impl LitmusResult {
             "unreachable": self.unreachable.iter().map(|(w, n)| serde_json::json!({"reason": w, "runs": n})).collect::<Vec<_>>(),
             "schedule": self.schedule,
             "witness_seeds": self.witness_seeds,
+            "rules": self.rules.iter().map(|(r, (m, a))| serde_json::json!({"rule": r, "matched": m, "acted": a})).collect::<Vec<_>>(),
         })
     }
 
