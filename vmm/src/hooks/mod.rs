@@ -74,6 +74,10 @@ pub const POINTS: &[(&str, &str)] = &[
     ),
     ("tlb:before_shootdown", "flush_tlb_range starts"),
     (
+        "tlb:before_ipi",
+        "the shadow entries are gone, the IPIs not yet sent",
+    ),
+    (
         "tlb:after_ack",
         "flush_tlb_range finished: every CPU acknowledged",
     ),

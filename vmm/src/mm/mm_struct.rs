@@ -422,6 +422,7 @@ impl Mm {
                 super::tlb::lock(&tlb).flush_range(&*self.m.mem, start, end);
             }
         }
+        let _ = self.m.hooks.hit("tlb:before_ipi", initiator, Some(start));
         // Like Linux, every CPU in the mask gets the IPI, whatever it holds.
         for cpu in cpus {
             self.m.flusher().flush_cpu(cpu, initiator);
