@@ -65,13 +65,21 @@ impl VcpuCtl {
     }
 
     /// Waits for the thread's end; its status.
-    pub(crate) fn wait_ended(&self) -> u64 {
+    /// `None` if `give_up()` first (the waiter is being stopped).
+    pub(crate) fn wait_ended(&self, give_up: impl Fn() -> bool) -> Option<u64> {
         let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(status) = *ended {
-                return status;
+                return Some(status);
             }
-            ended = self.changed.wait(ended).unwrap_or_else(|e| e.into_inner());
+            if give_up() {
+                return None;
+            }
+            ended = self
+                .changed
+                .wait_timeout(ended, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

@@ -623,7 +623,13 @@ impl Vcpu {
             },
             Hypercall::Fork => self.fork(),
             Hypercall::Join => match self.shared.ctl(self.arg(0) as usize) {
-                Some(ctl) if self.arg(0) as usize != self.id => ctl.wait_ended(),
+                // Stopped while waiting: the request loop ends the thread.
+                Some(ctl) if self.arg(0) as usize != self.id => ctl
+                    .wait_ended(|| {
+                        self.ctl.requests.load(Ordering::Acquire) & request::STOP != 0
+                            || self.shared.machine.stopping()
+                    })
+                    .unwrap_or(MmError::Interrupted.errno() as u64),
                 _ => u64::MAX,
             },
             Hypercall::Mmap => {
