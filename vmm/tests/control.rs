@@ -20,9 +20,7 @@ fn text(b: &[u8]) -> String {
 
 /// A fresh socket path for test `name`.
 fn sock(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cowlab-control-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{name}.sock"));
+    let p = std::env::temp_dir().join(format!("cowlab-ctl-{}-{name}.sock", std::process::id()));
     let _ = std::fs::remove_file(&p);
     p
 }
@@ -482,4 +480,42 @@ fn a_pause_rule_is_a_breakpoint_that_cont_releases() {
     let out = finish(child);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("Observation fork-vma-lock Always 1 0"));
+}
+
+#[test]
+fn a_stop_for_a_vcpu_the_run_lacks_holds_nothing() {
+    // Only parked vCPUs suspend the watchdog and deadlock detection: the
+    // mainline schedule is still found unreachable in every run.
+    let path = sock("phantom");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "mainline",
+            "--runs",
+            "3",
+            "--wait",
+            "--json",
+        ],
+    );
+    let out = ctl(&path, &["stop", "vcpu=9"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = ctl(&path, &["set-knob", "knob=tlb_capacity", "value=64"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "numbers are knob values: {}",
+        text(&out.stderr)
+    );
+    // Everything but the phantom vCPU 9 goes on.
+    let r = ctl(&path, &["cont"]);
+    assert_eq!(r.status.code(), Some(0));
+    assert_eq!(ctl(&path, &["stop", "vcpu=9"]).status.code(), Some(0));
+    let out = finish(child);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON result");
+    assert_eq!(v["runs"], 3, "{v}");
+    assert_eq!(v["histogram"][0]["state"], "unreachable;", "{v}");
+    assert_eq!(v["histogram"][0]["count"], 3, "{v}");
 }

@@ -36,6 +36,9 @@ fn connect(socket: &Path) -> Result<(UnixStream, BufReader<UnixStream>), String>
             .map_err(|e| format!("{}: {e}", socket.display()))?,
     );
     let greeting = read_json(&mut reader)?;
+    if let Some(desc) = greeting["error"]["desc"].as_str() {
+        return Err(format!("{}: {desc}", socket.display()));
+    }
     if greeting.get("QMP").is_none() {
         return Err(format!(
             "{}: not a cowlab control socket (greeting {greeting})",
@@ -88,7 +91,9 @@ pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
             continue;
         }
         if let Some(r) = v.get("return") {
-            println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+            let text = serde_json::to_string_pretty(r).unwrap_or_default();
+            // A closed pipe (`| head`) is not worth a panic.
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
             return exit_code::OK;
         }
         let class = v["error"]["class"].as_str().unwrap_or("GenericError");

@@ -99,6 +99,19 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// A string, number or boolean, as text (knob values: `64`, `true`).
+    fn scalar(&mut self, name: &'static str) -> Result<Option<String>, CmdError> {
+        self.used.push(name);
+        match self.map.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
+            Some(_) => Err(generic(format!(
+                "parameter '{name}' expects a string, number or boolean"
+            ))),
+        }
+    }
+
     fn uint(&mut self, name: &'static str) -> Result<Option<u64>, CmdError> {
         self.used.push(name);
         match self.map.get(name) {
@@ -217,7 +230,8 @@ fn execute(ctl: &Controller, name: &str, args: &Map<String, Value>) -> Result<Va
             .collect(),
         "set-knob" => {
             let knob = Args::required(a.str("knob")?, "knob")?;
-            let value = Args::required(a.str("value")?, "value")?;
+            let value = Args::required(a.scalar("value")?, "value")?;
+            let value = value.as_str();
             Controller::check_knob(knob, value).map_err(generic)?;
             lock(&ctl.knobs).push((knob.to_string(), value.to_string()));
             json!({ "applies": "from the next run" })
@@ -248,14 +262,16 @@ fn execute(ctl: &Controller, name: &str, args: &Map<String, Value>) -> Result<Va
 fn query_status(ctl: &Controller) -> Value {
     let p = lock(&ctl.progress).clone();
     let vcpus = ctl.current().and_then(|vm| vm.vcpus());
-    let status = if p.finished {
-        "finished"
-    } else if ctl.gate.all_stopped() {
-        "paused"
-    } else if vcpus.is_some() {
-        "running"
-    } else {
-        "idle"
+    // Paused: every vCPU still alive is held (parked or at a breakpoint).
+    let held = |s: &VcpuState| matches!(s, VcpuState::Stopped | VcpuState::PausedAt(_));
+    let status = match &vcpus {
+        _ if p.finished => "finished",
+        Some(v) if v.iter().any(held) && v.iter().all(|s| held(s) || *s == VcpuState::Ended) => {
+            "paused"
+        }
+        Some(_) => "running",
+        None if ctl.gate.all_stopped() => "paused",
+        None => "idle",
     };
     let vcpus: Vec<Value> = vcpus
         .unwrap_or_default()

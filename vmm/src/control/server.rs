@@ -70,7 +70,7 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
-        .map_err(|e| format!("{}: {e}", private.display()))?;
+        .map_err(|e| format!("{shown}: {e}"))?;
     let tmp = private.join("socket");
     let result = UnixListener::bind(&tmp)
         .map_err(|e| format!("{shown}: {e}"))

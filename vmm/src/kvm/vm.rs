@@ -146,12 +146,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Whether the control socket holds a vCPU (`stop`, or a `pause` rule
-    /// it can `cont`): such a wait is neither a hang nor a deadlock.
+    /// Whether the control socket holds a vCPU (parked by `stop`, or at a
+    /// `pause` rule it can `cont`): such a wait is neither a hang nor a
+    /// deadlock. A stop asked for a vCPU that is not parked holds nothing.
     fn held_from_outside(&self) -> bool {
         self.gate
             .as_ref()
-            .is_some_and(|g| g.any_stopped() || !self.machine.hooks.paused().is_empty())
+            .is_some_and(|g| !g.parked().is_empty() || !self.machine.hooks.paused().is_empty())
     }
 
     pub(crate) fn events(&self) -> Sender<Event> {

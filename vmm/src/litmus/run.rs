@@ -255,6 +255,13 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             }
         });
         drop(vm);
+        if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
+            // Cut short by `quit`: its threads were stopped, not finished.
+            if let Some(ctl) = &opts.control {
+                ctl.detach(i + 1, serde_json::Value::String("quit".into()));
+            }
+            break;
+        }
         done += 1;
         for (rule, matched, acted) in &report.rule_counts {
             let t = rule_totals.entry(rule.clone()).or_default();
