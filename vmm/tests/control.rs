@@ -519,3 +519,44 @@ fn a_stop_for_a_vcpu_the_run_lacks_holds_nothing() {
     assert_eq!(v["histogram"][0]["state"], "unreachable;", "{v}");
     assert_eq!(v["histogram"][0]["count"], 3, "{v}");
 }
+
+#[test]
+fn query_status_says_why_a_vcpu_waits() {
+    let path = sock("blocked");
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "1",
+            "--wait",
+        ],
+    );
+    let mut c = Client::connect(&path);
+    let id = c.ask(
+        "inject",
+        json!({ "rule": "pause@wp_page_copy:after_copy/v1" }),
+    )["return"]["id"]
+        .as_u64()
+        .unwrap();
+    c.ask("cont", json!({}));
+    let until = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = status(&mut c);
+        if vcpu_states(&st) == ["blocked", "paused", "blocked"] {
+            break st;
+        }
+        assert!(Instant::now() < until, "{st}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let why = st["vcpus"][0]["why"].as_str().unwrap();
+    assert!(why.contains("v0 waits at guest:write"), "{st}");
+    c.ask("uninject", json!({ "id": id }));
+    c.ask("cont", json!({}));
+    drop(c);
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}

@@ -282,6 +282,7 @@ fn query_status(ctl: &Controller) -> Value {
             VcpuState::Stopped => json!({ "id": id, "state": "stopped" }),
             VcpuState::PausedAt(p) => json!({ "id": id, "state": "paused", "point": p }),
             VcpuState::Ended => json!({ "id": id, "state": "ended" }),
+            VcpuState::Blocked(why) => json!({ "id": id, "state": "blocked", "why": why }),
         })
         .collect();
     json!({

@@ -439,6 +439,11 @@ impl Hooks {
         }
     }
 
+    /// The vCPUs waiting on a schedule step or a lock, with why.
+    pub fn blocked(&self) -> BTreeMap<usize, String> {
+        lock(&self.blocked).clone()
+    }
+
     /// The vCPUs parked by `pause` rules, with their points.
     pub fn paused(&self) -> BTreeMap<usize, String> {
         lock(&self.paused).clone()

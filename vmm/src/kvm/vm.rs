@@ -719,6 +719,8 @@ pub enum VcpuState {
     Stopped,
     /// Held by a `pause` rule at this point.
     PausedAt(String),
+    /// Waiting in the VMM: on a schedule step or a lock (why).
+    Blocked(String),
     Ended,
 }
 
@@ -727,6 +729,7 @@ impl VmHandle {
     pub fn vcpus(&self) -> Option<Vec<VcpuState>> {
         let shared = self.0.upgrade()?;
         let paused = shared.machine.hooks.paused();
+        let blocked = shared.machine.hooks.blocked();
         let parked = shared.gate.as_ref().map(|g| g.parked()).unwrap_or_default();
         let slots = shared.slots();
         Some(
@@ -740,6 +743,8 @@ impl VmHandle {
                         VcpuState::PausedAt(p.clone())
                     } else if parked.contains(&id) {
                         VcpuState::Stopped
+                    } else if let Some(why) = blocked.get(&id) {
+                        VcpuState::Blocked(why.clone())
                     } else {
                         VcpuState::Running
                     }
