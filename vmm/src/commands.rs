@@ -402,6 +402,15 @@ pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
                 if met { "ok" } else { "NOT MET" }
             ));
         }
+        // Why a schedule could not happen is the answer under a fixed policy.
+        for r in &rows {
+            for (why, n) in &r.unreachable {
+                out(format_args!(
+                    "{} under {}: unreachable in {n} of {} runs: {why}\n",
+                    r.test, r.policy_name, r.runs
+                ));
+            }
+        }
     }
     if all_met {
         exit_code::OK
