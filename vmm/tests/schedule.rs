@@ -503,27 +503,27 @@ fn malformed_schedule_and_inject_lines_in_a_litmus_file_give_line_column_and_exi
         (
             "no-such-thread",
             "cowlab t\nP0 { hook a }\nschedule {\n  P0@guest:a < P3@guest:a\n}\nexists (true)\n",
-            "3:11: schedule names thread P3, which has no block",
+            "4:16: schedule names thread P3, which has no block",
         ),
         (
             "child-thread",
             "cowlab t\nP0 { fork C0 }\nC0 { hook a }\nschedule { P0@fork:enter < C0@guest:a }\nexists (true)\n",
-            "4:11: a schedule step names a vCPU as vN, not 'C0'",
+            "4:28: schedule names child C0: name it by its vCPU",
         ),
         (
             "unknown-point",
             "cowlab t\nP0 { hook a }\nschedule { P0@guest:a < P0@nowhere }\nexists (true)\n",
-            "3:11: unknown injection point 'nowhere'",
+            "3:25: unknown injection point 'nowhere'",
         ),
         (
             "unknown-region",
             "cowlab t\n{ region buf 1 rw }\nP0 { hook a }\nschedule { P0@guest:a < P0@fault:enter[nobuf] }\nexists (true)\n",
-            "4:11: unknown region 'nobuf' in 'fault:enter[nobuf]'",
+            "4:25: unknown region 'nobuf' in 'fault:enter[nobuf]'",
         ),
         (
             "unclosed-region",
             "cowlab t\n{ region buf 1 rw }\nP0 { hook a }\nschedule { P0@guest:a < P0@fault:enter[buf }\nexists (true)\n",
-            "4:11: expected POINT[REGION], found 'fault:enter[buf'",
+            "4:25: expected POINT[REGION], found 'fault:enter[buf'",
         ),
         (
             "two-schedules",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod spec;
 
-pub use spec::{parse_rule, parse_schedule, Action, Rule, Step};
+pub use spec::{parse_rule, parse_schedule, parse_step, Action, Rule, Step};
 
 /// Every injection point of the memory manager and the VMM, with what it
 /// marks. Guest hook points are `guest:NAME`.

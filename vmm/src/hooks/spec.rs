@@ -175,37 +175,38 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
 
 /// Parses a schedule (`v1@fork:after_wrprotect < v2@do_wp_page:enter`).
 pub fn parse_schedule(s: &str) -> Result<Vec<Step>, String> {
-    let steps: Result<Vec<Step>, String> = s
+    let steps = s
         .split('<')
-        .map(|step| {
-            let step = step.trim();
-            let (v, p) = step
-                .split_once('@')
-                .ok_or_else(|| format!("a schedule step is vN@POINT, not '{step}'"))?;
-            let vcpu =
-                vcpu(v).ok_or_else(|| format!("a schedule step names a vCPU as vN, not '{v}'"))?;
-            let (p, addr) = match p.split_once("/addr=") {
-                Some((p, range)) => {
-                    let (a, b) = range
-                        .split_once('-')
-                        .and_then(|(a, b)| number(a).zip(number(b)))
-                        .ok_or_else(|| format!("bad address range in '{step}'"))?;
-                    (p, Some((a, b)))
-                }
-                None => (p, None),
-            };
-            Ok(Step {
-                vcpu,
-                point: point(p)?,
-                addr,
-            })
-        })
-        .collect();
-    let steps = steps?;
+        .map(parse_step)
+        .collect::<Result<Vec<_>, _>>()?;
     if steps.len() < 2 {
         return Err("a schedule orders at least two steps: vN@POINT < vM@POINT".into());
     }
     Ok(steps)
+}
+
+/// One schedule step: `vN@POINT[/addr=START-END]`.
+pub fn parse_step(step: &str) -> Result<Step, String> {
+    let step = step.trim();
+    let (v, p) = step
+        .split_once('@')
+        .ok_or_else(|| format!("a schedule step is vN@POINT, not '{step}'"))?;
+    let vcpu = vcpu(v).ok_or_else(|| format!("a schedule step names a vCPU as vN, not '{v}'"))?;
+    let (p, addr) = match p.split_once("/addr=") {
+        Some((p, range)) => {
+            let (a, b) = range
+                .split_once('-')
+                .and_then(|(a, b)| number(a).zip(number(b)))
+                .ok_or_else(|| format!("bad address range in '{step}'"))?;
+            (p, Some((a, b)))
+        }
+        None => (p, None),
+    };
+    Ok(Step {
+        vcpu,
+        point: point(p)?,
+        addr,
+    })
 }
 
 #[cfg(test)]

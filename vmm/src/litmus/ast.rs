@@ -296,8 +296,9 @@ pub struct Test {
     /// The exists clause as written, for the output.
     pub exists_src: String,
     pub expects: Vec<Expect>,
-    /// `schedule { … }`: the steps as written (threads Pn or vCPUs vN).
-    pub schedule: Option<(String, Pos)>,
+    /// `schedule { … }`: each step as written (thread Pn or vCPU vN) with
+    /// its position, and the section's.
+    pub schedule: Option<(Vec<(String, Pos)>, Pos)>,
     /// `inject RULE` lines.
     pub injects: Vec<(String, Pos)>,
 }

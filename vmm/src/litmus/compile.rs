@@ -10,7 +10,7 @@ use cowlab_abi::layout::{LITMUS_SIZE, PAGE_SIZE};
 
 use super::ast::*;
 use super::parse::{ParseError, MAX_USER_REG};
-use crate::hooks::{parse_rule, parse_schedule, Rule, Step};
+use crate::hooks::{parse_rule, parse_step, Rule, Step};
 
 /// Where the first region is mapped; the others follow with a guard page.
 pub const REGION_BASE: u64 = 0x10_0000_0000;
@@ -451,8 +451,21 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let schedule = match &test.schedule {
-        Some((s, pos)) => {
-            parse_schedule(&thread_steps(s, test, *pos)?).or_else(|e| error(*pos, e))?
+        Some((steps, pos)) => {
+            let steps = steps
+                .iter()
+                .map(|(s, at)| {
+                    let step = thread_step(s, test, *at)?;
+                    parse_step(&step).or_else(|e| error(*at, e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if steps.len() < 2 {
+                return error(
+                    *pos,
+                    "a schedule orders at least two steps: Pn@POINT < Pm@POINT",
+                );
+            }
+            steps
         }
         None => Vec::new(),
     };
@@ -468,35 +481,40 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
     })
 }
 
-/// Rewrites `Pn@` in a schedule to `vK@` where Pn is the K-th initial
+/// Rewrites `Pn@` in a schedule step to `vK@` where Pn is the K-th initial
 /// thread (initial threads run on vCPUs 0, 1, … in order; children get the
 /// next vCPU ids in the order they are created).
-fn thread_steps(s: &str, test: &Test, pos: Pos) -> Result<String, ParseError> {
-    let mut out = Vec::new();
-    for step in s.split('<') {
-        let step = step.trim();
-        let (who, point) = step.split_once('@').unwrap_or((step, ""));
-        let v = if who.starts_with('P') {
-            let idx = test
-                .threads
-                .iter()
-                .filter(|t| t.name.starts_with('P'))
-                .position(|t| t.name == who);
-            match idx {
-                Some(i) => format!("v{i}"),
-                None => {
-                    return error(
-                        pos,
-                        format!("schedule names thread {who}, which has no block"),
-                    )
-                }
+fn thread_step(step: &str, test: &Test, pos: Pos) -> Result<String, ParseError> {
+    let Some((who, point)) = step.split_once('@') else {
+        return error(pos, format!("a schedule step is Pn@POINT, not '{step}'"));
+    };
+    let v = if who.starts_with('P') {
+        let idx = test
+            .threads
+            .iter()
+            .filter(|t| t.name.starts_with('P'))
+            .position(|t| t.name == who);
+        match idx {
+            Some(i) => format!("v{i}"),
+            None => {
+                return error(
+                    pos,
+                    format!("schedule names thread {who}, which has no block"),
+                )
             }
-        } else {
-            who.to_string()
-        };
-        out.push(format!("{v}@{}", region_filter(point, test, pos)?));
-    }
-    Ok(out.join(" < "))
+        }
+    } else if who.starts_with('C') {
+        return error(
+            pos,
+            format!(
+                "schedule names child {who}: name it by its vCPU (vN: initial threads \
+                 first, then children in the order they are created)"
+            ),
+        );
+    } else {
+        who.to_string()
+    };
+    Ok(format!("{v}@{}", region_filter(point, test, pos)?))
 }
 
 /// `POINT[REGION]` → `POINT/addr=START-END` for the region's pages.

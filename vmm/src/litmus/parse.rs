@@ -893,19 +893,36 @@ pub fn parse(src: &str) -> R<Test> {
             }
             p.punct(b'{')?;
             let at = p.pos();
-            let from = p.at;
-            while p.peek().is_some_and(|c| c != b'}') {
-                p.bump();
+            // Each step with where it starts, for errors that point at it.
+            let mut steps = Vec::new();
+            loop {
+                while p.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+                    p.bump();
+                }
+                let (step_at, from) = (p.pos(), p.at);
+                while p.peek().is_some_and(|c| c != b'}' && c != b'<') {
+                    p.bump();
+                }
+                let text = String::from_utf8_lossy(&p.src[from..p.at])
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                match p.peek() {
+                    None => return p.expected("'}' to close the schedule"),
+                    Some(b'<') => {
+                        steps.push((text, step_at));
+                        p.bump();
+                    }
+                    Some(_) => {
+                        if !text.is_empty() || !steps.is_empty() {
+                            steps.push((text, step_at));
+                        }
+                        p.bump();
+                        break;
+                    }
+                }
             }
-            if p.peek().is_none() {
-                return p.expected("'}' to close the schedule");
-            }
-            let text = String::from_utf8_lossy(&p.src[from..p.at])
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
-            p.bump();
-            schedule = Some((text, at));
+            schedule = Some((steps, at));
         } else if w == "inject" {
             p.word("inject")?;
             let (rule, rpos) = p.raw("a rule (ACTION@POINT[/FILTER]...)")?;
