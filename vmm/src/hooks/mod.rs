@@ -229,6 +229,11 @@ impl Hooks {
         self.active.store(active, Ordering::Release);
     }
 
+    /// Whether any rule, schedule or chaos is armed.
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
     /// Adds a rule; returns its id.
     pub fn add_rule(&self, rule: Rule) -> usize {
         self.add_tagged_rule(rule, None)

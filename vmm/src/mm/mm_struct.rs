@@ -198,19 +198,24 @@ pub struct Mm {
     /// The userfaultfd of this mm (one per mm here).
     pub(crate) uffd: Uffd,
     /// Who holds `mmap_lock` for write and the PTL, for wait reports.
-    mmap_writer: Mutex<Option<(Option<usize>, &'static str)>>,
-    ptl_holder: Mutex<Option<(Option<usize>, &'static str)>>,
+    mmap_writer: Holder,
+    ptl_holder: Holder,
 }
 
-/// A lock guard that forgets its holder when dropped.
+/// Who holds a lock (a vCPU or the VMM) and in what.
+type Holder = Mutex<Option<(Option<usize>, &'static str)>>;
+
+/// A lock guard that forgets its holder when dropped (if it noted one).
 pub(crate) struct Held<'a, G> {
     _guard: G,
-    holder: &'a Mutex<Option<(Option<usize>, &'static str)>>,
+    holder: Option<&'a Holder>,
 }
 
 impl<G> Drop for Held<'_, G> {
     fn drop(&mut self) {
-        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(h) = self.holder {
+            *h.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 }
 
@@ -270,7 +275,21 @@ impl Mm {
         r
     }
 
-    fn holder(&self, h: &Mutex<Option<(Option<usize>, &'static str)>>) -> String {
+    /// `guard`, noting its holder in `slot` while hooks are armed (only a
+    /// schedule's `unreachable` report reads it; the fault path otherwise
+    /// pays nothing for it).
+    fn hold<'a, G>(&self, guard: G, slot: &'a Holder, what: &'static str) -> Held<'a, G> {
+        let holder = self.m.hooks.active().then(|| {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((hooks::current_cpu(), what));
+            slot
+        });
+        Held {
+            _guard: guard,
+            holder,
+        }
+    }
+
+    fn holder(&self, h: &Holder) -> String {
         match *h.lock().unwrap_or_else(|e| e.into_inner()) {
             Some((Some(c), what)) => format!(" held by v{c} in {what}"),
             Some((None, what)) => format!(" held by the VMM in {what}"),
@@ -304,12 +323,7 @@ impl Mm {
                 || self.mmap_lock.write().unwrap_or_else(|e| e.into_inner()),
             ),
         };
-        *self.mmap_writer.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((hooks::current_cpu(), what));
-        Held {
-            _guard: guard,
-            holder: &self.mmap_writer,
-        }
+        self.hold(guard, &self.mmap_writer, what)
     }
 
     /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.
@@ -321,12 +335,7 @@ impl Mm {
                 || self.ptl.lock().unwrap_or_else(|e| e.into_inner()),
             ),
         };
-        *self.ptl_holder.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((hooks::current_cpu(), "a fault or an mm call"));
-        Held {
-            _guard: guard,
-            holder: &self.ptl_holder,
-        }
+        self.hold(guard, &self.ptl_holder, "a fault or an mm call")
     }
 
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
