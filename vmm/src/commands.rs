@@ -47,8 +47,11 @@ pub struct RunOptions {
     pub wait: bool,
 }
 
-/// The injection settings of `opts`, parsed.
-fn injection(opts: &RunOptions) -> Result<(Vec<hooks::Rule>, Option<Vec<hooks::Step>>), String> {
+/// The policy and injection settings of `opts`, parsed.
+type Setup = (Policy, Vec<hooks::Rule>, Option<Vec<hooks::Step>>);
+
+fn policy_and_injection(opts: &RunOptions) -> Result<Setup, String> {
+    let policy = make_policy(&opts.policy, &opts.set)?;
     let rules = opts
         .inject
         .iter()
@@ -59,7 +62,7 @@ fn injection(opts: &RunOptions) -> Result<(Vec<hooks::Rule>, Option<Vec<hooks::S
         Some("none") => Some(Vec::new()),
         s => s.map(hooks::parse_schedule).transpose()?,
     };
-    Ok((rules, schedule))
+    Ok((policy, rules, schedule))
 }
 
 fn error(msg: impl std::fmt::Display) {
@@ -104,14 +107,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     let Some(program) = Program::from_name(&opts.program) else {
         return run_litmus(opts, ctl);
     };
-    let policy = match make_policy(&opts.policy, &opts.set) {
-        Ok(p) => p,
-        Err(e) => {
-            error(e);
-            return exit_code::USAGE;
-        }
-    };
-    let (rules, schedule) = match injection(opts) {
+    let (policy, rules, schedule) = match policy_and_injection(opts) {
         Ok(x) => x,
         Err(e) => {
             error(e);
@@ -266,14 +262,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
             return exit_code::USAGE;
         }
     };
-    let policy = match make_policy(&opts.policy, &opts.set) {
-        Ok(p) => p,
-        Err(e) => {
-            error(e);
-            return exit_code::USAGE;
-        }
-    };
-    let (rules, schedule) = match injection(opts) {
+    let (policy, rules, schedule) = match policy_and_injection(opts) {
         Ok(x) => x,
         Err(e) => {
             error(e);

@@ -200,14 +200,6 @@ fn fmt_value(v: u64) -> String {
     }
 }
 
-/// One run's outcome as the histogram keys it (for `RUN_FINISHED`).
-fn run_outcome(test: &Compiled, report: &RunReport) -> String {
-    if report.unreachable.is_some() {
-        return "unreachable".into();
-    }
-    key(&test.test.exists, &run_state(test, report))
-}
-
 /// Runs `test` `opts.runs` times.
 pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult, Error> {
     let start = Instant::now();
@@ -268,9 +260,14 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             t.0 += matched;
             t.1 += acted;
         }
-        let outcome = run_outcome(test, &report);
+        let state = run_state(test, &report);
+        let state_key = key(&test.test.exists, &state);
         if let Some(ctl) = &opts.control {
-            ctl.detach(i + 1, serde_json::Value::String(outcome.clone()));
+            let outcome = match report.unreachable {
+                Some(_) => "unreachable",
+                None => &state_key,
+            };
+            ctl.detach(i + 1, serde_json::Value::String(outcome.to_string()));
         }
         if let Some(e) = report.vcpus.iter().find_map(|v| match &v.outcome {
             Outcome::Error(e) => Some(e.clone()),
@@ -289,11 +286,8 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
                 .0 += 1;
             continue;
         }
-        let state = run_state(test, &report);
         let witness = holds(&test.test.exists, &state);
-        let entry = histogram
-            .entry(key(&test.test.exists, &state))
-            .or_insert((0, witness));
+        let entry = histogram.entry(state_key).or_insert((0, witness));
         entry.0 += 1;
         if let (true, Some(seed)) = (witness, seed) {
             witness_seeds.push(seed);
