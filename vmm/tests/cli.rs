@@ -1,17 +1,10 @@
 //! The `cowlab` binary as a user runs it: output and exit codes.
 
-use std::process::{Command, Output};
+mod common;
 
-fn cowlab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cowlab"))
-        .args(args)
-        .output()
-        .expect("run cowlab")
-}
+use std::process::Command;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{cowlab, run_litmus_src, text};
 
 #[test]
 fn hello_on_two_vcpus_prints_two_lines_and_exits_0() {
@@ -150,17 +143,6 @@ fn policies_are_listed_and_bad_names_or_values_exit_2() {
         "--check",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-}
-
-/// Writes a litmus file and runs `cowlab run` on it.
-fn run_litmus_src(name: &str, src: &str, extra: &[&str]) -> Output {
-    let path = std::env::temp_dir().join(format!("cowlab-{}-{name}.litmus", std::process::id()));
-    std::fs::write(&path, src).unwrap();
-    let mut args = vec!["run", path.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let out = cowlab(&args);
-    let _ = std::fs::remove_file(&path);
-    out
 }
 
 #[test]

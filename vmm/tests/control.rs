@@ -8,14 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::text;
 use serde_json::{json, Value};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cowlab"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A fresh socket path for test `name`.
@@ -128,6 +127,19 @@ fn status(c: &mut Client) -> Value {
     c.ask("query-status", json!({}))["return"].clone()
 }
 
+/// Polls `query-status` until `ready` holds of it (10 s at most).
+fn status_when(c: &mut Client, ready: impl Fn(&Value) -> bool) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status(c);
+        if ready(&st) {
+            return st;
+        }
+        assert!(Instant::now() < until, "{st}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn vcpu_states(st: &Value) -> Vec<String> {
     st["vcpus"]
         .as_array()
@@ -206,11 +218,9 @@ fn wait_holds_every_vcpu_and_cont_lets_one_or_all_go() {
     assert_eq!(st["status"], "paused", "{st}");
     assert_eq!(st["what"], "fork-vma-lock");
     // Boot vCPUs park before their first instruction.
-    let until = Instant::now() + Duration::from_secs(10);
-    while vcpu_states(&status(&mut c)) != ["stopped", "stopped", "stopped"] {
-        assert!(Instant::now() < until, "{}", status(&mut c));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    status_when(&mut c, |st| {
+        vcpu_states(st) == ["stopped", "stopped", "stopped"]
+    });
     assert!(c.ask("cont", json!({ "vcpu": 0 }))["return"].is_object());
     std::thread::sleep(Duration::from_millis(300));
     let st = status(&mut c);
@@ -457,15 +467,7 @@ fn a_pause_rule_is_a_breakpoint_that_cont_releases() {
     let r = c.ask("inject", json!({ "rule": "pause@fork:after_wrprotect/v2" }));
     let id = r["return"]["id"].as_u64().unwrap();
     c.ask("cont", json!({}));
-    let until = Instant::now() + Duration::from_secs(10);
-    let st = loop {
-        let st = status(&mut c);
-        if st["vcpus"][2]["state"] == "paused" {
-            break st;
-        }
-        assert!(Instant::now() < until, "{st}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let st = status_when(&mut c, |st| st["vcpus"][2]["state"] == "paused");
     assert_eq!(st["vcpus"][2]["point"], "fork:after_wrprotect", "{st}");
     // Held at a breakpoint, the schedule waits rather than giving up.
     std::thread::sleep(Duration::from_millis(600));
@@ -543,15 +545,9 @@ fn query_status_says_why_a_vcpu_waits() {
         .as_u64()
         .unwrap();
     c.ask("cont", json!({}));
-    let until = Instant::now() + Duration::from_secs(10);
-    let st = loop {
-        let st = status(&mut c);
-        if vcpu_states(&st) == ["blocked", "paused", "blocked"] {
-            break st;
-        }
-        assert!(Instant::now() < until, "{st}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let st = status_when(&mut c, |st| {
+        vcpu_states(st) == ["blocked", "paused", "blocked"]
+    });
     let why = st["vcpus"][0]["why"].as_str().unwrap();
     assert!(why.contains("v0 waits at guest:write"), "{st}");
     c.ask("uninject", json!({ "id": id }));

@@ -2,20 +2,10 @@
 //! the command line (docs/injection.md): forcing the fork-vma-lock seed,
 //! replaying it, `unreachable`, rules that act, and bad input.
 
-use std::process::{Command, Output};
+mod common;
 
+use common::{cowlab, run_litmus_src, text};
 use serde_json::Value;
-
-fn cowlab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cowlab"))
-        .args(args)
-        .output()
-        .expect("run cowlab")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Runs `cowlab` with `--json` added; the exit status and the one JSON object.
 fn cowlab_json(args: &[&str]) -> (Option<i32>, Value) {
@@ -30,18 +20,6 @@ fn cowlab_json(args: &[&str]) -> (Option<i32>, Value) {
         )
     });
     (out.status.code(), v)
-}
-
-/// Writes a litmus file and runs `cowlab run` on it.
-fn run_litmus_src(name: &str, src: &str, extra: &[&str]) -> Output {
-    let path =
-        std::env::temp_dir().join(format!("cowlab-sched-{}-{name}.litmus", std::process::id()));
-    std::fs::write(&path, src).unwrap();
-    let mut args = vec!["run", path.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let out = cowlab(&args);
-    let _ = std::fs::remove_file(&path);
-    out
 }
 
 /// The same with `--json`; the exit status and the JSON object.

@@ -1,0 +1,29 @@
+//! Helpers the CLI-level test files share: run the binary, read its output,
+//! run a litmus source from a temporary file.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::process::{Command, Output};
+
+/// Runs `cowlab ARGS` to completion.
+pub fn cowlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cowlab"))
+        .args(args)
+        .output()
+        .expect("run cowlab")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Writes `src` to a litmus file named after `name` and runs `cowlab run`
+/// on it with `extra` flags.
+pub fn run_litmus_src(name: &str, src: &str, extra: &[&str]) -> Output {
+    let path = std::env::temp_dir().join(format!("cowlab-{}-{name}.litmus", std::process::id()));
+    std::fs::write(&path, src).unwrap();
+    let mut args = vec!["run", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = cowlab(&args);
+    let _ = std::fs::remove_file(&path);
+    out
+}
