@@ -163,6 +163,8 @@ struct Armed {
 #[derive(Debug, Default)]
 struct Schedule {
     steps: Vec<Step>,
+    /// Per step, the hits so far that matched its vCPU, point and address.
+    counts: Vec<u64>,
     next: usize,
     /// Set when the schedule was found unsatisfiable; waiters go free.
     aborted: bool,
@@ -190,16 +192,42 @@ pub struct Hooks {
     chaos: Mutex<Option<std::sync::Arc<Chaos>>>,
     /// Where each vCPU is blocked, for `unreachable` reports.
     blocked: Mutex<BTreeMap<usize, String>>,
+    /// vCPUs whose threads have ended.
+    ended: Mutex<std::collections::BTreeSet<usize>>,
     /// vCPUs parked by a `pause` rule (or all, `usize::MAX`), until resumed.
     paused: Mutex<BTreeMap<usize, String>>,
     /// Everything waiting here goes free (the run is ending).
     released: AtomicBool,
     observer: ObserverSlot,
+    /// With [`Hooks::record_order`]: every hit by a vCPU, in order.
+    order: Mutex<Option<Recording>>,
 }
+
+/// A hit by a vCPU, as recorded for [`witness_schedule`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointHit {
+    pub cpu: usize,
+    pub point: String,
+    pub addr: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Recording {
+    hits: Vec<PointHit>,
+    /// More than [`RECORD_LIMIT`] hits: the order is incomplete.
+    overflow: bool,
+}
+
+/// At most this many hits are recorded per run.
+const RECORD_LIMIT: usize = 20_000;
 
 /// How long a schedule may make no progress while a thread waits on it
 /// before it is declared unsatisfiable.
 const STALL: Duration = Duration::from_millis(400);
+
+/// How long a vCPU about to take a step waits for the one that took the
+/// step before to come to rest (see [`Hooks::settle`]).
+const SETTLE: Duration = Duration::from_millis(2);
 
 /// How long every live vCPU must stay blocked (on the schedule or on a lock
 /// held by a blocked one) before that is taken as a deadlock. Only covers
@@ -298,6 +326,7 @@ impl Hooks {
     /// Sets the schedule to enforce.
     pub fn set_schedule(&self, steps: Vec<Step>) {
         *lock(&self.schedule) = Schedule {
+            counts: vec![0; steps.len()],
             steps,
             ..Schedule::default()
         };
@@ -312,6 +341,33 @@ impl Hooks {
             rngs: Mutex::new(BTreeMap::new()),
         }));
         self.refresh_active();
+    }
+
+    /// Records the order of every hit from now on ([`Hooks::take_order`]).
+    pub fn record_order(&self) {
+        *lock(&self.order) = Some(Recording::default());
+    }
+
+    /// The hits recorded since [`Hooks::record_order`], in order; `None` if
+    /// not recording or if there were too many to keep.
+    pub fn take_order(&self) -> Option<Vec<PointHit>> {
+        lock(&self.order)
+            .take()
+            .filter(|r| !r.overflow)
+            .map(|r| r.hits)
+    }
+
+    /// Notes that vCPU `cpu`'s thread has ended.
+    pub fn set_ended(&self, cpu: usize) {
+        lock(&self.ended).insert(cpu);
+    }
+
+    /// Whether `cpu` is stopped where nothing it does can race with others:
+    /// waiting at a point or for a lock, paused, or ended.
+    fn at_rest(&self, cpu: usize) -> bool {
+        lock(&self.blocked).contains_key(&cpu)
+            || lock(&self.paused).contains_key(&cpu)
+            || lock(&self.ended).contains(&cpu)
     }
 
     /// Notes that vCPU `cpu` is blocked (`Some(why)`) or not any more.
@@ -364,10 +420,27 @@ impl Hooks {
             }
         }
         if let Some(cpu) = cpu {
+            self.record(cpu, point, addr);
             self.schedule_step(cpu, point, addr);
             self.chaos_delay(cpu);
         }
         result
+    }
+
+    fn record(&self, cpu: usize, point: &str, addr: Option<u64>) {
+        let mut order = lock(&self.order);
+        let Some(rec) = order.as_mut() else {
+            return;
+        };
+        if rec.hits.len() >= RECORD_LIMIT {
+            rec.overflow = true;
+            return;
+        }
+        rec.hits.push(PointHit {
+            cpu,
+            point: point.to_string(),
+            addr,
+        });
     }
 
     fn chaos_delay(&self, cpu: usize) {
@@ -396,8 +469,18 @@ impl Hooks {
         if s.aborted || s.next >= s.steps.len() {
             return;
         }
-        let Some(j) = (s.next..s.steps.len()).find(|&j| s.steps[j].matches(cpu, point, addr))
-        else {
+        // Count the hit for every pending step it matches; it takes the first
+        // whose hit number (if any) it is.
+        let mut taken = None;
+        for j in s.next..s.steps.len() {
+            if s.steps[j].matches(cpu, point, addr) {
+                s.counts[j] += 1;
+                if taken.is_none() && s.steps[j].hit.is_none_or(|n| n == s.counts[j]) {
+                    taken = Some(j);
+                }
+            }
+        }
+        let Some(j) = taken else {
             return;
         };
         s.last_progress.get_or_insert_with(Instant::now);
@@ -418,11 +501,44 @@ impl Hooks {
                 .0;
         }
         self.set_blocked(cpu, None);
+        s = self.settle(s, j, cpu);
         if s.next == j && !s.aborted {
             s.next = j + 1;
             s.last_progress = Some(Instant::now());
             self.changed.notify_all();
         }
+    }
+
+    /// Before `cpu` takes step `j`: if another vCPU took the step before,
+    /// lets it run on until it comes to rest (its next step, a lock, its
+    /// end), for at most [`SETTLE`]. Steps are then taken one thread at a
+    /// time, so what a thread does between two of its points does not race
+    /// with the next thread's, and replaying a schedule gives the same
+    /// accesses in the same order (unless a thread runs longer than SETTLE
+    /// without reaching a point, e.g. spinning on `await`).
+    fn settle<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, Schedule>,
+        j: usize,
+        cpu: usize,
+    ) -> MutexGuard<'a, Schedule> {
+        let Some(prev) = j.checked_sub(1).map(|k| s.steps[k].vcpu) else {
+            return s;
+        };
+        let until = Instant::now() + SETTLE;
+        while prev != cpu
+            && !s.aborted
+            && !self.released.load(Ordering::Acquire)
+            && !self.at_rest(prev)
+            && Instant::now() < until
+        {
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_micros(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s
     }
 
     fn pause(&self, cpu: Option<usize>, point: &str) {
@@ -551,6 +667,55 @@ impl Hooks {
     }
 }
 
+/// A schedule that replays the interleaving `hits` recorded (in that
+/// order): for each stretch of consecutive hits by one vCPU, its first and
+/// last hit and every guest hook, each named by point, page and hit number,
+/// so that no other hit can take its place. `None` if fewer than two vCPUs hit a point.
+pub fn witness_schedule(hits: &[PointHit]) -> Option<Vec<Step>> {
+    const PAGE: u64 = 4096;
+    // Per hit, the step that names it: hit numbers count every hit the step
+    // matches (by vCPU and point, and page if it has an address).
+    let mut by_page: BTreeMap<(usize, &str, u64), u64> = BTreeMap::new();
+    let mut by_point: BTreeMap<(usize, &str), u64> = BTreeMap::new();
+    let steps: Vec<Step> = hits
+        .iter()
+        .map(|h| {
+            let all = by_point.entry((h.cpu, &h.point)).or_default();
+            *all += 1;
+            let (addr, n) = match h.addr {
+                Some(a) => {
+                    let page = a & !(PAGE - 1);
+                    let n = by_page.entry((h.cpu, &h.point, page)).or_default();
+                    *n += 1;
+                    (Some((page, page + PAGE)), *n)
+                }
+                None => (None, *all),
+            };
+            Step {
+                vcpu: h.cpu,
+                point: h.point.clone(),
+                addr,
+                hit: Some(n),
+            }
+        })
+        .collect();
+    let mut keep = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let first = i == 0 || steps[i - 1].vcpu != step.vcpu;
+        let last = i + 1 == steps.len() || steps[i + 1].vcpu != step.vcpu;
+        // A guest hook is kept wherever it is: the test put it there to
+        // bracket an access that no other point marks.
+        if first || last || step.point.starts_with("guest:") {
+            keep.push(step.clone());
+        }
+    }
+    let distinct = keep
+        .iter()
+        .map(|s| s.vcpu)
+        .collect::<std::collections::BTreeSet<_>>();
+    (distinct.len() >= 2).then_some(keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,5 +807,84 @@ mod tests {
         assert_eq!(hooks.paused().get(&2).map(String::as_str), Some("guest:x"));
         hooks.resume(Some(2));
         t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_step_with_a_hit_number_waits_for_that_hit() {
+        let hooks = Arc::new(Hooks::new());
+        hooks.set_schedule(parse_schedule("v0@guest:a/hit=2 < v1@guest:b").unwrap());
+        // The first hit is not the step's: it goes on at once.
+        hooks.hit("guest:a", Some(0), None).unwrap();
+        assert!(!hooks.schedule_done());
+        let t1 = {
+            let h = Arc::clone(&hooks);
+            std::thread::spawn(move || h.hit("guest:b", Some(1), None))
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!t1.is_finished(), "v1 went before v0's second hit");
+        hooks.hit("guest:a", Some(0), None).unwrap();
+        t1.join().unwrap().unwrap();
+        assert!(hooks.schedule_done());
+    }
+
+    fn hit(cpu: usize, point: &str, addr: Option<u64>) -> PointHit {
+        PointHit {
+            cpu,
+            point: point.into(),
+            addr,
+        }
+    }
+
+    #[test]
+    fn a_witness_schedule_keeps_the_ends_of_each_stretch() {
+        let hits = [
+            hit(0, "fault:fill", Some(0x1000)),
+            hit(0, "fault:fill", Some(0x1008)),
+            hit(0, "fault:fill", Some(0x1010)),
+            hit(1, "guest:go", None),
+            hit(1, "guest:gone", None),
+            hit(1, "fault:fill", Some(0x1000)),
+            hit(0, "fault:fill", Some(0x2000)),
+            hit(0, "guest:a", None),
+            hit(1, "guest:go", None),
+        ];
+        let steps: Vec<String> = witness_schedule(&hits)
+            .unwrap()
+            .iter()
+            .map(Step::to_string)
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "v0@fault:fill/addr=0x1000-0x2000/hit=1",
+                "v0@fault:fill/addr=0x1000-0x2000/hit=3",
+                "v1@guest:go/hit=1",
+                "v1@guest:gone/hit=1",
+                "v1@fault:fill/addr=0x1000-0x2000/hit=1",
+                "v0@fault:fill/addr=0x2000-0x3000/hit=1",
+                "v0@guest:a/hit=1",
+                "v1@guest:go/hit=2",
+            ]
+        );
+        assert!(
+            witness_schedule(&hits[..3]).is_none(),
+            "one vCPU: nothing to order"
+        );
+    }
+
+    #[test]
+    fn the_order_is_recorded_only_when_asked() {
+        let hooks = Hooks::new();
+        hooks.set_chaos(1, Duration::ZERO);
+        hooks.hit("guest:x", Some(0), None).unwrap();
+        assert!(hooks.take_order().is_none());
+        hooks.record_order();
+        hooks.hit("guest:x", Some(1), None).unwrap();
+        hooks.hit("fault:fill", Some(0), Some(0x5000)).unwrap();
+        let order = hooks.take_order().unwrap();
+        assert_eq!(
+            order,
+            [hit(1, "guest:x", None), hit(0, "fault:fill", Some(0x5000))]
+        );
     }
 }

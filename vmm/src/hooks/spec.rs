@@ -72,15 +72,17 @@ impl fmt::Display for Rule {
 }
 
 /// One event of a schedule: vCPU `vcpu` reaches `point` (about an address
-/// in `addr`, if given).
+/// in `addr`, if given), the `hit`-th time it does so (any time, if not).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     pub vcpu: usize,
     pub point: String,
     pub addr: Option<(u64, u64)>,
+    pub hit: Option<u64>,
 }
 
 impl Step {
+    /// Whether a hit is one this step counts (its vCPU, point and address).
     pub(super) fn matches(&self, cpu: usize, point: &str, addr: Option<u64>) -> bool {
         self.vcpu == cpu
             && self.point == point
@@ -95,6 +97,9 @@ impl fmt::Display for Step {
         write!(f, "v{}@{}", self.vcpu, self.point)?;
         if let Some((lo, hi)) = self.addr {
             write!(f, "/addr={lo:#x}-{hi:#x}")?;
+        }
+        if let Some(n) = self.hit {
+            write!(f, "/hit={n}")?;
         }
         Ok(())
     }
@@ -185,27 +190,39 @@ pub fn parse_schedule(s: &str) -> Result<Vec<Step>, String> {
     Ok(steps)
 }
 
-/// One schedule step: `vN@POINT[/addr=START-END]`.
+/// One schedule step: `vN@POINT[/addr=START-END][/hit=N]`.
 pub fn parse_step(step: &str) -> Result<Step, String> {
     let step = step.trim();
     let (v, p) = step
         .split_once('@')
         .ok_or_else(|| format!("a schedule step is vN@POINT, not '{step}'"))?;
     let vcpu = vcpu(v).ok_or_else(|| format!("a schedule step names a vCPU as vN, not '{v}'"))?;
-    let (p, addr) = match p.split_once("/addr=") {
-        Some((p, range)) => {
+    let mut parts = p.split('/');
+    let point = point(parts.next().unwrap_or_default())?;
+    let (mut addr, mut hit) = (None, None);
+    for filter in parts {
+        if let Some(range) = filter.strip_prefix("addr=") {
             let (a, b) = range
                 .split_once('-')
                 .and_then(|(a, b)| number(a).zip(number(b)))
                 .ok_or_else(|| format!("bad address range in '{step}'"))?;
-            (p, Some((a, b)))
+            addr = Some((a, b));
+        } else if let Some(n) = filter.strip_prefix("hit=").and_then(number) {
+            if n == 0 {
+                return Err(format!("hits are counted from 1, in '{step}'"));
+            }
+            hit = Some(n);
+        } else {
+            return Err(format!(
+                "unknown step filter '{filter}' in '{step}' (addr=START-END, hit=N)"
+            ));
         }
-        None => (p, None),
-    };
+    }
     Ok(Step {
         vcpu,
-        point: point(p)?,
+        point,
         addr,
+        hit,
     })
 }
 
@@ -247,7 +264,8 @@ mod tests {
             Step {
                 vcpu: 2,
                 point: "wp_page_copy:after_copy".into(),
-                addr: None
+                addr: None,
+                hit: None,
             }
         );
         let s =
@@ -257,6 +275,16 @@ mod tests {
             s[0].to_string(),
             "v0@fork:after_wrprotect/addr=0x1000-0x2000"
         );
+        let s =
+            parse_schedule("v0@fault:fill/addr=0x1000-0x2000/hit=3 < v1@guest:x/hit=2").unwrap();
+        assert_eq!((s[0].hit, s[1].hit), (Some(3), Some(2)));
+        assert_eq!(s[0].to_string(), "v0@fault:fill/addr=0x1000-0x2000/hit=3");
+        assert!(parse_schedule("v0@guest:x/hit=0 < v1@guest:y")
+            .unwrap_err()
+            .contains("counted from 1"));
+        assert!(parse_schedule("v0@guest:x/v1 < v1@guest:y")
+            .unwrap_err()
+            .contains("unknown step filter"));
         assert!(parse_schedule("v1@fork:enter").is_err());
         assert!(parse_schedule("P1@fork:enter < v0@fork:enter").is_err());
     }

@@ -220,6 +220,7 @@ impl Shared {
                     }
                 };
                 thread_ctl.mark_ended(report.join_status());
+                shared.machine.hooks.set_ended(id);
                 let _ = events.send(Event::Ended(Box::new(report)));
             })
             .map_err(|e| {
@@ -299,6 +300,8 @@ pub struct RunReport {
     pub unreachable: Option<String>,
     /// Each rule with how often it matched and acted.
     pub rule_counts: Vec<(String, u64, u64)>,
+    /// With chaos and no schedule: every point hit by a vCPU, in order.
+    pub hit_order: Option<Vec<hooks::PointHit>>,
 }
 
 /// Exit status of the CLI (DESIGN.md §12).
@@ -676,6 +679,7 @@ impl Vm {
             violations,
             unreachable,
             rule_counts: hooks.rule_counts(),
+            hit_order: hooks.take_order(),
         }
     }
 
@@ -793,6 +797,10 @@ fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
     }
     if let Some(seed) = config.chaos {
         hooks.set_chaos(seed, CHAOS_MAX_DELAY);
+        if config.schedule.is_empty() {
+            // A witness found by chaos is replayed by its order of points.
+            hooks.record_order();
+        }
     }
     if let Some(control) = &config.control {
         for (tag, rule) in &control.rules {

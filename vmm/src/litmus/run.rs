@@ -69,8 +69,13 @@ pub struct LitmusResult {
     pub schedule: Option<String>,
     /// With chaos: the seeds of the runs that satisfied `exists`.
     pub witness_seeds: Vec<u64>,
-    /// The flags besides `--chaos` that a chaos replay needs.
+    /// With chaos and no schedule: the order in which a witness reached
+    /// the points, as a schedule, and how well it replays.
+    pub witness_schedule: Option<WitnessOrder>,
+    /// The flags besides `--chaos` and `--schedule` that a replay needs.
     pub replay_flags: String,
+    /// The test's own schedule was turned off (`--schedule none`).
+    pub schedule_off: bool,
     /// Each rule, as written, with its matched and acted hits summed over
     /// the runs.
     pub rules: BTreeMap<String, (u64, u64)>,
@@ -208,6 +213,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let mut last_draw = Instant::now();
     let mut unreachable: BTreeMap<String, u64> = BTreeMap::new();
     let mut witness_seeds = Vec::new();
+    let mut orders = Vec::new();
     let schedule = opts
         .schedule
         .clone()
@@ -223,30 +229,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             break;
         }
         let seed = opts.chaos.map(|s| s.wrapping_add(i));
-        let mut config = VmConfig {
-            program: Program::Litmus,
-            policy: opts.policy,
-            litmus: Some(Arc::clone(test)),
-            check: true,
-            rules: rules.clone(),
-            schedule: schedule.clone(),
-            chaos: seed,
-            kvm_path: opts.kvm_path.clone(),
-            ..VmConfig::default()
-        };
-        if let Some(ctl) = &opts.control {
-            ctl.configure(&mut config).map_err(Error::Config)?;
-        }
-        let mut vm = Vm::new(&config)?;
-        if let (Some(ctl), Some(attached)) = (&opts.control, &config.control) {
-            ctl.attach(vm.handle(), attached, i + 1);
-        }
-        let report = vm.wait(Some(opts.timeout), |e| {
-            if let Some(ctl) = &opts.control {
-                ctl.vm_event(e);
-            }
-        });
-        drop(vm);
+        let report = one_run(test, opts, &rules, &schedule, seed, Some(i + 1))?;
         if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
             // Cut short by `quit`: its threads were stopped, not finished.
             if let Some(ctl) = &opts.control {
@@ -290,6 +273,11 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         let entry = histogram.entry(state_key).or_insert((0, witness));
         entry.0 += 1;
         if let (true, Some(seed)) = (witness, seed) {
+            if let Some(order) = report.hit_order.as_deref() {
+                if orders.len() < WITNESS_ORDERS {
+                    orders.extend(crate::hooks::witness_schedule(order).map(|s| (seed, s)));
+                }
+            }
             witness_seeds.push(seed);
         }
         if show_progress && last_draw.elapsed() > Duration::from_millis(100) {
@@ -300,6 +288,11 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     if show_progress {
         eprint!("\r\x1b[K");
     }
+    let witness_schedule = if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
+        None
+    } else {
+        verified_order(test, opts, &rules, orders)?
+    };
     let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
     let negative = done - positive;
     let observation = match (positive, negative) {
@@ -327,25 +320,118 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         condition: test.test.exists_src.clone(),
         elapsed: start.elapsed(),
         unreachable,
-        schedule: (!schedule.is_empty()).then(|| {
-            schedule
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(" < ")
-        }),
+        schedule: (!schedule.is_empty()).then(|| join_steps(&schedule)),
         witness_seeds,
-        replay_flags: replay_flags(test, opts),
+        witness_schedule,
+        replay_flags: replay_flags(opts),
+        schedule_off: schedule.is_empty() && !test.schedule.is_empty(),
         rules: rule_totals,
     })
 }
 
-/// The flags that recreate this command's setup for one chaos run.
-fn replay_flags(test: &Compiled, opts: &RunOptions) -> String {
-    let mut flags = format!("--policy {}", opts.policy_name);
-    if opts.schedule.as_ref().is_some_and(|s| s.is_empty()) && !test.schedule.is_empty() {
-        flags += " --schedule none";
+/// One VM run of `test` (run `index` of the control socket's count, if it
+/// is to see it).
+fn one_run(
+    test: &Arc<Compiled>,
+    opts: &RunOptions,
+    rules: &[Rule],
+    schedule: &[Step],
+    chaos: Option<u64>,
+    index: Option<u64>,
+) -> Result<RunReport, Error> {
+    let control = opts.control.as_ref().filter(|_| index.is_some());
+    let mut config = VmConfig {
+        program: Program::Litmus,
+        policy: opts.policy,
+        litmus: Some(Arc::clone(test)),
+        check: true,
+        rules: rules.to_vec(),
+        schedule: schedule.to_vec(),
+        chaos,
+        kvm_path: opts.kvm_path.clone(),
+        ..VmConfig::default()
+    };
+    if let Some(ctl) = control {
+        ctl.configure(&mut config).map_err(Error::Config)?;
     }
+    let mut vm = Vm::new(&config)?;
+    if let (Some(ctl), Some(attached), Some(i)) = (control, &config.control, index) {
+        ctl.attach(vm.handle(), attached, i);
+    }
+    let report = vm.wait(Some(opts.timeout), |e| {
+        if let Some(ctl) = control {
+            ctl.vm_event(e);
+        }
+    });
+    drop(vm);
+    Ok(report)
+}
+
+/// How many chaos witnesses' orders are kept to be tried as replays.
+const WITNESS_ORDERS: usize = 8;
+
+/// How many times each must reproduce the witness, in a row, to be taken.
+const REPLAYS: u64 = 10;
+
+/// A witness's order of points, replayed as a schedule.
+#[derive(Debug, Clone)]
+pub struct WitnessOrder {
+    /// The chaos seed of the witness (its delays are replayed too).
+    pub seed: u64,
+    pub schedule: String,
+    /// Replays made, and how many gave a witness again.
+    pub replays: u64,
+    pub reproduced: u64,
+}
+
+/// Replays the recorded orders of the first chaos witnesses (with their
+/// seeds) and keeps the first that reproduces a witness [`REPLAYS`] times in
+/// a row, else the one that went on longest. An order fixes the interleaving at the
+/// points, not the native accesses between them, so it is checked, not
+/// trusted.
+fn verified_order(
+    test: &Arc<Compiled>,
+    opts: &RunOptions,
+    rules: &[Rule],
+    orders: Vec<(u64, Vec<Step>)>,
+) -> Result<Option<WitnessOrder>, Error> {
+    let mut best: Option<WitnessOrder> = None;
+    for (seed, steps) in orders {
+        let (mut replays, mut reproduced) = (0, 0);
+        while replays < REPLAYS && reproduced == replays {
+            let report = one_run(test, opts, rules, &steps, Some(seed), None)?;
+            replays += 1;
+            if report.unreachable.is_none() && holds(&test.test.exists, &run_state(test, &report)) {
+                reproduced += 1;
+            }
+        }
+        let order = WitnessOrder {
+            seed,
+            schedule: join_steps(&steps),
+            replays,
+            reproduced,
+        };
+        if best.as_ref().is_none_or(|b| reproduced > b.reproduced) {
+            best = Some(order);
+        }
+        if reproduced == REPLAYS {
+            break;
+        }
+    }
+    Ok(best)
+}
+
+fn join_steps(steps: &[Step]) -> String {
+    steps
+        .iter()
+        .map(Step::to_string)
+        .collect::<Vec<_>>()
+        .join(" < ")
+}
+
+/// The flags that recreate this command's policy and rules for a replay.
+fn replay_flags(opts: &RunOptions) -> String {
+    let mut flags = format!("--policy {}", opts.policy_name);
     for r in &opts.rules {
         flags += &format!(" --inject '{r}'");
     }
@@ -391,26 +477,47 @@ impl LitmusResult {
             if let Some(s) = &self.schedule {
                 out += &format!("Replay: --schedule '{s}' (forces it in every run)\n");
             } else if let Some(seed) = self.witness_seeds.first() {
-                let more: Vec<String> = self
-                    .witness_seeds
-                    .iter()
-                    .skip(1)
-                    .take(4)
-                    .map(|s| s.to_string())
-                    .collect();
-                out += &format!(
-                    "Replay: --chaos {seed} --runs 1 {} (replays the injected delays; timing outside them still varies){}\n",
-                    self.replay_flags,
-                    if more.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (also seeds {})", more.join(", "))
-                    }
-                );
+                out += &self.chaos_replay(*seed);
             }
         }
         out += &format!("Time {} {:.2}\n", self.test, self.elapsed.as_secs_f64());
         out
+    }
+
+    /// How to replay the first chaos witness (seed `seed`): its order of
+    /// points as a schedule, with the seed's delays; or, if the order was
+    /// not kept, the seed alone.
+    fn chaos_replay(&self, seed: u64) -> String {
+        let more: Vec<String> = self
+            .witness_seeds
+            .iter()
+            .skip(1)
+            .take(4)
+            .map(|s| s.to_string())
+            .collect();
+        let more = if more.is_empty() {
+            String::new()
+        } else {
+            format!(" (other witnesses: seeds {})", more.join(", "))
+        };
+        match &self.witness_schedule {
+            Some(w) if w.reproduced > 0 => format!(
+                "Replay: --schedule '{}' --chaos {} --runs 1 {} (seed {}'s order of points: reproduced it in {}/{} replays)\n",
+                w.schedule, w.seed, self.replay_flags, w.seed, w.reproduced, w.replays
+            ),
+            other => format!(
+                "Replay: --chaos {seed} --runs 1 {}{} (replays the injected delays; timing outside them still varies{}){more}\n",
+                self.replay_flags,
+                if self.schedule_off { " --schedule none" } else { "" },
+                match other {
+                    Some(w) => format!(
+                        "; no witness's order of points reproduced it in {} replays",
+                        w.replays
+                    ),
+                    None => String::new(),
+                }
+            ),
+        }
     }
 
     /// The same as one JSON object.
@@ -440,6 +547,9 @@ impl LitmusResult {
             "unreachable": self.unreachable.iter().map(|(w, n)| serde_json::json!({"reason": w, "runs": n})).collect::<Vec<_>>(),
             "schedule": self.schedule,
             "witness_seeds": self.witness_seeds,
+            "witness_schedule": self.witness_schedule.as_ref().map(|w| serde_json::json!({
+                "schedule": w.schedule, "seed": w.seed, "replays": w.replays, "reproduced": w.reproduced,
+            })),
             "rules": self.rules.iter().map(|(r, (m, a))| serde_json::json!({"rule": r, "matched": m, "acted": a})).collect::<Vec<_>>(),
         })
     }
