@@ -65,6 +65,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "copy_present_page is about to copy a pinned page",
     ),
     (
+        "fork:after_copy_page",
+        "copy_present_page copied the page, before the child's PTE",
+    ),
+    (
         "fork:before_flush",
         "every PTE copied, the parent's TLB not yet flushed",
     ),

@@ -153,6 +153,7 @@ impl Mm {
         }
         let _ = m.hooks.hit("fork:before_copy_page", cpu, Some(va));
         m.mem.copy_frame(new, frame);
+        let _ = m.hooks.hit("fork:after_copy_page", cpu, Some(va));
         m.frames.add_new_anon_rmap(new);
         dst.store(user_pte(new, vma.writable()), Ordering::Release);
         Ok(())

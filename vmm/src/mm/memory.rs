@@ -306,9 +306,13 @@ impl Mm {
                 }
                 return Ok(());
             }
-            if !unshare && self.can_reuse(frame) {
+            if self.can_reuse(frame) {
+                // Ours alone after all: mark it so; an unshare is then done
+                // (the PTE stays read-only), a write reuses.
                 p.set_anon_exclusive();
-                self.wp_page_reuse(slot, orig);
+                if !unshare {
+                    self.wp_page_reuse(slot, orig);
+                }
                 return Ok(());
             }
         } else if unshare {

@@ -197,6 +197,7 @@ impl Mm {
     /// lost a permission. Models mm/mprotect.c:change_pte_range().
     fn change_protection(&self, start: u64, end: u64, prot_bits: u32) -> bool {
         let m = &self.m;
+        let uffd_wp = self.vmas_in(start, end).iter().any(|v| v.uffd_wp());
         let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
         let mut downgraded = false;
         let _ptl = self.ptl();
@@ -209,12 +210,30 @@ impl Mm {
             };
             if prot_bits & prot::WRITE == 0 {
                 new &= !bits::WRITABLE;
+            } else if self.can_change_pte_writable(new, uffd_wp) {
+                new |= bits::WRITABLE;
             }
             downgraded |= (old & bits::PRESENT != 0 && new & bits::PRESENT == 0)
                 || (old & bits::WRITABLE != 0 && new & bits::WRITABLE == 0);
             slot.store(new, Ordering::Release);
         });
         downgraded
+    }
+
+    /// Whether mprotect may map a present PTE writable at once instead of
+    /// leaving it to a write fault: a dirty PTE of an exclusive anonymous
+    /// page outside uffd-wp. Needs PageAnonExclusive, so only with
+    /// `anon_exclusive`. Models mm/mprotect.c:can_change_pte_writable()
+    /// (64fe24a3e05e, v6.0).
+    fn can_change_pte_writable(&self, pte: u64, uffd_wp: bool) -> bool {
+        let m = &self.m;
+        let frame = pte & bits::ADDR_MASK;
+        m.policy.anon_exclusive
+            && !uffd_wp
+            && pte & bits::PRESENT != 0
+            && pte & bits::DIRTY != 0
+            && frame != m.frames.zero_page()
+            && m.frames.page(frame).anon_exclusive()
     }
 
     /// Whether VMAs cover all of `[start, end)`.
