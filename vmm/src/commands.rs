@@ -316,7 +316,7 @@ pub fn list_tests() -> i32 {
 
 /// `cowlab suite NAME`: every test of the suite under every policy its
 /// `expect` lines name; a table of observations, expected or not.
-pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
+pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
     let tests = builtin::suite(name);
     if tests.is_empty() {
         error(format_args!(
@@ -344,7 +344,7 @@ pub fn suite(name: &str, runs: u64, json: bool, kvm_path: &str) -> i32 {
                 return exit_code::USAGE;
             };
             let run_opts = litmus::RunOptions {
-                runs: runs.max(1),
+                runs: runs.or(compiled.test.runs).unwrap_or(10).max(1),
                 policy_name: expect.policy.clone(),
                 policy,
                 timeout: Duration::from_secs(30),

@@ -95,9 +95,10 @@ enum Command {
     Suite {
         /// The suite ("all", or see `cowlab list tests`).
         name: String,
-        /// Runs of each test under each policy.
-        #[arg(long, default_value_t = 10)]
-        runs: u64,
+        /// Runs of each test under each policy (default: the test's own
+        /// `runs` line, else 10).
+        #[arg(long)]
+        runs: Option<u64>,
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,

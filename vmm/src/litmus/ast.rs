@@ -275,6 +275,13 @@ impl Verdict {
             Verdict::Always => "Always",
         }
     }
+
+    /// Whether an observation meets this expectation. `Sometimes` means
+    /// "can happen": met by any run that satisfied `exists` (litmus7's
+    /// "Ok"), so a race that hits every run still meets it.
+    pub fn admits(self, observed: Verdict) -> bool {
+        self == observed || (self == Verdict::Sometimes && observed == Verdict::Always)
+    }
 }
 
 /// `expect POLICY VERDICT`.
@@ -301,4 +308,6 @@ pub struct Test {
     pub schedule: Option<(Vec<(String, Pos)>, Pos)>,
     /// `inject RULE` lines.
     pub injects: Vec<(String, Pos)>,
+    /// `runs N`: how many runs a suite makes of it (a rare race needs more).
+    pub runs: Option<u64>,
 }

@@ -38,6 +38,71 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         include_str!("../../../tests/litmus/uffd-wp-handler.litmus"),
         &["basic"],
     ),
+    (
+        "cow-fork-mprotect",
+        include_str!("../../../tests/litmus/cow-fork-mprotect.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-vmsplice-unmap-mprotect",
+        include_str!("../../../tests/litmus/cow-vmsplice-unmap-mprotect.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-vmsplice-before-fork",
+        include_str!("../../../tests/litmus/cow-vmsplice-before-fork.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-vmsplice-parent-unmap",
+        include_str!("../../../tests/litmus/cow-vmsplice-parent-unmap.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-iouring-ro-mapping",
+        include_str!("../../../tests/litmus/cow-iouring-ro-mapping.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-iouring-fork",
+        include_str!("../../../tests/litmus/cow-iouring-fork.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-pin-shared",
+        include_str!("../../../tests/litmus/cow-ro-pin-shared.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-pin-previously-shared",
+        include_str!("../../../tests/litmus/cow-ro-pin-previously-shared.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-pin-exclusive",
+        include_str!("../../../tests/litmus/cow-ro-pin-exclusive.litmus"),
+        &["cow"],
+    ),
+    (
+        "uffd-wp-cow-copy",
+        include_str!("../../../tests/litmus/uffd-wp-cow-copy.litmus"),
+        &["seeds"],
+    ),
+    (
+        "fork-pinned-tearing",
+        include_str!("../../../tests/litmus/fork-pinned-tearing.litmus"),
+        &["seeds"],
+    ),
+    (
+        "gup-read-wrong-side",
+        include_str!("../../../tests/litmus/gup-read-wrong-side.litmus"),
+        &["seeds"],
+    ),
+    (
+        "wp-copy-reuse-aba",
+        include_str!("../../../tests/litmus/wp-copy-reuse-aba.litmus"),
+        &["seeds"],
+    ),
 ];
 
 /// The source of built-in test `name`.

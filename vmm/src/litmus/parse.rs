@@ -852,6 +852,7 @@ pub fn parse(src: &str) -> R<Test> {
     let mut expects = Vec::new();
     let mut schedule = None;
     let mut injects = Vec::new();
+    let mut runs = None;
     loop {
         p.skip_all();
         let pos = p.pos();
@@ -859,8 +860,9 @@ pub fn parse(src: &str) -> R<Test> {
             if p.peek().is_none() {
                 break;
             }
-            return p
-                .expected("a thread block (P0 { … }), 'exists', 'expect', 'schedule' or 'inject'");
+            return p.expected(
+                "a thread block (P0 { … }), 'exists', 'expect', 'schedule', 'inject' or 'runs'",
+            );
         };
         if is_thread_name(&w) {
             if exists.is_some() {
@@ -923,6 +925,16 @@ pub fn parse(src: &str) -> R<Test> {
                 }
             }
             schedule = Some((steps, at));
+        } else if w == "runs" {
+            p.word("runs")?;
+            if runs.is_some() {
+                return p.err("a test has one 'runs' line");
+            }
+            let n = p.number("a number of runs")?;
+            if n == 0 {
+                return p.err("'runs' needs at least 1");
+            }
+            runs = Some(n);
         } else if w == "inject" {
             p.word("inject")?;
             let (rule, rpos) = p.raw("a rule (ACTION@POINT[/FILTER]...)")?;
@@ -948,8 +960,9 @@ pub fn parse(src: &str) -> R<Test> {
                 pos,
             });
         } else {
-            return p
-                .expected("a thread block (P0 { … }), 'exists', 'expect', 'schedule' or 'inject'");
+            return p.expected(
+                "a thread block (P0 { … }), 'exists', 'expect', 'schedule', 'inject' or 'runs'",
+            );
         }
     }
     if !threads.iter().any(|t| t.name.starts_with('P')) {
@@ -974,5 +987,6 @@ pub fn parse(src: &str) -> R<Test> {
         expects,
         schedule,
         injects,
+        runs,
     })
 }

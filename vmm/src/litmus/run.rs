@@ -306,7 +306,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         .iter()
         .rev()
         .find(|e| e.policy == opts.policy_name)
-        .map(|e| (e.verdict, e.verdict == observation));
+        .map(|e| (e.verdict, e.verdict.admits(observation)));
     Ok(LitmusResult {
         test: test.test.name.clone(),
         policy_name: opts.policy_name.clone(),
