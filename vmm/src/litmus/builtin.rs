@@ -84,6 +84,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["cow"],
     ),
     (
+        "fork-vma-lock-free",
+        include_str!("../../../tests/litmus/fork-vma-lock-free.litmus"),
+        &["seeds"],
+    ),
+    (
         "uffd-wp-cow-copy",
         include_str!("../../../tests/litmus/uffd-wp-cow-copy.litmus"),
         &["seeds"],
