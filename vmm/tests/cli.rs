@@ -248,6 +248,21 @@ fn malformed_litmus_files_give_one_precise_error_and_exit_2() {
             "3:1: thread P0 is defined twice",
         ),
         (
+            "runs-zero",
+            "cowlab t\nruns 0\nP0 { }\nexists (true)\n",
+            "'runs' needs at least 1",
+        ),
+        (
+            "runs-twice",
+            "cowlab t\nruns 5\nruns 6\nP0 { }\nexists (true)\n",
+            "a test has one 'runs' line",
+        ),
+        (
+            "runs-not-a-number",
+            "cowlab t\nruns many\nP0 { }\nexists (true)\n",
+            "2:6: expected a number of runs",
+        ),
+        (
             "no-initial-thread",
             "cowlab t\nC0 { }\nexists (true)\n",
             "at least one initial thread",
@@ -277,7 +292,8 @@ fn builtin_tests_are_listed_and_the_basic_suite_meets_its_expectations() {
     let out = cowlab(&["list", "tests"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("cow-vmsplice-unmap"));
-    let out = cowlab(&["suite", "all", "--runs", "2", "--json"]);
+    // (suites seeds and cow, with their own run counts, are tests/suites.rs)
+    let out = cowlab(&["suite", "basic", "--runs", "2", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["all_met"], true);

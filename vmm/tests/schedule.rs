@@ -928,21 +928,3 @@ fn populating_regions_at_load_is_outside_every_rule_and_schedule() {
         "v0 never allocates (buf is populated), so the step never happens: {v}"
     );
 }
-
-#[test]
-fn the_suite_table_says_why_the_fixed_policy_cannot_have_the_race() {
-    let out = cowlab(&["suite", "seeds", "--runs", "3"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
-    let why: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("fork-vma-lock under mainline: unreachable in "))
-        .collect();
-    assert!(!why.is_empty(), "{stdout}");
-    assert!(
-        why.iter()
-            .all(|l| l.contains("v1 waits for mmap_lock held by v2 in fork")),
-        "{stdout}"
-    );
-    assert!(!stdout.contains("under linux-6.4: unreachable"), "{stdout}");
-}
