@@ -14,6 +14,7 @@ use crate::hooks;
 use crate::kvm::{exit_code, Event, Vm, VmConfig};
 use crate::litmus::{self, builtin};
 use crate::policy::Policy;
+use crate::trace;
 
 /// Options of `cowlab run`.
 #[derive(Debug, Clone)]
@@ -45,6 +46,17 @@ pub struct RunOptions {
     /// stopped until its `cont`.
     pub control: Option<std::path::PathBuf>,
     pub wait: bool,
+    /// `--trace FILE`, `--trace-witnesses-only`.
+    pub trace: Option<std::path::PathBuf>,
+    pub trace_witnesses_only: bool,
+}
+
+/// Creates the trace file of `--trace`, if given.
+fn recorder(opts: &RunOptions) -> Result<Option<Arc<trace::Recorder>>, String> {
+    opts.trace
+        .as_ref()
+        .map(|p| trace::Recorder::create(p).map_err(|e| format!("--trace {}: {e}", p.display())))
+        .transpose()
 }
 
 /// The policy and injection settings of `opts`, parsed.
@@ -124,6 +136,16 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         },
         None => None,
     };
+    let tracer = match recorder(opts) {
+        Ok(t) => t,
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
+    };
+    if let Some(t) = &tracer {
+        t.begin_run(1, &format!("{} ({})", opts.program, opts.policy));
+    }
     let mut config = VmConfig {
         vcpus: opts.vcpus,
         mem_mib: opts.mem_mib,
@@ -139,6 +161,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         chaos: opts.chaos,
         control: None,
         kvm_path: opts.kvm_path.clone(),
+        trace: tracer.clone(),
     };
     if let Some(ctl) = ctl {
         ctl.begin(&opts.program, &opts.policy, 1);
@@ -169,6 +192,12 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     drop(vm);
     if let Some(ctl) = ctl {
         ctl.detach(1, serde_json::json!({ "exit_code": report.exit_code() }));
+    }
+    if let Some(t) = &tracer {
+        let state = format!("exit code {}", report.exit_code());
+        if let Err(e) = t.end_run(u64::from(report.unreachable.is_some()) * 2, &state, true) {
+            error(format_args!("--trace: {e}"));
+        }
     }
     if opts.stats {
         for v in &report.vcpus {
@@ -269,6 +298,13 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
             return exit_code::USAGE;
         }
     };
+    let trace = match recorder(opts) {
+        Ok(t) => t.map(|t| (t, opts.trace_witnesses_only)),
+        Err(e) => {
+            error(e);
+            return exit_code::USAGE;
+        }
+    };
     let run_opts = litmus::RunOptions {
         runs: opts.runs.max(1),
         policy_name: opts.policy.clone(),
@@ -280,6 +316,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         schedule,
         chaos: opts.chaos,
         control: ctl.cloned(),
+        trace,
     };
     match litmus::run_test(&compiled, &run_opts) {
         Ok(result) => {
@@ -354,6 +391,7 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
                 schedule: None,
                 chaos: None,
                 control: None,
+                trace: None,
             };
             match litmus::run_test(&compiled, &run_opts) {
                 Ok(r) => {
@@ -442,6 +480,68 @@ pub fn bench(opts: &BenchOptions, json: bool) -> i32 {
         Err(e) => {
             error(&e);
             e.exit_code()
+        }
+    }
+}
+
+/// Reads trace `file`, or says why not (with the offset) and exits 2.
+fn load_trace(file: &std::path::Path) -> Result<Vec<trace::Record>, i32> {
+    let data = std::fs::read(file).map_err(|e| {
+        error(format_args!("cannot read {}: {e}", file.display()));
+        exit_code::USAGE
+    })?;
+    trace::read_trace(&data).map_err(|e| {
+        error(format_args!("{}: {e}", file.display()));
+        exit_code::USAGE
+    })
+}
+
+/// `cowlab trace show FILE [--vcpu N] [--kind K]...`.
+pub fn trace_show(file: &std::path::Path, vcpu: Option<u16>, kinds: &[String]) -> i32 {
+    let mut wanted = Vec::new();
+    for k in kinds {
+        match trace::Kind::ALL
+            .iter()
+            .find(|x| x.name().eq_ignore_ascii_case(k))
+        {
+            Some(x) => wanted.push(*x),
+            None => {
+                let all: Vec<&str> = trace::Kind::ALL.iter().map(|k| k.name()).collect();
+                error(format_args!(
+                    "unknown event kind '{k}' (kinds: {})",
+                    all.join(", ")
+                ));
+                return exit_code::USAGE;
+            }
+        }
+    }
+    match load_trace(file) {
+        Ok(records) => {
+            out(trace::export::show(&records, vcpu, &wanted));
+            exit_code::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `cowlab trace export FILE --format chrome -o OUT`.
+pub fn trace_export(file: &std::path::Path, format: &str, dest: &std::path::Path) -> i32 {
+    if format != "chrome" {
+        error(format_args!(
+            "unknown trace format '{format}' (formats: chrome)"
+        ));
+        return exit_code::USAGE;
+    }
+    let records = match load_trace(file) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let json = trace::export::chrome(&records);
+    match std::fs::write(dest, json.to_string()) {
+        Ok(()) => exit_code::OK,
+        Err(e) => {
+            error(format_args!("cannot write {}: {e}", dest.display()));
+            exit_code::USAGE
         }
     }
 }

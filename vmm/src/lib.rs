@@ -12,3 +12,4 @@ pub mod kvm;
 pub mod litmus;
 pub mod mm;
 pub mod policy;
+pub mod trace;

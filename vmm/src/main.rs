@@ -77,6 +77,17 @@ enum Command {
         /// Start stopped until a `cont` arrives on the control socket.
         #[arg(long)]
         wait: bool,
+        /// Record a trace of every run in FILE (docs/trace-format.md).
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Litmus: keep only the runs that satisfied `exists` in the trace.
+        #[arg(long, requires = "trace")]
+        trace_witnesses_only: bool,
+    },
+    /// Read a trace file: print it, or export it for ui.perfetto.dev.
+    Trace {
+        #[command(subcommand)]
+        what: TraceWhat,
     },
     /// Send one command to a control socket and print its answer (or, for
     /// `watch`, print events until the run ends).
@@ -138,6 +149,29 @@ fn timeout(secs: f64) -> Option<Duration> {
     (secs > 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
+#[derive(Subcommand, Debug)]
+enum TraceWhat {
+    /// One line per event: time (µs), track, kind, fields.
+    Show {
+        file: PathBuf,
+        /// Only this vCPU's events (run boundaries are always shown).
+        #[arg(long)]
+        vcpu: Option<u16>,
+        /// Only events of these kinds (repeatable; e.g. Fault, Pte, Copy).
+        #[arg(long)]
+        kind: Vec<String>,
+    },
+    /// Convert for a viewer: `--format chrome` is Chrome Trace Event JSON.
+    Export {
+        file: PathBuf,
+        #[arg(long, default_value = "chrome")]
+        format: String,
+        /// Where to write it.
+        #[arg(short = 'o', long = "output", value_name = "OUT")]
+        out: PathBuf,
+    },
+}
+
 fn main() {
     env_logger::init();
     let cli = Cli::parse();
@@ -160,6 +194,8 @@ fn main() {
             set,
             control,
             wait,
+            trace,
+            trace_witnesses_only,
         } => {
             if !secs.is_finite() || secs < 0.0 {
                 eprintln!("cowlab: --timeout must be a number of seconds >= 0 (0 = none)");
@@ -184,8 +220,16 @@ fn main() {
                 chaos,
                 control,
                 wait,
+                trace,
+                trace_witnesses_only,
             })
         }
+        Command::Trace {
+            what: TraceWhat::Show { file, vcpu, kind },
+        } => commands::trace_show(&file, vcpu, &kind),
+        Command::Trace {
+            what: TraceWhat::Export { file, format, out },
+        } => commands::trace_export(&file, &format, &out),
         Command::Ctl {
             socket,
             command,

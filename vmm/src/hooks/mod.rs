@@ -205,6 +205,8 @@ pub struct Hooks {
     observer: ObserverSlot,
     /// With [`Hooks::record_order`]: every hit by a vCPU, in order.
     order: Mutex<Option<Recording>>,
+    /// The trace recorder, if the run is traced: every hit is an event.
+    pub trace: crate::trace::TraceSlot,
 }
 
 /// A hit by a vCPU, as recorded for [`witness_schedule`].
@@ -386,6 +388,13 @@ impl Hooks {
     /// vCPU `cpu` reached `point` (about `addr`). Applies the rules, the
     /// schedule and chaos; may block, delay, or ask the caller to fail.
     pub fn hit(&self, point: &str, cpu: Option<usize>, addr: Option<u64>) -> Result<(), Injected> {
+        if let Some(t) = self.trace.get() {
+            t.emit(
+                crate::trace::Kind::Point,
+                &[addr.unwrap_or(u64::MAX)],
+                point,
+            );
+        }
         if !self.active.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -408,6 +417,13 @@ impl Hooks {
                 continue;
             }
             r.acted.fetch_add(1, Ordering::AcqRel);
+            if let Some(t) = self.trace.get() {
+                t.emit(
+                    crate::trace::Kind::Rule,
+                    &[addr.unwrap_or(u64::MAX)],
+                    &r.rule.to_string(),
+                );
+            }
             if let Some(observe) = lock(&self.observer.0).clone() {
                 observe(HookEvent {
                     point: point.to_string(),

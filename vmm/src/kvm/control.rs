@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use super::vm::Shared;
 use crate::mm::CpuFlusher;
+use crate::trace::Kind;
 
 /// Requests other threads post to a vCPU (bits of its request word) before
 /// kicking it.
@@ -147,11 +148,19 @@ impl CpuFlusher for KvmFlusher {
             return;
         }
         let generation = ctl.flush_req.fetch_add(1, Ordering::AcqRel) + 1;
+        let trace = shared.machine.hooks.trace.get();
+        if let Some(t) = trace {
+            t.emit(Kind::IpiSend, &[cpu as u64, generation], "");
+        }
         if ctl.in_guest.load(Ordering::SeqCst) {
             shared.request(cpu, request::FLUSH);
         }
         ctl.wait_ack(generation, || {
             shared.request(cpu, request::FLUSH);
         });
+        if let Some(t) = trace {
+            // On the target's track, when the initiator sees the ack.
+            t.emit_on(cpu as u16, Kind::IpiAck, &[cpu as u64, generation], "");
+        }
     }
 }

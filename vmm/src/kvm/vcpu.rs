@@ -25,6 +25,7 @@ use super::control::{request, VcpuCtl};
 use super::kick;
 use super::vm::{Event, Shared};
 use crate::mm::{mmap, verify_tlbs, Access, FaultError, GupFlags, Mm, MmError, PhysMem, ShadowTlb};
+use crate::trace::Kind;
 
 /// How a vCPU's thread ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,8 +365,20 @@ impl Vcpu {
             if let Err(e) = self.deliver_flush() {
                 return Outcome::Error(e);
             }
+            if let Some(t) = self.trace() {
+                t.emit(Kind::Resume, &[], "");
+            }
             let exit = self.enter();
             self.ctl.in_guest.store(false, Ordering::SeqCst);
+            if let Some(t) = self.trace() {
+                let (reason, detail) = match &exit {
+                    Ok(Exit::Hypercall(nr)) => (1, *nr as u64),
+                    Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => (2, 0),
+                    Ok(Exit::Revoked) => (3, 0),
+                    _ => (4, 0),
+                };
+                t.emit(Kind::Exit, &[reason, detail], "");
+            }
             if self.ctl.flush_req.load(Ordering::Acquire)
                 > self.ctl.flush_ack.load(Ordering::Acquire)
             {
@@ -752,7 +765,25 @@ impl Vcpu {
                 rsp: 0,
             })
         } else {
-            match self.mm.handle_user_fault(self.id, addr, access) {
+            if let Some(t) = self.trace() {
+                let a = match access {
+                    Access::Read => 0,
+                    Access::Write => 1,
+                    Access::Fetch => 2,
+                };
+                t.emit(Kind::Fault, &[addr, a], "");
+            }
+            let r = self.mm.handle_user_fault(self.id, addr, access);
+            if let Some(t) = self.trace() {
+                let code = match r {
+                    Ok(()) => 0,
+                    Err(FaultError::Segv) => 1,
+                    Err(FaultError::Oom) => 2,
+                    Err(_) => 3,
+                };
+                t.emit(Kind::FaultEnd, &[addr, code], "");
+            }
+            match r {
                 Ok(()) => Ok(fault_result::RETRY),
                 Err(FaultError::Segv) if self.area_read(offset_of!(VcpuArea, fixup_rip)) != 0 => {
                     Ok(fault_result::FIXUP)
@@ -774,6 +805,11 @@ impl Vcpu {
         self.area_write(offset_of!(VcpuArea, fault.result), reply);
         self.stub_exit = Some(StubExit::PageFault);
         Flow::Continue
+    }
+
+    /// The run's trace recorder, if it is traced.
+    fn trace(&self) -> Option<&crate::trace::Recorder> {
+        self.shared.machine.hooks.trace.get()
     }
 
     fn crash(&self) -> Outcome {

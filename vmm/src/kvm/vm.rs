@@ -71,6 +71,8 @@ pub struct VmConfig {
     pub control: Option<Attachment>,
     /// The KVM device.
     pub kvm_path: String,
+    /// Record a trace of the run (docs/trace-format.md).
+    pub trace: Option<Arc<crate::trace::Recorder>>,
 }
 
 impl Default for VmConfig {
@@ -90,6 +92,7 @@ impl Default for VmConfig {
             chaos: None,
             control: None,
             kvm_path: "/dev/kvm".into(),
+            trace: None,
         }
     }
 }
@@ -789,6 +792,9 @@ impl VmHandle {
 
 /// Installs the rules, schedule, chaos and observer of `config`.
 fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
+    if let Some(t) = &config.trace {
+        hooks.trace.set(Arc::clone(t));
+    }
     for rule in &config.rules {
         hooks.add_rule(rule.clone());
     }

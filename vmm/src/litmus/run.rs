@@ -15,6 +15,7 @@ use crate::control::Controller;
 use crate::hooks::{Rule, Step};
 use crate::kvm::{Error, Outcome, RunReport, Vm, VmConfig};
 use crate::policy::Policy;
+use crate::trace::{Kind, Recorder};
 
 /// How to run a test.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct RunOptions {
     pub chaos: Option<u64>,
     /// The control socket's controller, if `--control`.
     pub control: Option<Arc<Controller>>,
+    /// Record a trace (`--trace`): the recorder, and whether to keep only
+    /// the runs that satisfied `exists` (`--trace-witnesses-only`).
+    pub trace: Option<(Arc<Recorder>, bool)>,
 }
 
 /// How one thread of one run ended.
@@ -229,6 +233,9 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             break;
         }
         let seed = opts.chaos.map(|s| s.wrapping_add(i));
+        if let Some((t, _)) = &opts.trace {
+            t.begin_run(i + 1, &format!("{} ({})", test.test.name, opts.policy_name));
+        }
         let report = one_run(test, opts, &rules, &schedule, seed, Some(i + 1))?;
         if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
             // Cut short by `quit`: its threads were stopped, not finished.
@@ -245,6 +252,21 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         }
         let state = run_state(test, &report);
         let state_key = key(&test.test.exists, &state);
+        if let Some((t, witnesses_only)) = &opts.trace {
+            let witness = report.unreachable.is_none() && holds(&test.test.exists, &state);
+            for v in &report.vcpus {
+                if let Some(regs) = v.regs {
+                    t.emit_on(v.id as u16, Kind::Regs, &regs[..10], "");
+                }
+            }
+            let outcome = match (&report.unreachable, witness) {
+                (Some(_), _) => 2,
+                (None, true) => 1,
+                (None, false) => 0,
+            };
+            t.end_run(outcome, &state_key, witness || !witnesses_only)
+                .map_err(|e| Error::Run(format!("--trace: {e}")))?;
+        }
         if let Some(ctl) = &opts.control {
             let outcome = match report.unreachable {
                 Some(_) => "unreachable",
@@ -349,6 +371,12 @@ fn one_run(
         schedule: schedule.to_vec(),
         chaos,
         kvm_path: opts.kvm_path.clone(),
+        // The verification replays of a witness's order are not traced.
+        trace: opts
+            .trace
+            .as_ref()
+            .filter(|_| index.is_some())
+            .map(|(t, _)| Arc::clone(t)),
         ..VmConfig::default()
     };
     if let Some(ctl) = control {

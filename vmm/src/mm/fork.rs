@@ -77,7 +77,7 @@ impl Mm {
                     let was = src.load(Ordering::Acquire);
                     result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
                         .map_err(FaultError::from)
-                        .and_then(|dst| self.copy_present_pte(vma, va, src, dst, cpu));
+                        .and_then(|dst| self.copy_present_pte(child, vma, va, src, dst, cpu));
                     was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0
                 };
                 if wrprotected {
@@ -93,6 +93,7 @@ impl Mm {
     /// mm/memory.c:copy_present_pte().
     fn copy_present_pte(
         &self,
+        child: &Mm,
         vma: &Vma,
         va: u64,
         src: &AtomicU64,
@@ -104,7 +105,7 @@ impl Mm {
         let frame = pte & bits::ADDR_MASK;
         if !m.frames.is_normal(frame) {
             // The zero page: nothing to count, read-only already.
-            dst.store(pte, Ordering::Release);
+            child.set_pte(va, dst, pte);
             return Ok(());
         }
         let page = m.frames.page(frame);
@@ -117,7 +118,7 @@ impl Mm {
             && maybe_pinned
             && (!policy.anon_exclusive || page.anon_exclusive())
         {
-            return self.copy_present_page(vma, va, frame, src, dst, cpu);
+            return self.copy_present_page(child, vma, va, src, dst, cpu);
         }
         m.frames.get_page(frame);
         m.frames.dup_rmap(frame);
@@ -125,9 +126,9 @@ impl Mm {
         // A private writable mapping: write-protect both sides (COW).
         let shared = pte & !bits::WRITABLE;
         if pte & bits::WRITABLE != 0 {
-            src.store(shared, Ordering::Release);
+            self.set_pte(va, src, shared);
         }
-        dst.store(shared, Ordering::Release);
+        child.set_pte(va, dst, shared);
         Ok(())
     }
 
@@ -138,24 +139,28 @@ impl Mm {
     /// Models mm/memory.c:copy_present_page().
     fn copy_present_page(
         &self,
+        child: &Mm,
         vma: &Vma,
         va: u64,
-        frame: u64,
         src: &AtomicU64,
         dst: &AtomicU64,
         cpu: Option<usize>,
     ) -> Result<(), FaultError> {
         let m = &self.m;
+        let frame = src.load(Ordering::Acquire) & bits::ADDR_MASK;
         let new = m.frames.alloc_uninit()?;
         if m.policy.fork_wrprotect_pinned {
-            src.fetch_and(!bits::WRITABLE, Ordering::AcqRel);
+            self.set_pte(va, src, src.load(Ordering::Acquire) & !bits::WRITABLE);
             self.flush_tlb_page(va, cpu);
         }
         let _ = m.hooks.hit("fork:before_copy_page", cpu, Some(va));
         m.mem.copy_frame(new, frame);
+        if let Some(t) = self.trace() {
+            t.emit(crate::trace::Kind::Copy, &[va, frame, new], "");
+        }
         let _ = m.hooks.hit("fork:after_copy_page", cpu, Some(va));
         m.frames.add_new_anon_rmap(new);
-        dst.store(user_pte(new, vma.writable()), Ordering::Release);
+        child.set_pte(va, dst, user_pte(new, vma.writable()));
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use super::memory::{Access, FaultError};
 use super::mm_struct::{Machine, Mm};
 use super::pagetable::{self, bits};
 use crate::policy::GupReadCow;
+use crate::trace::Kind;
 
 /// How a page is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -130,6 +131,9 @@ impl Mm {
                 }
             }
             drop(ptl);
+            if let Some(t) = self.trace() {
+                t.emit(Kind::Pin, &[page, frame, flags.pin as u64], "");
+            }
             let _ = m.hooks.hit("gup:after_grab", Some(cpu), Some(page));
             return Ok(m.pins.insert(Pin { frame, flags }));
         }
@@ -148,6 +152,9 @@ impl Machine {
     }
 
     fn release_pin(&self, pin: Pin) {
+        if let Some(t) = self.hooks.trace.get() {
+            t.emit(Kind::Unpin, &[pin.frame], "");
+        }
         if !self.frames.is_normal(pin.frame) {
             return;
         }

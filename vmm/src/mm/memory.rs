@@ -13,6 +13,7 @@ use super::mm_struct::{Mm, Vma};
 use super::pagetable::{self, bits};
 use super::tlb::{self, user_pte};
 use crate::policy::{CowReuse, FaultLock};
+use crate::trace::Kind;
 
 /// Software PTE bit (x86 bit 9, ignored by hardware): a PROT_NONE mapping,
 /// kept with its frame but not present. Models `_PAGE_PROTNONE`.
@@ -112,10 +113,15 @@ impl Mm {
         addr: u64,
         access: Access,
     ) -> Result<(), FaultError> {
+        let mut first = true;
         loop {
             if self.tlb_fill(cpu, addr, access)? {
+                if first {
+                    self.resolved(addr, 1);
+                }
                 return Ok(());
             }
+            first = false;
             match self.do_user_addr_fault(addr, access, cpu) {
                 Err(FaultError::Userfault(page)) => self.handle_userfault(page)?,
                 r => r?,
@@ -140,7 +146,7 @@ impl Mm {
             return Ok(false);
         }
         let frame = pte & bits::ADDR_MASK;
-        tlb.fill(
+        let evicted = tlb.fill(
             &*self.m.mem,
             self.m.frames.pool(),
             page,
@@ -148,6 +154,12 @@ impl Mm {
             self.m.policy.tlb_capacity,
         )?;
         drop(tlb);
+        if let Some(t) = self.trace() {
+            t.emit(Kind::Fill, &[page, pte], "");
+            for victim in evicted {
+                t.emit(Kind::Evict, &[victim], "");
+            }
+        }
         let _ = self.m.hooks.hit("fault:fill", Some(cpu), Some(page));
         Ok(true)
     }
@@ -251,7 +263,8 @@ impl Mm {
         if access != Access::Write {
             let _ptl = self.ptl();
             if slot.load(Ordering::Acquire) == 0 {
-                slot.store(mk_pte(m.frames.zero_page(), false), Ordering::Release);
+                self.set_pte(page, slot, mk_pte(m.frames.zero_page(), false));
+                self.resolved(page, 3);
             }
             return Ok(());
         }
@@ -265,7 +278,8 @@ impl Mm {
             return Ok(());
         }
         m.frames.add_new_anon_rmap(new);
-        slot.store(mk_pte(new, vma.writable()), Ordering::Release);
+        self.set_pte(page, slot, mk_pte(new, vma.writable()));
+        self.resolved(page, 2);
         Ok(())
     }
 
@@ -289,6 +303,7 @@ impl Mm {
         }
         let _ = m.hooks.hit("do_wp_page:enter", Some(cpu), Some(page));
         if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
+            self.resolved(page, 7);
             return Err(FaultError::Userfault(page));
         }
         if policy.uffd_wp_flush_before_copy && vma.uffd_wp() && self.mm_tlb_flush_pending() {
@@ -302,8 +317,9 @@ impl Mm {
             if policy.anon_exclusive && p.anon_exclusive() {
                 // Ours alone: an unshare has nothing to do, a write reuses.
                 if !unshare {
-                    self.wp_page_reuse(slot, orig);
+                    self.wp_page_reuse(page, slot, orig);
                 }
+                self.resolved(page, if unshare { 6 } else { 4 });
                 return Ok(());
             }
             if self.can_reuse(frame) {
@@ -311,8 +327,9 @@ impl Mm {
                 // (the PTE stays read-only), a write reuses.
                 p.set_anon_exclusive();
                 if !unshare {
-                    self.wp_page_reuse(slot, orig);
+                    self.wp_page_reuse(page, slot, orig);
                 }
+                self.resolved(page, if unshare { 6 } else { 4 });
                 return Ok(());
             }
         } else if unshare {
@@ -335,11 +352,19 @@ impl Mm {
     }
 
     /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
-    fn wp_page_reuse(&self, slot: &AtomicU64, orig: u64) {
-        slot.store(
+    fn wp_page_reuse(&self, page: u64, slot: &AtomicU64, orig: u64) {
+        self.set_pte(
+            page,
+            slot,
             orig | bits::WRITABLE | bits::DIRTY | bits::ACCESSED,
-            Ordering::Release,
         );
+    }
+
+    /// Traces how the fault at `addr` was resolved (see `trace::Kind::Resolve`).
+    fn resolved(&self, addr: u64, how: u64) {
+        if let Some(t) = self.trace() {
+            t.emit(Kind::Resolve, &[addr, how], "");
+        }
     }
 
     /// Copies the page and maps the copy: reference taken, copy outside the
@@ -368,6 +393,9 @@ impl Mm {
                 return Err(e);
             }
         };
+        if let Some(t) = self.trace() {
+            t.emit(Kind::Copy, &[page, old, new], "");
+        }
         let _ = m
             .hooks
             .hit("wp_page_copy:after_copy", Some(cpu), Some(page));
@@ -382,7 +410,7 @@ impl Mm {
             // suggestion) the page became ours alone meanwhile: reuse it.
             if recheck && slot.load(Ordering::Acquire) == orig {
                 m.frames.page(old).set_anon_exclusive();
-                self.wp_page_reuse(slot, orig);
+                self.wp_page_reuse(page, slot, orig);
             }
             drop(ptl);
             m.frames.put_page(new);
@@ -393,14 +421,15 @@ impl Mm {
             .hooks
             .hit("wp_page_copy:before_clear_flush", Some(cpu), Some(page));
         // ptep_clear_flush(): no CPU may keep the old translation.
-        slot.store(0, Ordering::Release);
+        self.set_pte(page, slot, 0);
         self.flush_tlb_page(page, Some(cpu));
         let _ = m
             .hooks
             .hit("wp_page_copy:after_clear_flush", Some(cpu), Some(page));
         m.frames.add_new_anon_rmap(new);
         // An unshared copy is mapped read-only, like the page it replaces.
-        slot.store(mk_pte(new, vma.writable() && !unshare), Ordering::Release);
+        self.set_pte(page, slot, mk_pte(new, vma.writable() && !unshare));
+        self.resolved(page, if unshare { 6 } else { 5 });
         // The old rmap goes only now, after the switch (see the comment in
         // wp_page_copy() about another process reusing the page).
         if old != m.frames.zero_page() {
@@ -424,8 +453,8 @@ impl Mm {
         let mut freed = Vec::new();
         {
             let _ptl = self.ptl();
-            pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |_, slot| {
-                let pte = slot.swap(0, Ordering::AcqRel);
+            pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
+                let pte = self.set_pte(va, slot, 0);
                 let frame = pte & bits::ADDR_MASK;
                 if m.frames.is_normal(frame) {
                     m.frames.remove_rmap(frame);

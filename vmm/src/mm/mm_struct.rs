@@ -26,6 +26,7 @@ use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
 use crate::hooks::{self, Hooks};
 use crate::policy::Policy;
+use crate::trace::Kind;
 
 /// `PROT_*` bits of a VMA.
 pub mod prot {
@@ -263,16 +264,43 @@ impl Mm {
     /// runs `wait`, and clears the note.
     fn waiting<T>(&self, what: impl FnOnce() -> String, wait: impl FnOnce() -> T) -> T {
         let cpu = hooks::current_cpu();
+        let what = what();
+        // The lock's code in a trace: 1 mmap_lock, 3 the page-table lock.
+        let code = if what.starts_with("mmap_lock") { 1 } else { 3 };
+        if let Some(t) = self.trace() {
+            let holder = what.split_once(" held by ").map_or("", |h| h.1);
+            t.emit(Kind::LockWait, &[code], holder);
+        }
         if let Some(c) = cpu {
             self.m
                 .hooks
-                .set_blocked(c, Some(format!("v{c} waits for {}", what())));
+                .set_blocked(c, Some(format!("v{c} waits for {what}")));
         }
         let r = wait();
         if let Some(c) = cpu {
             self.m.hooks.set_blocked(c, None);
         }
+        if let Some(t) = self.trace() {
+            t.emit(Kind::LockDone, &[code], "");
+        }
         r
+    }
+
+    /// The trace recorder, if this run is traced.
+    #[inline]
+    pub(crate) fn trace(&self) -> Option<&crate::trace::Recorder> {
+        self.m.hooks.trace.get()
+    }
+
+    /// Sets a logical PTE, tracing the change; returns the old value.
+    pub(crate) fn set_pte(&self, va: u64, slot: &AtomicU64, new: u64) -> u64 {
+        let old = slot.swap(new, Ordering::AcqRel);
+        if old != new {
+            if let Some(t) = self.trace() {
+                t.emit(Kind::Pte, &[self.id as u64, va, old, new], "");
+            }
+        }
+        old
     }
 
     /// `guard`, noting its holder in `slot` while hooks are armed (only a
@@ -421,6 +449,9 @@ impl Mm {
     /// own TLB and the initiator waits for the remote ones' acks. Models
     /// arch/x86/mm/tlb.c:flush_tlb_mm_range().
     pub fn flush_tlb_range(&self, start: u64, end: u64, initiator: Option<usize>) {
+        if let Some(t) = self.trace() {
+            t.emit(Kind::FlushBegin, &[start, end], "");
+        }
         let _ = self
             .m
             .hooks
@@ -437,6 +468,9 @@ impl Mm {
             self.m.flusher().flush_cpu(cpu, initiator);
         }
         let _ = self.m.hooks.hit("tlb:after_ack", initiator, Some(start));
+        if let Some(t) = self.trace() {
+            t.emit(Kind::FlushEnd, &[start], "");
+        }
     }
 
     /// Models include/linux/mm.h:flush_tlb_page().

@@ -201,7 +201,7 @@ impl Mm {
         let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
         let mut downgraded = false;
         let _ptl = self.ptl();
-        pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |_, slot| {
+        pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
             let old = slot.load(Ordering::Acquire);
             let mut new = if accessible {
                 (old & !PTE_PROTNONE) | bits::PRESENT
@@ -215,7 +215,7 @@ impl Mm {
             }
             downgraded |= (old & bits::PRESENT != 0 && new & bits::PRESENT == 0)
                 || (old & bits::WRITABLE != 0 && new & bits::WRITABLE == 0);
-            slot.store(new, Ordering::Release);
+            self.set_pte(va, slot, new);
         });
         downgraded
     }

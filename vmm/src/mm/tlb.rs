@@ -102,7 +102,8 @@ impl ShadowTlb {
     }
 
     /// Installs `pte` for the page of `va` (a TLB fill); with `capacity`,
-    /// first evicts random entries so at most `capacity` remain.
+    /// then evicts random entries so at most `capacity` remain; returns
+    /// the pages evicted.
     pub fn fill<M: PhysMem + ?Sized>(
         &mut self,
         mem: &M,
@@ -110,7 +111,7 @@ impl ShadowTlb {
         va: u64,
         pte: u64,
         capacity: Option<usize>,
-    ) -> Result<(), OutOfFrames> {
+    ) -> Result<Vec<u64>, OutOfFrames> {
         let page = va & !(PAGE_SIZE - 1);
         debug_assert!(
             page < (KERNEL_PML4_START << 39),
@@ -124,14 +125,16 @@ impl ShadowTlb {
         }
         self.entries.insert(page);
         self.fills += 1;
+        let mut evicted = Vec::new();
         if let Some(cap) = capacity {
             while self.entries.len() > cap.max(1) {
                 let victim = self.random_entry_except(page);
                 self.remove(mem, victim);
                 self.evictions += 1;
+                evicted.push(victim);
             }
         }
-        Ok(())
+        Ok(evicted)
     }
 
     fn random_entry_except(&mut self, keep: u64) -> u64 {

@@ -62,7 +62,7 @@ impl Mm {
         self.inc_tlb_flush_pending();
         {
             let _ptl = self.ptl();
-            pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |_, slot| {
+            pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
                 let pte = slot.load(Ordering::Acquire);
                 if pte & bits::PRESENT == 0 {
                     return;
@@ -72,7 +72,7 @@ impl Mm {
                 } else {
                     pte & !PTE_UFFD_WP
                 };
-                slot.store(new, Ordering::Release);
+                self.set_pte(va, slot, new);
             });
         }
         let _ = m.hooks.hit("uffd:after_wrprotect", cpu, Some(start));

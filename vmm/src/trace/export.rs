@@ -1,0 +1,253 @@
+//! Reading a trace: one line per record (`cowlab trace show`) or Chrome
+//! Trace Event JSON for ui.perfetto.dev (`cowlab trace export`).
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::format::{Kind, Record, VMM_TRACK};
+
+/// Slices begun and not yet ended, by (run, track, kind of slice): their
+/// start and name.
+type OpenSlices = BTreeMap<(u64, u16, u8), Vec<(u64, String)>>;
+
+fn track_name(track: u16) -> String {
+    if track == VMM_TRACK {
+        "vmm".into()
+    } else {
+        format!("v{track}")
+    }
+}
+
+fn access(a: u64) -> &'static str {
+    match a {
+        0 => "read",
+        1 => "write",
+        _ => "exec",
+    }
+}
+
+fn resolution(r: u64) -> &'static str {
+    match r {
+        1 => "fill",
+        2 => "anon",
+        3 => "zero page",
+        4 => "reuse",
+        5 => "copy",
+        6 => "unshare",
+        7 => "userfault",
+        _ => "?",
+    }
+}
+
+fn fault_result(r: u64) -> &'static str {
+    match r {
+        0 => "ok",
+        1 => "segv",
+        2 => "oom",
+        _ => "interrupted",
+    }
+}
+
+fn lock(l: u64) -> &'static str {
+    match l {
+        1 => "mmap_lock",
+        2 => "VMA lock",
+        _ => "PTL",
+    }
+}
+
+fn addr(a: u64) -> String {
+    if a == u64::MAX {
+        "-".into()
+    } else {
+        format!("{a:#x}")
+    }
+}
+
+fn exit_reason(w: &[u64]) -> String {
+    match w[0] {
+        1 => match cowlab_abi::Hypercall::from_u32(w[1] as u32) {
+            Some(h) => format!("{h:?}"),
+            None => format!("hypercall {}", w[1]),
+        },
+        2 => "interrupted".into(),
+        3 => "memory revoked".into(),
+        _ => "other".into(),
+    }
+}
+
+/// The event's fields in words, without its kind and track.
+pub fn describe(r: &Record) -> String {
+    let w = &r.words;
+    match r.kind {
+        Kind::RunBegin => format!("run {} of {}", w[0], r.text),
+        Kind::RunEnd => format!(
+            "{}: {}",
+            ["no witness", "witness", "unreachable"]
+                .get(w[0] as usize)
+                .unwrap_or(&"?"),
+            r.text
+        ),
+        Kind::Exit => exit_reason(w),
+        Kind::Resume => String::new(),
+        Kind::Fault => format!("{:#x} {}", w[0], access(w[1])),
+        Kind::FaultEnd => format!("{:#x} {}", w[0], fault_result(w[1])),
+        Kind::Resolve => format!("{:#x} {}", w[0], resolution(w[1])),
+        Kind::Fill => format!("{:#x} -> {:#x}", w[0], w[1]),
+        Kind::Evict => format!("{:#x}", w[0]),
+        Kind::FlushBegin => format!("[{:#x}, {:#x})", w[0], w[1]),
+        Kind::FlushEnd => format!("{:#x}", w[0]),
+        Kind::IpiSend | Kind::IpiAck => format!("to v{} #{}", w[0], w[1]),
+        Kind::Pte => format!("mm{} {:#x}: {:#x} -> {:#x}", w[0], w[1], w[2], w[3]),
+        Kind::Copy => format!("{:#x}: frame {:#x} -> {:#x}", w[0], w[1], w[2]),
+        Kind::Pin => format!(
+            "{:#x} frame {:#x} ({})",
+            w[0],
+            w[1],
+            if w[2] == 1 { "pin" } else { "get" }
+        ),
+        Kind::Unpin => format!("frame {:#x}", w[0]),
+        Kind::Point | Kind::Rule => format!("{} {}", r.text, addr(w[0])),
+        Kind::LockWait => format!("{} held by {}", lock(w[0]), r.text),
+        Kind::LockDone => lock(w[0]).to_string(),
+        Kind::Regs => w
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("r{i}={v:#x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// One line per record: time (µs since the start), track, kind, fields.
+pub fn show(records: &[Record], vcpu: Option<u16>, kinds: &[Kind]) -> String {
+    let mut out = String::new();
+    for r in records {
+        let run_marker = matches!(r.kind, Kind::RunBegin | Kind::RunEnd);
+        if !run_marker && vcpu.is_some_and(|v| v != r.track) {
+            continue;
+        }
+        if !kinds.is_empty() && !run_marker && !kinds.contains(&r.kind) {
+            continue;
+        }
+        out += &format!(
+            "{:>14.3} {:<4} {:<10} {}\n",
+            r.ts as f64 / 1000.0,
+            track_name(r.track),
+            r.kind.name(),
+            describe(r)
+        );
+    }
+    out
+}
+
+/// Chrome Trace Event JSON: per run a process, per vCPU (and the VMM) a
+/// thread with nested slices (exits, faults, flushes, lock waits) and
+/// instants (points, fills, PTE changes, …); flows from each shootdown
+/// request to its acknowledgement and from a copied page's source frame to
+/// its destination (on the "frames" process, a track per frame).
+pub fn chrome(records: &[Record]) -> Value {
+    let mut events = Vec::new();
+    let mut run = 0u64;
+    let mut named: std::collections::BTreeSet<(u64, u16)> = Default::default();
+    let mut frames_named: std::collections::BTreeSet<u64> = Default::default();
+    // Open slices by (run, track, kind of slice): start ts and name.
+    let mut open = OpenSlices::new();
+    let mut flow_id = 0u64;
+    let us = |ts: u64| ts as f64 / 1000.0;
+    const FRAMES_PID: u64 = 0;
+    let tid = |t: u16| if t == VMM_TRACK { 10_000 } else { t as u64 };
+    for r in records {
+        if r.kind == Kind::RunBegin {
+            run = r.words[0];
+            events.push(json!({"ph": "M", "name": "process_name", "pid": run,
+                "args": {"name": format!("run {run}: {}", r.text)}}));
+            events.push(json!({"ph": "M", "name": "process_sort_index", "pid": run, "args": {"sort_index": run}}));
+        }
+        if named.insert((run, r.track)) {
+            let name = if r.track == VMM_TRACK {
+                "VMM".to_string()
+            } else {
+                format!("vCPU {}", r.track)
+            };
+            events.push(json!({"ph": "M", "name": "thread_name", "pid": run, "tid": tid(r.track), "args": {"name": name}}));
+        }
+        let (pid, t, ts) = (run, tid(r.track), us(r.ts));
+        let mut begin = |slot: u8, name: String| {
+            open.entry((run, r.track, slot))
+                .or_default()
+                .push((r.ts, name));
+        };
+        let end = |open: &mut OpenSlices, events: &mut Vec<Value>, slot: u8, suffix: String| {
+            if let Some((start, name)) = open.get_mut(&(run, r.track, slot)).and_then(|v| v.pop()) {
+                events.push(
+                    json!({"ph": "X", "name": format!("{name}{suffix}"), "pid": pid, "tid": t,
+                    "ts": us(start), "dur": us(r.ts.saturating_sub(start))}),
+                );
+            }
+        };
+        let instant = |events: &mut Vec<Value>, name: String| {
+            events.push(
+                json!({"ph": "i", "s": "t", "name": name, "pid": pid, "tid": t, "ts": ts,
+                "args": {"detail": describe(r)}}),
+            );
+        };
+        match r.kind {
+            Kind::Exit => begin(0, format!("exit: {}", exit_reason(&r.words))),
+            Kind::Resume => end(&mut open, &mut events, 0, String::new()),
+            Kind::Fault => begin(1, format!("fault {:#x} {}", r.words[0], access(r.words[1]))),
+            Kind::FaultEnd => end(
+                &mut open,
+                &mut events,
+                1,
+                format!(" ({})", fault_result(r.words[1])),
+            ),
+            Kind::FlushBegin => begin(2, format!("flush [{:#x}, {:#x})", r.words[0], r.words[1])),
+            Kind::FlushEnd => end(&mut open, &mut events, 2, String::new()),
+            Kind::LockWait => begin(3, format!("wait {} (held by {})", lock(r.words[0]), r.text)),
+            Kind::LockDone => end(&mut open, &mut events, 3, String::new()),
+            Kind::IpiSend => {
+                let id = format!("ipi-{run}-{}-{}", r.words[0], r.words[1]);
+                events.push(json!({"ph": "X", "name": format!("IPI to v{}", r.words[0]), "pid": pid, "tid": t, "ts": ts, "dur": 0.5}));
+                events.push(json!({"ph": "s", "name": "shootdown", "cat": "shootdown", "id": id, "pid": pid, "tid": t, "ts": ts}));
+            }
+            Kind::IpiAck => {
+                let id = format!("ipi-{run}-{}-{}", r.words[0], r.words[1]);
+                let target = tid(r.words[0] as u16);
+                events.push(json!({"ph": "X", "name": format!("ack (by {})", track_name(r.track)), "pid": pid, "tid": target, "ts": ts, "dur": 0.5}));
+                events.push(json!({"ph": "f", "bp": "e", "name": "shootdown", "cat": "shootdown", "id": id, "pid": pid, "tid": target, "ts": ts}));
+            }
+            Kind::Copy => {
+                flow_id += 1;
+                let (src, dst) = (r.words[1], r.words[2]);
+                for f in [src, dst] {
+                    if frames_named.insert(f) {
+                        events.push(json!({"ph": "M", "name": "thread_name", "pid": FRAMES_PID, "tid": f >> 12,
+                            "args": {"name": format!("frame {f:#x}")}}));
+                    }
+                }
+                let id = format!("copy-{flow_id}");
+                events.push(json!({"ph": "X", "name": format!("copied by {} (page {:#x})", track_name(r.track), r.words[0]),
+                    "pid": FRAMES_PID, "tid": src >> 12, "ts": ts, "dur": 0.5}));
+                events.push(json!({"ph": "s", "name": "copy", "cat": "copy", "id": id, "pid": FRAMES_PID, "tid": src >> 12, "ts": ts}));
+                events.push(json!({"ph": "X", "name": format!("copy of {src:#x}"), "pid": FRAMES_PID, "tid": dst >> 12, "ts": ts, "dur": 0.5}));
+                events.push(json!({"ph": "f", "bp": "e", "name": "copy", "cat": "copy", "id": id, "pid": FRAMES_PID, "tid": dst >> 12, "ts": ts}));
+                instant(&mut events, format!("copy {:#x}", r.words[0]));
+            }
+            Kind::Point => instant(&mut events, r.text.clone()),
+            Kind::Rule => instant(&mut events, format!("rule {}", r.text)),
+            Kind::Resolve => instant(&mut events, resolution(r.words[1]).to_string()),
+            Kind::RunEnd => events.push(
+                json!({"ph": "i", "s": "p", "name": format!("end: {}", describe(r)),
+                "pid": pid, "tid": t, "ts": ts}),
+            ),
+            Kind::RunBegin => {}
+            other => instant(&mut events, other.name().to_lowercase()),
+        }
+    }
+    if !frames_named.is_empty() {
+        events.push(json!({"ph": "M", "name": "process_name", "pid": FRAMES_PID, "args": {"name": "frames"}}));
+    }
+    json!({"traceEvents": events, "displayTimeUnit": "ns"})
+}

@@ -1,0 +1,106 @@
+//! Traces: what the VMM and the memory model did, per vCPU, with
+//! nanosecond timestamps, in the binary format of docs/trace-format.md.
+//!
+//! - [`Recorder`]: appends events while runs go on and writes each run to
+//!   the file when it ends (or drops it, for `--trace-witnesses-only`);
+//! - [`format`]: the record layout, encoding and a decoder that names the
+//!   offset of anything it cannot read;
+//! - [`export`]: readable text (`cowlab trace show`) and Chrome Trace Event
+//!   JSON (`cowlab trace export --format chrome`).
+
+pub mod export;
+pub mod format;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+pub use format::{read_trace, Kind, Record, TraceError, VMM_TRACK};
+
+/// Collects events and writes them, a run at a time, to a trace file.
+#[derive(Debug)]
+pub struct Recorder {
+    start: Instant,
+    enabled: AtomicBool,
+    /// The current run's records, encoded.
+    buf: Mutex<Vec<u8>>,
+    out: Mutex<BufWriter<File>>,
+}
+
+impl Recorder {
+    /// Creates `path` (replacing it) and writes the header.
+    pub fn create(path: &Path) -> std::io::Result<Arc<Self>> {
+        let mut out = BufWriter::new(File::create(path)?);
+        out.write_all(&format::header())?;
+        Ok(Arc::new(Recorder {
+            start: Instant::now(),
+            enabled: AtomicBool::new(true),
+            buf: Mutex::new(Vec::with_capacity(1 << 16)),
+            out: Mutex::new(out),
+        }))
+    }
+
+    /// Whether events are recorded now (`trace-stop` pauses it).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Records an event on the current thread's track (its vCPU, or the
+    /// VMM's).
+    pub fn emit(&self, kind: Kind, words: &[u64], text: &str) {
+        let track = crate::hooks::current_cpu().map_or(VMM_TRACK, |c| c.min(0xfffe) as u16);
+        self.emit_on(track, kind, words, text);
+    }
+
+    /// Records an event on `track`.
+    pub fn emit_on(&self, track: u16, kind: Kind, words: &[u64], text: &str) {
+        if !self.enabled() {
+            return;
+        }
+        let ts = self.start.elapsed().as_nanos() as u64;
+        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        format::encode(&mut buf, kind, track, ts, words, text);
+    }
+
+    /// Starts run `index` (1-based) of `label` (test and policy).
+    pub fn begin_run(&self, index: u64, label: &str) {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.emit_on(VMM_TRACK, Kind::RunBegin, &[index], label);
+    }
+
+    /// Ends the run with its outcome (see [`Kind::RunEnd`]) and final
+    /// state, and writes it to the file — unless `keep` is false.
+    pub fn end_run(&self, outcome: u64, state: &str, keep: bool) -> std::io::Result<()> {
+        self.emit_on(VMM_TRACK, Kind::RunEnd, &[outcome], state);
+        let records = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if keep {
+            out.write_all(&records)?;
+        }
+        out.flush()
+    }
+}
+
+/// The recorder of a VM, if tracing: cheap to ask on every event.
+#[derive(Debug, Default)]
+pub struct TraceSlot(std::sync::OnceLock<Arc<Recorder>>);
+
+impl TraceSlot {
+    /// Attaches `recorder` (once per VM).
+    pub fn set(&self, recorder: Arc<Recorder>) {
+        let _ = self.0.set(recorder);
+    }
+
+    /// The recorder, if one is attached and recording.
+    #[inline]
+    pub fn get(&self) -> Option<&Recorder> {
+        self.0.get().map(|r| &**r).filter(|r| r.enabled())
+    }
+}
