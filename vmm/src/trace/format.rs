@@ -73,7 +73,7 @@ kinds! {
     FlushBegin = 10, 2, false, "flush_tlb_range starts: [start, end]";
     FlushEnd = 11, 1, false, "flush_tlb_range finished, every CPU acknowledged: [start]";
     IpiSend = 12, 2, false, "a shootdown request to a CPU: [target, generation]";
-    IpiAck = 13, 2, false, "the target acknowledged (on the acking thread): [target, generation]";
+    IpiAck = 13, 2, false, "the target acknowledged (on its track, when the initiator saw it): [target, generation]";
     Pte = 14, 4, false, "a logical PTE changed: [mm, page, old, new]";
     Copy = 15, 3, false, "a page copied: [page, source frame, destination frame]";
     Pin = 16, 3, false, "GUP took a reference or pin: [page, frame, 1 pin 0 get]";
