@@ -556,3 +556,78 @@ fn query_status_says_why_a_vcpu_waits() {
     let out = finish(child);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
+
+#[test]
+fn trace_start_and_stop_record_the_runs_between_them() {
+    let path = sock("trace");
+    let file = std::env::temp_dir().join(format!("cowlab-ctl-{}-trace.bin", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let child = start(
+        &path,
+        &[
+            "run",
+            "fork-vma-lock",
+            "--policy",
+            "linux-6.4",
+            "--runs",
+            "3",
+            "--wait",
+            "--json",
+        ],
+    );
+    let mut c = Client::connect(&path);
+    let r = c.ask("trace-start", json!({ "file": file.to_str().unwrap() }));
+    assert_eq!(r["return"]["from"], "this run", "{r}");
+    // One trace at a time; a missing argument is an error.
+    let r = c.ask("trace-start", json!({ "file": "/tmp/other" }));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("trace-stop first"),
+        "{r}"
+    );
+    let r = c.ask("trace-start", json!({}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    // Runs 1 and 2 recorded; stopped before run 3 (paused at its start).
+    let r = c.ask("inject", json!({ "rule": "pause@fork:enter" }));
+    let rule = r["return"]["id"].as_u64().unwrap();
+    assert_eq!(c.ask("cont", json!({}))["return"], json!({}));
+    let mut seen = 0;
+    while seen < 3 {
+        let st = status_when(&mut c, |s| {
+            s["vcpus"].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|x| x["state"].as_str().unwrap_or("").starts_with("paused"))
+            })
+        });
+        seen = st["run"].as_u64().unwrap();
+        if seen == 3 {
+            let r = c.ask("trace-stop", json!({}));
+            assert!(r["return"]["file"].is_string(), "{r}");
+            assert_eq!(
+                c.ask("uninject", json!({ "id": rule }))["return"],
+                json!({})
+            );
+        }
+        assert_eq!(c.ask("cont", json!({}))["return"], json!({}));
+    }
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let records = cowlab::trace::read_trace(&std::fs::read(&file).unwrap()).unwrap();
+    let begins: Vec<u64> = records
+        .iter()
+        .filter(|r| r.kind == cowlab::trace::Kind::RunBegin)
+        .map(|r| r.words[0])
+        .collect();
+    assert_eq!(begins, [1, 2, 3], "run 3 began before the stop");
+    let ends: Vec<&str> = records
+        .iter()
+        .filter(|r| r.kind == cowlab::trace::Kind::RunEnd)
+        .map(|r| r.text.as_str())
+        .collect();
+    assert_eq!(ends, ["P0:r2=1;", "P0:r2=1;", "trace stopped"]);
+    let r = ctl(&path, &["trace-stop"]);
+    assert_ne!(r.status.code(), Some(0), "the run is over: no socket");
+    let _ = std::fs::remove_file(&file);
+}

@@ -22,6 +22,7 @@ pub use server::Server;
 use crate::hooks::{HookEvent, Observer, Rule};
 use crate::kvm::{Event, Outcome, VcpuReport, VmConfig, VmHandle};
 use crate::policy::Policy;
+use crate::trace::Recorder;
 
 /// What a VM takes from the controller when it starts.
 #[derive(Clone)]
@@ -67,6 +68,10 @@ pub struct Controller {
     knobs: Mutex<Vec<(String, String)>>,
     clients: Mutex<Vec<ClientTx>>,
     quit: AtomicBool,
+    /// `trace-start`'s recorder and its file, until `trace-stop`.
+    trace: Mutex<Option<(Arc<Recorder>, String)>>,
+    /// The command records a trace of its own (`--trace`).
+    cli_trace: AtomicBool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -93,6 +98,8 @@ impl Controller {
             knobs: Mutex::new(Vec::new()),
             clients: Mutex::new(Vec::new()),
             quit: AtomicBool::new(false),
+            trace: Mutex::new(None),
+            cli_trace: AtomicBool::new(false),
         })
     }
 
@@ -111,6 +118,14 @@ impl Controller {
     pub fn configure(self: &Arc<Self>, config: &mut VmConfig) -> Result<(), String> {
         for (knob, value) in lock(&self.knobs).iter() {
             config.policy.set(knob, value)?;
+        }
+        if config.trace.is_some() {
+            self.cli_trace.store(true, Ordering::Release);
+        } else if let Some((t, _)) = &*lock(&self.trace) {
+            // Begun before the VM exists, so its boot is in the run.
+            let run = lock(&self.progress).run + 1;
+            t.begin_run(run, &self.run_label());
+            config.trace = Some(Arc::clone(t));
         }
         let me = Arc::downgrade(self);
         let observer: Observer = Arc::new(move |e: HookEvent| {
@@ -150,9 +165,64 @@ impl Controller {
         lock(&self.progress).run = run;
     }
 
+    fn run_label(&self) -> String {
+        let p = lock(&self.progress);
+        format!("{} ({})", p.what, p.policy)
+    }
+
+    /// `trace-start`: records from now on into `file` (this run, if its VM
+    /// takes the recorder, and every later one).
+    fn trace_start(&self, file: &str) -> Result<Value, String> {
+        if self.cli_trace.load(Ordering::Acquire) {
+            return Err("this command records a trace already (--trace)".into());
+        }
+        let mut trace = lock(&self.trace);
+        if let Some((_, f)) = &*trace {
+            return Err(format!(
+                "a trace is being recorded into {f}; trace-stop first"
+            ));
+        }
+        let t = Recorder::create(std::path::Path::new(file)).map_err(|e| format!("{file}: {e}"))?;
+        let now = match self.current() {
+            Some(vm) => vm.with_hooks(|h| h.trace.set(Arc::clone(&t))) == Some(true),
+            None => false,
+        };
+        if now {
+            let run = lock(&self.progress).run;
+            t.begin_run(run, &self.run_label());
+        }
+        *trace = Some((t, file.to_string()));
+        Ok(json!({ "file": file, "from": if now { "this run" } else { "the next run" } }))
+    }
+
+    /// `trace-stop`: ends the run under way in the trace and closes it.
+    fn trace_stop(&self) -> Result<Value, String> {
+        let Some((t, file)) = lock(&self.trace).take() else {
+            return Err("no trace is being recorded (trace-start FILE first)".into());
+        };
+        if self.current().is_some() {
+            t.end_run(0, "trace stopped", true)
+                .map_err(|e| format!("{file}: {e}"))?;
+        }
+        t.set_enabled(false);
+        Ok(json!({ "file": file }))
+    }
+
     /// Run `run` ended: `outcome` is its summary (`RUN_FINISHED` data).
     pub fn detach(&self, run: u64, outcome: Value) {
         *lock(&self.current) = None;
+        if let Some((t, file)) = &*lock(&self.trace) {
+            let text = match &outcome {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if let Err(e) = t.end_run(0, &text, true) {
+                self.emit(
+                    "TRACE_ERROR",
+                    json!({ "file": file, "error": e.to_string() }),
+                );
+            }
+        }
         self.emit("RUN_FINISHED", json!({ "run": run, "outcome": outcome }));
     }
 

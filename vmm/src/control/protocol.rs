@@ -169,6 +169,11 @@ pub(crate) const COMMANDS: &[(&str, &str)] = &[
         "set policy 'knob' to 'value' from the next run on",
     ),
     ("query-points", "the injection points"),
+    (
+        "trace-start",
+        "record a trace into 'file' (docs/trace-format.md) from now on",
+    ),
+    ("trace-stop", "end the trace started by trace-start"),
     ("quit", "end the run under way and start no other"),
 ];
 
@@ -236,6 +241,11 @@ fn execute(ctl: &Controller, name: &str, args: &Map<String, Value>) -> Result<Va
             lock(&ctl.knobs).push((knob.to_string(), value.to_string()));
             json!({ "applies": "from the next run" })
         }
+        "trace-start" => {
+            let file = Args::required(a.str("file")?, "file")?;
+            ctl.trace_start(file).map_err(generic)?
+        }
+        "trace-stop" => ctl.trace_stop().map_err(generic)?,
         "query-points" => POINTS
             .iter()
             .map(|(n, d)| json!({ "name": n, "description": d }))

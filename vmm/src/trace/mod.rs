@@ -93,9 +93,10 @@ impl Recorder {
 pub struct TraceSlot(std::sync::OnceLock<Arc<Recorder>>);
 
 impl TraceSlot {
-    /// Attaches `recorder` (once per VM).
-    pub fn set(&self, recorder: Arc<Recorder>) {
-        let _ = self.0.set(recorder);
+    /// Attaches `recorder`; false if the VM already had one (a VM keeps
+    /// the first recorder it is given).
+    pub fn set(&self, recorder: Arc<Recorder>) -> bool {
+        self.0.set(recorder).is_ok()
     }
 
     /// The recorder, if one is attached and recording.
