@@ -194,7 +194,23 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     };
     let pio = per_op(Program::BenchPio)?;
     let fault = per_op(Program::BenchFault)?;
-    let touch = per_op(Program::BenchTouch)?;
+    // First-touch faults without and with a trace recorded, alternating.
+    let (mut touch, mut traced) = (Vec::new(), Vec::new());
+    let trace_file =
+        std::env::temp_dir().join(format!("cowlab-bench-{}.trace", std::process::id()));
+    for _ in 0..opts.rounds {
+        touch.push(marked_round(opts, Program::BenchTouch)?.0);
+        let recorder = crate::trace::Recorder::create(&trace_file)
+            .map_err(|e| Error::Run(format!("{}: {e}", trace_file.display())))?;
+        recorder.begin_run(1, "bench-touch");
+        let config = VmConfig {
+            trace: Some(std::sync::Arc::clone(&recorder)),
+            ..config(opts, Program::BenchTouch, opts.iters)
+        };
+        traced.push(marked(config, opts.iters)?.0);
+        let _ = recorder.end_run(0, "", false);
+    }
+    let _ = std::fs::remove_file(&trace_file);
     let store = per_op(Program::BenchStore)?;
     let mut refill = Vec::new();
     let mut shootdown: [Vec<f64>; 3] = Default::default();
@@ -247,6 +263,11 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             "first_touch_fault",
             "first write to a fresh page: forward + demand-zero frame + shadow fill",
             touch,
+        ),
+        (
+            "first_touch_traced",
+            "the same while --trace records every event (trace overhead: ratio to first_touch_fault)",
+            traced,
         ),
         (
             "tlb_fill_fault",

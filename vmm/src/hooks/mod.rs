@@ -504,6 +504,16 @@ impl Hooks {
             return;
         };
         s.last_progress.get_or_insert_with(Instant::now);
+        let waits = s.next < j;
+        if let (true, Some(t)) = (waits, self.trace.get()) {
+            let what = format!(
+                "step {} waits for step {}: {}",
+                j + 1,
+                s.next + 1,
+                s.steps[s.next]
+            );
+            t.emit(crate::trace::Kind::LockWait, &[4], &what);
+        }
         while s.next < j && !s.aborted && !self.released.load(Ordering::Acquire) {
             let waiting_for = s.steps[s.next].clone();
             self.set_blocked(
@@ -521,6 +531,9 @@ impl Hooks {
                 .0;
         }
         self.set_blocked(cpu, None);
+        if let (true, Some(t)) = (waits, self.trace.get()) {
+            t.emit(crate::trace::Kind::LockDone, &[4], "");
+        }
         s = self.settle(s, j, cpu);
         if s.next == j && !s.aborted {
             s.next = j + 1;
@@ -567,6 +580,9 @@ impl Hooks {
         if let Some(c) = cpu {
             self.set_blocked(c, Some(format!("v{c} paused at {point}")));
         }
+        if let Some(t) = self.trace.get() {
+            t.emit(crate::trace::Kind::LockWait, &[5], point);
+        }
         let mut paused = lock(&self.paused);
         while paused.contains_key(&key) && !self.released.load(Ordering::Acquire) {
             paused = self
@@ -574,6 +590,10 @@ impl Hooks {
                 .wait_timeout(paused, Duration::from_millis(20))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+        drop(paused);
+        if let Some(t) = self.trace.get() {
+            t.emit(crate::trace::Kind::LockDone, &[5], "");
         }
         if let Some(c) = cpu {
             self.set_blocked(c, None);

@@ -53,7 +53,9 @@ fn lock(l: u64) -> &'static str {
     match l {
         1 => "mmap_lock",
         2 => "VMA lock",
-        _ => "PTL",
+        3 => "PTL",
+        4 => "schedule",
+        _ => "pause",
     }
 }
 
@@ -109,6 +111,7 @@ pub fn describe(r: &Record) -> String {
         ),
         Kind::Unpin => format!("frame {:#x}", w[0]),
         Kind::Point | Kind::Rule => format!("{} {}", r.text, addr(w[0])),
+        Kind::LockWait if w[0] >= 4 => format!("{}: {}", lock(w[0]), r.text),
         Kind::LockWait => format!("{} held by {}", lock(w[0]), r.text),
         Kind::LockDone => lock(w[0]).to_string(),
         Kind::Regs => w
@@ -205,7 +208,7 @@ pub fn chrome(records: &[Record]) -> Value {
             ),
             Kind::FlushBegin => begin(2, format!("flush [{:#x}, {:#x})", r.words[0], r.words[1])),
             Kind::FlushEnd => end(&mut open, &mut events, 2, String::new()),
-            Kind::LockWait => begin(3, format!("wait {} (held by {})", lock(r.words[0]), r.text)),
+            Kind::LockWait => begin(3, format!("wait {}", describe(r))),
             Kind::LockDone => end(&mut open, &mut events, 3, String::new()),
             Kind::IpiSend => {
                 let id = format!("ipi-{run}-{}-{}", r.words[0], r.words[1]);

@@ -80,7 +80,7 @@ kinds! {
     Unpin = 17, 1, false, "a pin or reference released: [frame]";
     Point = 18, 1, true, "an injection point hit: [address or 2^64-1]; text: the point";
     Rule = 19, 1, true, "a rule acted: [address or 2^64-1]; text: the rule";
-    LockWait = 20, 1, true, "waiting for a lock: [1 mmap_lock 2 VMA lock 3 PTL]; text: the holder";
+    LockWait = 20, 1, true, "waiting: [1 mmap_lock 2 VMA lock 3 PTL 4 a schedule's earlier step 5 a pause rule]; text: the holder, or what is awaited";
     LockDone = 21, 1, false, "got the lock waited for: [lock]";
     Regs = 22, 10, false, "a litmus thread's final registers r0-r9";
 }
