@@ -31,7 +31,7 @@ impl Mm {
         let _vma_locks: Vec<_> = vmas
             .iter()
             .filter(|_| lock_vmas)
-            .map(|v| v.start_write())
+            .map(|v| v.start_write_traced(self.trace()))
             .collect();
         let _ = self.m.hooks.hit("fork:enter", cpu, None);
         self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);

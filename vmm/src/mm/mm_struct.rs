@@ -164,6 +164,24 @@ impl Vma {
         self.vm_lock.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The same, tracing a wait for the VMA's readers (faults under it).
+    pub(crate) fn start_write_traced(
+        &self,
+        trace: Option<&crate::trace::Recorder>,
+    ) -> RwLockWriteGuard<'_, ()> {
+        if let Ok(g) = self.vm_lock.try_write() {
+            return g;
+        }
+        if let Some(t) = trace {
+            t.emit(Kind::LockWait, &[2], &format!("faults in [{:#x}, {:#x})", self.start, self.end));
+        }
+        let g = self.start_write();
+        if let Some(t) = trace {
+            t.emit(Kind::LockDone, &[2], "");
+        }
+        g
+    }
+
     /// Waits for the VMA's readers and marks it detached (it is leaving the
     /// tree). Models include/linux/mm.h:vma_start_write() + vma_mark_detached().
     pub(crate) fn start_write_and_detach(&self) {
