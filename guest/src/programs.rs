@@ -86,6 +86,7 @@ pub extern "C" fn _start() -> ! {
         }
         Some(Program::BenchShootdown) if (USER_MIN_ADDR..USER_END).contains(&arg) => wait_for(arg),
         Some(Program::BenchShootdown) => bench_shootdown(arg & 0xffff_ffff, arg >> 48),
+        Some(Program::BenchFork) => bench_fork(arg.max(1)),
         Some(Program::ForkCow) => fork_cow(),
         Some(Program::Litmus) => crate::litmus::run(arg),
         Some(Program::CowVmsplice) => cow_vmsplice(),
@@ -469,6 +470,34 @@ fn bench_shootdown(rounds: u64, others: u64) {
 }
 
 /// Times `f` between two marks the VMM timestamps.
+/// Touches `pages` pages between marks 5 and 6 (first-touch faults);
+/// forks between marks 1 and 2; then, while the
+/// child waits, writes each page once between marks 3 and 4 (each a COW
+/// fault: the page is shared with the child).
+fn bench_fork(pages: u64) {
+    let base = map(pages);
+    hypercall(Hypercall::Mark, [5, 0, 0, 0]);
+    touch(base, pages);
+    hypercall(Hypercall::Mark, [6, 0, 0, 0]);
+    rt::shared_word(0).store(0, Ordering::Release);
+    hypercall(Hypercall::Mark, [1, 0, 0, 0]);
+    let child = check(rt::fork(), "fork");
+    if child == 0 {
+        await_shared(0);
+        return;
+    }
+    hypercall(Hypercall::Mark, [2, 0, 0, 0]);
+    hypercall(Hypercall::Mark, [3, 0, 0, 0]);
+    for p in 0..pages {
+        write(base, p, 1, p);
+    }
+    hypercall(Hypercall::Mark, [4, 0, 0, 0]);
+    rt::shared_word(0).store(1, Ordering::Release);
+    if rt::join(child) != Some(0) {
+        rt::fail(format_args!("the child (vcpu {child}) failed"));
+    }
+}
+
 fn bench(f: impl FnOnce()) {
     hypercall(Hypercall::Mark, [1, 0, 0, 0]);
     f();

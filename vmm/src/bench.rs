@@ -3,11 +3,15 @@
 //! interrupt-injection round trips. Each number comes from real vCPUs
 //! running the built-in benchmark programs.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cowlab_abi::Program;
 
 use crate::kvm::{Error, Event, Vm, VmConfig};
+use crate::litmus;
+use crate::policy::Policy;
 
 /// How much to measure.
 #[derive(Debug, Clone)]
@@ -17,6 +21,13 @@ pub struct BenchOptions {
     /// Operations per round.
     pub iters: u64,
     pub kvm_path: String,
+    /// Sizes (MiB) of touched memory for the fork / COW / first-touch
+    /// comparison with native Linux.
+    pub sizes_mib: Vec<u64>,
+    /// Rounds of that comparison (each a cowlab VM and a native process).
+    pub native_rounds: usize,
+    /// Runs per round of each litmus test timed.
+    pub litmus_runs: u64,
 }
 
 impl Default for BenchOptions {
@@ -25,6 +36,9 @@ impl Default for BenchOptions {
             rounds: 5,
             iters: 20_000,
             kvm_path: "/dev/kvm".into(),
+            sizes_mib: vec![16, 64, 256],
+            native_rounds: 3,
+            litmus_runs: 50,
         }
     }
 }
@@ -98,16 +112,18 @@ fn marked_round(opts: &BenchOptions, program: Program) -> Result<(f64, Option<f6
 /// Runs `config` and returns the time between its marks 1 and 2 divided
 /// by `ops`, plus the VM's boot time.
 fn marked(config: VmConfig, ops: u64) -> Result<(f64, Option<f64>), Error> {
+    let (marks, boot) = marks(config)?;
+    Ok((between(&marks, 1, 2)? / ops as f64, boot))
+}
+
+/// Runs `config` to its end; the times of its marks, and its boot time.
+fn marks(config: VmConfig) -> Result<(BTreeMap<u64, Instant>, Option<f64>), Error> {
     let program = config.program;
     let mut vm = Vm::new(&config)?;
-    let (mut start, mut end) = (None, None);
-    let report = vm.wait(Some(Duration::from_secs(60)), |e| {
+    let mut marks = BTreeMap::new();
+    let report = vm.wait(Some(Duration::from_secs(300)), |e| {
         if let Event::Mark { n, at, .. } = e {
-            match n {
-                1 => start = Some(*at),
-                2 => end = Some(*at),
-                _ => {}
-            }
+            marks.insert(*n, *at);
         }
     });
     let problems = report.problems();
@@ -118,13 +134,21 @@ fn marked(config: VmConfig, ops: u64) -> Result<(f64, Option<f64>), Error> {
             problems.join("; ")
         )));
     }
-    let (Some(s), Some(e)) = (start, end) else {
+    if marks.is_empty() {
         return Err(Error::Run(format!(
             "benchmark {} reported no marks",
             program.name()
         )));
-    };
-    Ok((us(e - s) / ops as f64, report.boot_time.map(us)))
+    }
+    Ok((marks, report.boot_time.map(us)))
+}
+
+/// Microseconds from mark `a` to mark `b`.
+fn between(marks: &BTreeMap<u64, Instant>, a: u64, b: u64) -> Result<f64, Error> {
+    match (marks.get(&a), marks.get(&b)) {
+        (Some(s), Some(e)) => Ok(us(*e - *s)),
+        _ => Err(Error::Run(format!("benchmark marks {a} and {b} missing"))),
+    }
 }
 
 /// Kicks a spinning vCPU up to 2000 times with `send` and times each round
@@ -313,6 +337,175 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
         .collect())
 }
 
+/// One workload measured in cowlab and natively, in the same run.
+#[derive(Debug, Clone)]
+pub struct Versus {
+    pub name: String,
+    pub what: &'static str,
+    pub cowlab: Stat,
+    pub native: Stat,
+}
+
+impl Versus {
+    /// cowlab's median over native's.
+    pub fn ratio(&self) -> f64 {
+        self.cowlab.median_us / self.native.median_us
+    }
+}
+
+/// The native baseline: `cowlab-native MIB` (tools/), a Linux process on
+/// this host. Per page, in µs: first touch, fork, COW fault.
+fn native_round(mib: u64) -> Result<[f64; 3], Error> {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("cowlab-native")))
+        .filter(|p| p.exists())
+        .ok_or_else(|| {
+            Error::Run(
+                "cowlab-native not found beside cowlab (cargo build --release builds it)".into(),
+            )
+        })?;
+    let out = std::process::Command::new(&exe)
+        .arg(mib.to_string())
+        .output()
+        .map_err(|e| Error::Run(format!("{}: {e}", exe.display())))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Run(format!("cowlab-native printed no JSON: {e}")))?;
+    let get = |k: &str| {
+        v[k].as_f64()
+            .map(|ns| ns / 1000.0)
+            .ok_or_else(|| Error::Run(format!("cowlab-native: no {k}")))
+    };
+    Ok([
+        get("first_touch_ns")?,
+        get("fork_ns_per_page")?,
+        get("cow_fault_ns")?,
+    ])
+}
+
+/// The same three in cowlab: the `bench-fork` program (marks 5-6 touch,
+/// 1-2 fork, 3-4 COW writes), per page in µs.
+fn cowlab_round(opts: &BenchOptions, mib: u64) -> Result<[f64; 3], Error> {
+    let pages = mib * 256;
+    let config = VmConfig {
+        // The touched memory, the COW copies, page tables, stacks.
+        mem_mib: (2 * mib + 128).max(256),
+        ..config(opts, Program::BenchFork, pages)
+    };
+    let (m, _) = marks(config)?;
+    let per = |a, b| between(&m, a, b).map(|t| t / pages as f64);
+    Ok([per(5, 6)?, per(1, 2)?, per(3, 4)?])
+}
+
+/// Fork, COW fault and first touch per page with N MiB touched, cowlab
+/// against native Linux, alternating rounds.
+pub fn versus_native(opts: &BenchOptions) -> Result<Vec<Versus>, Error> {
+    let mut rows = Vec::new();
+    for &mib in &opts.sizes_mib {
+        let mut c: [Vec<f64>; 3] = Default::default();
+        let mut n: [Vec<f64>; 3] = Default::default();
+        for _ in 0..opts.native_rounds.max(1) {
+            for (v, x) in c.iter_mut().zip(cowlab_round(opts, mib)?) {
+                v.push(x);
+            }
+            for (v, x) in n.iter_mut().zip(native_round(mib)?) {
+                v.push(x);
+            }
+        }
+        let whats = [
+            (
+                "first_touch",
+                "first write to a fresh anonymous page, per page",
+            ),
+            ("fork", "fork() of the process, per touched page"),
+            (
+                "cow_fault",
+                "write to a page shared with the child after fork, per page",
+            ),
+        ];
+        for ((name, what), (cv, nv)) in whats.into_iter().zip(c.into_iter().zip(n)) {
+            if let (Some(cowlab), Some(native)) = (Stat::of(cv), Stat::of(nv)) {
+                rows.push(Versus {
+                    name: format!("{name}_{mib}MiB"),
+                    what,
+                    cowlab,
+                    native,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Litmus throughput: a fresh VM per run, as `cowlab run` does. The time
+/// per run of threads-counter (two threads, no fork) and of each seed test
+/// (forced, under the preset with the bug), in rounds of `litmus_runs`.
+pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
+    let mut tests: Vec<(&'static str, &'static str)> = vec![("threads-counter", "mainline")];
+    for (name, src, suites) in litmus::builtin::TESTS {
+        if suites.contains(&"seeds") && !name.ends_with("-free") {
+            let policy = litmus::parse(src)
+                .ok()
+                .and_then(|t| t.expects.first().map(|e| e.policy.clone()))
+                .unwrap_or_else(|| "mainline".into());
+            tests.push((name, Box::leak(policy.into_boxed_str())));
+        }
+    }
+    let mut rows = Vec::new();
+    for (name, policy_name) in tests {
+        let src = litmus::builtin::source(name).expect("a built-in test");
+        let compiled = Arc::new(litmus::load(src).map_err(|e| Error::Run(format!("{name}: {e}")))?);
+        let policy = Policy::preset(policy_name).unwrap_or(Policy::MAINLINE);
+        let mut per_run = Vec::new();
+        for _ in 0..opts.native_rounds.max(1) {
+            let run_opts = litmus::RunOptions {
+                runs: opts.litmus_runs.max(1),
+                policy_name: policy_name.to_string(),
+                policy,
+                timeout: Duration::from_secs(30),
+                kvm_path: opts.kvm_path.clone(),
+                progress: false,
+                rules: Vec::new(),
+                schedule: None,
+                chaos: None,
+                control: None,
+                trace: None,
+            };
+            let r = litmus::run_test(&compiled, &run_opts)?;
+            per_run.push(us(r.elapsed) / r.runs.max(1) as f64);
+        }
+        if let Some(stat) = Stat::of(per_run) {
+            rows.push(Measurement {
+                name: Box::leak(format!("litmus {name}").into_boxed_str()),
+                what: "time per run (fresh VM, threads, checks); runs/s = 1e6 / median",
+                stat,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The comparison with native Linux as a text table.
+pub fn versus_table(rows: &[Versus]) -> String {
+    let mut out = format!(
+        "{:<22} {:>10} {:>16} {:>10} {:>16} {:>8}  what\n",
+        "vs native", "cowlab µs", "(min–max)", "native µs", "(min–max)", "ratio"
+    );
+    for v in rows {
+        out += &format!(
+            "{:<22} {:>10.3} {:>16} {:>10.3} {:>16} {:>7.1}×  {}\n",
+            v.name,
+            v.cowlab.median_us,
+            format!("{:.3}–{:.3}", v.cowlab.min_us, v.cowlab.max_us),
+            v.native.median_us,
+            format!("{:.3}–{:.3}", v.native.min_us, v.native.max_us),
+            v.ratio(),
+            v.what
+        );
+    }
+    out
+}
+
 /// The measurements as a text table.
 pub fn table(rows: &[Measurement]) -> String {
     let mut out = format!(
@@ -341,13 +534,112 @@ pub fn table(rows: &[Measurement]) -> String {
     out
 }
 
-/// The measurements as one JSON object.
-pub fn json(rows: &[Measurement], opts: &BenchOptions) -> serde_json::Value {
-    let limits: serde_json::Map<String, serde_json::Value> = rows
-        .iter()
-        .map(|m| (m.name.to_string(), m.stat.json()))
-        .collect();
-    serde_json::json!({ "rounds": opts.rounds, "iters": opts.iters, "host_limits": limits })
+/// Everything one `cowlab bench` measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub limits: Vec<Measurement>,
+    pub versus: Vec<Versus>,
+    pub litmus: Vec<Measurement>,
+}
+
+impl Report {
+    fn limit(&self, name: &str) -> Option<f64> {
+        self.limits
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.stat.median_us)
+    }
+
+    /// cowlab's fault costs over the #PF forward round trip (the exit no
+    /// fault can avoid), and the trace's cost over the untraced fault.
+    pub fn ratios(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        if let Some(fwd) = self.limit("pf_forward_round_trip") {
+            for name in ["first_touch_fault", "tlb_fill_fault"] {
+                if let Some(x) = self.limit(name) {
+                    out.push((format!("{name} / pf_forward_round_trip"), x / fwd));
+                }
+            }
+            for v in self
+                .versus
+                .iter()
+                .filter(|v| v.name.starts_with("cow_fault"))
+            {
+                out.push((
+                    format!("{} / pf_forward_round_trip", v.name),
+                    v.cowlab.median_us / fwd,
+                ));
+            }
+        }
+        if let (Some(t), Some(u)) = (
+            self.limit("first_touch_traced"),
+            self.limit("first_touch_fault"),
+        ) {
+            out.push((
+                "first_touch_traced / first_touch_fault (trace overhead)".into(),
+                t / u,
+            ));
+        }
+        out
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = table(&self.limits);
+        out += "\n";
+        out += &versus_table(&self.versus);
+        out += "\n";
+        for (name, r) in self.ratios() {
+            out += &format!("{name:<58} {r:>6.2}×\n");
+        }
+        out += "\n";
+        for m in &self.litmus {
+            out += &format!(
+                "{:<36} {:>8.1} runs/s  ({:.0}–{:.0} µs per run)\n",
+                m.name,
+                1e6 / m.stat.median_us,
+                m.stat.min_us,
+                m.stat.max_us
+            );
+        }
+        out
+    }
+
+    pub fn json(&self, opts: &BenchOptions) -> serde_json::Value {
+        let limits: serde_json::Map<String, serde_json::Value> = self
+            .limits
+            .iter()
+            .map(|m| (m.name.to_string(), m.stat.json()))
+            .collect();
+        let versus: Vec<serde_json::Value> = self
+            .versus
+            .iter()
+            .map(|v| serde_json::json!({"name": v.name, "what": v.what, "cowlab": v.cowlab.json(), "native": v.native.json(), "ratio": v.ratio()}))
+            .collect();
+        let ratios: serde_json::Map<String, serde_json::Value> = self
+            .ratios()
+            .into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect();
+        let litmus: Vec<serde_json::Value> = self
+            .litmus
+            .iter()
+            .map(|m| serde_json::json!({"test": m.name.trim_start_matches("litmus "), "runs_per_s": 1e6 / m.stat.median_us, "per_run": m.stat.json()}))
+            .collect();
+        serde_json::json!({
+            "rounds": opts.rounds, "iters": opts.iters, "sizes_mib": opts.sizes_mib,
+            "native_rounds": opts.native_rounds, "litmus_runs": opts.litmus_runs,
+            "host_limits": limits, "versus_native": versus, "ratios": ratios, "litmus": litmus,
+        })
+    }
+}
+
+/// Runs every measurement.
+pub fn run_all(opts: &BenchOptions) -> Result<Report, Error> {
+    Ok(Report {
+        limits: host_limits(opts)?,
+        versus: versus_native(opts)?,
+        litmus: litmus_rates(opts)?,
+    })
 }
 
 #[cfg(test)]

@@ -468,12 +468,12 @@ pub fn list_programs() -> i32 {
 
 /// `cowlab bench`: the host limits, as a table or JSON.
 pub fn bench(opts: &BenchOptions, json: bool) -> i32 {
-    match bench::host_limits(opts) {
-        Ok(rows) => {
+    match bench::run_all(opts) {
+        Ok(report) => {
             if json {
-                out(format_args!("{}\n", bench::json(&rows, opts)));
+                out(format_args!("{}\n", report.json(opts)));
             } else {
-                out(bench::table(&rows));
+                out(report.text());
             }
             exit_code::OK
         }

@@ -130,6 +130,16 @@ enum Command {
         /// Operations per round.
         #[arg(long, default_value_t = 20_000)]
         iters: u64,
+        /// MiB of touched memory for fork / COW / first touch against
+        /// native Linux (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [16u64, 64, 256])]
+        sizes: Vec<u64>,
+        /// Rounds of the native comparison and of the litmus timings.
+        #[arg(long, default_value_t = 3)]
+        native_rounds: usize,
+        /// Runs per round of each litmus test timed.
+        #[arg(long, default_value_t = 50)]
+        litmus_runs: u64,
     },
 }
 
@@ -252,11 +262,17 @@ fn main() {
             json,
             rounds,
             iters,
+            sizes,
+            native_rounds,
+            litmus_runs,
         } => commands::bench(
             &BenchOptions {
                 rounds: rounds.max(1),
                 iters: iters.max(1),
                 kvm_path: cli.kvm,
+                sizes_mib: sizes.into_iter().map(|s| s.max(1)).collect(),
+                native_rounds: native_rounds.max(1),
+                litmus_runs: litmus_runs.max(1),
             },
             json,
         ),

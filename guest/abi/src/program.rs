@@ -71,6 +71,10 @@ pub enum Program {
     /// A thread of a litmus test: runs the bytecode at `LITMUS_PHYS` from
     /// pc `arg`.
     Litmus = 25,
+    /// Touches `arg` pages between marks 5 and 6, forks between marks 1 and 2 (fork's cost with
+    /// that much memory), then writes each page once between marks 3 and
+    /// 4 while the child waits (copy-on-write faults in the parent).
+    BenchFork = 26,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -191,6 +195,11 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "bench-shootdown",
         Program::BenchShootdown,
         "mprotect rounds (ARG low 32 bits) with ARG>>48 spinning threads",
+    ),
+    (
+        "bench-fork",
+        Program::BenchFork,
+        "fork of a process with ARG touched pages, then ARG COW faults",
     ),
 ];
 

@@ -173,7 +173,11 @@ impl Vma {
             return g;
         }
         if let Some(t) = trace {
-            t.emit(Kind::LockWait, &[2], &format!("faults in [{:#x}, {:#x})", self.start, self.end));
+            t.emit(
+                Kind::LockWait,
+                &[2],
+                &format!("faults in [{:#x}, {:#x})", self.start, self.end),
+            );
         }
         let g = self.start_write();
         if let Some(t) = trace {
