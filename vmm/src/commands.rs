@@ -34,8 +34,8 @@ pub struct RunOptions {
     pub policy: String,
     /// `--set knob=value`, applied in order after the preset.
     pub set: Vec<String>,
-    /// Litmus runs (`--runs`).
-    pub runs: u64,
+    /// Litmus runs (`--runs`; default the test's `runs` line, else 100).
+    pub runs: Option<u64>,
     /// One JSON object instead of text (litmus tests).
     pub json: bool,
     /// `--inject RULE`, `--schedule S`, `--chaos SEED`.
@@ -306,7 +306,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         }
     };
     let run_opts = litmus::RunOptions {
-        runs: opts.runs.max(1),
+        runs: opts.runs.or(compiled.test.runs).unwrap_or(100).max(1),
         policy_name: opts.policy.clone(),
         policy,
         timeout: opts.timeout.unwrap_or(Duration::from_secs(3600)),

@@ -27,9 +27,10 @@ enum Command {
         /// The test or program (see `cowlab list tests`, `cowlab list programs`).
         #[arg(value_name = "TEST|PROGRAM")]
         program: String,
-        /// Litmus: how many times to run the test.
-        #[arg(long, default_value_t = 100)]
-        runs: u64,
+        /// Litmus: how many times to run the test (default: the test's own
+        /// `runs` line, else 100).
+        #[arg(long)]
+        runs: Option<u64>,
         /// Litmus: print one JSON object instead of the litmus7-style text.
         #[arg(long)]
         json: bool,

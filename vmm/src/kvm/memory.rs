@@ -57,6 +57,29 @@ impl GuestMem {
             "frame {pa:#x} outside guest memory"
         );
     }
+
+    /// Write-protects `[pa, pa + len)` of the host mapping and unprotects
+    /// it again: the MMU notifier makes KVM zap every shadow entry it built
+    /// to those frames, in every vCPU.
+    fn bounce(&self, pa: u64, len: u64) {
+        // SAFETY: the range is whole pages inside the mapping owned by
+        // `mem` (the callers checked each frame); it is made read-only and
+        // immediately writable again, so no access by this process can
+        // fault in between except through guest memory accessors, none of
+        // which write these frames concurrently (the caller owns the
+        // translations being revoked).
+        let ok = unsafe {
+            let start = self.host.add(pa as usize).cast::<libc::c_void>();
+            libc::mprotect(start, len as usize, libc::PROT_READ) == 0
+                && libc::mprotect(start, len as usize, libc::PROT_READ | libc::PROT_WRITE) == 0
+        };
+        assert!(
+            ok,
+            "mprotect of guest frames [{pa:#x}, {:#x}) failed: {}",
+            pa + len,
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 impl PhysMem for GuestMem {
@@ -111,24 +134,29 @@ impl PhysMem for GuestMem {
     /// access re-walks the guest's (our shadow) tables.
     fn revoke(&self, frame: u64) {
         self.check_frame(frame);
-        // SAFETY: the range is one page inside the mapping owned by `mem`;
-        // it is made read-only and immediately writable again, so no access
-        // by this process can fault in between except through guest memory
-        // accessors, none of which run on this frame concurrently (the
-        // caller owns the translation being revoked).
-        let ok = unsafe {
-            let page = self.host.add(frame as usize).cast::<libc::c_void>();
-            libc::mprotect(page, PAGE_SIZE as usize, libc::PROT_READ) == 0
-                && libc::mprotect(page, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE) == 0
-        };
-        assert!(
-            ok,
-            "mprotect of guest frame {frame:#x} failed: {}",
-            std::io::Error::last_os_error()
-        );
+        self.bounce(frame, PAGE_SIZE);
     }
 
     fn write(&self, pa: u64, buf: &[u8]) -> Option<()> {
         self.mem.write_slice(buf, GuestAddress(pa)).ok()
+    }
+
+    /// Revokes runs of neighbouring frames with one protection bounce each.
+    fn revoke_frames(&self, frames: &mut Vec<u64>) {
+        frames.sort_unstable();
+        frames.dedup();
+        let mut i = 0;
+        while i < frames.len() {
+            let start = frames[i];
+            self.check_frame(start);
+            let mut end = start + PAGE_SIZE;
+            i += 1;
+            while i < frames.len() && frames[i] == end {
+                self.check_frame(end);
+                end += PAGE_SIZE;
+                i += 1;
+            }
+            self.bounce(start, end - start);
+        }
     }
 }

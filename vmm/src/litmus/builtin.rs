@@ -94,8 +94,18 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["seeds"],
     ),
     (
+        "uffd-wp-cow-copy-free",
+        include_str!("../../../tests/litmus/uffd-wp-cow-copy-free.litmus"),
+        &["seeds"],
+    ),
+    (
         "fork-pinned-tearing",
         include_str!("../../../tests/litmus/fork-pinned-tearing.litmus"),
+        &["seeds"],
+    ),
+    (
+        "fork-pinned-tearing-free",
+        include_str!("../../../tests/litmus/fork-pinned-tearing-free.litmus"),
         &["seeds"],
     ),
     (
@@ -104,8 +114,18 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["seeds"],
     ),
     (
+        "gup-read-wrong-side-free",
+        include_str!("../../../tests/litmus/gup-read-wrong-side-free.litmus"),
+        &["seeds"],
+    ),
+    (
         "wp-copy-reuse-aba",
         include_str!("../../../tests/litmus/wp-copy-reuse-aba.litmus"),
+        &["seeds"],
+    ),
+    (
+        "wp-copy-reuse-aba-free",
+        include_str!("../../../tests/litmus/wp-copy-reuse-aba-free.litmus"),
         &["seeds"],
     ),
 ];

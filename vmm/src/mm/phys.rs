@@ -34,6 +34,14 @@ pub trait PhysMem: Send + Sync {
     /// must also make it drop what it built from the old entry. Adding
     /// entries needs nothing: a miss always re-walks the tables.
     fn revoke(&self, frame: u64);
+
+    /// [`PhysMem::revoke`] for many frames at once (a flush of many
+    /// entries); an implementation may merge neighbouring frames.
+    fn revoke_frames(&self, frames: &mut Vec<u64>) {
+        for f in frames.iter() {
+            self.revoke(*f);
+        }
+    }
 }
 
 /// Host memory standing in for guest-physical memory in unit tests.

@@ -167,11 +167,21 @@ impl ShadowTlb {
     }
 
     /// Drops the translations of `[start, end)`; returns how many it held.
+    /// Every entry is cleared first, then their frames are revoked in one
+    /// batch (neighbouring frames together).
     pub fn flush_range<M: PhysMem + ?Sized>(&mut self, mem: &M, start: u64, end: u64) -> usize {
         let pages: Vec<u64> = self.entries.range(start..end).copied().collect();
+        let mut frames = Vec::with_capacity(pages.len());
         for page in &pages {
-            self.remove(mem, *page);
+            if let Some(slot) = pagetable::existing_leaf_slot(mem, self.root, *page) {
+                let old = slot.swap(0, Ordering::AcqRel);
+                if old & bits::PRESENT != 0 {
+                    frames.push(old & bits::ADDR_MASK);
+                }
+            }
+            self.entries.remove(page);
         }
+        mem.revoke_frames(&mut frames);
         pages.len()
     }
 
