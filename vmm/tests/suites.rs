@@ -163,3 +163,36 @@ fn the_cow_matrix_passes_under_mainline_and_fails_where_linux_did() {
         assert_eq!(cell(&cells, t, p)["observation"], "Always", "{t} × {p}");
     }
 }
+
+#[test]
+fn no_false_positives_under_chaos_for_the_fixed_presets() {
+    // The benchmark-style check (docs/scenarios.md) makes 10 000 runs of
+    // each; CI makes 60, free-running with chaos delays at every point.
+    for (test, policy) in [
+        ("fork-vma-lock", "mainline"),
+        ("uffd-wp-cow-copy", "mainline"),
+        ("fork-pinned-tearing", "proposal-fork-coherent"),
+        ("gup-read-wrong-side", "linux-5.8"),
+        ("wp-copy-reuse-aba", "mainline"),
+    ] {
+        let out = cowlab(&[
+            "run",
+            test,
+            "--policy",
+            policy,
+            "--schedule",
+            "none",
+            "--chaos",
+            "11",
+            "--runs",
+            "60",
+            "--timeout",
+            "0.3",
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{test}: {e}: {}", text(&out.stderr)));
+        assert_eq!(v["runs"], 60, "{v}");
+        assert_eq!(v["positive"], 0, "{test} under {policy}: {v}");
+    }
+}
