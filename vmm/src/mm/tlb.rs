@@ -170,7 +170,15 @@ impl ShadowTlb {
     /// Every entry is cleared first, then their frames are revoked in one
     /// batch (neighbouring frames together).
     pub fn flush_range<M: PhysMem + ?Sized>(&mut self, mem: &M, start: u64, end: u64) -> usize {
-        let pages: Vec<u64> = self.entries.range(start..end).copied().collect();
+        let pages: Vec<u64> = if start == 0 && end == u64::MAX {
+            std::mem::take(&mut self.entries).into_iter().collect()
+        } else {
+            let pages: Vec<u64> = self.entries.range(start..end).copied().collect();
+            for page in &pages {
+                self.entries.remove(page);
+            }
+            pages
+        };
         let mut frames = Vec::with_capacity(pages.len());
         for page in &pages {
             if let Some(slot) = pagetable::existing_leaf_slot(mem, self.root, *page) {
@@ -179,7 +187,6 @@ impl ShadowTlb {
                     frames.push(old & bits::ADDR_MASK);
                 }
             }
-            self.entries.remove(page);
         }
         mem.revoke_frames(&mut frames);
         pages.len()
