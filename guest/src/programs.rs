@@ -469,7 +469,6 @@ fn bench_shootdown(rounds: u64, others: u64) {
     }
 }
 
-/// Times `f` between two marks the VMM timestamps.
 /// Touches `pages` pages between marks 5 and 6 (first-touch faults);
 /// forks between marks 1 and 2; then, while the
 /// child waits, writes each page once between marks 3 and 4 (each a COW
@@ -498,6 +497,7 @@ fn bench_fork(pages: u64) {
     }
 }
 
+/// Times `f` between two marks the VMM timestamps.
 fn bench(f: impl FnOnce()) {
     hypercall(Hypercall::Mark, [1, 0, 0, 0]);
     f();
