@@ -323,3 +323,63 @@ fn the_examples_in_docs_litmus_md_run_as_written() {
         );
     }
 }
+
+#[test]
+fn bench_json_has_the_native_comparison_the_ratios_and_litmus_rates() {
+    // Tiny sizes: this checks the shape, not the numbers (timings are
+    // never asserted).
+    let out = cowlab(&[
+        "bench",
+        "--json",
+        "--rounds",
+        "1",
+        "--iters",
+        "50",
+        "--sizes",
+        "1",
+        "--native-rounds",
+        "1",
+        "--litmus-runs",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "pf_forward_round_trip",
+        "first_touch_fault",
+        "first_touch_traced",
+        "vm_start",
+    ] {
+        assert!(
+            v["host_limits"][k]["median_us"].as_f64().unwrap() > 0.0,
+            "{k}: {v}"
+        );
+    }
+    let names: Vec<&str> = v["versus_native"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["first_touch_1MiB", "fork_1MiB", "cow_fault_1MiB"]);
+    for r in v["versus_native"].as_array().unwrap() {
+        assert!(r["native"]["median_us"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        v["ratios"]["first_touch_fault / pf_forward_round_trip"].is_f64(),
+        "{v}"
+    );
+    let tests: Vec<&str> = v["litmus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["test"].as_str().unwrap())
+        .collect();
+    assert!(
+        tests.contains(&"threads-counter") && tests.contains(&"fork-vma-lock"),
+        "{tests:?}"
+    );
+    let out = cowlab(&["bench", "--sizes", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
