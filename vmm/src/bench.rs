@@ -353,28 +353,23 @@ impl Versus {
     }
 }
 
-/// The native baseline: `cowlab-native MIB` (tools/), a Linux process on
-/// this host. Per page, in µs: first touch, fork, COW fault.
+/// The native baseline (tools/, `cowlab_tools::measure`), run in a fresh
+/// single-threaded process: this binary again, as `cowlab native-baseline
+/// MIB` (fork must not copy cowlab's threads). Per page, in µs: first
+/// touch, fork, COW fault.
 fn native_round(mib: u64) -> Result<[f64; 3], Error> {
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("cowlab-native")))
-        .filter(|p| p.exists())
-        .ok_or_else(|| {
-            Error::Run(
-                "cowlab-native not found beside cowlab (cargo build --release builds it)".into(),
-            )
-        })?;
+    let exe =
+        std::env::current_exe().map_err(|e| Error::Run(format!("cannot find cowlab: {e}")))?;
     let out = std::process::Command::new(&exe)
-        .arg(mib.to_string())
+        .args(["native-baseline", &mib.to_string()])
         .output()
         .map_err(|e| Error::Run(format!("{}: {e}", exe.display())))?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Error::Run(format!("cowlab-native printed no JSON: {e}")))?;
+        .map_err(|e| Error::Run(format!("the native baseline printed no JSON: {e}")))?;
     let get = |k: &str| {
         v[k].as_f64()
             .map(|ns| ns / 1000.0)
-            .ok_or_else(|| Error::Run(format!("cowlab-native: no {k}")))
+            .ok_or_else(|| Error::Run(format!("the native baseline has no {k}")))
     };
     Ok([
         get("first_touch_ns")?,

@@ -85,6 +85,10 @@ enum Command {
         #[arg(long, requires = "trace")]
         trace_witnesses_only: bool,
     },
+    /// The native-Linux baseline of `cowlab bench` (tools/), in this
+    /// fresh process: prints one JSON object.
+    #[command(hide = true)]
+    NativeBaseline { mib: usize },
     /// Read a trace file: print it, or export it for ui.perfetto.dev.
     Trace {
         #[command(subcommand)]
@@ -234,6 +238,10 @@ fn main() {
                 trace,
                 trace_witnesses_only,
             })
+        }
+        Command::NativeBaseline { mib } => {
+            println!("{}", cowlab_tools::measure(mib.max(1)).json());
+            0
         }
         Command::Trace {
             what: TraceWhat::Show { file, vcpu, kind },
