@@ -576,6 +576,10 @@ fn trace_start_and_stop_record_the_runs_between_them() {
         ],
     );
     let mut c = Client::connect(&path);
+    // Run 1's VM exists (held by --wait): the trace starts with it.
+    status_when(&mut c, |s| {
+        s["run"] == 1 && s["vcpus"].as_array().is_some_and(|v| !v.is_empty())
+    });
     let r = c.ask("trace-start", json!({ "file": file.to_str().unwrap() }));
     assert_eq!(r["return"]["from"], "this run", "{r}");
     // One trace at a time; a missing argument is an error.
