@@ -378,7 +378,8 @@ fn bad_input_gets_errors_and_leaves_the_vm_alone() {
     }
     // Blank lines are ignored; the connection still works.
     c.send_raw(b"\n\n");
-    assert_eq!(status(&mut c)["status"], "paused");
+    // (paused once run 1's vCPUs have parked: they may still be starting)
+    status_when(&mut c, |s| s["status"] == "paused");
 
     // An endless line: an error, then the connection is closed.
     let mut big = Client::connect(&path);
