@@ -192,7 +192,11 @@ pub struct Hooks {
     active: AtomicBool,
     rules: Mutex<Vec<std::sync::Arc<Armed>>>,
     schedule: Mutex<Schedule>,
+    /// Schedule progress (waited on with `schedule` held).
     changed: Condvar,
+    /// Pauses lifted (waited on with `paused` held: a condvar serves one
+    /// mutex).
+    unpaused: Condvar,
     chaos: Mutex<Option<std::sync::Arc<Chaos>>>,
     /// Where each vCPU is blocked, for `unreachable` reports.
     blocked: Mutex<BTreeMap<usize, String>>,
@@ -586,7 +590,7 @@ impl Hooks {
         let mut paused = lock(&self.paused);
         while paused.contains_key(&key) && !self.released.load(Ordering::Acquire) {
             paused = self
-                .changed
+                .unpaused
                 .wait_timeout(paused, Duration::from_millis(20))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -620,7 +624,7 @@ impl Hooks {
             None => paused.clear(),
         }
         drop(paused);
-        self.changed.notify_all();
+        self.unpaused.notify_all();
     }
 
     /// Called while a run goes on with the number of `live` vCPUs: if every
@@ -704,6 +708,9 @@ impl Hooks {
         self.released.store(true, Ordering::Release);
         lock(&self.schedule).aborted = true;
         self.changed.notify_all();
+        // Under the lock, so a pause about to wait sees `released` first.
+        drop(lock(&self.paused));
+        self.unpaused.notify_all();
     }
 }
 
