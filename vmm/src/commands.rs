@@ -536,8 +536,11 @@ pub fn trace_export(file: &std::path::Path, format: &str, dest: &std::path::Path
         Ok(r) => r,
         Err(code) => return code,
     };
-    let json = trace::export::chrome(&records);
-    match std::fs::write(dest, json.to_string()) {
+    let written = std::fs::File::create(dest).and_then(|f| {
+        let mut w = std::io::BufWriter::new(f);
+        trace::export::chrome(&records, &mut w)
+    });
+    match written {
         Ok(()) => exit_code::OK,
         Err(e) => {
             error(format_args!("cannot write {}: {e}", dest.display()));

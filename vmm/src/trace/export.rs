@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use std::io::Write;
+
 use serde_json::{json, Value};
 
 use super::format::{Kind, Record, VMM_TRACK};
@@ -150,8 +152,8 @@ pub fn show(records: &[Record], vcpu: Option<u16>, kinds: &[Kind]) -> String {
 /// instants (points, fills, PTE changes, …); flows from each shootdown
 /// request to its acknowledgement and from a copied page's source frame to
 /// its destination (on the "frames" process, a track per frame).
-pub fn chrome(records: &[Record]) -> Value {
-    let mut events = Vec::new();
+pub fn chrome(records: &[Record], out: &mut dyn Write) -> std::io::Result<()> {
+    let mut events = Events::new(out)?;
     let mut run = 0u64;
     let mut named: std::collections::BTreeSet<(u64, u16)> = Default::default();
     let mut frames_named: std::collections::BTreeSet<u64> = Default::default();
@@ -182,7 +184,7 @@ pub fn chrome(records: &[Record]) -> Value {
                 .or_default()
                 .push((r.ts, name));
         };
-        let end = |open: &mut OpenSlices, events: &mut Vec<Value>, slot: u8, suffix: String| {
+        let end = |open: &mut OpenSlices, events: &mut Events<'_>, slot: u8, suffix: String| {
             if let Some((start, name)) = open.get_mut(&(run, r.track, slot)).and_then(|v| v.pop()) {
                 events.push(
                     json!({"ph": "X", "name": format!("{name}{suffix}"), "pid": pid, "tid": t,
@@ -190,7 +192,7 @@ pub fn chrome(records: &[Record]) -> Value {
                 );
             }
         };
-        let instant = |events: &mut Vec<Value>, name: String| {
+        let instant = |events: &mut Events<'_>, name: String| {
             events.push(
                 json!({"ph": "i", "s": "t", "name": name, "pid": pid, "tid": t, "ts": ts,
                 "args": {"detail": describe(r)}}),
@@ -252,5 +254,47 @@ pub fn chrome(records: &[Record]) -> Value {
     if !frames_named.is_empty() {
         events.push(json!({"ph": "M", "name": "process_name", "pid": FRAMES_PID, "args": {"name": "frames"}}));
     }
-    json!({"traceEvents": events, "displayTimeUnit": "ns"})
+    events.finish()
+}
+
+/// The `traceEvents` array, written event by event (a long trace would
+/// not fit in memory as one JSON value). The first write error is kept
+/// and returned by [`Events::finish`].
+struct Events<'w> {
+    out: &'w mut dyn Write,
+    first: bool,
+    error: Option<std::io::Error>,
+}
+
+impl<'w> Events<'w> {
+    fn new(out: &'w mut dyn Write) -> std::io::Result<Self> {
+        out.write_all(b"{\"displayTimeUnit\": \"ns\", \"traceEvents\": [\n")?;
+        Ok(Events {
+            out,
+            first: true,
+            error: None,
+        })
+    }
+
+    fn push(&mut self, event: Value) {
+        if self.error.is_some() {
+            return;
+        }
+        let sep: &[u8] = if self.first { b"" } else { b",\n" };
+        self.first = false;
+        let r = self.out.write_all(sep).and_then(|()| {
+            serde_json::to_writer(&mut *self.out, &event).map_err(std::io::Error::from)
+        });
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.out.write_all(b"\n]}\n")?;
+        self.out.flush()
+    }
 }
