@@ -517,7 +517,10 @@ pub fn trace_show(file: &std::path::Path, vcpu: Option<u16>, kinds: &[String]) -
     }
     match load_trace(file) {
         Ok(records) => {
-            out(trace::export::show(&records, vcpu, &wanted));
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            // A closed pipe (`| head`) ends the listing; it is not an error.
+            let _ = trace::export::show(&records, vcpu, &wanted, &mut w);
             exit_code::OK
         }
         Err(code) => code,

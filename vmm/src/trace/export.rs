@@ -126,8 +126,12 @@ pub fn describe(r: &Record) -> String {
 }
 
 /// One line per record: time (µs since the start), track, kind, fields.
-pub fn show(records: &[Record], vcpu: Option<u16>, kinds: &[Kind]) -> String {
-    let mut out = String::new();
+pub fn show(
+    records: &[Record],
+    vcpu: Option<u16>,
+    kinds: &[Kind],
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     for r in records {
         let run_marker = matches!(r.kind, Kind::RunBegin | Kind::RunEnd);
         if !run_marker && vcpu.is_some_and(|v| v != r.track) {
@@ -136,15 +140,16 @@ pub fn show(records: &[Record], vcpu: Option<u16>, kinds: &[Kind]) -> String {
         if !kinds.is_empty() && !run_marker && !kinds.contains(&r.kind) {
             continue;
         }
-        out += &format!(
-            "{:>14.3} {:<4} {:<10} {}\n",
+        writeln!(
+            out,
+            "{:>14.3} {:<4} {:<10} {}",
             r.ts as f64 / 1000.0,
             track_name(r.track),
             r.kind.name(),
             describe(r)
-        );
+        )?;
     }
-    out
+    out.flush()
 }
 
 /// Chrome Trace Event JSON: per run a process, per vCPU (and the VMM) a
