@@ -16,6 +16,10 @@ pub struct GuestMem {
     mem: GuestMemoryMmap,
     size: u64,
     host: *mut u8,
+    /// Held for writing while frames are briefly read-only (`bounce`), for
+    /// reading by the VMM's own stores to data frames a TLB may map (DMA
+    /// through a pin): such a store must not land in that instant.
+    bouncing: std::sync::RwLock<()>,
 }
 
 // SAFETY: `host` points into the mapping owned by `mem`, which lives as long
@@ -33,7 +37,12 @@ impl GuestMem {
         let host = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| format!("guest memory has no host address: {e}"))?;
-        Ok(GuestMem { mem, size, host })
+        Ok(GuestMem {
+            mem,
+            size,
+            host,
+            bouncing: std::sync::RwLock::new(()),
+        })
     }
 
     /// Host address of guest-physical 0 (for `KVM_SET_USER_MEMORY_REGION`).
@@ -62,12 +71,14 @@ impl GuestMem {
     /// it again: the MMU notifier makes KVM zap every shadow entry it built
     /// to those frames, in every vCPU.
     fn bounce(&self, pa: u64, len: u64) {
+        let _no_stores = self.bouncing.write().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the range is whole pages inside the mapping owned by
         // `mem` (the callers checked each frame); it is made read-only and
-        // immediately writable again, so no access by this process can
-        // fault in between except through guest memory accessors, none of
-        // which write these frames concurrently (the caller owns the
-        // translations being revoked).
+        // immediately writable again. The VMM's only stores to frames a TLB
+        // may map are `store_data` (DMA through a pin), which waits on
+        // `bouncing`, held here; page-table words and fresh frames are
+        // never in a revoked range; the guest's own accesses in that
+        // instant make KVM_RUN fail with EFAULT, which the vCPU retries.
         let ok = unsafe {
             let start = self.host.add(pa as usize).cast::<libc::c_void>();
             libc::mprotect(start, len as usize, libc::PROT_READ) == 0
@@ -139,6 +150,11 @@ impl PhysMem for GuestMem {
 
     fn write(&self, pa: u64, buf: &[u8]) -> Option<()> {
         self.mem.write_slice(buf, GuestAddress(pa)).ok()
+    }
+
+    fn store_data(&self, pa: u64, value: u64) {
+        let _not_bouncing = self.bouncing.read().unwrap_or_else(|e| e.into_inner());
+        self.word(pa).store(value, Ordering::SeqCst);
     }
 
     /// Revokes runs of neighbouring frames with one protection bounce each.

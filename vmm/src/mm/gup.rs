@@ -187,9 +187,7 @@ impl Machine {
     pub fn dma_write(&self, handle: u64, offset: u64, value: u64) -> Option<()> {
         let pin = self.pins.get(handle)?;
         (offset < PAGE_SIZE && pin.flags.write).then(|| {
-            self.mem
-                .word(pin.frame + (offset & !7))
-                .store(value, Ordering::SeqCst)
+            self.mem.store_data(pin.frame + (offset & !7), value)
         })
     }
 }

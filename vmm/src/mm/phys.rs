@@ -1,6 +1,6 @@
 //! Access to guest-physical memory, as the memory manager sees it.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Guest-physical memory. Page-table entries are read and written as atomic
 /// 64-bit words because a vCPU's hardware walker reads them concurrently.
@@ -34,6 +34,13 @@ pub trait PhysMem: Send + Sync {
     /// must also make it drop what it built from the old entry. Adding
     /// entries needs nothing: a miss always re-walks the tables.
     fn revoke(&self, frame: u64);
+
+    /// A store by the VMM to a data frame that a TLB may map (DMA through
+    /// a pin): it must not race with [`PhysMem::revoke`] making the frame
+    /// briefly read-only on the host.
+    fn store_data(&self, pa: u64, value: u64) {
+        self.word(pa).store(value, Ordering::SeqCst);
+    }
 
     /// [`PhysMem::revoke`] for many frames at once (a flush of many
     /// entries); an implementation may merge neighbouring frames.
