@@ -102,6 +102,9 @@ pub fn run(opts: &RunOptions) -> i32 {
         return run_with(opts, None);
     };
     let ctl = Controller::new(opts.wait);
+    if opts.trace.is_some() {
+        ctl.set_cli_trace();
+    }
     let server = match Server::start(path, Arc::clone(&ctl)) {
         Ok(s) => s,
         Err(e) => {
@@ -191,11 +194,19 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     });
     drop(vm);
     if let Some(ctl) = ctl {
-        ctl.detach(1, serde_json::json!({ "exit_code": report.exit_code() }));
+        ctl.detach(
+            1,
+            serde_json::json!({ "exit_code": report.exit_code() }),
+            crate::control::RUN_END_OTHER,
+        );
     }
     if let Some(t) = &tracer {
         let state = format!("exit code {}", report.exit_code());
-        if let Err(e) = t.end_run(u64::from(report.unreachable.is_some()) * 2, &state, true) {
+        let end = match report.unreachable {
+            Some(_) => 2,
+            None => crate::control::RUN_END_OTHER,
+        };
+        if let Err(e) = t.end_run(end, &state, true) {
             error(format_args!("--trace: {e}"));
         }
     }

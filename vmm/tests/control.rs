@@ -636,3 +636,48 @@ fn trace_start_and_stop_record_the_runs_between_them() {
     assert_ne!(r.status.code(), Some(0), "the run is over: no socket");
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn trace_start_refuses_a_fifo_and_never_writes_a_run_it_did_not_begin() {
+    let path = sock("trace2");
+    let dir = std::env::temp_dir();
+    let pid = std::process::id();
+    let (a, b, fifo) = (
+        dir.join(format!("cowlab-ctl-{pid}-a.trace")),
+        dir.join(format!("cowlab-ctl-{pid}-b.trace")),
+        dir.join(format!("cowlab-ctl-{pid}.fifo")),
+    );
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let child = start(&path, &["run", "hello", "--wait"]);
+    let mut c = Client::connect(&path);
+    status_when(&mut c, |s| s["run"] == 1 && s["status"] == "paused");
+    // Opening a FIFO could block the controller forever: refused at once.
+    let r = c.ask("trace-start", json!({ "file": fifo.to_str().unwrap() }));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{r}"
+    );
+    let r = c.ask("trace-start", json!({ "file": a.to_str().unwrap() }));
+    assert_eq!(r["return"]["from"], "this run", "{r}");
+    assert!(c.ask("trace-stop", json!({}))["return"].is_object());
+    // The VM keeps its first recorder: B starts with the next run, and
+    // this command has no next run.
+    let r = c.ask("trace-start", json!({ "file": b.to_str().unwrap() }));
+    assert_eq!(r["return"]["from"], "the next run", "{r}");
+    assert_eq!(c.ask("cont", json!({}))["return"], json!({}));
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let read = |p: &PathBuf| cowlab::trace::read_trace(&std::fs::read(p).unwrap()).unwrap();
+    let kinds: Vec<_> = read(&a).iter().map(|r| r.kind).collect();
+    assert_eq!(kinds.first(), Some(&cowlab::trace::Kind::RunBegin));
+    assert_eq!(kinds.last(), Some(&cowlab::trace::Kind::RunEnd));
+    assert!(read(&b).is_empty(), "no lone RunEnd in B");
+    for p in [&a, &b, &fifo] {
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -41,6 +41,18 @@ impl std::fmt::Debug for Attachment {
     }
 }
 
+/// A trace started over the socket.
+struct SocketTrace {
+    rec: Arc<Recorder>,
+    file: String,
+    /// A run is begun in it and not yet ended.
+    open: bool,
+}
+
+/// `RunEnd` code of a run that is not a litmus run (a program) or was cut
+/// short: neither witness nor not.
+pub const RUN_END_OTHER: u64 = 3;
+
 /// Where the command is.
 #[derive(Debug, Clone, Default)]
 struct Progress {
@@ -68,8 +80,8 @@ pub struct Controller {
     knobs: Mutex<Vec<(String, String)>>,
     clients: Mutex<Vec<ClientTx>>,
     quit: AtomicBool,
-    /// `trace-start`'s recorder and its file, until `trace-stop`.
-    trace: Mutex<Option<(Arc<Recorder>, String)>>,
+    /// `trace-start`'s recorder, until `trace-stop`.
+    trace: Mutex<Option<SocketTrace>>,
     /// The command records a trace of its own (`--trace`).
     cli_trace: AtomicBool,
 }
@@ -121,11 +133,12 @@ impl Controller {
         }
         if config.trace.is_some() {
             self.cli_trace.store(true, Ordering::Release);
-        } else if let Some((t, _)) = &*lock(&self.trace) {
+        } else if let Some(t) = &mut *lock(&self.trace) {
             // Begun before the VM exists, so its boot is in the run.
             let run = lock(&self.progress).run + 1;
-            t.begin_run(run, &self.run_label());
-            config.trace = Some(Arc::clone(t));
+            t.rec.begin_run(run, &self.run_label());
+            t.open = true;
+            config.trace = Some(Arc::clone(&t.rec));
         }
         let me = Arc::downgrade(self);
         let observer: Observer = Arc::new(move |e: HookEvent| {
@@ -171,56 +184,89 @@ impl Controller {
     }
 
     /// `trace-start`: records from now on into `file` (this run, if its VM
-    /// takes the recorder, and every later one).
+    /// takes the recorder, and every later one). The file is created
+    /// without holding the controller's lock, and only a regular file (or
+    /// a new one) is accepted: opening a FIFO could block forever.
     fn trace_start(&self, file: &str) -> Result<Value, String> {
         if self.cli_trace.load(Ordering::Acquire) {
             return Err("this command records a trace already (--trace)".into());
         }
-        let mut trace = lock(&self.trace);
-        if let Some((_, f)) = &*trace {
+        if let Some(t) = &*lock(&self.trace) {
             return Err(format!(
-                "a trace is being recorded into {f}; trace-stop first"
+                "a trace is being recorded into {}; trace-stop first",
+                t.file
             ));
         }
-        let t = Recorder::create(std::path::Path::new(file)).map_err(|e| format!("{file}: {e}"))?;
+        let path = std::path::Path::new(file);
+        if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(format!("{file}: not a regular file"));
+        }
+        let rec = Recorder::create(path).map_err(|e| format!("{file}: {e}"))?;
+        let mut trace = lock(&self.trace);
+        if trace.is_some() {
+            return Err("another trace-start came first".into());
+        }
         let now = match self.current() {
-            Some(vm) => vm.with_hooks(|h| h.trace.set(Arc::clone(&t))) == Some(true),
+            Some(vm) => vm.with_hooks(|h| h.trace.set(Arc::clone(&rec))) == Some(true),
             None => false,
         };
         if now {
             let run = lock(&self.progress).run;
-            t.begin_run(run, &self.run_label());
+            rec.begin_run(run, &self.run_label());
         }
-        *trace = Some((t, file.to_string()));
+        *trace = Some(SocketTrace {
+            rec,
+            file: file.to_string(),
+            open: now,
+        });
         Ok(json!({ "file": file, "from": if now { "this run" } else { "the next run" } }))
     }
 
-    /// `trace-stop`: ends the run under way in the trace and closes it.
+    /// `trace-stop`: ends the run under way in the trace (if it is in it)
+    /// and closes the trace.
     fn trace_stop(&self) -> Result<Value, String> {
-        let Some((t, file)) = lock(&self.trace).take() else {
+        let Some(t) = lock(&self.trace).take() else {
             return Err("no trace is being recorded (trace-start FILE first)".into());
         };
-        if self.current().is_some() {
-            t.end_run(0, "trace stopped", true)
-                .map_err(|e| format!("{file}: {e}"))?;
+        if t.open {
+            t.rec
+                .end_run(RUN_END_OTHER, "trace stopped", true)
+                .map_err(|e| format!("{}: {e}", t.file))?;
         }
-        t.set_enabled(false);
-        Ok(json!({ "file": file }))
+        t.rec.set_enabled(false);
+        Ok(json!({ "file": t.file }))
     }
 
-    /// Run `run` ended: `outcome` is its summary (`RUN_FINISHED` data).
-    pub fn detach(&self, run: u64, outcome: Value) {
+    /// The socket's trace recorder, if a run is begun in it.
+    pub fn open_trace(&self) -> Option<Arc<Recorder>> {
+        lock(&self.trace)
+            .as_ref()
+            .filter(|t| t.open)
+            .map(|t| Arc::clone(&t.rec))
+    }
+
+    /// The command records a trace of its own (`--trace`): the socket's
+    /// `trace-start` is refused.
+    pub fn set_cli_trace(&self) {
+        self.cli_trace.store(true, Ordering::Release);
+    }
+
+    /// Run `run` ended: `outcome` is its summary (`RUN_FINISHED` data),
+    /// `end` its outcome as a trace's `RunEnd` codes it.
+    pub fn detach(&self, run: u64, outcome: Value, end: u64) {
         *lock(&self.current) = None;
-        if let Some((t, file)) = &*lock(&self.trace) {
-            let text = match &outcome {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            if let Err(e) = t.end_run(0, &text, true) {
-                self.emit(
-                    "TRACE_ERROR",
-                    json!({ "file": file, "error": e.to_string() }),
-                );
+        if let Some(t) = &mut *lock(&self.trace) {
+            if std::mem::take(&mut t.open) {
+                let text = match &outcome {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if let Err(e) = t.rec.end_run(end, &text, true) {
+                    self.emit(
+                        "TRACE_ERROR",
+                        json!({ "file": t.file, "error": e.to_string() }),
+                    );
+                }
             }
         }
         self.emit("RUN_FINISHED", json!({ "run": run, "outcome": outcome }));

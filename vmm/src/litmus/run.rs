@@ -240,7 +240,11 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
             // Cut short by `quit`: its threads were stopped, not finished.
             if let Some(ctl) = &opts.control {
-                ctl.detach(i + 1, serde_json::Value::String("quit".into()));
+                ctl.detach(
+                    i + 1,
+                    serde_json::Value::String("quit".into()),
+                    crate::control::RUN_END_OTHER,
+                );
             }
             break;
         }
@@ -252,19 +256,16 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         }
         let state = run_state(test, &report);
         let state_key = key(&test.test.exists, &state);
+        let witness = report.unreachable.is_none() && holds(&test.test.exists, &state);
+        // The run's end as a trace's RunEnd codes it.
+        let end = match (&report.unreachable, witness) {
+            (Some(_), _) => 2,
+            (None, true) => 1,
+            (None, false) => 0,
+        };
         if let Some((t, witnesses_only)) = &opts.trace {
-            let witness = report.unreachable.is_none() && holds(&test.test.exists, &state);
-            for v in &report.vcpus {
-                if let Some(regs) = v.regs {
-                    t.emit_on(v.id as u16, Kind::Regs, &regs[..10], "");
-                }
-            }
-            let outcome = match (&report.unreachable, witness) {
-                (Some(_), _) => 2,
-                (None, true) => 1,
-                (None, false) => 0,
-            };
-            t.end_run(outcome, &state_key, witness || !witnesses_only)
+            trace_regs(t, &report);
+            t.end_run(end, &state_key, witness || !witnesses_only)
                 .map_err(|e| Error::Run(format!("--trace: {e}")))?;
         }
         if let Some(ctl) = &opts.control {
@@ -272,7 +273,10 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
                 Some(_) => "unreachable",
                 None => &state_key,
             };
-            ctl.detach(i + 1, serde_json::Value::String(outcome.to_string()));
+            if let Some(t) = ctl.open_trace() {
+                trace_regs(&t, &report);
+            }
+            ctl.detach(i + 1, serde_json::Value::String(outcome.to_string()), end);
         }
         if let Some(e) = report.vcpus.iter().find_map(|v| match &v.outcome {
             Outcome::Error(e) => Some(e.clone()),
@@ -291,7 +295,6 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
                 .0 += 1;
             continue;
         }
-        let witness = holds(&test.test.exists, &state);
         let entry = histogram.entry(state_key).or_insert((0, witness));
         entry.0 += 1;
         if let (true, Some(seed)) = (witness, seed) {
@@ -349,6 +352,15 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         schedule_off: schedule.is_empty() && !test.schedule.is_empty(),
         rules: rule_totals,
     })
+}
+
+/// Each thread's final registers, on its vCPU's track.
+fn trace_regs(t: &Recorder, report: &RunReport) {
+    for v in &report.vcpus {
+        if let Some(regs) = v.regs {
+            t.emit_on(v.id as u16, Kind::Regs, &regs[..10], "");
+        }
+    }
 }
 
 /// One VM run of `test` (run `index` of the control socket's count, if it

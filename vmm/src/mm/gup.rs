@@ -186,8 +186,7 @@ impl Machine {
     /// pin only).
     pub fn dma_write(&self, handle: u64, offset: u64, value: u64) -> Option<()> {
         let pin = self.pins.get(handle)?;
-        (offset < PAGE_SIZE && pin.flags.write).then(|| {
-            self.mem.store_data(pin.frame + (offset & !7), value)
-        })
+        (offset < PAGE_SIZE && pin.flags.write)
+            .then(|| self.mem.store_data(pin.frame + (offset & !7), value))
     }
 }

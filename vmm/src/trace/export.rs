@@ -88,7 +88,7 @@ pub fn describe(r: &Record) -> String {
         Kind::RunBegin => format!("run {} of {}", w[0], r.text),
         Kind::RunEnd => format!(
             "{}: {}",
-            ["no witness", "witness", "unreachable"]
+            ["no witness", "witness", "unreachable", "ended"]
                 .get(w[0] as usize)
                 .unwrap_or(&"?"),
             r.text
