@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 
-use super::memory::PTE_PROTNONE;
+use super::memory::{PTE_PROTNONE, PTE_UFFD_WP};
 use super::mm_struct::{prot, Mm, Vma};
 use super::pagetable::{self, bits};
 
@@ -151,7 +151,9 @@ impl Mm {
     /// range — unless `defer_flush`, which leaves `tlb_flush_pending` raised
     /// and the CPUs' entries as they are until [`Mm::flush_deferred`]: the
     /// window the deferred flushes of uffd-wp and fork open. Adding write
-    /// leaves the PTEs read-only (the next write fault reuses or copies).
+    /// maps exclusive anonymous pages writable at once
+    /// (`can_change_pte_writable`) and leaves the others read-only (the next
+    /// write fault reuses or copies).
     /// Models mm/mprotect.c:do_mprotect_pkey() → change_protection().
     pub fn mprotect(
         &self,
@@ -197,7 +199,6 @@ impl Mm {
     /// lost a permission. Models mm/mprotect.c:change_pte_range().
     fn change_protection(&self, start: u64, end: u64, prot_bits: u32) -> bool {
         let m = &self.m;
-        let uffd_wp = self.vmas_in(start, end).iter().any(|v| v.uffd_wp());
         let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
         let mut downgraded = false;
         let _ptl = self.ptl();
@@ -210,7 +211,7 @@ impl Mm {
             };
             if prot_bits & prot::WRITE == 0 {
                 new &= !bits::WRITABLE;
-            } else if self.can_change_pte_writable(new, uffd_wp) {
+            } else if self.can_change_pte_writable(new) {
                 new |= bits::WRITABLE;
             }
             downgraded |= (old & bits::PRESENT != 0 && new & bits::PRESENT == 0)
@@ -221,17 +222,18 @@ impl Mm {
     }
 
     /// Whether mprotect may map a present PTE writable at once instead of
-    /// leaving it to a write fault: a dirty PTE of an exclusive anonymous
-    /// page outside uffd-wp. Needs PageAnonExclusive, so only with
+    /// leaving it to a write fault: a PTE of an exclusive anonymous page
+    /// without the uffd-wp marker. Needs PageAnonExclusive, so only with
     /// `anon_exclusive`. Models mm/mprotect.c:can_change_pte_writable()
-    /// (64fe24a3e05e, v6.0).
-    fn can_change_pte_writable(&self, pte: u64, uffd_wp: bool) -> bool {
+    /// for private anonymous memory: 64fe24a3e05e (v6.0) also required the
+    /// PTE dirty; "mm/mprotect: allow clean exclusive anon pages to be
+    /// writable" (N. Amit, v6.2; commit id not checked here) dropped that.
+    fn can_change_pte_writable(&self, pte: u64) -> bool {
         let m = &self.m;
         let frame = pte & bits::ADDR_MASK;
         m.policy.anon_exclusive
-            && !uffd_wp
+            && pte & PTE_UFFD_WP == 0
             && pte & bits::PRESENT != 0
-            && pte & bits::DIRTY != 0
             && frame != m.frames.zero_page()
             && m.frames.page(frame).anon_exclusive()
     }
