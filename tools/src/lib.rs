@@ -100,8 +100,10 @@ pub fn measure(mib: usize) -> Baseline {
         // to kill it; it touches nothing.
         child = unsafe { libc::fork() };
         if child == 0 {
-            // SAFETY: async-signal-safe calls only.
+            // SAFETY: async-signal-safe calls only. The child dies with its
+            // parent, so a killed benchmark leaves nothing behind.
             unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 libc::pause();
                 libc::_exit(0);
             }

@@ -310,7 +310,12 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         }
     };
     let trace = match recorder(opts) {
-        Ok(t) => t.map(|t| (t, opts.trace_witnesses_only)),
+        Ok(t) => t.map(|t| {
+            if opts.trace_witnesses_only {
+                t.keep_whole_runs();
+            }
+            (t, opts.trace_witnesses_only)
+        }),
         Err(e) => {
             error(e);
             return exit_code::USAGE;

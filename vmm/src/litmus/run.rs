@@ -316,7 +316,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let witness_schedule = if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
         None
     } else {
-        verified_order(test, opts, &rules, orders)?
+        verified_order(test, opts, &rules, orders)
     };
     let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
     let negative = done - positive;
@@ -434,14 +434,27 @@ fn verified_order(
     opts: &RunOptions,
     rules: &[Rule],
     orders: Vec<(u64, Vec<Step>)>,
-) -> Result<Option<WitnessOrder>, Error> {
+) -> Option<WitnessOrder> {
     let mut best: Option<WitnessOrder> = None;
+    let quit = || opts.control.as_ref().is_some_and(|c| c.quit_requested());
     for (seed, steps) in orders {
         let (mut replays, mut reproduced) = (0, 0);
-        while replays < REPLAYS && reproduced == replays {
-            let report = one_run(test, opts, rules, &steps, Some(seed), None)?;
+        while replays < REPLAYS && reproduced == replays && !quit() {
             replays += 1;
-            if report.unreachable.is_none() && holds(&test.test.exists, &run_state(test, &report)) {
+            // A replay that fails to run, or breaks an invariant, simply
+            // did not reproduce: the histogram already collected stands.
+            let Ok(report) = one_run(test, opts, rules, &steps, Some(seed), None) else {
+                break;
+            };
+            let clean = report.violations.is_empty()
+                && report
+                    .vcpus
+                    .iter()
+                    .all(|v| !matches!(v.outcome, Outcome::Error(_)));
+            if clean
+                && report.unreachable.is_none()
+                && holds(&test.test.exists, &run_state(test, &report))
+            {
                 reproduced += 1;
             }
         }
@@ -458,7 +471,7 @@ fn verified_order(
             break;
         }
     }
-    Ok(best)
+    best
 }
 
 fn join_steps(steps: &[Step]) -> String {

@@ -20,14 +20,26 @@ use std::time::Instant;
 
 pub use format::{read_trace, Kind, Record, TraceError, VMM_TRACK};
 
-/// Collects events and writes them, a run at a time, to a trace file.
-#[derive(Debug)]
+/// Collects events and writes them to a trace file: as they come, or, to
+/// keep only some runs (`--trace-witnesses-only`), a whole run at a time.
 pub struct Recorder {
     start: Instant,
     enabled: AtomicBool,
-    /// The current run's records, encoded.
+    /// Records not yet written, encoded: the current run's, if whole runs
+    /// are kept in memory, else at most about [`SPILL`] bytes.
     buf: Mutex<Vec<u8>>,
-    out: Mutex<BufWriter<File>>,
+    out: Mutex<Box<dyn Write + Send>>,
+    /// Whole runs stay in memory until `end_run` decides to keep them.
+    whole_runs: AtomicBool,
+}
+
+/// Without whole runs, the buffer is written out past this size.
+const SPILL: usize = 1 << 20;
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
 }
 
 impl Recorder {
@@ -35,12 +47,29 @@ impl Recorder {
     pub fn create(path: &Path) -> std::io::Result<Arc<Self>> {
         let mut out = BufWriter::new(File::create(path)?);
         out.write_all(&format::header())?;
-        Ok(Arc::new(Recorder {
+        Ok(Self::with_output(Box::new(out)))
+    }
+
+    /// A recorder whose events go nowhere (to measure recording itself).
+    pub fn discarding() -> Arc<Self> {
+        Self::with_output(Box::new(std::io::sink()))
+    }
+
+    fn with_output(out: Box<dyn Write + Send>) -> Arc<Self> {
+        Arc::new(Recorder {
             start: Instant::now(),
             enabled: AtomicBool::new(true),
             buf: Mutex::new(Vec::with_capacity(1 << 16)),
             out: Mutex::new(out),
-        }))
+            whole_runs: AtomicBool::new(false),
+        })
+    }
+
+    /// Keep each run in memory until its end says whether to write it
+    /// (`--trace-witnesses-only`); otherwise records are written as they
+    /// accumulate.
+    pub fn keep_whole_runs(&self) {
+        self.whole_runs.store(true, Ordering::Relaxed);
     }
 
     /// Whether events are recorded now (`trace-stop` pauses it).
@@ -67,6 +96,15 @@ impl Recorder {
         let ts = self.start.elapsed().as_nanos() as u64;
         let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         format::encode(&mut buf, kind, track, ts, words, text);
+        if buf.len() > SPILL && !self.whole_runs.load(Ordering::Relaxed) {
+            let records = std::mem::take(&mut *buf);
+            // A write error shows again, and is reported, at `end_run`.
+            let _ = self
+                .out
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(&records);
+        }
     }
 
     /// Starts run `index` (1-based) of `label` (test and policy).
