@@ -14,7 +14,17 @@ pub struct OutOfFrames;
 pub struct FrameAllocator {
     start: u64,
     end: u64,
-    free: Mutex<Vec<u64>>,
+    free: Mutex<FreeList>,
+}
+
+#[derive(Debug)]
+struct FreeList {
+    list: Vec<u64>,
+    /// By frame number from `start`: whether the frame is on `list`.
+    is_free: Vec<bool>,
+    /// Frames freed while already free (a bug elsewhere), the first one.
+    double_frees: u64,
+    first_double_free: Option<u64>,
 }
 
 impl FrameAllocator {
@@ -22,26 +32,55 @@ impl FrameAllocator {
     pub fn new(start: u64, end: u64) -> Self {
         assert!(start.is_multiple_of(PAGE_SIZE) && end.is_multiple_of(PAGE_SIZE) && start <= end);
         // Hand out low frames first: pop() takes from the back.
-        let free = (start / PAGE_SIZE..end / PAGE_SIZE)
+        let list: Vec<u64> = (start / PAGE_SIZE..end / PAGE_SIZE)
             .rev()
             .map(|pfn| pfn * PAGE_SIZE)
             .collect();
+        let is_free = vec![true; list.len()];
         FrameAllocator {
             start,
             end,
-            free: Mutex::new(free),
+            free: Mutex::new(FreeList {
+                list,
+                is_free,
+                double_frees: 0,
+                first_double_free: None,
+            }),
         }
     }
 
     /// Takes a frame; its contents are unspecified.
     pub fn alloc(&self) -> Result<u64, OutOfFrames> {
-        self.lock().pop().ok_or(OutOfFrames)
+        let mut f = self.lock();
+        let pa = f.list.pop().ok_or(OutOfFrames)?;
+        let i = ((pa - self.start) / PAGE_SIZE) as usize;
+        f.is_free[i] = false;
+        Ok(pa)
     }
 
-    /// Returns a frame to the pool.
+    /// Returns a frame to the pool. A frame that is free already is not
+    /// put on the list twice; it is counted (see [`FrameAllocator::double_frees`]).
     pub fn free(&self, pa: u64) {
         debug_assert!(self.contains(pa), "freeing foreign frame {pa:#x}");
-        self.lock().push(pa);
+        if !self.contains(pa) {
+            return;
+        }
+        let mut f = self.lock();
+        let i = ((pa - self.start) / PAGE_SIZE) as usize;
+        if f.is_free[i] {
+            f.double_frees += 1;
+            f.first_double_free.get_or_insert(pa);
+            return;
+        }
+        f.is_free[i] = true;
+        f.list.push(pa);
+    }
+
+    /// How many frees found their frame free already, and the first such
+    /// frame: a broken reference count elsewhere (`mm_verify` reports it).
+    pub fn double_frees(&self) -> (u64, Option<u64>) {
+        let f = self.lock();
+        (f.double_frees, f.first_double_free)
     }
 
     /// Whether `pa` is a frame of this pool.
@@ -51,7 +90,7 @@ impl FrameAllocator {
 
     /// Frames currently free.
     pub fn free_count(&self) -> usize {
-        self.lock().len()
+        self.lock().list.len()
     }
 
     /// Frames in the pool.
@@ -59,8 +98,8 @@ impl FrameAllocator {
         ((self.end - self.start) / PAGE_SIZE) as usize
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        // A panic while holding this lock cannot leave the Vec inconsistent.
+    fn lock(&self) -> std::sync::MutexGuard<'_, FreeList> {
+        // A panic while holding this lock cannot leave the list inconsistent.
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -78,5 +117,9 @@ mod tests {
         assert_eq!(got, vec![0x1000, 0x2000, 0x3000]);
         pool.free(0x2000);
         assert_eq!(pool.alloc(), Ok(0x2000));
+        pool.free(0x3000);
+        pool.free(0x3000);
+        assert_eq!(pool.double_frees(), (1, Some(0x3000)));
+        assert_eq!(pool.free_count(), 1, "never on the list twice");
     }
 }

@@ -158,7 +158,13 @@ pub fn verify_no_leaks(m: &Machine) -> Vec<Violation> {
             ))
         })
         .collect();
-    let leaked = m.frames.total() - 1 - m.frames.free_count();
+    if let (n @ 1.., Some(pa)) = m.frames.pool().double_frees() {
+        out.push(Violation(format!(
+            "{n} frees of frames that were free already (first {pa:#x}): a reference count went wrong"
+        )));
+    }
+    // Every frame but the zero page should be free again.
+    let leaked = m.frames.total().saturating_sub(1 + m.frames.free_count());
     if leaked > 0 && out.is_empty() {
         out.push(Violation(format!(
             "{leaked} frames (page tables) not returned after every address space exited"
