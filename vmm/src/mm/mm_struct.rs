@@ -314,9 +314,12 @@ impl Mm {
         self.m.hooks.trace.get()
     }
 
-    /// Sets a logical PTE, tracing the change; returns the old value.
+    /// Sets a logical PTE, tracing the change; returns the old value. The
+    /// caller holds the page-table lock (every writer of logical PTEs does;
+    /// TLB fills only read them), so a load and a store are enough.
     pub(crate) fn set_pte(&self, va: u64, slot: &AtomicU64, new: u64) -> u64 {
-        let old = slot.swap(new, Ordering::AcqRel);
+        let old = slot.load(Ordering::Acquire);
+        slot.store(new, Ordering::Release);
         if old != new {
             if let Some(t) = self.trace() {
                 t.emit(Kind::Pte, &[self.id as u64, va, old, new], "");
