@@ -84,7 +84,7 @@ impl Stat {
 /// One measured quantity.
 #[derive(Debug, Clone)]
 pub struct Measurement {
-    pub name: &'static str,
+    pub name: String,
     pub what: &'static str,
     pub stat: Stat,
 }
@@ -330,7 +330,11 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     Ok(rows
         .into_iter()
         .filter_map(|(name, what, samples)| {
-            Stat::of(samples).map(|stat| Measurement { name, what, stat })
+            Stat::of(samples).map(|stat| Measurement {
+                name: name.to_string(),
+                what,
+                stat,
+            })
         })
         .collect())
 }
@@ -434,26 +438,26 @@ pub fn versus_native(opts: &BenchOptions) -> Result<Vec<Versus>, Error> {
 /// per run of threads-counter (two threads, no fork) and of each seed test
 /// (forced, under the preset with the bug), in rounds of `litmus_runs`.
 pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
-    let mut tests: Vec<(&'static str, &'static str)> = vec![("threads-counter", "mainline")];
+    let mut tests: Vec<(&'static str, String)> = vec![("threads-counter", "mainline".into())];
     for (name, src, suites) in litmus::builtin::TESTS {
         if suites.contains(&"seeds") && !name.ends_with("-free") {
             let policy = litmus::parse(src)
                 .ok()
                 .and_then(|t| t.expects.first().map(|e| e.policy.clone()))
                 .unwrap_or_else(|| "mainline".into());
-            tests.push((name, Box::leak(policy.into_boxed_str())));
+            tests.push((name, policy));
         }
     }
     let mut rows = Vec::new();
     for (name, policy_name) in tests {
         let src = litmus::builtin::source(name).expect("a built-in test");
         let compiled = Arc::new(litmus::load(src).map_err(|e| Error::Run(format!("{name}: {e}")))?);
-        let policy = Policy::preset(policy_name).unwrap_or(Policy::MAINLINE);
+        let policy = Policy::preset(&policy_name).unwrap_or(Policy::MAINLINE);
         let mut per_run = Vec::new();
         for _ in 0..opts.native_rounds.max(1) {
             let run_opts = litmus::RunOptions {
                 runs: opts.litmus_runs.max(1),
-                policy_name: policy_name.to_string(),
+                policy_name: policy_name.clone(),
                 policy,
                 timeout: Duration::from_secs(30),
                 kvm_path: opts.kvm_path.clone(),
@@ -469,7 +473,7 @@ pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
         }
         if let Some(stat) = Stat::of(per_run) {
             rows.push(Measurement {
-                name: Box::leak(format!("litmus {name}").into_boxed_str()),
+                name: format!("litmus {name}"),
                 what: "time per run (fresh VM, threads, checks); runs/s = 1e6 / median",
                 stat,
             });

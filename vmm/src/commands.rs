@@ -197,15 +197,12 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         ctl.detach(
             1,
             serde_json::json!({ "exit_code": report.exit_code() }),
-            crate::control::RUN_END_OTHER,
+            trace::RUN_END_OTHER,
         );
     }
     if let Some(t) = &tracer {
         let state = format!("exit code {}", report.exit_code());
-        let end = match report.unreachable {
-            Some(_) => 2,
-            None => crate::control::RUN_END_OTHER,
-        };
+        let end = trace::run_end_code(report.unreachable.is_some(), None);
         if let Err(e) = t.end_run(end, &state, true) {
             error(format_args!("--trace: {e}"));
         }

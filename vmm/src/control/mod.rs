@@ -22,7 +22,7 @@ pub use server::Server;
 use crate::hooks::{HookEvent, Observer, Rule};
 use crate::kvm::{Event, Outcome, VcpuReport, VmConfig, VmHandle};
 use crate::policy::Policy;
-use crate::trace::Recorder;
+use crate::trace::{Recorder, RUN_END_OTHER};
 
 /// What a VM takes from the controller when it starts.
 #[derive(Clone)]
@@ -48,10 +48,6 @@ struct SocketTrace {
     /// A run is begun in it and not yet ended.
     open: bool,
 }
-
-/// `RunEnd` code of a run that is not a litmus run (a program) or was cut
-/// short: neither witness nor not.
-pub const RUN_END_OTHER: u64 = 3;
 
 /// Where the command is.
 #[derive(Debug, Clone, Default)]

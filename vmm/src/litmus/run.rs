@@ -243,7 +243,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
                 ctl.detach(
                     i + 1,
                     serde_json::Value::String("quit".into()),
-                    crate::control::RUN_END_OTHER,
+                    crate::trace::RUN_END_OTHER,
                 );
             }
             break;
@@ -258,11 +258,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         let state_key = key(&test.test.exists, &state);
         let witness = report.unreachable.is_none() && holds(&test.test.exists, &state);
         // The run's end as a trace's RunEnd codes it.
-        let end = match (&report.unreachable, witness) {
-            (Some(_), _) => 2,
-            (None, true) => 1,
-            (None, false) => 0,
-        };
+        let end = crate::trace::run_end_code(report.unreachable.is_some(), Some(witness));
         if let Some((t, witnesses_only)) = &opts.trace {
             trace_regs(t, &report);
             t.end_run(end, &state_key, witness || !witnesses_only)

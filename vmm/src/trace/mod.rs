@@ -126,6 +126,20 @@ impl Recorder {
     }
 }
 
+/// How a run ended, as `RunEnd`'s word codes it (docs/trace-format.md):
+/// `witness` is `None` for a program run (it has no `exists`).
+pub fn run_end_code(unreachable: bool, witness: Option<bool>) -> u64 {
+    match (unreachable, witness) {
+        (true, _) => 2,
+        (false, Some(true)) => 1,
+        (false, Some(false)) => 0,
+        (false, None) => RUN_END_OTHER,
+    }
+}
+
+/// `RunEnd` of a program run, or of a run cut short.
+pub const RUN_END_OTHER: u64 = 3;
+
 /// The recorder of a VM, if tracing: cheap to ask on every event.
 #[derive(Debug, Default)]
 pub struct TraceSlot(std::sync::OnceLock<Arc<Recorder>>);
