@@ -4,38 +4,8 @@
 
 mod common;
 
-use common::{cowlab, run_litmus_src, text};
+use common::{cowlab, cowlab_json, litmus_json, run_litmus_src, text};
 use serde_json::Value;
-
-/// Runs `cowlab` with `--json` added; the exit status and the one JSON object.
-fn cowlab_json(args: &[&str]) -> (Option<i32>, Value) {
-    let mut args = args.to_vec();
-    args.push("--json");
-    let out = cowlab(&args);
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?}: not one JSON object ({e}): stdout {:?} stderr {:?}",
-            text(&out.stdout),
-            text(&out.stderr)
-        )
-    });
-    (out.status.code(), v)
-}
-
-/// The same with `--json`; the exit status and the JSON object.
-fn litmus_json(name: &str, src: &str, extra: &[&str]) -> (Option<i32>, Value) {
-    let mut extra = extra.to_vec();
-    extra.push("--json");
-    let out = run_litmus_src(name, src, &extra);
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{name}: not one JSON object ({e}): stdout {:?} stderr {:?}",
-            text(&out.stdout),
-            text(&out.stderr)
-        )
-    });
-    (out.status.code(), v)
-}
 
 /// The histogram of a litmus JSON result as (state, count) pairs.
 fn histogram(v: &Value) -> Vec<(String, u64)> {

@@ -7,20 +7,13 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{cowlab, text};
+use common::{cowlab, cowlab_json, text};
 use serde_json::Value;
 
 /// Runs `cowlab suite NAME --json`; the JSON and the cells by (test, policy).
 fn suite(name: &str) -> (Value, BTreeMap<(String, String), Value>) {
-    let out = cowlab(&["suite", name, "--json"]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "suite {name}: not JSON ({e}): {} {}",
-            text(&out.stdout),
-            text(&out.stderr)
-        )
-    });
-    assert_eq!(out.status.code(), Some(0), "suite {name}: {v}");
+    let (code, v) = cowlab_json(&["suite", name]);
+    assert_eq!(code, Some(0), "suite {name}: {v}");
     assert_eq!(v["all_met"], true, "{v}");
     let cells = v["results"]
         .as_array()
@@ -175,7 +168,7 @@ fn no_false_positives_under_chaos_for_the_fixed_presets() {
         ("gup-read-wrong-side", "linux-5.8"),
         ("wp-copy-reuse-aba", "mainline"),
     ] {
-        let out = cowlab(&[
+        let (_, v) = cowlab_json(&[
             "run",
             test,
             "--policy",
@@ -188,10 +181,7 @@ fn no_false_positives_under_chaos_for_the_fixed_presets() {
             "60",
             "--timeout",
             "0.3",
-            "--json",
         ]);
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{test}: {e}: {}", text(&out.stderr)));
         assert_eq!(v["runs"], 60, "{v}");
         assert_eq!(v["positive"], 0, "{test} under {policy}: {v}");
     }

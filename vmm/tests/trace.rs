@@ -7,8 +7,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::process::Output;
 
-use common::{cowlab, text};
+use common::{cowlab, json_of, text};
 use cowlab::trace::{read_trace, Kind, Record};
 use serde_json::Value;
 
@@ -18,6 +19,22 @@ fn temp(name: &str) -> PathBuf {
 
 fn load(path: &PathBuf) -> Vec<Record> {
     read_trace(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `cowlab run fork-vma-lock --policy POLICY --runs RUNS --trace PATH EXTRA…`.
+fn trace_fvl(path: &str, policy: &str, runs: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "fork-vma-lock",
+        "--policy",
+        policy,
+        "--runs",
+        runs,
+        "--trace",
+        path,
+    ];
+    args.extend_from_slice(extra);
+    cowlab(&args)
 }
 
 /// How many records of `kind` each track has.
@@ -80,21 +97,14 @@ fn a_program_trace_counts_the_faults_fills_and_exits_the_run_reports() {
 #[test]
 fn a_litmus_trace_has_each_run_its_copies_shootdowns_and_final_registers() {
     let path = temp("fvl");
-    let out = cowlab(&[
-        "run",
-        "fork-vma-lock",
-        "--policy",
-        "linux-6.4",
-        "--runs",
-        "3",
-        "--trace",
+    let out = trace_fvl(
         path.to_str().unwrap(),
-        "--inject",
-        "count@tlb:before_shootdown",
-        "--json",
-    ]);
+        "linux-6.4",
+        "3",
+        &["--inject", "count@tlb:before_shootdown", "--json"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: Value = json_of("fork-vma-lock --trace", &out);
     let records = load(&path);
     let begins: Vec<&Record> = records
         .iter()
@@ -163,19 +173,7 @@ fn a_litmus_trace_has_each_run_its_copies_shootdowns_and_final_registers() {
 fn witnesses_only_keeps_just_the_runs_that_satisfied_exists() {
     let path = temp("wo");
     let p = path.to_str().unwrap();
-    let run = |policy: &str| {
-        cowlab(&[
-            "run",
-            "fork-vma-lock",
-            "--policy",
-            policy,
-            "--runs",
-            "2",
-            "--trace",
-            p,
-            "--trace-witnesses-only",
-        ])
-    };
+    let run = |policy: &str| trace_fvl(p, policy, "2", &["--trace-witnesses-only"]);
     assert_eq!(run("mainline").status.code(), Some(0));
     assert!(
         load(&path).is_empty(),
@@ -196,16 +194,7 @@ fn witnesses_only_keeps_just_the_runs_that_satisfied_exists() {
 fn the_chrome_export_has_a_track_per_vcpu_slices_and_flows() {
     let path = temp("chrome");
     let json = temp("chrome.json");
-    let out = cowlab(&[
-        "run",
-        "fork-vma-lock",
-        "--policy",
-        "linux-6.4",
-        "--runs",
-        "1",
-        "--trace",
-        path.to_str().unwrap(),
-    ]);
+    let out = trace_fvl(path.to_str().unwrap(), "linux-6.4", "1", &[]);
     assert_eq!(out.status.code(), Some(0));
     let out = cowlab(&[
         "trace",
@@ -269,21 +258,7 @@ fn the_chrome_export_has_a_track_per_vcpu_slices_and_flows() {
 fn show_filters_by_vcpu_and_kind() {
     let path = temp("show");
     let p = path.to_str().unwrap();
-    assert_eq!(
-        cowlab(&[
-            "run",
-            "fork-vma-lock",
-            "--policy",
-            "linux-6.4",
-            "--runs",
-            "1",
-            "--trace",
-            p
-        ])
-        .status
-        .code(),
-        Some(0)
-    );
+    assert_eq!(trace_fvl(p, "linux-6.4", "1", &[]).status.code(), Some(0));
     let out = cowlab(&["trace", "show", p, "--vcpu", "1", "--kind", "copy"]);
     assert_eq!(out.status.code(), Some(0));
     let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();

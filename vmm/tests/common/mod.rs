@@ -27,3 +27,31 @@ pub fn run_litmus_src(name: &str, src: &str, extra: &[&str]) -> Output {
     let _ = std::fs::remove_file(&path);
     out
 }
+
+/// Parses `out`'s stdout as the one JSON object it must be (`what` names
+/// the command in the panic).
+pub fn json_of(what: &str, out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: not one JSON object ({e}): stdout {:?} stderr {:?}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
+}
+
+/// Runs `cowlab ARGS --json`: the exit status and the one JSON object.
+pub fn cowlab_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let out = cowlab(&args);
+    (out.status.code(), json_of(&format!("{args:?}"), &out))
+}
+
+/// [`run_litmus_src`] with `--json`: the exit status and the JSON object.
+pub fn litmus_json(name: &str, src: &str, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut extra = extra.to_vec();
+    extra.push("--json");
+    let out = run_litmus_src(name, src, &extra);
+    (out.status.code(), json_of(name, &out))
+}
