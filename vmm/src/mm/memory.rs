@@ -336,6 +336,12 @@ impl Mm {
             // The zero page is never unshared (it is not anonymous).
             return Ok(());
         }
+        // We must copy. The reference on the old page is taken while the
+        // PTL still guarantees that the PTE maps it (folio_get() before
+        // pte_unmap_unlock()): once the lock is dropped, another CPU's
+        // fault, a zap or the child's exit may drop every other reference,
+        // and the page would be freed and reused under the copy.
+        m.frames.get_page(frame);
         drop(ptl);
         self.wp_page_copy(vma, page, slot, orig, unshare, cpu)
     }
@@ -367,10 +373,14 @@ impl Mm {
         }
     }
 
-    /// Copies the page and maps the copy: reference taken, copy outside the
-    /// PTL, `pte_same` recheck under it, `ptep_clear_flush`, new PTE, and
-    /// the old page's rmap dropped only after the switch. Models
-    /// mm/memory.c:wp_page_copy().
+    /// Copies the page and maps the copy: copy outside the PTL, `pte_same`
+    /// recheck under it, `ptep_clear_flush`, new PTE, and the old page's
+    /// rmap dropped only after the switch. Models mm/memory.c:wp_page_copy().
+    ///
+    /// Lock contract: called without the PTL, holding the VMA (its per-VMA
+    /// lock or `mmap_lock` for read) and a reference on the old page that
+    /// the caller took under the PTL; takes the PTL for the switch and
+    /// returns with it released and the reference dropped.
     fn wp_page_copy(
         &self,
         vma: &Vma,
@@ -382,7 +392,6 @@ impl Mm {
     ) -> Result<(), FaultError> {
         let m = &self.m;
         let old = orig & bits::ADDR_MASK;
-        m.frames.get_page(old);
         let _ = m
             .hooks
             .hit("wp_page_copy:before_copy", Some(cpu), Some(page));
