@@ -2,7 +2,7 @@
 //! Models kernel/fork.c:dup_mmap() and mm/memory.c:copy_page_range() →
 //! copy_pte_range() → copy_present_pte() / copy_present_page().
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::sync::Ordering;
 use std::sync::Arc;
 
 use cowlab_abi::layout::USER_END;
@@ -11,6 +11,7 @@ use super::memory::{FaultError, PTE_PROTNONE};
 use super::mm_struct::{Mm, Vma};
 use super::page::GUP_PIN_COUNTING_BIAS;
 use super::pagetable::{self, bits};
+use super::phys::Word;
 use super::tlb::user_pte;
 
 impl Mm {
@@ -96,8 +97,8 @@ impl Mm {
         child: &Mm,
         vma: &Vma,
         va: u64,
-        src: &AtomicU64,
-        dst: &AtomicU64,
+        src: &Word,
+        dst: &Word,
         cpu: Option<usize>,
     ) -> Result<(), FaultError> {
         let m = &self.m;
@@ -142,8 +143,8 @@ impl Mm {
         child: &Mm,
         vma: &Vma,
         va: u64,
-        src: &AtomicU64,
-        dst: &AtomicU64,
+        src: &Word,
+        dst: &Word,
         cpu: Option<usize>,
     ) -> Result<(), FaultError> {
         let m = &self.m;

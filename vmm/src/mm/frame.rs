@@ -1,6 +1,8 @@
 //! The pool of 4 KiB guest frames that data pages and page-table pages come from.
 
-use std::sync::Mutex;
+// A plain lock even under the checker: nothing inside it can wait or
+// yield, so no interleaving happens within it.
+use std::sync::{Mutex, MutexGuard};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -98,28 +100,8 @@ impl FrameAllocator {
         ((self.end - self.start) / PAGE_SIZE) as usize
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FreeList> {
+    fn lock(&self) -> MutexGuard<'_, FreeList> {
         // A panic while holding this lock cannot leave the list inconsistent.
         self.free.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hands_out_every_frame_once_then_fails() {
-        let pool = FrameAllocator::new(0x1000, 0x4000);
-        let mut got: Vec<u64> = (0..3).map(|_| pool.alloc().unwrap()).collect();
-        assert_eq!(pool.alloc(), Err(OutOfFrames));
-        got.sort();
-        assert_eq!(got, vec![0x1000, 0x2000, 0x3000]);
-        pool.free(0x2000);
-        assert_eq!(pool.alloc(), Ok(0x2000));
-        pool.free(0x3000);
-        pool.free(0x3000);
-        assert_eq!(pool.double_frees(), (1, Some(0x3000)));
-        assert_eq!(pool.free_count(), 1, "never on the list twice");
     }
 }

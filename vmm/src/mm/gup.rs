@@ -3,8 +3,10 @@
 //! guest keeps; reading or writing the pinned frame models vmsplice → pipe
 //! read and io_uring fixed-buffer I/O. Models mm/gup.c.
 
-use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use super::sync::Ordering;
+// The table of handles: a plain lock even under the checker (nothing
+// inside it can wait or yield).
+use std::sync::{Mutex, MutexGuard};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -37,7 +39,7 @@ pub struct Pin {
 pub struct Pins(Mutex<Vec<Option<Pin>>>);
 
 impl Pins {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Pin>>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<Pin>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -3,7 +3,7 @@
 //! → `do_anonymous_page` / `do_wp_page` → `wp_page_reuse` / `wp_page_copy`;
 //! and `zap_page_range`, which unmaps.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::sync::{preempt, Ordering};
 
 use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use cowlab_abi::pf_error;
@@ -11,6 +11,7 @@ use cowlab_abi::pf_error;
 use super::frame::OutOfFrames;
 use super::mm_struct::{Mm, Vma};
 use super::pagetable::{self, bits};
+use super::phys::Word;
 use super::tlb::{self, user_pte};
 use crate::policy::{CowReuse, FaultLock};
 use crate::trace::Kind;
@@ -238,6 +239,9 @@ impl Mm {
             let _ptl = self.ptl();
             pagetable::leaf_slot(&*self.m.mem, self.m.frames.pool(), self.pgd, page)?
         };
+        // Read without the PTL, as Linux reads `vmf->orig_pte`: whatever
+        // it finds is rechecked under the lock before anything is changed.
+        preempt();
         let orig = slot.load(Ordering::Acquire);
         if orig & (bits::PRESENT | PTE_PROTNONE) == 0 {
             return self.do_anonymous_page(vma, page, slot, access, cpu);
@@ -255,7 +259,7 @@ impl Mm {
         &self,
         vma: &Vma,
         page: u64,
-        slot: &AtomicU64,
+        slot: &Word,
         access: Access,
         cpu: usize,
     ) -> Result<(), FaultError> {
@@ -290,7 +294,7 @@ impl Mm {
         &self,
         vma: &Vma,
         page: u64,
-        slot: &AtomicU64,
+        slot: &Word,
         orig: u64,
         unshare: bool,
         cpu: usize,
@@ -358,7 +362,7 @@ impl Mm {
     }
 
     /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
-    fn wp_page_reuse(&self, page: u64, slot: &AtomicU64, orig: u64) {
+    fn wp_page_reuse(&self, page: u64, slot: &Word, orig: u64) {
         self.set_pte(
             page,
             slot,
@@ -385,7 +389,7 @@ impl Mm {
         &self,
         vma: &Vma,
         page: u64,
-        slot: &AtomicU64,
+        slot: &Word,
         orig: u64,
         unshare: bool,
         cpu: usize,
@@ -436,8 +440,16 @@ impl Mm {
             .hooks
             .hit("wp_page_copy:after_clear_flush", Some(cpu), Some(page));
         m.frames.add_new_anon_rmap(new);
-        // An unshared copy is mapped read-only, like the page it replaces.
-        self.set_pte(page, slot, mk_pte(new, vma.writable() && !unshare));
+        // An unshared copy is mapped read-only, like the page it replaces,
+        // and keeps its uffd-wp marker (wp_page_copy() does
+        // pte_mkuffd_wp() on unshare): unsharing for a read pin must not
+        // drop a write-protection.
+        let uffd_wp = if unshare { orig & PTE_UFFD_WP } else { 0 };
+        self.set_pte(
+            page,
+            slot,
+            mk_pte(new, vma.writable() && !unshare) | uffd_wp,
+        );
         self.resolved(page, if unshare { 6 } else { 5 });
         // The old rmap goes only now, after the switch (see the comment in
         // wp_page_copy() about another process reusing the page).
@@ -471,6 +483,8 @@ impl Mm {
                 }
             });
         }
+        // Threads waiting for a uffd-wp handler on these pages retry now.
+        self.uffd_wake();
         let _ = m.hooks.hit("munmap:after_zap", initiator, Some(start));
         self.flush_tlb_range(start, end, initiator);
         self.dec_tlb_flush_pending();

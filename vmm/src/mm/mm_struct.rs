@@ -12,8 +12,12 @@
 //!   is a coarser, still correct, model of it).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock};
+
+use super::sync::{
+    AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, RwLock, RwLockReadGuard,
+    RwLockWriteGuard,
+};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -21,7 +25,7 @@ use super::frame::OutOfFrames;
 use super::gup::Pins;
 use super::page::Frames;
 use super::pagetable::{ENTRIES, KERNEL_PML4_START};
-use super::phys::PhysMem;
+use super::phys::{PhysMem, Word};
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
 use crate::hooks::{self, Hooks};
@@ -317,7 +321,10 @@ impl Mm {
     /// Sets a logical PTE, tracing the change; returns the old value. The
     /// caller holds the page-table lock (every writer of logical PTEs does;
     /// TLB fills only read them), so a load and a store are enough.
-    pub(crate) fn set_pte(&self, va: u64, slot: &AtomicU64, new: u64) -> u64 {
+    pub(crate) fn set_pte(&self, va: u64, slot: &Word, new: u64) -> u64 {
+        // Other CPUs' walks and accesses do not take the PTL: under the
+        // checker, they may run between two PTE changes.
+        super::sync::preempt();
         let old = slot.load(Ordering::Acquire);
         slot.store(new, Ordering::Release);
         if old != new {

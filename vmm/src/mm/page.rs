@@ -8,7 +8,7 @@
 //! exactly in `pincount` for `mm_verify`. The shared zero page is never counted (`vm_normal_page()`
 //! returns NULL for it).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use super::sync::{AtomicBool, AtomicI64, Ordering};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -205,29 +205,5 @@ impl Frames {
             .enumerate()
             .map(|(i, p)| (self.base + i as u64 * PAGE_SIZE, p))
             .filter(|(pa, p)| *pa != self.zero_page && p.refcount() != 0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mm::phys::testing::VecMem;
-
-    #[test]
-    fn refcount_frees_at_zero_and_zero_page_is_never_counted() {
-        let mem = VecMem::new(1 << 16);
-        let frames = Frames::new(&mem, 0x1000, 1 << 16).unwrap();
-        let free = frames.free_count();
-        let pa = frames.alloc_zeroed(&mem).unwrap();
-        frames.get_page(pa);
-        frames.put_page(pa);
-        assert_eq!(frames.free_count(), free - 1);
-        frames.put_page(pa);
-        assert_eq!(frames.free_count(), free);
-        let zero = frames.zero_page();
-        frames.get_page(zero);
-        frames.put_page(zero);
-        assert_eq!(frames.page(zero).refcount(), 0);
-        assert_eq!(frames.in_use().count(), 0);
     }
 }

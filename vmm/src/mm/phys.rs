@@ -2,6 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A word of guest-physical memory (a PTE, or data). Always a `std`
+/// atomic: the KVM layer maps it onto the guest's memory.
+pub type Word = AtomicU64;
+
 /// Guest-physical memory. Page-table entries are read and written as atomic
 /// 64-bit words because a vCPU's hardware walker reads them concurrently.
 pub trait PhysMem: Send + Sync {
@@ -56,6 +60,10 @@ pub trait PhysMem: Send + Sync {
 pub mod testing {
     use super::PhysMem;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A word of guest-physical memory (a PTE, or data). Always a `std`
+    /// atomic: the KVM layer maps it onto the guest's memory.
+    pub type Word = AtomicU64;
 
     /// `size` bytes of zeroed words.
     pub struct VecMem(Vec<AtomicU64>);

@@ -14,8 +14,11 @@
 //! layer implements with vCPU kicks and unit tests with host threads.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+
+use std::sync::RwLock;
+
+use super::sync::{Mutex, MutexGuard, Ordering};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -242,7 +245,7 @@ impl Tlbs {
                 Ok(t) => return Some(t.into_inner().unwrap_or_else(|e| e.into_inner())),
                 Err(shared) => {
                     tlb = shared;
-                    std::thread::yield_now();
+                    super::sync::yield_now();
                 }
             }
         }
@@ -272,60 +275,4 @@ pub fn user_pte(frame: u64, writable: bool) -> u64 {
         0
     };
     frame | bits::PRESENT | bits::USER | bits::ACCESSED | bits::NO_EXECUTE | w
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mm::phys::testing::VecMem;
-
-    fn setup() -> (VecMem, FrameAllocator, ShadowTlb) {
-        let mem = VecMem::new(1 << 20);
-        let frames = FrameAllocator::new(0x1000, 1 << 20);
-        let mut kernel = [0u64; (ENTRIES - KERNEL_PML4_START) as usize];
-        kernel[0] = 0x5000 | bits::PRESENT;
-        let tlb = ShadowTlb::new(&mem, &frames, &kernel, 1).unwrap();
-        (mem, frames, tlb)
-    }
-
-    #[test]
-    fn fill_flush_release_keeps_the_kernel_part_and_leaks_nothing() {
-        let (mem, frames, mut tlb) = setup();
-        let start = frames.free_count() + 1; // the root
-        tlb.fill(&mem, &frames, 0x1234_5000, user_pte(0x9000, true), None)
-            .unwrap();
-        assert_eq!(
-            tlb.lookup(&mem, 0x1234_5abc).map(|e| e & bits::ADDR_MASK),
-            Some(0x9000)
-        );
-        assert_eq!((tlb.fills(), tlb.len()), (1, 1));
-        assert_eq!(tlb.flush_range(&mem, 0, 0x1234_5000), 0);
-        assert_eq!(tlb.flush_all(&mem), 1);
-        assert_eq!(tlb.lookup(&mem, 0x1234_5000), None);
-        assert_eq!(
-            mem.word(tlb.root() + KERNEL_PML4_START * 8)
-                .load(Ordering::Relaxed),
-            0x5000 | bits::PRESENT
-        );
-        tlb.release(&mem, &frames);
-        assert_eq!(frames.free_count(), start);
-    }
-
-    #[test]
-    fn capacity_evicts_others_and_keeps_the_new_entry() {
-        let (mem, frames, mut tlb) = setup();
-        for i in 0..20u64 {
-            tlb.fill(
-                &mem,
-                &frames,
-                0x40_0000 + i * PAGE_SIZE,
-                user_pte(0x9000, false),
-                Some(4),
-            )
-            .unwrap();
-            assert!(tlb.lookup(&mem, 0x40_0000 + i * PAGE_SIZE).is_some());
-        }
-        assert_eq!(tlb.len(), 4);
-        assert_eq!(tlb.evictions(), 16);
-    }
 }

@@ -3,9 +3,8 @@
 //! mm/userfaultfd.c (mwriteprotect_range) and fs/userfaultfd.c
 //! (handle_userfault, the read() of events).
 
+use super::sync::{Condvar, Mutex, MutexGuard, Ordering};
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
-use std::sync::{Condvar, Mutex};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -81,9 +80,21 @@ impl Mm {
         }
         self.dec_tlb_flush_pending();
         if !protect {
-            self.uffd.changed.notify_all();
+            self.uffd_wake();
         }
         Ok(())
+    }
+
+    /// Wakes every thread waiting in [`Mm::handle_userfault`] to look at
+    /// its PTE again: after an unprotect (UFFDIO_WRITEPROTECT wakes the
+    /// range), and after a zap, whose UFFD_EVENT_REMOVE / UNMAP a handler
+    /// answers with UFFDIO_WAKE (fs/userfaultfd.c:userfaultfd_remove()).
+    /// Under the events lock: a waiter checks its PTE and goes to sleep
+    /// under it, so a wake-up cannot fall between the two (as
+    /// handle_userfault() sets its task state before the last check).
+    pub(crate) fn uffd_wake(&self) {
+        let _events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
+        self.uffd.changed.notify_all();
     }
 
     /// Hands the wp fault at `page` to the handler and waits, with no lock
@@ -106,8 +117,8 @@ impl Mm {
     /// event, an unprotect, or after a tick to notice the VM stopping.
     fn uffd_sleep<'a>(
         &self,
-        events: std::sync::MutexGuard<'a, VecDeque<u64>>,
-    ) -> std::sync::MutexGuard<'a, VecDeque<u64>> {
+        events: MutexGuard<'a, VecDeque<u64>>,
+    ) -> MutexGuard<'a, VecDeque<u64>> {
         self.uffd
             .changed
             .wait_timeout(events, STOP_POLL)

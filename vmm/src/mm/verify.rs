@@ -2,8 +2,8 @@
 //! quiescent (after a run, or before an address space is torn down).
 //! A violation names the frame and the addresses, and never panics.
 
+use super::sync::Ordering;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 
 use super::memory::PTE_PROTNONE;
 use super::mm_struct::{Machine, Mm};
