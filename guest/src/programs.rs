@@ -322,20 +322,23 @@ fn check<T>(r: Result<T, i64>, what: &str) -> T {
     r.unwrap_or_else(|e| rt::fail(format_args!("{what} failed: {e}")))
 }
 
-/// cow.c "vmsplice() + unmap in child": what the child's read pin sees
-/// after the parent writes its side of the COW page.
+/// cow.c "vmsplice() + unmap in child": what the child's vmsplice reference
+/// sees after the parent writes its side of the COW page. vmsplice takes
+/// ordinary references (FOLL_GET: vmsplice_to_pipe() → iov_iter_get_pages2()
+/// → get_user_pages_fast()), not pins, and without FOLL_WRITE.
 fn cow_vmsplice() {
     let page = map(1);
     write(page, 0, 0, 0x11);
     let child = check(rt::fork(), "fork");
     if child == 0 {
-        let pin = check(rt::pin(page, cowlab_abi::gup::PIN), "read pin");
+        // Flags 0: FOLL_GET (no gup::PIN) without FOLL_WRITE, as vmsplice.
+        let reference = check(rt::pin(page, 0), "vmsplice (FOLL_GET)");
         check(rt::munmap(page, PAGE_SIZE), "munmap");
         rt::shared_word(0).store(1, Ordering::Release);
         await_shared(1);
-        let v = rt::dma_read(pin, 0);
-        check(rt::unpin(pin), "unpin");
-        println!("cow-vmsplice: the child's pin reads {v:#x} after the parent wrote 0x22");
+        let v = rt::dma_read(reference, 0);
+        check(rt::unpin(reference), "put_page");
+        println!("cow-vmsplice: the child's reference reads {v:#x} after the parent wrote 0x22");
         return;
     }
     await_shared(0);

@@ -58,9 +58,10 @@ pub enum Program {
     /// Basic COW after fork: parent and child each write their side of a
     /// shared page; neither sees the other's write.
     ForkCow = 21,
-    /// cow.c "vmsplice() + unmap in child": the child read-pins a page it
-    /// shares COW with its parent and unmaps it; the parent writes; the pin
-    /// must still read the old contents. Prints what the pin reads.
+    /// cow.c "vmsplice() + unmap in child": the child vmsplices a page it
+    /// shares COW with its parent (a read reference, FOLL_GET) and unmaps
+    /// it; the parent writes; the reference must still read the old
+    /// contents. Prints what it reads.
     CowVmsplice = 22,
     /// A userfaultfd-wp round trip: a write to a protected page waits for a
     /// handler thread that reads the event and unprotects.
@@ -169,7 +170,7 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
     (
         "cow-vmsplice",
         Program::CowVmsplice,
-        "child read-pins a COW page and unmaps it; the parent writes (CVE-2020-29374)",
+        "child vmsplices (FOLL_GET) a COW page and unmaps it; the parent writes (CVE-2020-29374)",
     ),
     (
         "uffd-wp",
