@@ -26,17 +26,21 @@ pub enum CowReuse {
     Refcount,
 }
 
-/// What a read-only GUP pin of a shared anonymous page does.
+/// What a read-only GUP (FOLL_GET reference or FOLL_PIN pin) of a shared
+/// anonymous page does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GupReadCow {
-    /// Pins the shared page as it is (before v5.8, and v5.9 to v5.18:
+    /// Takes the shared page as it is (before v5.8, and v5.9 to v5.18:
     /// a308c71bf1e6 removed the forced COW break).
     None,
-    /// Breaks COW as for a write (17839856fd58 "gup: document and work
-    /// around 'COW can break either way' issue", v5.8).
+    /// Breaks COW as for a write, for references and pins alike
+    /// (17839856fd58 "gup: document and work around 'COW can break either
+    /// way' issue", v5.8).
     Break,
-    /// Unshares it: a private copy mapped read-only (c89357e27f20
-    /// FAULT_FLAG_UNSHARE, with 6c287605fd56 PageAnonExclusive, v5.19).
+    /// Unshares it for a pin: a private copy mapped read-only (c89357e27f20
+    /// FAULT_FLAG_UNSHARE, with 6c287605fd56 PageAnonExclusive, v5.19). A
+    /// FOLL_GET reference (vmsplice) still takes the shared page:
+    /// `gup_must_unshare()` is for FOLL_PIN only.
     Unshare,
 }
 
@@ -83,10 +87,13 @@ pub const PRESETS: &[(&str, &str)] = &[
         "linux-5.10",
         "refcount reuse, no PageAnonExclusive, no uffd-wp flush before copy (seed 001)",
     ),
-    ("linux-5.8", "mapcount reuse, GUP read pins break COW"),
+    (
+        "linux-5.8",
+        "mapcount reuse, read GUP (gets and pins) breaks COW",
+    ),
     (
         "linux-5.7",
-        "mapcount reuse, GUP read pins do not break COW (CVE-2020-29374, seed 003)",
+        "mapcount reuse, read GUP does not break COW (CVE-2020-29374, seed 003)",
     ),
     (
         "proposal-fork-coherent",
