@@ -1,7 +1,9 @@
 //! get_user_pages: references (FOLL_GET) and pins (FOLL_PIN) on the pages
-//! behind user addresses, and "DMA" through them. A pin is a handle the
-//! guest keeps; reading or writing the pinned frame models vmsplice → pipe
-//! read and io_uring fixed-buffer I/O. Models mm/gup.c.
+//! behind user addresses, and "DMA" through them. Either is a handle the
+//! guest keeps: reading through a reference models vmsplice → pipe read
+//! (vmsplice takes FOLL_GET references), reading or writing through a
+//! FOLL_PIN|FOLL_LONGTERM pin models io_uring fixed-buffer I/O. Models
+//! mm/gup.c.
 
 use super::sync::Ordering;
 // The table of handles: a plain lock even under the checker (nothing
@@ -113,7 +115,8 @@ impl Mm {
             } else if gup_must_unshare(m, pte, flags) {
                 Some((Access::Read, true))
             } else if !flags.write && cow_shared && m.policy.gup_read_cow == GupReadCow::Break {
-                // 17839856fd58: a read pin of a COW page breaks COW like a write.
+                // 17839856fd58: a read-only GUP (FOLL_GET or FOLL_PIN) of a COW
+                // page breaks COW like a write.
                 Some((Access::Write, false))
             } else {
                 None
