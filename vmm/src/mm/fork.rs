@@ -22,18 +22,22 @@ impl Mm {
     /// v6.5), and the parent's TLB is flushed only at the end, as in Linux: until then
     /// other CPUs may still write through their old writable entries.
     /// Models kernel/fork.c:dup_mmap().
+    ///
+    /// Lock contract: takes the parent's `mmap_lock` for write (and, with
+    /// `fork_lock_vmas`, write-locks every parent VMA until it is
+    /// released) for the whole copy and the final flush.
     pub fn dup_mmap(self: &Arc<Self>, cpu: Option<usize>) -> Result<Arc<Mm>, FaultError> {
         let child = Mm::new(&self.m)?;
         let _mmap = self.mmap_write_lock_for("fork");
         let vmas = self.vmas_in(0, u64::MAX);
         // vma_start_write() on every parent VMA: faults under per-VMA locks
-        // finish first, and new ones fall back to mmap_lock and wait.
-        let lock_vmas = self.m.policy.fork_lock_vmas;
-        let _vma_locks: Vec<_> = vmas
-            .iter()
-            .filter(|_| lock_vmas)
-            .map(|v| v.start_write_traced(self.trace()))
-            .collect();
+        // finish first, and new ones fall back to mmap_lock and wait until
+        // fork releases it.
+        if self.m.policy.fork_lock_vmas {
+            for v in &vmas {
+                v.vma_start_write(self);
+            }
+        }
         let _ = self.m.hooks.hit("fork:enter", cpu, None);
         self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);
         let result = vmas.iter().try_for_each(|vma| {
@@ -58,6 +62,9 @@ impl Mm {
     /// PTE (Linux drops them every batch of PTEs; here every PTE, so other
     /// threads' faults can run between two copies, as they can there).
     /// Models mm/memory.c:copy_page_range() → copy_pte_range().
+    ///
+    /// Lock contract: called with the parent's `mmap_lock` held for write;
+    /// takes the parent's then the child's PTL around each PTE's copy.
     fn copy_page_range(&self, child: &Mm, vma: &Vma, cpu: Option<usize>) -> Result<(), FaultError> {
         let m = &self.m;
         let mut result = Ok(());
@@ -92,6 +99,10 @@ impl Mm {
     /// Copies one present PTE: shares the page copy-on-write, or copies it
     /// when it is exclusive and maybe pinned. Models
     /// mm/memory.c:copy_present_pte().
+    ///
+    /// Lock contract: called with both PTLs held (returns with them held):
+    /// the reference and the rmap are taken while the parent's PTE, which
+    /// holds them, cannot change.
     fn copy_present_pte(
         &self,
         child: &Mm,
@@ -138,6 +149,11 @@ impl Mm {
     /// — unless `fork_wrprotect_pinned`, which write-protects the parent's
     /// PTE and flushes first, so writers fault and wait for the fork.
     /// Models mm/memory.c:copy_present_page().
+    ///
+    /// Lock contract: called with both PTLs held (returns with them held),
+    /// so the parent's page, mapped by the PTE, is not freed under the
+    /// copy (Linux preallocates the page outside the locks and retries;
+    /// allocating here never sleeps).
     fn copy_present_page(
         &self,
         child: &Mm,

@@ -88,9 +88,21 @@ impl Mm {
     /// as the flags and the policy ask; returns a pin handle. Models
     /// mm/gup.c:__get_user_pages() (follow_page_pte() + faultin_page()) for
     /// one page, and pin_user_pages() / get_user_pages().
+    ///
+    /// Lock contract: takes `mmap_lock` for read for each attempt; the
+    /// reference or pin is taken under the PTL, while the PTE that maps
+    /// the page is known (follow_page_pte() → try_grab_folio()); a fault
+    /// is taken without the PTL and the walk retried. Returns with no lock
+    /// held.
     pub fn get_user_page(&self, addr: u64, flags: GupFlags, cpu: usize) -> Result<u64, FaultError> {
         let m = &self.m;
         let page = addr & !(PAGE_SIZE - 1);
+        if flags.pin {
+            // MMF_HAS_PINNED is set before any page is pinned
+            // (__get_user_pages_locked(): mm_set_has_pinned_flag()), so a
+            // fork that sees a pinned page also sees the flag.
+            self.has_pinned.store(true, Ordering::Release);
+        }
         loop {
             let _mmap = self.mmap_read_lock();
             let vma = self.vma_lookup(page).ok_or(FaultError::Segv)?;
@@ -130,7 +142,6 @@ impl Mm {
             if m.frames.is_normal(frame) {
                 if flags.pin {
                     m.frames.pin_page(frame);
-                    self.has_pinned.store(true, Ordering::Release);
                 } else {
                     m.frames.get_page(frame);
                 }

@@ -108,6 +108,9 @@ impl Mm {
     /// A user-mode fault of CPU `cpu` at `addr`: the hardware walk (a TLB
     /// fill) if the logical PTE allows the access, else a page fault, then
     /// the walk again. Models the x86 page walk + arch/x86/mm/fault.c.
+    ///
+    /// Lock contract: called with no mm lock held; returns with none held
+    /// (a userfaultfd wait in between holds none either).
     pub fn handle_user_fault(
         &self,
         cpu: usize,
@@ -134,6 +137,11 @@ impl Mm {
     /// at `addr`, install its translation in the CPU's TLB. The walk and the
     /// install happen under the CPU's TLB lock, so they are atomic with
     /// respect to shootdowns, as a walk is within one instruction.
+    ///
+    /// Lock contract: takes only the CPU's TLB lock, never the PTL (the
+    /// hardware walker does not take it); every PTE change that removes a
+    /// permission is followed by a flush, which takes the TLB lock, so a
+    /// fill either precedes the flush (and is flushed) or sees the change.
     pub fn tlb_fill(&self, cpu: usize, addr: u64, access: Access) -> Result<bool, FaultError> {
         let Some(tlb) = self.m.tlbs.get(cpu) else {
             return Ok(false);
@@ -184,6 +192,10 @@ impl Mm {
 
     /// Finds and locks the VMA, checks the access, handles the fault.
     /// Models arch/x86/mm/fault.c:do_user_addr_fault().
+    ///
+    /// Lock contract: called with no mm lock held; holds the VMA (its
+    /// per-VMA read lock, or `mmap_lock` for read when that fails) for the
+    /// whole of handle_mm_fault(); returns with both released.
     fn do_user_addr_fault(&self, addr: u64, access: Access, cpu: usize) -> Result<(), FaultError> {
         if !(USER_MIN_ADDR..USER_END).contains(&addr) {
             return Err(FaultError::Segv);
@@ -191,7 +203,7 @@ impl Mm {
         let _ = self.m.hooks.hit("fault:enter", Some(cpu), Some(addr));
         let per_vma = self.m.policy.fault_lock == FaultLock::Vma;
         if let Some(vma) = per_vma.then(|| self.lock_vma_under_rcu(addr)).flatten() {
-            let Some(_vma_read) = vma.start_read() else {
+            let Some(_vma_read) = vma.start_read(self) else {
                 return self.fault_under_mmap_lock(addr, access, cpu);
             };
             if access_error(&vma, access) {
@@ -226,6 +238,10 @@ impl Mm {
     /// Models mm/memory.c:handle_mm_fault() → handle_pte_fault(); `unshare`
     /// is FAULT_FLAG_UNSHARE (a read fault that must leave this process a
     /// page of its own, for a read-only pin).
+    ///
+    /// Lock contract: called with the VMA held (per-VMA read lock or
+    /// `mmap_lock` for read), without the PTL. The PTE is read without the
+    /// PTL, as `vmf->orig_pte` is; every handler rechecks it under the PTL.
     pub(crate) fn handle_mm_fault(
         &self,
         vma: &Vma,
@@ -255,6 +271,10 @@ impl Mm {
 
     /// First touch of an anonymous page: the shared zero page for a read,
     /// a fresh exclusive page for a write. Models mm/memory.c:do_anonymous_page().
+    ///
+    /// Lock contract: called with the VMA held, without the PTL; allocates
+    /// without it, installs under it if the PTE is still none (else drops
+    /// the new page), and returns with it released.
     fn do_anonymous_page(
         &self,
         vma: &Vma,
@@ -290,6 +310,13 @@ impl Mm {
     /// A write to a present, read-only PTE (or an unshare request): reuse
     /// the page if it is ours alone, else copy it. Models
     /// mm/memory.c:do_wp_page().
+    ///
+    /// Lock contract: called with the VMA held, without the PTL; takes the
+    /// PTL and gives up if the PTE is no longer `orig` (pte_same). Reuse
+    /// happens under the PTL; for a copy, the reference on the old page is
+    /// taken under the PTL, which is then released before wp_page_copy()
+    /// (Linux: folio_get() before pte_unmap_unlock()). Returns with the PTL
+    /// released.
     fn do_wp_page(
         &self,
         vma: &Vma,
@@ -362,6 +389,7 @@ impl Mm {
     }
 
     /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
+    /// Lock contract: called with the PTL held (and returns with it held).
     fn wp_page_reuse(&self, page: u64, slot: &Word, orig: u64) {
         self.set_pte(
             page,
@@ -467,6 +495,12 @@ impl Mm {
     /// range from every CPU, then drops the pages (after the flush, as
     /// mmu_gather does). Models mm/memory.c:zap_page_range_single() +
     /// tlb_finish_mmu().
+    ///
+    /// Lock contract: called with `mmap_lock` held (for write: munmap,
+    /// exit; for read: MADV_DONTNEED, concurrently with faults); takes the
+    /// PTL to clear the PTEs and drop their rmaps; flushes without it; the
+    /// pages' references, kept by the gather list until then, are dropped
+    /// only after the flush, so no TLB can reach a freed frame.
     pub(crate) fn zap_page_range(&self, start: u64, end: u64, initiator: Option<usize>) {
         let m = &self.m;
         // tlb_gather_mmu(): a flush is pending from the first cleared PTE.

@@ -122,6 +122,9 @@ pub struct Vma {
     /// `VM_UFFD_WP`: registered for userfaultfd write-protect faults.
     pub uffd_wp: bool,
     vm_lock: RwLock<()>,
+    /// `vma->vm_lock_seq`: equal to the mm's `mm_lock_seq` while the VMA is
+    /// write-locked (until `mmap_lock` is released for write).
+    vm_lock_seq: AtomicU64,
     detached: AtomicBool,
 }
 
@@ -138,6 +141,7 @@ impl Vma {
             prot,
             uffd_wp,
             vm_lock: RwLock::new(()),
+            vm_lock_seq: AtomicU64::new(u64::MAX),
             detached: AtomicBool::new(false),
         })
     }
@@ -155,46 +159,77 @@ impl Vma {
         self.prot & prot::WRITE != 0
     }
 
-    /// Read-locks the VMA unless a writer holds it. Models
-    /// include/linux/mm.h:vma_start_read().
-    pub(crate) fn start_read(&self) -> Option<RwLockReadGuard<'_, ()>> {
+    /// Read-locks the VMA unless it is write-locked or detached: a fault
+    /// then falls back to `mmap_lock`. Models include/linux/mm.h:
+    /// vma_start_read() (the sequence check, a trylock, the check again).
+    pub(crate) fn start_read(&self, mm: &Mm) -> Option<RwLockReadGuard<'_, ()>> {
+        let locked = || self.vm_lock_seq.load(Ordering::Acquire) == mm.mm_lock_seq();
+        if locked() {
+            return None;
+        }
         let guard = self.vm_lock.try_read().ok()?;
-        (!self.detached.load(Ordering::Acquire)).then_some(guard)
+        (!locked() && !self.detached.load(Ordering::Acquire)).then_some(guard)
     }
 
-    /// Write-locks the VMA until the guard goes: waits for its readers and
-    /// keeps new ones out. Models include/linux/mm.h:vma_start_write().
-    pub(crate) fn start_write(&self) -> RwLockWriteGuard<'_, ()> {
-        self.vm_lock.write().unwrap_or_else(|e| e.into_inner())
+    /// Write-locks the VMA until `mm`'s `mmap_lock` is released for write:
+    /// waits for the faults that hold it for read, and makes later ones
+    /// fall back to `mmap_lock`. Lock contract: `mmap_lock` held for write.
+    /// Models include/linux/mm.h:vma_start_write() (the lock ends in
+    /// mmap_write_unlock() → vma_end_write_all()); traces a wait for the
+    /// VMA's readers.
+    pub(crate) fn vma_start_write(&self, mm: &Mm) {
+        let seq = mm.mm_lock_seq();
+        if self.vm_lock_seq.load(Ordering::Acquire) == seq {
+            return;
+        }
+        let trace = mm.trace();
+        let _drain = match self.vm_lock.try_write() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(t) = trace {
+                    t.emit(
+                        Kind::LockWait,
+                        &[2],
+                        &format!("faults in [{:#x}, {:#x})", self.start, self.end),
+                    );
+                }
+                let g = self.vm_lock.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(t) = trace {
+                    t.emit(Kind::LockDone, &[2], "");
+                }
+                g
+            }
+        };
+        self.vm_lock_seq.store(seq, Ordering::Release);
     }
 
-    /// The same, tracing a wait for the VMA's readers (faults under it).
-    pub(crate) fn start_write_traced(
-        &self,
-        trace: Option<&crate::trace::Recorder>,
-    ) -> RwLockWriteGuard<'_, ()> {
-        if let Ok(g) = self.vm_lock.try_write() {
-            return g;
-        }
-        if let Some(t) = trace {
-            t.emit(
-                Kind::LockWait,
-                &[2],
-                &format!("faults in [{:#x}, {:#x})", self.start, self.end),
-            );
-        }
-        let g = self.start_write();
-        if let Some(t) = trace {
-            t.emit(Kind::LockDone, &[2], "");
-        }
-        g
+    /// A VMA that `mm`'s writer is creating: write-locked from the start,
+    /// as the pieces of a split are (vma_prepare()). Caller holds
+    /// `mmap_lock` for write.
+    pub(crate) fn born_write_locked(self: Arc<Self>, mm: &Mm) -> Arc<Self> {
+        self.vm_lock_seq.store(mm.mm_lock_seq(), Ordering::Release);
+        self
     }
 
-    /// Waits for the VMA's readers and marks it detached (it is leaving the
-    /// tree). Models include/linux/mm.h:vma_start_write() + vma_mark_detached().
-    pub(crate) fn start_write_and_detach(&self) {
-        let _writer = self.vm_lock.write().unwrap_or_else(|e| e.into_inner());
+    /// Write-locks the VMA and marks it detached (it is leaving the tree).
+    /// Models include/linux/mm.h:vma_start_write() + vma_mark_detached().
+    pub(crate) fn start_write_and_detach(&self, mm: &Mm) {
+        self.vma_start_write(mm);
         self.detached.store(true, Ordering::Release);
+    }
+}
+
+/// `mmap_lock` held for write. Dropping it ends every VMA write lock taken
+/// under it, then releases the lock. Models mmap_write_unlock() →
+/// vma_end_write_all().
+pub(crate) struct MmapWriteGuard<'a> {
+    mm_lock_seq: &'a AtomicU64,
+    _lock: Held<'a, RwLockWriteGuard<'a, ()>>,
+}
+
+impl Drop for MmapWriteGuard<'_> {
+    fn drop(&mut self) {
+        self.mm_lock_seq.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -205,6 +240,9 @@ pub struct Mm {
     /// Root of the logical page table (`mm->pgd`).
     pub(crate) pgd: u64,
     pub(crate) mmap_lock: RwLock<()>,
+    /// `mm->mm_lock_seq`: bumped when `mmap_lock` is released for write,
+    /// which ends every VMA write lock taken under it.
+    mm_lock_seq: AtomicU64,
     pub(crate) vmas: RwLock<BTreeMap<u64, Arc<Vma>>>,
     ptl: Mutex<()>,
     /// `mm->tlb_flush_pending`: flushes promised but not done.
@@ -268,6 +306,7 @@ impl Mm {
             m: Arc::clone(m),
             pgd,
             mmap_lock: RwLock::new(()),
+            mm_lock_seq: AtomicU64::new(0),
             vmas: RwLock::new(BTreeMap::new()),
             ptl: Mutex::new(()),
             tlb_flush_pending: AtomicU64::new(0),
@@ -367,15 +406,17 @@ impl Mm {
         )
     }
 
-    pub(crate) fn mmap_write_lock(&self) -> Held<'_, RwLockWriteGuard<'_, ()>> {
+    pub(crate) fn mmap_write_lock(&self) -> MmapWriteGuard<'_> {
         self.mmap_write_lock_for("an mm call")
     }
 
+    /// The current `mm_lock_seq` (a VMA with this sequence is write-locked).
+    fn mm_lock_seq(&self) -> u64 {
+        self.mm_lock_seq.load(Ordering::Acquire)
+    }
+
     /// `mmap_lock` for write, noting who holds it and why.
-    pub(crate) fn mmap_write_lock_for(
-        &self,
-        what: &'static str,
-    ) -> Held<'_, RwLockWriteGuard<'_, ()>> {
+    pub(crate) fn mmap_write_lock_for(&self, what: &'static str) -> MmapWriteGuard<'_> {
         let guard = match self.mmap_lock.try_write() {
             Ok(g) => g,
             Err(_) => self.waiting(
@@ -383,7 +424,10 @@ impl Mm {
                 || self.mmap_lock.write().unwrap_or_else(|e| e.into_inner()),
             ),
         };
-        self.hold(guard, &self.mmap_writer, what)
+        MmapWriteGuard {
+            mm_lock_seq: &self.mm_lock_seq,
+            _lock: self.hold(guard, &self.mmap_writer, what),
+        }
     }
 
     /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.

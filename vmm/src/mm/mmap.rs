@@ -103,10 +103,14 @@ impl Mm {
 
     /// Replaces the VMAs overlapping `[start, end)` by pieces split at
     /// `start` and `end`, with `f` giving the pieces inside their
-    /// protection and uffd-wp registration (`None` removes them). The replaced VMAs are write-locked and detached, so
-    /// faults that hold them finish first and later ones fall back to
-    /// `mmap_lock`. Caller holds `mmap_lock` for write. Models
-    /// mm/mmap.c:split_vma() + vma_start_write() + the maple-tree update.
+    /// protection and uffd-wp registration (`None` removes them). The
+    /// replaced VMAs are write-locked and detached, so faults that hold
+    /// them finish first; the new pieces are write-locked from birth, so
+    /// faults on the range fall back to `mmap_lock` and wait until the
+    /// caller's whole change (e.g. mprotect's PTE rewrite and flush) is
+    /// done, as Linux's VMA write locks last until mmap_write_unlock().
+    /// Lock contract: caller holds `mmap_lock` for write. Models
+    /// mm/vma.c:vma_prepare() + split_vma() + the maple-tree update.
     pub(crate) fn replace_vmas(
         &self,
         start: u64,
@@ -115,29 +119,33 @@ impl Mm {
     ) {
         let old = self.vmas_in(start, end);
         for vma in &old {
-            vma.start_write_and_detach();
+            vma.start_write_and_detach(self);
         }
         let mut tree = self.vmas.write().unwrap_or_else(|e| e.into_inner());
         for vma in old {
             tree.remove(&vma.start);
             if vma.start < start {
-                tree.insert(
-                    vma.start,
-                    Vma::with_flags(vma.start, start, vma.prot, vma.uffd_wp),
-                );
+                let piece = Vma::with_flags(vma.start, start, vma.prot, vma.uffd_wp);
+                tree.insert(vma.start, piece.born_write_locked(self));
             }
             if vma.end > end {
-                tree.insert(end, Vma::with_flags(end, vma.end, vma.prot, vma.uffd_wp));
+                let piece = Vma::with_flags(end, vma.end, vma.prot, vma.uffd_wp);
+                tree.insert(end, piece.born_write_locked(self));
             }
             let (lo, hi) = (vma.start.max(start), vma.end.min(end));
             if let Some((p, uffd_wp)) = f(&vma) {
-                tree.insert(lo, Vma::with_flags(lo, hi, p, uffd_wp));
+                tree.insert(
+                    lo,
+                    Vma::with_flags(lo, hi, p, uffd_wp).born_write_locked(self),
+                );
             }
         }
     }
 
     /// Unmaps `[addr, addr + len)`: the VMAs go, the pages are zapped and
     /// flushed from every CPU, then freed. Models mm/mmap.c:do_vmi_munmap().
+    /// Lock contract: takes `mmap_lock` for write (the VMAs stay
+    /// write-locked until it is released).
     pub fn munmap(&self, addr: u64, len: u64, cpu: Option<usize>) -> Result<(), MmError> {
         let (start, end) = page_range(addr, len)?;
         let _mmap = self.mmap_write_lock();
@@ -155,6 +163,11 @@ impl Mm {
     /// (`can_change_pte_writable`) and leaves the others read-only (the next
     /// write fault reuses or copies).
     /// Models mm/mprotect.c:do_mprotect_pkey() → change_protection().
+    ///
+    /// Lock contract: takes `mmap_lock` for write; the new VMAs stay
+    /// write-locked until it is released, so faults on the range wait for
+    /// the PTE rewrite and its flush; `tlb_flush_pending` is raised before
+    /// the first PTE changes.
     pub fn mprotect(
         &self,
         addr: u64,
@@ -197,6 +210,7 @@ impl Mm {
 
     /// Rewrites the PTEs of `[start, end)` for `prot_bits`; true if any
     /// lost a permission. Models mm/mprotect.c:change_pte_range().
+    /// Lock contract: called with `mmap_lock` held for write; takes the PTL.
     fn change_protection(&self, start: u64, end: u64, prot_bits: u32) -> bool {
         let m = &self.m;
         let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
@@ -252,6 +266,9 @@ impl Mm {
 
     /// Drops the pages of `[addr, addr + len)`, which must be mapped: the
     /// next touch sees zeroes. Models mm/madvise.c:madvise_dontneed_single_vma().
+    /// Lock contract: takes `mmap_lock` for read only: faults run
+    /// concurrently, and zap_page_range()'s PTL and reference discipline
+    /// is what keeps them safe.
     pub fn madvise_dontneed(&self, addr: u64, len: u64, cpu: Option<usize>) -> Result<(), MmError> {
         let (start, end) = page_range(addr, len)?;
         let _mmap = self.mmap_read_lock();

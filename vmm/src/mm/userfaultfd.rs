@@ -45,6 +45,9 @@ impl Mm {
     /// PTEs change and down after the one flush at the end, so until then
     /// other CPUs may keep writable entries. Unprotecting wakes the threads
     /// waiting on those pages. Models mm/userfaultfd.c:mwriteprotect_range().
+    ///
+    /// Lock contract: takes `mmap_lock` for read, and the PTL for the PTE
+    /// changes; the flush runs without the PTL.
     pub fn mwriteprotect_range(
         &self,
         addr: u64,
