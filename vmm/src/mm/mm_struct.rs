@@ -12,7 +12,7 @@
 //!   is a coarser, still correct, model of it).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, TryLockError};
 
 use super::sync::{
     AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, RwLock, RwLockReadGuard,
@@ -185,7 +185,11 @@ impl Vma {
         let trace = mm.trace();
         let _drain = match self.vm_lock.try_write() {
             Ok(g) => g,
-            Err(_) => {
+            // A panic while the lock was held poisoned it: the guard is
+            // ours (matching it with `Err(_)` would keep it alive across
+            // the blocking write() below, which would wait for itself).
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
                 if let Some(t) = trace {
                     t.emit(
                         Kind::LockWait,
@@ -397,8 +401,10 @@ impl Mm {
     }
 
     pub(crate) fn mmap_read_lock(&self) -> RwLockReadGuard<'_, ()> {
-        if let Ok(g) = self.mmap_lock.try_read() {
-            return g;
+        match self.mmap_lock.try_read() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+            Err(TryLockError::WouldBlock) => {}
         }
         self.waiting(
             || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
@@ -419,7 +425,8 @@ impl Mm {
     pub(crate) fn mmap_write_lock_for(&self, what: &'static str) -> MmapWriteGuard<'_> {
         let guard = match self.mmap_lock.try_write() {
             Ok(g) => g,
-            Err(_) => self.waiting(
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => self.waiting(
                 || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
                 || self.mmap_lock.write().unwrap_or_else(|e| e.into_inner()),
             ),
@@ -434,7 +441,8 @@ impl Mm {
     pub(crate) fn ptl(&self) -> Held<'_, MutexGuard<'_, ()>> {
         let guard = match self.ptl.try_lock() {
             Ok(g) => g,
-            Err(_) => self.waiting(
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => self.waiting(
                 || format!("the page-table lock{}", self.holder(&self.ptl_holder)),
                 || self.ptl.lock().unwrap_or_else(|e| e.into_inner()),
             ),
