@@ -165,6 +165,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         control: None,
         kvm_path: opts.kvm_path.clone(),
         trace: tracer.clone(),
+        run: 1,
     };
     if let Some(ctl) = ctl {
         ctl.begin(&opts.program, &opts.policy, 1);

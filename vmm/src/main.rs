@@ -34,8 +34,8 @@ enum Command {
         /// Litmus: print one JSON object instead of the litmus7-style text.
         #[arg(long)]
         json: bool,
-        /// An injection rule ACTION@POINT[/vN][/hit=N][/addr=A-B], ACTION one
-        /// of delay=US, pause, count, fail (repeatable; `cowlab list points`).
+        /// An injection rule ACTION@POINT[/vN][/hit=N][/addr=A-B][/run=N], ACTION
+        /// one of delay=US, pause, count, fail, panic (repeatable; `cowlab list points`).
         #[arg(long, value_name = "RULE")]
         inject: Vec<String>,
         /// Force an interleaving: vN@POINT < vM@POINT < ...

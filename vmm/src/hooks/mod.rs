@@ -2,7 +2,8 @@
 //!
 //! The memory manager and the VMM call [`Hooks::hit`] at named points. With
 //! nothing set the call is one relaxed load. Rules act at points (delay,
-//! pause, count, fail), filtered by vCPU, address and hit number; a
+//! pause, count, fail, panic), filtered by vCPU, address, hit number and
+//! run; a
 //! schedule orders (vCPU, point) events across vCPUs and, when it cannot
 //! be satisfied, says where each thread was blocked; chaos adds seeded
 //! random delays.
@@ -211,6 +212,9 @@ pub struct Hooks {
     order: Mutex<Option<Recording>>,
     /// The trace recorder, if the run is traced: every hit is an event.
     pub trace: crate::trace::TraceSlot,
+    /// Which run of a litmus test this VM is (1-based; 0 is taken as 1),
+    /// for rules' `run=` filter.
+    run: AtomicU64,
 }
 
 /// A hit by a vCPU, as recorded for [`witness_schedule`].
@@ -333,6 +337,12 @@ impl Hooks {
             .collect()
     }
 
+    /// Sets which run (1-based) of a litmus test this VM is, for rules
+    /// filtered by `run=`/`runs=`.
+    pub fn set_run(&self, run: u64) {
+        self.run.store(run, Ordering::Relaxed);
+    }
+
     /// Sets the schedule to enforce.
     pub fn set_schedule(&self, steps: Vec<Step>) {
         *lock(&self.schedule) = Schedule {
@@ -412,8 +422,9 @@ impl Hooks {
             .cloned()
             .collect();
         let mut result = Ok(());
+        let run = self.run.load(Ordering::Relaxed).max(1);
         for r in rules {
-            if !r.rule.matches_target(cpu, addr) {
+            if !r.rule.matches_target(run, cpu, addr) {
                 continue;
             }
             let n = r.matched.fetch_add(1, Ordering::AcqRel) + 1;
@@ -441,6 +452,13 @@ impl Hooks {
                 Action::Count => {}
                 Action::Fail => result = Err(Injected::Fail),
                 Action::Pause => self.pause(cpu, point),
+                // Only a vCPU thread panics: the VMM catches it there and
+                // ends the run in an error (a rule can also act on the
+                // controlling thread, which must not die).
+                Action::Panic if current_cpu().is_some() => {
+                    panic!("injected panic at {point} ({})", r.rule)
+                }
+                Action::Panic => {}
             }
         }
         if let Some(cpu) = cpu {
@@ -824,6 +842,19 @@ mod tests {
     }
 
     #[test]
+    fn a_run_filter_arms_a_rule_in_those_runs_only() {
+        let hooks = Hooks::new();
+        hooks.add_rule(parse_rule("fail@alloc_page/runs=2-3").unwrap());
+        assert_eq!(hooks.hit("alloc_page", Some(0), None), Ok(()), "run 1");
+        hooks.set_run(3);
+        assert_eq!(hooks.hit("alloc_page", Some(0), None), Err(Injected::Fail));
+        hooks.set_run(4);
+        assert_eq!(hooks.hit("alloc_page", Some(0), None), Ok(()));
+        let counts = hooks.rule_counts();
+        assert_eq!((counts[0].1, counts[0].2), (1, 1), "matched only in run 3");
+    }
+
+    #[test]
     fn chaos_is_reproducible_per_seed() {
         let delays = |seed| {
             let hooks = Hooks::new();
@@ -933,5 +964,21 @@ mod tests {
             order,
             [hit(1, "guest:x", None), hit(0, "fault:fill", Some(0x5000))]
         );
+    }
+
+    #[test]
+    fn a_panic_rule_panics_a_vcpu_thread_only() {
+        let hooks = Arc::new(Hooks::new());
+        hooks.add_rule(parse_rule("panic@guest:boom").unwrap());
+        // The controlling thread (no vCPU) goes on.
+        assert_eq!(hooks.hit("guest:boom", None, None), Ok(()));
+        let h = Arc::clone(&hooks);
+        let t = std::thread::spawn(move || {
+            set_current_cpu(Some(1));
+            h.hit("guest:boom", Some(1), None)
+        });
+        let msg = t.join().unwrap_err();
+        let msg = msg.downcast_ref::<String>().unwrap();
+        assert_eq!(msg, "injected panic at guest:boom (panic@guest:boom)");
     }
 }

@@ -2,8 +2,9 @@
 //! `--schedule`, litmus files and the control socket.
 //!
 //! - rule: `ACTION@POINT[/FILTER]…` with ACTION `delay=US`, `pause`,
-//!   `count` or `fail`, and FILTER `vN` (a vCPU), `hit=N` (only the Nth
-//!   matching hit), `hits=A-B`, `addr=START-END` (hex or decimal);
+//!   `count`, `fail` or `panic`, and FILTER `vN` (a vCPU), `hit=N` (only
+//!   the Nth matching hit), `hits=A-B`, `addr=START-END` (hex or decimal),
+//!   `run=N`, `runs=A-B` (only in those runs of a litmus test);
 //! - schedule: `vN@POINT < vM@POINT < …`.
 
 use std::fmt;
@@ -21,6 +22,9 @@ pub enum Action {
     Count,
     /// Make the operation fail (allocations).
     Fail,
+    /// Panic the vCPU thread that hits it: for testing cowlab's own error
+    /// handling (the run ends in an `error` state, the others go on).
+    Panic,
 }
 
 /// A rule at a point.
@@ -32,11 +36,15 @@ pub struct Rule {
     /// Inclusive range of matching hits the action applies to (1-based).
     pub hits: Option<(u64, u64)>,
     pub addr: Option<(u64, u64)>,
+    /// Inclusive range of the runs (1-based) of a litmus test the rule is
+    /// armed in; every run if `None`.
+    pub runs: Option<(u64, u64)>,
 }
 
 impl Rule {
-    pub(super) fn matches_target(&self, cpu: Option<usize>, addr: Option<u64>) -> bool {
-        self.vcpu.is_none_or(|v| cpu == Some(v))
+    pub(super) fn matches_target(&self, run: u64, cpu: Option<usize>, addr: Option<u64>) -> bool {
+        self.runs.is_none_or(|(lo, hi)| run >= lo && run <= hi)
+            && self.vcpu.is_none_or(|v| cpu == Some(v))
             && self
                 .addr
                 .is_none_or(|(lo, hi)| addr.is_some_and(|a| a >= lo && a < hi))
@@ -54,6 +62,7 @@ impl fmt::Display for Rule {
             Action::Pause => write!(f, "pause")?,
             Action::Count => write!(f, "count")?,
             Action::Fail => write!(f, "fail")?,
+            Action::Panic => write!(f, "panic")?,
         }
         write!(f, "@{}", self.point)?;
         if let Some(v) = self.vcpu {
@@ -66,6 +75,11 @@ impl fmt::Display for Rule {
         }
         if let Some((lo, hi)) = self.addr {
             write!(f, "/addr={lo:#x}-{hi:#x}")?;
+        }
+        match self.runs {
+            Some((a, b)) if a == b => write!(f, "/run={a}")?,
+            Some((a, b)) => write!(f, "/runs={a}-{b}")?,
+            None => {}
         }
         Ok(())
     }
@@ -136,11 +150,12 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
         "pause" => Action::Pause,
         "count" => Action::Count,
         "fail" => Action::Fail,
+        "panic" => Action::Panic,
         a => match a.strip_prefix("delay=").and_then(number) {
             Some(us) => Action::Delay(us),
             None => {
                 return Err(format!(
-                    "unknown action '{a}' (delay=US, pause, count or fail)"
+                    "unknown action '{a}' (delay=US, pause, count, fail or panic)"
                 ))
             }
         },
@@ -153,6 +168,7 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
         vcpu: None,
         hits: None,
         addr: None,
+        runs: None,
     };
     for filter in parts {
         if let Some(v) = vcpu(filter) {
@@ -169,9 +185,19 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
                 .zip(number(b))
                 .ok_or_else(|| format!("bad address range '{filter}'"))?;
             rule.addr = Some((a, b));
+        } else if let Some(n) = filter.strip_prefix("run=").and_then(number) {
+            if n == 0 {
+                return Err(format!("runs are counted from 1, in '{filter}'"));
+            }
+            rule.runs = Some((n, n));
+        } else if let Some((a, b)) = filter.strip_prefix("runs=").and_then(|r| r.split_once('-')) {
+            let (a, b) = number(a)
+                .zip(number(b))
+                .ok_or_else(|| format!("bad run range '{filter}'"))?;
+            rule.runs = Some((a, b));
         } else {
             return Err(format!(
-                "unknown filter '{filter}' (vN, hit=N, hits=A-B, addr=START-END)"
+                "unknown filter '{filter}' (vN, hit=N, hits=A-B, addr=START-END, run=N, runs=A-B)"
             ));
         }
     }
@@ -237,6 +263,8 @@ mod tests {
             "pause@guest:x",
             "fail@alloc_page/hits=2-5",
             "count@fault:enter/addr=0x1000-0x2000",
+            "panic@fork:enter/v2/hit=1/run=3",
+            "fail@alloc_page/runs=2-4",
         ] {
             assert_eq!(parse_rule(s).unwrap().to_string(), s);
         }
@@ -250,6 +278,12 @@ mod tests {
             .unwrap_err()
             .contains("unknown filter"));
         assert!(parse_rule("fork:enter").is_err());
+        assert!(parse_rule("panic@fork:enter/run=0")
+            .unwrap_err()
+            .contains("counted from 1"));
+        assert!(parse_rule("panic@fork:enter/runs=2")
+            .unwrap_err()
+            .contains("unknown filter"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! threads, plus the event stream the controlling thread watches.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -73,6 +74,9 @@ pub struct VmConfig {
     pub kvm_path: String,
     /// Record a trace of the run (docs/trace-format.md).
     pub trace: Option<Arc<crate::trace::Recorder>>,
+    /// Which run (1-based) of a litmus test this is, for rules' `run=`
+    /// filter.
+    pub run: u64,
 }
 
 impl Default for VmConfig {
@@ -93,6 +97,7 @@ impl Default for VmConfig {
             control: None,
             kvm_path: "/dev/kvm".into(),
             trace: None,
+            run: 1,
         }
     }
 }
@@ -146,6 +151,9 @@ pub(crate) struct Shared {
     pub(crate) gate: Option<Arc<Gate>>,
     vcpus: Mutex<Vec<VcpuSlot>>,
     events: Mutex<Sender<Event>>,
+    /// vCPUs whose thread panicked, with the message and where (noted by
+    /// the panic hook before the thread unwinds).
+    panics: Mutex<BTreeMap<usize, String>>,
 }
 
 impl Shared {
@@ -167,6 +175,24 @@ impl Shared {
 
     fn slots(&self) -> MutexGuard<'_, Vec<VcpuSlot>> {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why vCPU `id`'s thread panicked, if it did.
+    fn panic_of(&self, id: usize) -> Option<String> {
+        lock(&self.panics).get(&id).cloned()
+    }
+
+    /// After a vCPU thread panicked, the address spaces may be half changed
+    /// and their locks poisoned (the mm's lock helpers wait forever on a
+    /// poisoned lock): they are neither checked nor torn down but leaked
+    /// with the VM's memory, so no thread blocks on them. Returns whether
+    /// that was the case.
+    fn forget_processes_if_panicked(&self) -> bool {
+        if lock(&self.panics).is_empty() {
+            return false;
+        }
+        std::mem::forget(std::mem::take(&mut *lock(&self.processes)));
+        true
     }
 
     /// Starts a new vCPU running `program(arg)` as a thread of `mm`, from
@@ -205,23 +231,33 @@ impl Shared {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 CURRENT_VCPU.with(|c| c.set(Some(id)));
+                VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
                 hooks::set_current_cpu(Some(id));
-                let report = match Vcpu::new(
-                    Arc::clone(&shared),
-                    id,
-                    program,
-                    start,
-                    mm,
-                    Arc::clone(&thread_ctl),
-                ) {
-                    Ok(vcpu) => vcpu.run(),
-                    Err(e) => {
-                        if let Some(mm) = weak_mm.upgrade() {
-                            mm.mmput();
+                let vcpu_ctl = Arc::clone(&thread_ctl);
+                let vcpu_shared = Arc::clone(&shared);
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {
+                    match Vcpu::new(vcpu_shared, id, program, start, mm, vcpu_ctl) {
+                        Ok(vcpu) => vcpu.run(),
+                        Err(e) => {
+                            if let Some(mm) = weak_mm.upgrade() {
+                                mm.mmput();
+                            }
+                            VcpuReport::failed(id, program, Outcome::Error(e))
                         }
-                        VcpuReport::failed(id, program, Outcome::Error(e))
                     }
-                };
+                }));
+                // A panic (a bug in the VMM or the mm model, or a `panic`
+                // rule) ends this vCPU in an error, like any VMM error, and
+                // the process goes on. The locks it held were released as
+                // it unwound (poisoned), and its address space may be half
+                // changed: the VM is not torn down (see `teardown`).
+                let report = ran.unwrap_or_else(|payload| {
+                    thread_ctl.in_guest.store(false, Ordering::SeqCst);
+                    let why = shared
+                        .panic_of(id)
+                        .unwrap_or_else(|| payload_text(&*payload));
+                    VcpuReport::failed(id, program, Outcome::Error(format!("panicked: {why}")))
+                });
                 thread_ctl.mark_ended(report.join_status());
                 shared.machine.hooks.set_ended(id);
                 let _ = events.send(Event::Ended(Box::new(report)));
@@ -273,6 +309,48 @@ impl Shared {
 
 thread_local! {
     static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// The VM of this vCPU thread, for the panic hook.
+    static VCPU_SHARED: std::cell::RefCell<Weak<Shared>> = const { std::cell::RefCell::new(Weak::new()) };
+}
+
+/// Installs (once per process) a panic hook that notes a vCPU thread's
+/// panic, with where it happened, in its VM before the thread unwinds (so
+/// the run's report has it even if the unwinding blocks), instead of
+/// printing it. Other threads' panics, and every panic with
+/// `RUST_BACKTRACE` set, go to the previous hook as well.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(id) = current_vcpu() {
+                let mut why = payload_text(info.payload());
+                if let Some(l) = info.location() {
+                    why += &format!(" (at {}:{})", l.file(), l.line());
+                }
+                if let Some(shared) = VCPU_SHARED.with(|s| s.borrow().upgrade()) {
+                    lock(&shared.panics).entry(id).or_insert(why);
+                }
+                if std::env::var_os("RUST_BACKTRACE").is_none() {
+                    return;
+                }
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// A panic's message.
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn current_vcpu() -> Option<usize> {
@@ -442,6 +520,7 @@ impl Vm {
         }
         let cpuid = supported_cpuid(&kvm, &config.kvm_path)?;
         kick::install_handler().map_err(Error::Config)?;
+        install_panic_hook();
 
         let phys: Arc<dyn PhysMem> = Arc::clone(&mem) as Arc<dyn PhysMem>;
         let machine = Machine::new(
@@ -462,6 +541,7 @@ impl Vm {
             mem,
             machine: Arc::clone(&machine),
             processes: Mutex::new(vec![Arc::clone(&mm)]),
+            panics: Mutex::new(BTreeMap::new()),
             image,
             boot_header,
             nr_vcpus: config.vcpus,
@@ -657,7 +737,10 @@ impl Vm {
         hooks.release_all();
         let mut vcpus: Vec<VcpuReport> = self.ended.values().cloned().collect();
         for id in &self.live {
-            let outcome = Outcome::Error("did not leave KVM_RUN after being stopped".into());
+            let outcome = Outcome::Error(match self.shared.panic_of(*id) {
+                Some(why) => format!("panicked: {why}; its thread then blocked as it unwound"),
+                None => "did not leave KVM_RUN after being stopped".into(),
+            });
             vcpus.push(VcpuReport::failed(*id, self.programs[id], outcome));
         }
         vcpus.sort_by_key(|v| v.id);
@@ -687,6 +770,9 @@ impl Vm {
     /// After the last vCPU: checks the address spaces (`mm_verify`), tears
     /// them down (`exit_mmap`) and checks that no frame leaked.
     fn teardown(&self) -> Vec<String> {
+        if self.shared.forget_processes_if_panicked() {
+            return Vec::new();
+        }
         let processes = std::mem::take(
             &mut *self
                 .shared
@@ -806,6 +892,7 @@ fn supported_cpuid(kvm: &Kvm, path: &str) -> Result<CpuId, Error> {
 
 /// Installs the rules, schedule, chaos and observer of `config`.
 fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
+    hooks.set_run(config.run);
     if let Some(t) = &config.trace {
         hooks.trace.set(Arc::clone(t));
     }
@@ -856,6 +943,9 @@ impl Drop for Vm {
                 let _ = slot.thread.join();
             }
         }
+        // Whichever thread drops the VM's state last must not tear down an
+        // address space a panic left behind.
+        self.shared.forget_processes_if_panicked();
     }
 }
 

@@ -236,7 +236,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if let Some((t, _)) = &opts.trace {
             t.begin_run(i + 1, &format!("{} ({})", test.test.name, opts.policy_name));
         }
-        let report = one_run(test, opts, &rules, &schedule, seed, Some(i + 1))?;
+        let report = one_run(test, opts, &rules, &schedule, seed, i + 1, true)?;
         if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
             // Cut short by `quit`: its threads were stopped, not finished.
             if let Some(ctl) = &opts.control {
@@ -296,7 +296,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if let (true, Some(seed)) = (witness, seed) {
             if let Some(order) = report.hit_order.as_deref() {
                 if orders.len() < WITNESS_ORDERS {
-                    orders.extend(crate::hooks::witness_schedule(order).map(|s| (seed, s)));
+                    orders.extend(crate::hooks::witness_schedule(order).map(|s| (i + 1, seed, s)));
                 }
             }
             witness_seeds.push(seed);
@@ -359,17 +359,18 @@ fn trace_regs(t: &Recorder, report: &RunReport) {
     }
 }
 
-/// One VM run of `test` (run `index` of the control socket's count, if it
-/// is to see it).
+/// One VM run of `test`: run `run` (1-based) of the command, which the
+/// control socket and the trace see if `counted` (a witness's replay is not).
 fn one_run(
     test: &Arc<Compiled>,
     opts: &RunOptions,
     rules: &[Rule],
     schedule: &[Step],
     chaos: Option<u64>,
-    index: Option<u64>,
+    run: u64,
+    counted: bool,
 ) -> Result<RunReport, Error> {
-    let control = opts.control.as_ref().filter(|_| index.is_some());
+    let control = opts.control.as_ref().filter(|_| counted);
     let mut config = VmConfig {
         program: Program::Litmus,
         policy: opts.policy,
@@ -383,16 +384,17 @@ fn one_run(
         trace: opts
             .trace
             .as_ref()
-            .filter(|_| index.is_some())
+            .filter(|_| counted)
             .map(|(t, _)| Arc::clone(t)),
+        run,
         ..VmConfig::default()
     };
     if let Some(ctl) = control {
         ctl.configure(&mut config).map_err(Error::Config)?;
     }
     let mut vm = Vm::new(&config)?;
-    if let (Some(ctl), Some(attached), Some(i)) = (control, &config.control, index) {
-        ctl.attach(vm.handle(), attached, i);
+    if let (Some(ctl), Some(attached)) = (control, &config.control) {
+        ctl.attach(vm.handle(), attached, run);
     }
     let report = vm.wait(Some(opts.timeout), |e| {
         if let Some(ctl) = control {
@@ -429,17 +431,18 @@ fn verified_order(
     test: &Arc<Compiled>,
     opts: &RunOptions,
     rules: &[Rule],
-    orders: Vec<(u64, Vec<Step>)>,
+    orders: Vec<(u64, u64, Vec<Step>)>,
 ) -> Option<WitnessOrder> {
     let mut best: Option<WitnessOrder> = None;
     let quit = || opts.control.as_ref().is_some_and(|c| c.quit_requested());
-    for (seed, steps) in orders {
+    // Each (run, seed, order): replayed as that run (its `run=` rules).
+    for (run, seed, steps) in orders {
         let (mut replays, mut reproduced) = (0, 0);
         while replays < REPLAYS && reproduced == replays && !quit() {
             replays += 1;
             // A replay that fails to run, or breaks an invariant, simply
             // did not reproduce: the histogram already collected stands.
-            let Ok(report) = one_run(test, opts, rules, &steps, Some(seed), None) else {
+            let Ok(report) = one_run(test, opts, rules, &steps, Some(seed), run, false) else {
                 break;
             };
             let clean = report.violations.is_empty()
