@@ -469,6 +469,10 @@ pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
                 trace: None,
             };
             let r = litmus::run_test(&compiled, &run_opts)?;
+            // A timing with runs in error is not a measurement.
+            if let Some(msg) = r.errors.keys().next() {
+                return Err(Error::Run(format!("litmus {name}: {msg}")));
+            }
             per_run.push(us(r.elapsed) / r.runs.max(1) as f64);
         }
         if let Some(stat) = Stat::of(per_run) {

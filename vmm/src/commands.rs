@@ -339,11 +339,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
             } else {
                 out(result.text());
             }
-            if result.met() {
-                exit_code::OK
-            } else {
-                exit_code::FAILED
-            }
+            result.exit_code()
         }
         Err(e) => {
             error(&e);
@@ -365,8 +361,13 @@ pub fn list_tests() -> i32 {
     exit_code::OK
 }
 
+/// One cell of `cowlab suite`: test, policy, and its result or why it
+/// could not run at all.
+type SuiteCell = (String, String, Result<litmus::LitmusResult, String>);
+
 /// `cowlab suite NAME`: every test of the suite under every policy its
-/// `expect` lines name; a table of observations, expected or not.
+/// `expect` lines name; a table of observations, expected or not. A cell
+/// in error does not stop the others.
 pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
     let tests = builtin::suite(name);
     if tests.is_empty() {
@@ -376,8 +377,7 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
         ));
         return exit_code::USAGE;
     }
-    let mut rows = Vec::new();
-    let mut all_met = true;
+    let mut cells: Vec<SuiteCell> = Vec::new();
     for (test, src) in tests {
         let compiled = match litmus::load(src) {
             Ok(c) => Arc::new(c),
@@ -407,57 +407,122 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
                 control: None,
                 trace: None,
             };
-            match litmus::run_test(&compiled, &run_opts) {
-                Ok(r) => {
-                    all_met &= r.met();
-                    rows.push(r);
-                }
-                Err(e) => {
-                    error(format_args!("{test} under {}: {e}", expect.policy));
+            let result = match litmus::run_test(&compiled, &run_opts) {
+                Ok(r) => Ok(r),
+                // Without KVM no cell can run: one line says so.
+                Err(e @ crate::kvm::Error::KvmUnavailable { .. }) => {
+                    error(&e);
                     return e.exit_code();
                 }
-            }
+                Err(e) => Err(e.to_string()),
+            };
+            cells.push((test.to_string(), expect.policy.clone(), result));
         }
     }
-    if json {
-        let rows: Vec<serde_json::Value> = rows.iter().map(|r| r.json()).collect();
-        out(format_args!(
-            "{}\n",
-            serde_json::json!({"suite": name, "results": rows, "all_met": all_met})
-        ));
-    } else {
-        out(format_args!(
-            "{:<24} {:<24} {:<10} {:<10} {:>9} {:>9}  {}\n",
-            "test", "policy", "observed", "expected", "positive", "negative", ""
-        ));
-        for r in &rows {
-            let (want, met) = r.expectation.map_or(("-", true), |(v, m)| (v.as_str(), m));
-            out(format_args!(
-                "{:<24} {:<24} {:<10} {:<10} {:>9} {:>9}  {}\n",
-                r.test,
-                r.policy_name,
-                r.observation.as_str(),
-                want,
-                r.positive,
-                r.negative,
-                if met { "ok" } else { "NOT MET" }
-            ));
-        }
-        // Why a schedule could not happen is the answer under a fixed policy.
-        for r in &rows {
-            for (why, n) in &r.unreachable {
-                out(format_args!(
-                    "{} under {}: unreachable in {n} of {} runs: {why}\n",
-                    r.test, r.policy_name, r.runs
-                ));
-            }
-        }
-    }
-    if all_met {
+    let (text, code) = suite_report(name, &cells, json);
+    out(text);
+    code
+}
+
+/// The suite's table (or JSON) and exit status: 3 if a cell could not run
+/// or had runs in error, else 1 if an expectation failed, else 0.
+fn suite_report(name: &str, cells: &[SuiteCell], json: bool) -> (String, i32) {
+    let all_met = cells
+        .iter()
+        .all(|(_, _, r)| r.as_ref().is_ok_and(|r| r.met()));
+    let errors: u64 = cells
+        .iter()
+        .map(|(_, _, r)| r.as_ref().map_or(1, |r| r.errored()))
+        .sum();
+    let code = if errors > 0 {
+        exit_code::VM_ERROR
+    } else if all_met {
         exit_code::OK
     } else {
         exit_code::FAILED
+    };
+    if json {
+        let results: Vec<serde_json::Value> = cells
+            .iter()
+            .filter_map(|(_, _, r)| r.as_ref().ok().map(|r| r.json()))
+            .collect();
+        let failed: Vec<serde_json::Value> = cells
+            .iter()
+            .filter_map(|(t, p, r)| {
+                let e = r.as_ref().err()?;
+                Some(serde_json::json!({"test": t, "policy": p, "error": e}))
+            })
+            .collect();
+        let v = serde_json::json!({
+            "suite": name, "results": results, "failed": failed,
+            "all_met": all_met, "errors": errors,
+        });
+        return (format!("{v}\n"), code);
     }
+    let mut text = format!(
+        "{:<24} {:<24} {:<10} {:<10} {:>9} {:>9} {:>7}  {}\n",
+        "test", "policy", "observed", "expected", "positive", "negative", "errors", ""
+    );
+    for (test, policy, r) in cells {
+        let Ok(r) = r else {
+            text += &format!(
+                "{test:<24} {policy:<24} {:<10} {:<10} {:>9} {:>9} {:>7}  ERROR\n",
+                "-", "-", "-", "-", "-"
+            );
+            continue;
+        };
+        let (want, met) = r.expectation.map_or(("-", true), |(v, m)| (v.as_str(), m));
+        let status = match (met, r.errored() > 0) {
+            (true, false) => "ok",
+            (false, false) => "NOT MET",
+            (true, true) => "ERRORS",
+            (false, true) => "NOT MET, ERRORS",
+        };
+        text += &format!(
+            "{:<24} {:<24} {:<10} {:<10} {:>9} {:>9} {:>7}  {status}\n",
+            r.test,
+            r.policy_name,
+            r.observation.as_str(),
+            want,
+            r.positive,
+            r.negative,
+            r.errored(),
+        );
+    }
+    // Why a schedule could not happen is the answer under a fixed policy;
+    // what went wrong in a cell is said under the table.
+    for (test, policy, r) in cells {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                text += &format!("{test} under {policy}: could not run: {e}\n");
+                continue;
+            }
+        };
+        for (why, n) in &r.unreachable {
+            text += &format!(
+                "{} under {}: unreachable in {n} of {} runs: {why}\n",
+                r.test, r.policy_name, r.runs
+            );
+        }
+        for (msg, n) in &r.errors {
+            text += &format!(
+                "{} under {}: error in {n} of {} runs: {msg}\n",
+                r.test, r.policy_name, r.runs
+            );
+        }
+        if r.stuck > 0 {
+            text += &format!(
+                "{} under {}: stuck in {} of {} runs (the watchdog stopped them after {:.1}s)\n",
+                r.test,
+                r.policy_name,
+                r.stuck,
+                r.runs,
+                r.timeout.as_secs_f64()
+            );
+        }
+    }
+    (text, code)
 }
 
 /// `cowlab list points`: the injection points.
@@ -563,5 +628,112 @@ pub fn trace_export(file: &std::path::Path, format: &str, dest: &std::path::Path
             error(format_args!("cannot write {}: {e}", dest.display()));
             exit_code::USAGE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::litmus::ast::Verdict;
+
+    /// A suite cell's result: `positive` witnesses, and `errors` runs in
+    /// error, of 5 runs, expecting `Always`.
+    fn result(test: &str, positive: u64, errors: u64) -> litmus::LitmusResult {
+        let mut histogram = BTreeMap::new();
+        histogram.insert("P0:r1=1;".to_string(), (positive, true));
+        let mut errs = BTreeMap::new();
+        if errors > 0 {
+            histogram.insert("error;".to_string(), (errors, false));
+            errs.insert("vcpu 1: panicked: boom".to_string(), errors);
+        }
+        let negative = 5 - positive - errors;
+        let observation = if negative == 0 {
+            Verdict::Always
+        } else {
+            Verdict::Sometimes
+        };
+        litmus::LitmusResult {
+            test: test.into(),
+            policy_name: "mainline".into(),
+            policy: Policy::MAINLINE,
+            runs: 5,
+            histogram,
+            positive,
+            negative,
+            observation,
+            expectation: Some((Verdict::Always, negative == 0)),
+            condition: "(P0:r1 = 1)".into(),
+            elapsed: Duration::ZERO,
+            unreachable: BTreeMap::new(),
+            errors: errs,
+            error_seeds: Vec::new(),
+            violations: 0,
+            stuck: 0,
+            timeout: Duration::from_secs(30),
+            schedule: None,
+            witness_seeds: Vec::new(),
+            witness_schedule: None,
+            replay_flags: String::new(),
+            schedule_off: false,
+            rules: BTreeMap::new(),
+        }
+    }
+
+    fn cell(r: Result<litmus::LitmusResult, String>) -> SuiteCell {
+        let test = r.as_ref().map_or("broken".into(), |r| r.test.clone());
+        (test, "mainline".into(), r)
+    }
+
+    #[test]
+    fn a_suite_cell_in_error_keeps_the_others_and_exits_3() {
+        let cells = [
+            cell(Ok(result("good", 5, 0))),
+            cell(Ok(result("lossy", 3, 2))),
+            cell(Err("cannot start the VM: KVM_CREATE_VM failed".into())),
+        ];
+        let (text, code) = suite_report("s", &cells, false);
+        assert_eq!(code, exit_code::VM_ERROR, "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("errors"), "{text}");
+        assert!(
+            lines[1].starts_with("good ") && lines[1].ends_with("  ok"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("lossy ") && lines[2].ends_with("  ERRORS"),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("broken ") && lines[3].ends_with("  ERROR"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lossy under mainline: error in 2 of 5 runs: vcpu 1: panicked: boom\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("broken under mainline: could not run: cannot start the VM"),
+            "{text}"
+        );
+
+        let (json, code) = suite_report("s", &cells, true);
+        assert_eq!(code, exit_code::VM_ERROR);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["results"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(v["results"][1]["errors"]["vcpu 1: panicked: boom"], 2);
+        assert_eq!(v["failed"][0]["test"], "broken");
+        assert_eq!(v["errors"], 3);
+        assert_eq!(v["all_met"], false);
+    }
+
+    #[test]
+    fn a_suite_without_errors_exits_on_its_expectations() {
+        let (_, code) = suite_report("s", &[cell(Ok(result("good", 5, 0)))], false);
+        assert_eq!(code, exit_code::OK);
+        let (text, code) = suite_report("s", &[cell(Ok(result("miss", 4, 0)))], false);
+        assert_eq!(code, exit_code::FAILED);
+        assert!(text.lines().nth(1).unwrap().ends_with("NOT MET"), "{text}");
     }
 }

@@ -13,7 +13,7 @@ use super::ast::{CmpOp, Cond, Status, Value, Verdict};
 use super::compile::Compiled;
 use crate::control::Controller;
 use crate::hooks::{Rule, Step};
-use crate::kvm::{Error, Outcome, RunReport, Vm, VmConfig};
+use crate::kvm::{exit_code, Error, Outcome, RunReport, Vm, VmConfig};
 use crate::policy::Policy;
 use crate::trace::{Kind, Recorder};
 
@@ -69,6 +69,18 @@ pub struct LitmusResult {
     pub elapsed: Duration,
     /// Runs whose schedule could not be satisfied, by reason.
     pub unreachable: BTreeMap<String, u64>,
+    /// Runs that ended in an error (a VMM error or panic in a vCPU thread,
+    /// an `mm_verify` violation, a VM that could not start), by message.
+    /// Such a run has no final state: it is neither positive nor negative.
+    pub errors: BTreeMap<String, u64>,
+    /// With chaos: the seeds of the runs that ended in an error.
+    pub error_seeds: Vec<u64>,
+    /// Of the runs in error, those whose error is an `mm_verify` violation
+    /// (no vCPU failed first).
+    pub violations: u64,
+    /// Runs the watchdog ended (some thread `stuck`), and its timeout.
+    pub stuck: u64,
+    pub timeout: Duration,
     /// The schedule enforced, as text, if any.
     pub schedule: Option<String>,
     /// With chaos: the seeds of the runs that satisfied `exists`.
@@ -209,13 +221,35 @@ fn fmt_value(v: u64) -> String {
     }
 }
 
-/// Runs `test` `opts.runs` times.
+/// Why a run ended in an error, if it did: the first VMM error (or panic)
+/// of a vCPU, else the first `mm_verify` violation (then `true`).
+pub fn run_error(report: &RunReport) -> Option<(String, bool)> {
+    report
+        .vcpus
+        .iter()
+        .find_map(|v| match &v.outcome {
+            Outcome::Error(e) => Some((format!("vcpu {}: {e}", v.id), false)),
+            _ => None,
+        })
+        .or_else(|| {
+            let v = report.violations.first()?;
+            Some((format!("mm_verify: {v}"), true))
+        })
+}
+
+/// Runs `test` `opts.runs` times. A run that ends in an error (see
+/// [`run_error`]) is counted as the state `error;` with its message and the
+/// other runs go on; only a VM that cannot be created for the first run
+/// (KVM missing, say), a bad control-socket setting, or a trace that cannot
+/// be written, fails the whole command.
 pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult, Error> {
     let start = Instant::now();
     let mut histogram: BTreeMap<String, (u64, bool)> = BTreeMap::new();
     let show_progress = opts.progress && opts.runs >= 50 && std::io::stderr().is_terminal();
     let mut last_draw = Instant::now();
     let mut unreachable: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut error_seeds, mut stuck, mut violations) = (Vec::new(), 0, 0);
     let mut witness_seeds = Vec::new();
     let mut orders = Vec::new();
     let schedule = opts
@@ -236,7 +270,29 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if let Some((t, _)) = &opts.trace {
             t.begin_run(i + 1, &format!("{} ({})", test.test.name, opts.policy_name));
         }
-        let report = one_run(test, opts, &rules, &schedule, seed, i + 1, true)?;
+        let report = match one_run(test, opts, &rules, &schedule, seed, i + 1, true) {
+            Ok(report) => report,
+            // Nothing ran yet: the command cannot run VMs at all.
+            Err(e) if done == 0 => return Err(e),
+            Err(e @ Error::Config(_)) => return Err(e),
+            Err(e) => {
+                // A VM that could not start is this run's error.
+                let msg = format!("cannot start the VM: {e}");
+                if let Some((t, _)) = &opts.trace {
+                    t.end_run(crate::trace::RUN_END_ERROR, &msg, true)
+                        .map_err(|e| Error::Run(format!("--trace: {e}")))?;
+                }
+                if let Some(ctl) = &opts.control {
+                    let outcome = serde_json::Value::String(format!("error: {msg}"));
+                    ctl.detach(i + 1, outcome, crate::trace::RUN_END_ERROR);
+                }
+                *errors.entry(msg).or_default() += 1;
+                error_seeds.extend(seed);
+                histogram.entry("error;".into()).or_insert((0, false)).0 += 1;
+                done += 1;
+                continue;
+            }
+        };
         if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
             // Cut short by `quit`: its threads were stopped, not finished.
             if let Some(ctl) = &opts.control {
@@ -254,34 +310,54 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             t.0 += matched;
             t.1 += acted;
         }
+        if report.timed_out.is_some() {
+            stuck += 1;
+        }
+        let (error, violation) = match run_error(&report) {
+            Some((e, v)) => (Some(e), v),
+            None => (None, false),
+        };
         let state = run_state(test, &report);
-        let state_key = key(&test.test.exists, &state);
-        let witness = report.unreachable.is_none() && holds(&test.test.exists, &state);
+        let state_key = match &error {
+            Some(_) => "error;".to_string(),
+            None => key(&test.test.exists, &state),
+        };
+        let witness =
+            error.is_none() && report.unreachable.is_none() && holds(&test.test.exists, &state);
         // The run's end as a trace's RunEnd codes it.
-        let end = crate::trace::run_end_code(report.unreachable.is_some(), Some(witness));
+        let end = match &error {
+            Some(_) => crate::trace::RUN_END_ERROR,
+            None => crate::trace::run_end_code(report.unreachable.is_some(), Some(witness)),
+        };
+        let outcome = match (&error, &report.unreachable) {
+            (Some(e), _) => format!("error: {e}"),
+            (None, Some(_)) => "unreachable".into(),
+            (None, None) => state_key.clone(),
+        };
         if let Some((t, witnesses_only)) = &opts.trace {
             trace_regs(t, &report);
-            t.end_run(end, &state_key, witness || !witnesses_only)
+            let text = if error.is_some() {
+                &outcome
+            } else {
+                &state_key
+            };
+            t.end_run(end, text, witness || !witnesses_only)
                 .map_err(|e| Error::Run(format!("--trace: {e}")))?;
         }
         if let Some(ctl) = &opts.control {
-            let outcome = match report.unreachable {
-                Some(_) => "unreachable",
-                None => &state_key,
-            };
             if let Some(t) = ctl.open_trace() {
                 trace_regs(&t, &report);
             }
-            ctl.detach(i + 1, serde_json::Value::String(outcome.to_string()), end);
+            ctl.detach(i + 1, serde_json::Value::String(outcome), end);
         }
-        if let Some(e) = report.vcpus.iter().find_map(|v| match &v.outcome {
-            Outcome::Error(e) => Some(e.clone()),
-            _ => None,
-        }) {
-            return Err(Error::Run(format!("run {}: {e}", i + 1)));
-        }
-        if let Some(v) = report.violations.first() {
-            return Err(Error::Run(format!("run {}: mm_verify: {v}", i + 1)));
+        if let Some(e) = error {
+            // No final state to speak of, and never a witness: the others
+            // go on.
+            *errors.entry(e).or_default() += 1;
+            error_seeds.extend(seed);
+            violations += u64::from(violation);
+            histogram.entry(state_key).or_insert((0, false)).0 += 1;
+            continue;
         }
         if let Some(why) = &report.unreachable {
             *unreachable.entry(why.clone()).or_default() += 1;
@@ -315,7 +391,8 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         verified_order(test, opts, &rules, orders)
     };
     let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
-    let negative = done - positive;
+    let errored: u64 = errors.values().sum();
+    let negative = done - positive - errored;
     let observation = match (positive, negative) {
         (0, _) => Verdict::Never,
         (_, 0) => Verdict::Always,
@@ -341,6 +418,11 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         condition: test.test.exists_src.clone(),
         elapsed: start.elapsed(),
         unreachable,
+        errors,
+        error_seeds,
+        violations,
+        stuck,
+        timeout: opts.timeout,
         schedule: (!schedule.is_empty()).then(|| join_steps(&schedule)),
         witness_seeds,
         witness_schedule,
@@ -445,12 +527,7 @@ fn verified_order(
             let Ok(report) = one_run(test, opts, rules, &steps, Some(seed), run, false) else {
                 break;
             };
-            let clean = report.violations.is_empty()
-                && report
-                    .vcpus
-                    .iter()
-                    .all(|v| !matches!(v.outcome, Outcome::Error(_)));
-            if clean
+            if run_error(&report).is_none()
                 && report.unreachable.is_none()
                 && holds(&test.test.exists, &run_state(test, &report))
             {
@@ -501,11 +578,25 @@ impl LitmusResult {
         for (why, n) in &self.unreachable {
             out += &format!("Unreachable ({n} runs): {why}\n");
         }
+        for (msg, n) in &self.errors {
+            out += &format!("Error ({n} runs): {msg}\n");
+        }
+        if self.stuck > 0 {
+            out += &format!(
+                "Stuck ({} runs): the watchdog stopped them after {:.1}s\n",
+                self.stuck,
+                self.timeout.as_secs_f64()
+            );
+        }
         out += if self.positive > 0 { "Ok\n" } else { "No\n" };
         out += &format!(
-            "Witnesses\nPositive: {}, Negative: {}\n",
+            "Witnesses\nPositive: {}, Negative: {}",
             self.positive, self.negative
         );
+        out += &match self.errored() {
+            0 => "\n".to_string(),
+            n => format!(", Errors: {n}\n"),
+        };
         out += &format!("Condition exists {}\n", self.condition);
         out += &format!(
             "Observation {} {} {} {}\n",
@@ -532,8 +623,36 @@ impl LitmusResult {
                 out += &self.chaos_replay(*seed);
             }
         }
+        if let Some(seed) = self.error_seeds.first() {
+            out += &format!(
+                "Error replay: --chaos {seed} --runs 1 {}{}\n",
+                self.replay_flags,
+                if self.schedule_off {
+                    " --schedule none"
+                } else {
+                    ""
+                }
+            );
+        }
         out += &format!("Time {} {:.2}\n", self.test, self.elapsed.as_secs_f64());
         out
+    }
+
+    /// How many runs ended in an error.
+    pub fn errored(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// The CLI's exit status: 3 if any run ended in an error (whatever the
+    /// verdict), else 1 if the expectation did not hold, else 0.
+    pub fn exit_code(&self) -> i32 {
+        if !self.errors.is_empty() {
+            exit_code::VM_ERROR
+        } else if self.met() {
+            exit_code::OK
+        } else {
+            exit_code::FAILED
+        }
     }
 
     /// How to replay the first chaos witness (seed `seed`): its order of
@@ -597,6 +716,11 @@ impl LitmusResult {
             "expectation": self.expectation.map(|(v, met)| serde_json::json!({"verdict": v.as_str(), "met": met})),
             "elapsed_s": self.elapsed.as_secs_f64(),
             "unreachable": self.unreachable.iter().map(|(w, n)| serde_json::json!({"reason": w, "runs": n})).collect::<Vec<_>>(),
+            "errors": self.errors,
+            "error_seeds": self.error_seeds,
+            "violations": self.violations,
+            "stuck": self.stuck,
+            "timeout_s": self.timeout.as_secs_f64(),
             "schedule": self.schedule,
             "witness_seeds": self.witness_seeds,
             "witness_schedule": self.witness_schedule.as_ref().map(|w| serde_json::json!({

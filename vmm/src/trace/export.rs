@@ -88,7 +88,7 @@ pub fn describe(r: &Record) -> String {
         Kind::RunBegin => format!("run {} of {}", w[0], r.text),
         Kind::RunEnd => format!(
             "{}: {}",
-            ["no witness", "witness", "unreachable", "ended"]
+            ["no witness", "witness", "unreachable", "ended", "error"]
                 .get(w[0] as usize)
                 .unwrap_or(&"?"),
             r.text

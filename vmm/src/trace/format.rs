@@ -62,7 +62,7 @@ macro_rules! kinds {
 
 kinds! {
     RunBegin = 1, 1, true, "a run starts: [index]; text: test and policy";
-    RunEnd = 2, 1, true, "a run ends: [0 no witness, 1 witness, 2 unreachable, 3 not a litmus run or cut short]; text: final state";
+    RunEnd = 2, 1, true, "a run ends: [0 no witness, 1 witness, 2 unreachable, 3 not a litmus run or cut short, 4 error]; text: final state";
     Exit = 3, 2, false, "the vCPU left the guest: [reason, detail] (1 hypercall nr, 2 interrupted, 3 memory revoked, 4 other)";
     Resume = 4, 0, false, "the vCPU enters the guest again";
     Fault = 5, 2, false, "a forwarded page fault: [address, access 0 read 1 write 2 exec]";

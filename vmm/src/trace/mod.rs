@@ -140,6 +140,10 @@ pub fn run_end_code(unreachable: bool, witness: Option<bool>) -> u64 {
 /// `RunEnd` of a program run, or of a run cut short.
 pub const RUN_END_OTHER: u64 = 3;
 
+/// `RunEnd` of a litmus run that ended in an error (a VMM error or panic,
+/// an `mm_verify` violation): its text is `error: MESSAGE`.
+pub const RUN_END_ERROR: u64 = 4;
+
 /// The recorder of a VM, if tracing: cheap to ask on every event.
 #[derive(Debug, Default)]
 pub struct TraceSlot(std::sync::OnceLock<Arc<Recorder>>);
