@@ -467,6 +467,7 @@ pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
                 chaos: None,
                 control: None,
                 trace: None,
+                deadline: None,
             };
             let r = litmus::run_test(&compiled, &run_opts)?;
             // A timing with runs in error is not a measurement.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use cowlab::bench::BenchOptions;
-use cowlab::commands::{self, RunOptions};
+use cowlab::commands::{self, RunOptions, SoakOptions};
 
 /// A KVM micro-VM whose VMM is the memory manager of its guests.
 #[derive(Parser, Debug)]
@@ -115,6 +115,38 @@ enum Command {
         /// `runs` line, else 10).
         #[arg(long)]
         runs: Option<u64>,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Soak every built-in `*-free` litmus test (or the --test ones) under
+    /// each preset its `expect` lines say `Never` for, with chaos: a row
+    /// per (test, preset) of false witnesses, mm_verify violations, errors
+    /// and stuck runs; exit 0 only if all are 0 (1 a false witness, 3 the rest).
+    Soak {
+        /// Runs per (test, preset) and seed.
+        #[arg(long, default_value_t = 200)]
+        runs: u64,
+        /// Chaos seed of the first run of each cell (run i uses SEED+i).
+        #[arg(long, value_name = "SEED", conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// Batches of --runs runs per cell, each from a seed drawn from the
+        /// clock (printed).
+        #[arg(long, value_name = "K", default_value_t = 1)]
+        seeds: u64,
+        /// Only this test (repeatable): a built-in name or a .litmus file.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        /// A time budget in seconds, shared among the cells: runs left when
+        /// it is spent are not made.
+        #[arg(long, value_name = "SECS")]
+        time: Option<f64>,
+        /// Watchdog per run (a run it ends counts as stuck).
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+        /// An injection rule added to every test's own (repeatable).
+        #[arg(long, value_name = "RULE")]
+        inject: Vec<String>,
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -267,6 +299,35 @@ fn main() {
             what: ListWhat::Points,
         } => commands::list_points(),
         Command::Suite { name, runs, json } => commands::suite(&name, runs, json, &cli.kvm),
+        Command::Soak {
+            runs,
+            seed,
+            seeds,
+            tests,
+            time,
+            timeout: secs,
+            inject,
+            json,
+        } => {
+            let seconds = |flag: &str, s: f64| {
+                if !s.is_finite() || s <= 0.0 {
+                    eprintln!("cowlab: {flag} must be a number of seconds > 0");
+                    std::process::exit(2);
+                }
+                Duration::from_secs_f64(s)
+            };
+            commands::soak(&SoakOptions {
+                tests,
+                runs,
+                seed,
+                seeds,
+                time: time.map(|t| seconds("--time", t)),
+                timeout: seconds("--timeout", secs),
+                inject,
+                json,
+                kvm_path: cli.kvm,
+            })
+        }
         Command::Bench {
             json,
             rounds,

@@ -7,6 +7,7 @@ pub mod builtin;
 pub mod compile;
 pub mod parse;
 pub mod run;
+pub mod soak;
 
 pub use compile::{compile, Compiled};
 pub use parse::{parse, ParseError};

@@ -39,6 +39,8 @@ pub struct RunOptions {
     /// Record a trace (`--trace`): the recorder, and whether to keep only
     /// the runs that satisfied `exists` (`--trace-witnesses-only`).
     pub trace: Option<(Arc<Recorder>, bool)>,
+    /// Start no run after this (a time budget): fewer runs are made.
+    pub deadline: Option<Instant>,
 }
 
 /// How one thread of one run ended.
@@ -263,7 +265,9 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         ctl.begin(&test.test.name, &opts.policy_name, opts.runs);
     }
     for i in 0..opts.runs {
-        if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
+        if opts.control.as_ref().is_some_and(|c| c.quit_requested())
+            || opts.deadline.is_some_and(|d| Instant::now() >= d)
+        {
             break;
         }
         let seed = opts.chaos.map(|s| s.wrapping_add(i));
