@@ -182,16 +182,18 @@ impl Shared {
         lock(&self.panics).get(&id).cloned()
     }
 
-    /// After a vCPU thread panicked, the address spaces may be half changed
-    /// and their locks poisoned (the mm's lock helpers wait forever on a
-    /// poisoned lock): they are neither checked nor torn down but leaked
-    /// with the VM's memory, so no thread blocks on them. Returns whether
-    /// that was the case.
-    fn forget_processes_if_panicked(&self) -> bool {
+    /// After a vCPU thread panicked, the address spaces may be half
+    /// changed: they are not checked, only torn down (the locks the panic
+    /// poisoned are taken over by the mm's lock helpers), under
+    /// `catch_unwind`, so that a teardown that trips on the damage leaks
+    /// what is left instead of aborting the command. Returns whether a
+    /// vCPU had panicked.
+    fn release_processes_if_panicked(&self) -> bool {
         if lock(&self.panics).is_empty() {
             return false;
         }
-        std::mem::forget(std::mem::take(&mut *lock(&self.processes)));
+        let processes = std::mem::take(&mut *lock(&self.processes));
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(processes)));
         true
     }
 
@@ -770,7 +772,7 @@ impl Vm {
     /// After the last vCPU: checks the address spaces (`mm_verify`), tears
     /// them down (`exit_mmap`) and checks that no frame leaked.
     fn teardown(&self) -> Vec<String> {
-        if self.shared.forget_processes_if_panicked() {
+        if self.shared.release_processes_if_panicked() {
             return Vec::new();
         }
         let processes = std::mem::take(
@@ -943,9 +945,9 @@ impl Drop for Vm {
                 let _ = slot.thread.join();
             }
         }
-        // Whichever thread drops the VM's state last must not tear down an
-        // address space a panic left behind.
-        self.shared.forget_processes_if_panicked();
+        // An address space a panic left behind is torn down carefully,
+        // whichever thread drops the VM's state last.
+        self.shared.release_processes_if_panicked();
     }
 }
 
