@@ -248,14 +248,24 @@ pub enum CmpOp {
     Ge,
 }
 
-/// The condition of the exists clause.
+/// The condition of the exists clause. A chain `a /\ b /\ c` is one
+/// `And` of every term (and `\/` one `Or`), not a nest of pairs, so a long
+/// chain is as deep as a short one; nesting (`(`, `~`) is limited by the
+/// parser ([`super::parse::MAX_NESTING`]), so every recursive walk of a
+/// condition (derived `Clone`, `Drop`, `Debug`, `PartialEq`, `holds`) is
+/// bounded in depth.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cond {
-    And(Box<Cond>, Box<Cond>),
-    Or(Box<Cond>, Box<Cond>),
+    /// Two or more terms, all of which must hold.
+    And(Vec<Cond>),
+    /// Two or more terms, one of which must hold.
+    Or(Vec<Cond>),
     Not(Box<Cond>),
     Cmp(Value, CmpOp, Value),
-    Status { thread: String, status: Status },
+    Status {
+        thread: String,
+        status: Status,
+    },
     True,
 }
 

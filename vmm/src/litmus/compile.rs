@@ -543,10 +543,7 @@ fn check_exists(cond: &Cond, test: &Test) -> Result<(), ParseError> {
     let known = |t: &str| test.threads.iter().any(|th| th.name == t);
     let pos = Pos { line: 1, col: 1 };
     match cond {
-        Cond::And(a, b) | Cond::Or(a, b) => {
-            check_exists(a, test)?;
-            check_exists(b, test)
-        }
+        Cond::And(terms) | Cond::Or(terms) => terms.iter().try_for_each(|c| check_exists(c, test)),
         Cond::Not(a) => check_exists(a, test),
         Cond::Status { thread, .. } if !known(thread) => error(
             pos,

@@ -5,6 +5,8 @@
 pub mod ast;
 pub mod builtin;
 pub mod compile;
+#[cfg(test)]
+mod hostile;
 pub mod parse;
 pub mod run;
 pub mod soak;

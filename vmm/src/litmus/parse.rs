@@ -13,13 +13,23 @@ pub struct ParseError {
 
 type R<T> = Result<T, ParseError>;
 
+/// How deeply a test may nest: parentheses and `~` in the exists clause,
+/// and blocks (a thread's block is level 1, each `loop` in it one more;
+/// only 5 loops nest anyway, for the hidden registers). Deeper input is
+/// refused with a message rather than parsed by a recursion that could
+/// overflow the stack; chains (`a /\ b /\ c …`) are flat and not limited
+/// by it. A level takes at most ~4 KiB of stack in a debug build (~1 KiB
+/// optimised), so 64 levels stay far inside a 2 MiB test thread and the
+/// CLI's 8 MiB main thread; written tests nest 3 or 4 levels.
+pub const MAX_NESTING: usize = 64;
+
 struct Parser<'s> {
     src: &'s [u8],
     at: usize,
     line: usize,
     col: usize,
-    /// A status atom (`P1:segv`) just read by `value()`.
-    pending_status: Option<Status>,
+    /// How many levels of nesting are open ([`MAX_NESTING`]).
+    depth: usize,
 }
 
 fn is_word(c: u8) -> bool {
@@ -33,7 +43,7 @@ impl<'s> Parser<'s> {
             at: 0,
             line: 1,
             col: 1,
-            pending_status: None,
+            depth: 0,
         }
     }
 
@@ -114,6 +124,21 @@ impl<'s> Parser<'s> {
             }
             Some(c) => format!("'{}'", c as char),
         }
+    }
+
+    /// Opens a level of nesting, or fails if that is one too many.
+    fn enter(&mut self) -> R<()> {
+        if self.depth >= MAX_NESTING {
+            return self.err(format!(
+                "nesting deeper than {MAX_NESTING} levels (parentheses, '~' and blocks)"
+            ));
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth -= 1;
     }
 
     fn expected<T>(&self, what: &str) -> R<T> {
@@ -363,6 +388,14 @@ impl Parser<'_> {
     }
 
     fn block(&mut self) -> R<Vec<Stmt>> {
+        self.skip_blank();
+        self.enter()?;
+        let body = self.block_body();
+        self.leave();
+        body
+    }
+
+    fn block_body(&mut self) -> R<Vec<Stmt>> {
         self.punct(b'{')?;
         let mut body = Vec::new();
         loop {
@@ -373,9 +406,38 @@ impl Parser<'_> {
             if self.peek().is_none() {
                 return self.expected("'}' to close the block");
             }
-            body.push(self.stmt()?);
+            let stmt = if self.peek_word().as_deref() == Some("loop") {
+                self.loop_stmt()?
+            } else {
+                self.stmt()?
+            };
+            body.push(stmt);
             self.end_of_stmt()?;
         }
+    }
+
+    /// `loop N { … }` or `loop until EV { … }`: the one statement with a
+    /// block, apart from [`Self::stmt`] so that nested loops recurse
+    /// through small stack frames only.
+    fn loop_stmt(&mut self) -> R<Stmt> {
+        self.skip_blank();
+        let pos = self.pos();
+        self.keyword("loop")?;
+        let kind = if self.peek_word().as_deref() == Some("until") {
+            self.word("until")?;
+            let (event, _) = self.word("an event name")?;
+            StmtKind::LoopUntil {
+                event,
+                body: self.block()?,
+            }
+        } else {
+            let count = self.number("a loop count or 'until'")?;
+            StmtKind::Loop {
+                count,
+                body: self.block()?,
+            }
+        };
+        Ok(Stmt { kind, pos })
     }
 
     /// `rN = …`: an expression or a call that returns a value.
@@ -529,22 +591,6 @@ impl Parser<'_> {
             });
         }
         let kind = match w.as_str() {
-            "loop" => {
-                if self.peek_word().as_deref() == Some("until") {
-                    self.word("until")?;
-                    let (event, _) = self.word("an event name")?;
-                    StmtKind::LoopUntil {
-                        event,
-                        body: self.block()?,
-                    }
-                } else {
-                    let count = self.number("a loop count or 'until'")?;
-                    StmtKind::Loop {
-                        count,
-                        body: self.block()?,
-                    }
-                }
-            }
             "signal" => StmtKind::Signal(self.word("an event name")?.0),
             "await" => StmtKind::Await(self.word("an event name")?.0),
             "fill" => {
@@ -690,60 +736,69 @@ impl Parser<'_> {
     }
 
     // The exists clause: or := and ('\/' and)*; and := unary ('/\' unary)*.
+    // A chain is read in a loop into one n-ary node (no recursion per
+    // term); only '(' and '~' recurse, each a level of [`MAX_NESTING`].
     fn cond(&mut self) -> R<Cond> {
-        let mut lhs = self.cond_and()?;
+        let mut terms = vec![self.cond_and()?];
         loop {
             self.skip_all();
             if self.peek() == Some(b'\\') && self.peek2() == Some(b'/') {
                 self.bump();
                 self.bump();
-                lhs = Cond::Or(Box::new(lhs), Box::new(self.cond_and()?));
+                terms.push(self.cond_and()?);
             } else {
-                return Ok(lhs);
+                return Ok(chain(terms, Cond::Or));
             }
         }
     }
 
     fn cond_and(&mut self) -> R<Cond> {
-        let mut lhs = self.cond_unary()?;
+        let mut terms = vec![self.cond_unary()?];
         loop {
             self.skip_all();
             if self.peek() == Some(b'/') && self.peek2() == Some(b'\\') {
                 self.bump();
                 self.bump();
-                lhs = Cond::And(Box::new(lhs), Box::new(self.cond_unary()?));
+                terms.push(self.cond_unary()?);
             } else {
-                return Ok(lhs);
+                return Ok(chain(terms, Cond::And));
             }
         }
     }
 
     fn cond_unary(&mut self) -> R<Cond> {
         self.skip_all();
-        if self.try_punct(b'~') {
-            return Ok(Cond::Not(Box::new(self.cond_unary()?)));
+        if self.peek() == Some(b'~') {
+            self.enter()?;
+            self.bump();
+            let c = self.cond_unary();
+            self.leave();
+            return Ok(Cond::Not(Box::new(c?)));
         }
-        if self.try_punct(b'(') {
-            let c = self.cond()?;
-            self.skip_all();
-            self.punct(b')')?;
-            return Ok(c);
+        if self.peek() == Some(b'(') {
+            self.enter()?;
+            self.bump();
+            let c = self.cond().and_then(|c| {
+                self.skip_all();
+                self.punct(b')').map(|()| c)
+            });
+            self.leave();
+            return c;
         }
+        self.comparison()
+    }
+
+    /// `true`, `T:status` or `VALUE CMP VALUE`: the conditions without
+    /// parts (apart from [`Self::cond_unary`] to keep its frame small).
+    fn comparison(&mut self) -> R<Cond> {
         if self.peek_word().as_deref() == Some("true") {
             self.word("true")?;
             return Ok(Cond::True);
         }
-        let lhs = self.value()?;
-        if let Value::Reg {
-            thread,
-            reg: STATUS_REG,
-        } = &lhs
-        {
-            return Ok(Cond::Status {
-                thread: thread.clone(),
-                status: self.pending_status.take().expect("set with it"),
-            });
-        }
+        let lhs = match self.atom()? {
+            Atom::Value(v) => v,
+            Atom::Status(thread, status) => return Ok(Cond::Status { thread, status }),
+        };
         self.skip_blank();
         let op = match (self.peek(), self.peek2()) {
             (Some(b'='), Some(b'=')) => (CmpOp::Eq, 2),
@@ -758,24 +813,24 @@ impl Parser<'_> {
         for _ in 0..op.1 {
             self.bump();
         }
-        let rhs = self.value()?;
-        if let Value::Reg {
-            reg: STATUS_REG, ..
-        } = rhs
-        {
-            return self.err("a thread status (segv, oom, crashed, ok) cannot be compared");
+        match self.atom()? {
+            Atom::Value(rhs) => Ok(Cond::Cmp(lhs, op.0, rhs)),
+            Atom::Status(..) => {
+                self.err("a thread status (segv, oom, crashed, ok) cannot be compared")
+            }
         }
-        Ok(Cond::Cmp(lhs, op.0, rhs))
     }
 
-    /// `T:rN`, `T:status`, or a number.
-    fn value(&mut self) -> R<Value> {
+    /// `T:rN`, a number, or `T:status`.
+    fn atom(&mut self) -> R<Atom> {
         let (w, pos) = self.word("a thread register (P0:r1) or a number")?;
         if w.as_bytes()[0].is_ascii_digit() {
-            return parse_number(&w).map(Value::Imm).ok_or(ParseError {
-                pos,
-                msg: format!("expected a number, found '{w}'"),
-            });
+            return parse_number(&w)
+                .map(|n| Atom::Value(Value::Imm(n)))
+                .ok_or(ParseError {
+                    pos,
+                    msg: format!("expected a number, found '{w}'"),
+                });
         }
         if !is_thread_name(&w) {
             return Err(ParseError {
@@ -786,28 +841,39 @@ impl Parser<'_> {
         self.punct(b':')?;
         let (what, wpos) = self.word("a register or a status (segv, oom, crashed, ok)")?;
         let status = match what.as_str() {
-            "segv" => Some(Status::Segv),
-            "oom" => Some(Status::Oom),
-            "crashed" => Some(Status::Crashed),
-            "ok" => Some(Status::Ok),
-            _ => None,
+            "segv" => Status::Segv,
+            "oom" => Status::Oom,
+            "crashed" => Status::Crashed,
+            "ok" => Status::Ok,
+            _ => {
+                return Ok(Atom::Value(Value::Reg {
+                    thread: w,
+                    reg: parse_reg(&what, wpos)?,
+                }))
+            }
         };
-        if let Some(s) = status {
-            self.pending_status = Some(s);
-            return Ok(Value::Reg {
-                thread: w,
-                reg: STATUS_REG,
-            });
-        }
-        Ok(Value::Reg {
-            thread: w,
-            reg: parse_reg(&what, wpos)?,
-        })
+        Ok(Atom::Status(w, status))
     }
 }
 
-/// Stands for a status atom between `value()` and `cond_unary()`.
-const STATUS_REG: u8 = u8::MAX;
+/// What an operand of the exists clause can be: a value to compare, or a
+/// status atom (`P1:segv`), which is a condition by itself.
+enum Atom {
+    Value(Value),
+    Status(String, Status),
+}
+
+/// One term as itself, more as the n-ary `node` (`Cond::And`, `Cond::Or`).
+fn chain(mut terms: Vec<Cond>, node: fn(Vec<Cond>) -> Cond) -> Cond {
+    match terms.pop() {
+        Some(only) if terms.is_empty() => only,
+        Some(last) => {
+            terms.push(last);
+            node(terms)
+        }
+        None => Cond::True,
+    }
+}
 
 fn operand_of(w: String, pos: Pos) -> R<Operand> {
     if is_reg(&w) {

@@ -137,12 +137,13 @@ fn value(state: &RunState, v: &Value) -> Option<u64> {
 }
 
 /// Whether `cond` holds in `state`. A register of a thread that did not
-/// finish has no value: comparisons with it are false.
+/// finish has no value: comparisons with it are false. (Recursive only
+/// through '(' and '~', whose depth the parser limits.)
 pub fn holds(cond: &Cond, state: &RunState) -> bool {
     match cond {
         Cond::True => true,
-        Cond::And(a, b) => holds(a, state) && holds(b, state),
-        Cond::Or(a, b) => holds(a, state) || holds(b, state),
+        Cond::And(terms) => terms.iter().all(|c| holds(c, state)),
+        Cond::Or(terms) => terms.iter().any(|c| holds(c, state)),
         Cond::Not(a) => !holds(a, state),
         Cond::Status { thread, status } => match (state.get(thread), status) {
             (Some(ThreadEnd::Ok(_)), Status::Ok) => true,
@@ -171,9 +172,10 @@ fn named(cond: &Cond, regs: &mut Vec<(String, u8)>, threads: &mut Vec<String>) {
         }
     };
     match cond {
-        Cond::And(a, b) | Cond::Or(a, b) => {
-            named(a, regs, threads);
-            named(b, regs, threads);
+        Cond::And(terms) | Cond::Or(terms) => {
+            for c in terms {
+                named(c, regs, threads);
+            }
         }
         Cond::Not(a) => named(a, regs, threads),
         Cond::Status { thread, .. } => add_thread(thread, threads),
@@ -193,7 +195,7 @@ fn named(cond: &Cond, regs: &mut Vec<(String, u8)>, threads: &mut Vec<String>) {
 
 /// The histogram key of a state: the named registers, or the way a
 /// named thread ended if it did not finish.
-fn key(cond: &Cond, state: &RunState) -> String {
+pub(super) fn key(cond: &Cond, state: &RunState) -> String {
     let (mut regs, mut threads) = (Vec::new(), Vec::new());
     named(cond, &mut regs, &mut threads);
     let mut parts = Vec::new();

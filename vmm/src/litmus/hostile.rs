@@ -1,0 +1,165 @@
+//! The litmus front end (parse + compile) against hostile input: every
+//! malformed test gets one message (a `ParseError`, exit status 2 from the
+//! CLI), and nothing panics, aborts or overflows the stack — also when an
+//! accepted test is cloned, dropped, printed or evaluated.
+
+use std::collections::BTreeMap;
+
+use super::ast::Cond;
+use super::parse::MAX_NESTING;
+use super::run::{holds, ThreadEnd};
+use super::{load, parse, ParseError};
+
+const HEAD: &str = "cowlab t\n{ region buf 1 rw }\n";
+
+fn err(src: &str) -> ParseError {
+    match load(src) {
+        Ok(_) => panic!("accepted: {:.200}", src),
+        Err(e) => e,
+    }
+}
+
+fn assert_err(src: &str, want: &str) -> ParseError {
+    let e = err(src);
+    assert!(
+        e.to_string().contains(want),
+        "expected {want:?} in {:?}",
+        e.to_string()
+    );
+    e
+}
+
+// The shapes of ../shared/repro/make-deep-nesting.py.
+
+fn deep_parens(n: usize) -> String {
+    format!(
+        "{HEAD}P0 {{ r1 = 1 }}\nexists {}P0:r1 = 1{}\n",
+        "(".repeat(n),
+        ")".repeat(n)
+    )
+}
+
+fn deep_not(n: usize) -> String {
+    format!("{HEAD}P0 {{ r1 = 1 }}\nexists {}P0:r1 = 1\n", "~".repeat(n))
+}
+
+fn chain(n: usize, op: &str) -> String {
+    format!(
+        "{HEAD}P0 {{ r1 = 1 }}\nexists ({})\n",
+        vec!["P0:r1 = 1"; n].join(op)
+    )
+}
+
+fn deep_loops(n: usize) -> String {
+    format!(
+        "{HEAD}P0 {{ {}r1 = 1{} }}\nexists (P0:r1 = 1)\n",
+        "loop 2 { ".repeat(n),
+        " }".repeat(n)
+    )
+}
+
+/// A final state where P0 ended normally with r1 = 1.
+fn state() -> BTreeMap<String, ThreadEnd> {
+    let mut regs = [0; cowlab_abi::bytecode::NR_REGS];
+    regs[1] = 1;
+    BTreeMap::from([("P0".to_string(), ThreadEnd::Ok(regs))])
+}
+
+#[test]
+fn deep_nesting_is_one_message_at_the_first_level_too_many() {
+    // 4:8 is the first '(' after "exists ": one too many is at 4:(8 + MAX).
+    let e = assert_err(
+        &deep_parens(20_000),
+        &format!("nesting deeper than {MAX_NESTING} levels"),
+    );
+    assert_eq!((e.pos.line, e.pos.col), (4, 8 + MAX_NESTING));
+    let e = assert_err(
+        &deep_not(25_000),
+        &format!("nesting deeper than {MAX_NESTING} levels"),
+    );
+    assert_eq!((e.pos.line, e.pos.col), (4, 8 + MAX_NESTING));
+    // A thread's block is the first level; its loops the others.
+    let e = assert_err(
+        &deep_loops(12_000),
+        &format!("nesting deeper than {MAX_NESTING} levels"),
+    );
+    // "P0 { " then "loop 2 { " each: loop MAX's '{' is one level too many.
+    assert_eq!((e.pos.line, e.pos.col), (3, 9 * MAX_NESTING + 4));
+    assert_err(
+        &format!(
+            "{HEAD}P0 {{ r1 = 1 }}\nexists {}P0:r1 = 1\n",
+            "~(".repeat(200)
+        ),
+        &format!("nesting deeper than {MAX_NESTING} levels"),
+    );
+}
+
+#[test]
+fn nesting_at_the_limit_is_accepted_and_every_walk_of_it_is_shallow() {
+    // Run where the stack is a quarter of a test thread's (2 MiB) and a
+    // sixteenth of the CLI's main thread (8 MiB): the limit leaves margin
+    // (parsing 64 loops takes ~260 KiB in a debug build).
+    let walk = || {
+        for (src, want) in [
+            (deep_parens(MAX_NESTING), true),
+            (deep_not(MAX_NESTING), MAX_NESTING.is_multiple_of(2)),
+        ] {
+            let c = load(&src).expect("at the limit");
+            let cond = c.test.exists.clone();
+            assert_eq!(format!("{cond:?}"), format!("{:?}", c.test.exists));
+            assert_eq!(cond, c.test.exists);
+            assert_eq!(holds(&cond, &state()), want);
+            assert_eq!(super::run::key(&cond, &state()), "P0:r1=1;");
+            drop(c);
+        }
+        assert_err(&deep_parens(MAX_NESTING + 1), "nesting deeper");
+        // 255 loops in a block parse; the compiler then says how many fit.
+        let t = parse(&deep_loops(MAX_NESTING - 1)).expect("at the limit");
+        drop(t.clone());
+        assert_err(&deep_loops(MAX_NESTING - 1), "too many nested loops");
+    };
+    std::thread::Builder::new()
+        .stack_size(512 << 10)
+        .spawn(walk)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn a_long_chain_is_one_flat_node_not_a_deep_tree() {
+    for (op, n) in [(" /\\ ", 60_000), (" \\/ ", 60_000)] {
+        let src = chain(n, op);
+        let c = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let c = load(&src).expect("a flat chain is accepted");
+                let cond = c.test.exists.clone();
+                let terms = match &cond {
+                    Cond::And(t) | Cond::Or(t) => t.len(),
+                    other => panic!("not a chain: {other:?}"),
+                };
+                assert_eq!(terms, n);
+                assert!(holds(&cond, &state()));
+                assert!(format!("{cond:?}").len() > n);
+                assert_eq!(super::run::key(&cond, &state()), "P0:r1=1;");
+                c
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        drop(c);
+    }
+    // Precedence holds in the flat form: /\ binds tighter than \/.
+    let c = load(&format!(
+        "{HEAD}P0 {{ r1 = 1 }}\nexists (P0:r1 = 2 /\\ P0:r1 = 1 \\/ P0:r1 = 1 /\\ true)\n"
+    ))
+    .unwrap();
+    let Cond::Or(terms) = &c.test.exists else {
+        panic!("{:?}", c.test.exists)
+    };
+    assert!(terms
+        .iter()
+        .all(|t| matches!(t, Cond::And(a) if a.len() == 2)));
+    assert!(holds(&c.test.exists, &state()));
+}
