@@ -15,6 +15,14 @@ use crate::hooks::{parse_rule, parse_step, Rule, Step};
 /// Where the first region is mapped; the others follow with a guard page.
 pub const REGION_BASE: u64 = 0x10_0000_0000;
 
+/// Where the regions must end, each with the guard page after it: the top
+/// of the `mmap` area, below the thread stacks ([`crate::mm::mm_struct::MMAP_BASE`]).
+pub const REGION_END: u64 = crate::mm::mm_struct::MMAP_BASE;
+
+/// Most pages the regions of a test may have in all, with one guard page
+/// each (0x7df0_0000_0000 bytes, about 126 TiB).
+pub const MAX_REGION_PAGES: u64 = (REGION_END - REGION_BASE) / PAGE_SIZE;
+
 /// Most events a test may name (words of the shared page).
 const MAX_EVENTS: usize = 512;
 
@@ -150,13 +158,12 @@ impl<'t> Compiler<'t> {
                 let r = self.region(name, *pos)?.clone();
                 match index {
                     Operand::Imm(i) => {
-                        if *i >= r.pages * PAGE_SIZE / 8 {
+                        // No overflow: placed regions are below REGION_END.
+                        let words = r.pages * (PAGE_SIZE / 8);
+                        if *i >= words {
                             return error(
                                 *pos,
-                                format!(
-                                    "word {i} is outside region '{name}' ({} words)",
-                                    r.pages * PAGE_SIZE / 8
-                                ),
+                                format!("word {i} is outside region '{name}' ({words} words)"),
                             );
                         }
                         self.emit(Op::Li, SCRATCH, 0, 0, r.addr);
@@ -378,14 +385,38 @@ impl<'t> Compiler<'t> {
     }
 }
 
-/// Compiles `test`.
-pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
+/// Places the regions from [`REGION_BASE`], one guard page apart, each
+/// with checked arithmetic: they must end by [`REGION_END`].
+fn place_regions(test: &Test) -> Result<BTreeMap<&str, PlacedRegion>, ParseError> {
     let mut regions = BTreeMap::new();
     let mut next = REGION_BASE;
     for r in &test.regions {
         if regions.contains_key(r.name.as_str()) {
             return error(r.pos, format!("region '{}' is defined twice", r.name));
         }
+        let end = r
+            .pages
+            .checked_add(1)
+            .and_then(|p| p.checked_mul(PAGE_SIZE))
+            .and_then(|len| next.checked_add(len))
+            .filter(|end| *end <= REGION_END);
+        let Some(end) = end else {
+            let before = (next - REGION_BASE) / PAGE_SIZE;
+            return error(
+                r.pos,
+                format!(
+                    "region '{}' of {} pages does not fit: a test's regions have at most \
+                     {MAX_REGION_PAGES} pages in all, counting a guard page after each{}",
+                    r.name,
+                    r.pages,
+                    if before > 0 {
+                        format!(" ({before} before this one)")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        };
         let placed = PlacedRegion {
             name: r.name.clone(),
             addr: next,
@@ -393,9 +424,15 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
             prot: r.prot,
             populate: r.populate,
         };
-        next += (r.pages + 1) * PAGE_SIZE;
+        next = end;
         regions.insert(r.name.as_str(), placed);
     }
+    Ok(regions)
+}
+
+/// Compiles `test`.
+pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
+    let regions = place_regions(test)?;
     let mut c = Compiler {
         test,
         code: Vec::new(),
@@ -441,7 +478,7 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
         .map(|(r, pos)| {
             let (head, filters) = r.split_once('/').map_or((r.as_str(), ""), |(h, f)| (h, f));
             let (action, point) = head.split_once('@').unwrap_or((head, ""));
-            let point = region_filter(point, test, *pos)?;
+            let point = region_filter(point, &c.regions, *pos)?;
             let text = if filters.is_empty() {
                 format!("{action}@{point}")
             } else {
@@ -455,7 +492,7 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
             let steps = steps
                 .iter()
                 .map(|(s, at)| {
-                    let step = thread_step(s, test, *at)?;
+                    let step = thread_step(s, test, &c.regions, *at)?;
                     parse_step(&step).or_else(|e| error(*at, e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -484,7 +521,12 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
 /// Rewrites `Pn@` in a schedule step to `vK@` where Pn is the K-th initial
 /// thread (initial threads run on vCPUs 0, 1, … in order; children get the
 /// next vCPU ids in the order they are created).
-fn thread_step(step: &str, test: &Test, pos: Pos) -> Result<String, ParseError> {
+fn thread_step(
+    step: &str,
+    test: &Test,
+    regions: &BTreeMap<&str, PlacedRegion>,
+    pos: Pos,
+) -> Result<String, ParseError> {
     let Some((who, point)) = step.split_once('@') else {
         return error(pos, format!("a schedule step is Pn@POINT, not '{step}'"));
     };
@@ -514,28 +556,30 @@ fn thread_step(step: &str, test: &Test, pos: Pos) -> Result<String, ParseError> 
     } else {
         who.to_string()
     };
-    Ok(format!("{v}@{}", region_filter(point, test, pos)?))
+    Ok(format!("{v}@{}", region_filter(point, regions, pos)?))
 }
 
 /// `POINT[REGION]` → `POINT/addr=START-END` for the region's pages.
-fn region_filter(point: &str, test: &Test, pos: Pos) -> Result<String, ParseError> {
+fn region_filter(
+    point: &str,
+    regions: &BTreeMap<&str, PlacedRegion>,
+    pos: Pos,
+) -> Result<String, ParseError> {
     let Some((p, rest)) = point.split_once('[') else {
         return Ok(point.to_string());
     };
     let Some(name) = rest.strip_suffix(']') else {
         return error(pos, format!("expected POINT[REGION], found '{point}'"));
     };
-    let mut addr = REGION_BASE;
-    for r in &test.regions {
-        if r.name == name {
-            return Ok(format!(
-                "{p}/addr={addr:#x}-{:#x}",
-                addr + r.pages * PAGE_SIZE
-            ));
-        }
-        addr += (r.pages + 1) * PAGE_SIZE;
+    match regions.get(name) {
+        // No overflow: placed regions end below REGION_END.
+        Some(r) => Ok(format!(
+            "{p}/addr={:#x}-{:#x}",
+            r.addr,
+            r.addr + r.pages * PAGE_SIZE
+        )),
+        None => error(pos, format!("unknown region '{name}' in '{point}'")),
     }
-    error(pos, format!("unknown region '{name}' in '{point}'"))
 }
 
 /// Every thread the exists clause names must exist.

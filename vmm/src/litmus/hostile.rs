@@ -163,3 +163,60 @@ fn a_long_chain_is_one_flat_node_not_a_deep_tree() {
         .all(|t| matches!(t, Cond::And(a) if a.len() == 2)));
     assert!(holds(&c.test.exists, &state()));
 }
+
+#[test]
+fn region_sizes_that_overflow_or_do_not_fit_are_one_message() {
+    use super::compile::{MAX_REGION_PAGES, REGION_BASE};
+    // ../shared/repro/region-pages-overflow.litmus: 2^52 pages.
+    assert_err(
+        "cowlab t\n{ region buf 4503599627370496 rw }\nP0 { buf[0] = 1\n r1 = buf[0] }\nexists (P0:r1 = 1)",
+        "region 'buf' of 4503599627370496 pages does not fit",
+    );
+    // ../shared/repro/regions-sum-overflow.litmus: two of 2^63 - 1.
+    let e = assert_err(
+        "cowlab t\n{ region a 9223372036854775807 rw\n region b 9223372036854775807 rw }\nP0 { r1 = 1 }\nexists (P0:r1 = 1)",
+        "region 'a' of 9223372036854775807 pages does not fit",
+    );
+    assert_eq!((e.pos.line, e.pos.col), (2, 3));
+    for pages in [u64::MAX, u64::MAX / 4096, u64::MAX / 4096 + 1, 1 << 60] {
+        assert_err(
+            &format!("cowlab t\n{{ region a {pages} rw }}\nP0 {{ }}\nexists (true)"),
+            "does not fit",
+        );
+    }
+    // The most that fits, in one region or two; one page more does not.
+    let one = MAX_REGION_PAGES - 1;
+    let c = load(&format!(
+        "cowlab t\n{{ region a {one} rw }}\nP0 {{ r1 = a[{}] }}\nexists (true)",
+        one * 512 - 1
+    ))
+    .expect("the largest region");
+    assert_eq!(c.regions[0].addr, REGION_BASE);
+    assert_err(
+        &format!(
+            "cowlab t\n{{ region a {one} rw }}\nP0 {{ r1 = a[{}] }}\nexists (true)",
+            one * 512
+        ),
+        "outside region 'a'",
+    );
+    let half = MAX_REGION_PAGES / 2 - 1;
+    let two =
+        format!("cowlab t\n{{ region a {half} rw\n region b {half} rw }}\nP0 {{ }}\nexists (true)");
+    load(&two).expect("two halves");
+    let e = assert_err(
+        &two.replace(&format!("b {half}"), &format!("b {}", half + 1)),
+        &format!("region 'b' of {} pages does not fit", half + 1),
+    );
+    assert!(
+        e.msg.ends_with(&format!("({} before this one)", half + 1)),
+        "{e}"
+    );
+    // A schedule or rule naming a huge region is placed from the same map.
+    let c = load(&format!(
+        "cowlab t\n{{ region a {half} rw\n region b 1 rw }}\nP0 {{ }}\nexists (true)\ninject count@fault:enter[b]\n"
+    ))
+    .unwrap();
+    let b = c.regions.iter().find(|r| r.name == "b").unwrap();
+    assert_eq!(b.addr, REGION_BASE + (half + 1) * 4096);
+    assert_eq!(c.rules[0].addr, Some((b.addr, b.addr + 4096)));
+}
