@@ -220,3 +220,22 @@ fn region_sizes_that_overflow_or_do_not_fit_are_one_message() {
     assert_eq!(b.addr, REGION_BASE + (half + 1) * 4096);
     assert_eq!(c.rules[0].addr, Some((b.addr, b.addr + 4096)));
 }
+
+#[test]
+fn an_expect_line_must_name_a_preset() {
+    let e = assert_err(
+        "cowlab t\nP0 { }\nexists (true)\nexpect linux-1.0 Never\n",
+        "unknown policy 'linux-1.0' (presets: mainline, ",
+    );
+    assert_eq!((e.pos.line, e.pos.col), (4, 8));
+    assert!(
+        e.msg.contains(&crate::policy::Policy::preset_names()),
+        "{e}"
+    );
+    for name in crate::policy::Policy::preset_names().split(", ") {
+        load(&format!(
+            "cowlab t\nP0 {{ }}\nexists (true)\nexpect {name} Never\n"
+        ))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}

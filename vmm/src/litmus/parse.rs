@@ -1007,7 +1007,16 @@ pub fn parse(src: &str) -> R<Test> {
             injects.push((rule, rpos));
         } else if w == "expect" {
             p.word("expect")?;
-            let (policy, _) = p.raw("a policy name")?;
+            let (policy, ppos) = p.raw("a policy name")?;
+            if crate::policy::Policy::preset(&policy).is_none() {
+                return Err(ParseError {
+                    pos: ppos,
+                    msg: format!(
+                        "unknown policy '{policy}' (presets: {})",
+                        crate::policy::Policy::preset_names()
+                    ),
+                });
+            }
             let (v, vpos) = p.word("Never, Sometimes or Always")?;
             let verdict = match v.as_str() {
                 "Never" => Verdict::Never,
