@@ -239,3 +239,92 @@ fn an_expect_line_must_name_a_preset() {
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// Whether a message can go to a terminal as it is: one line, no control
+/// or invisible characters.
+fn clean(msg: &str) -> bool {
+    !msg.chars().any(|c| {
+        c.is_control() || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    })
+}
+
+#[test]
+fn control_and_invisible_characters_are_refused_and_shown_escaped() {
+    for (bad, shown) in [
+        ('\u{1b}', "\\u{1b}"),
+        ('\0', "\\0"),
+        ('\u{7f}', "\\u{7f}"),
+        ('\u{85}', "\\u{85}"),
+        ('\u{7}', "\\u{7}"),
+        ('\u{c}', "\\u{c}"),
+        ('\u{feff}', "\\u{feff}"),
+        ('\u{202e}', "\\u{202e}"),
+        ('\u{200b}', "\\u{200b}"),
+    ] {
+        // In the name, a statement, the exists clause, a comment ('@').
+        for (src, line, col) in [
+            ("cowlab t@\nP0 { r1 = 1 }\nexists (P0:r1 = 1)\n", 1, 9),
+            ("cowlab t\nP0 { @r1 = 1 }\nexists (P0:r1 = 1)\n", 2, 6),
+            ("cowlab t\nP0 { r1 = 1 }\nexists (@P0:r1 = 1)\n", 3, 9),
+            (
+                "cowlab t # a @ comment\nP0 { r1 = 1 }\nexists (P0:r1 = 1)\n",
+                1,
+                14,
+            ),
+        ] {
+            let e = err(&src.replace('@', &bad.to_string()));
+            let msg = e.to_string();
+            assert!(clean(&msg), "{msg:?}");
+            assert!(
+                msg.contains(&format!("character '{shown}' is not allowed")),
+                "{bad:?} in {src:?}: {msg:?}"
+            );
+            assert_eq!(
+                (e.pos.line, e.pos.col),
+                (line, col),
+                "{bad:?} in {src:?}: {msg}"
+            );
+        }
+    }
+    // Tabs and CR LF line ends are text.
+    let ok = "cowlab t\nP0 { r1 = 1 }\nexists (P0:r1 = 1)\n";
+    load(&ok.replace('\n', "\r\n").replace(' ', "\t")).expect("tabs and CR LF");
+}
+
+#[test]
+fn a_leading_byte_order_mark_is_skipped() {
+    let src = "cowlab t\nP0 { r1 = 1 }\nexists (P0:r1 = 1)\n";
+    let with = load(&format!("\u{feff}{src}")).expect("a BOM first is accepted");
+    assert_eq!(with.test, load(src).unwrap().test);
+    // Positions do not count it.
+    let e = err("\u{feff}cowlab t\nP0 { frob }\nexists (true)\n");
+    assert_eq!((e.pos.line, e.pos.col), (2, 6), "{e}");
+    // Only one, and only first.
+    assert_err(
+        &format!("\u{feff}\u{feff}{src}"),
+        "character '\\u{feff}' is not allowed",
+    );
+}
+
+#[test]
+fn non_ascii_text_is_kept_whole_and_columns_count_characters() {
+    let c =
+        load("cowlab tëst-α\n\"Gödel's   λ\ntest\"\nP0 { r1 = 1 }\nexists (P0:r1 = 1)\n").unwrap();
+    assert_eq!(c.test.name, "tëst-α");
+    assert_eq!(c.test.description.as_deref(), Some("Gödel's λ test"));
+    // Found 'é' (not two Latin-1 characters), at the column a reader counts.
+    let e = err("cowlab t\nP0 { r1 = 1; é }\nexists (true)\n");
+    assert_eq!(e.to_string(), "2:14: expected a statement, found 'é'");
+    let e = err("cowlab t\nP0 { r1 = ü }\nexists (true)\n");
+    assert_eq!(
+        e.to_string(),
+        "2:11: expected a value, a memory word or a call, found 'ü'"
+    );
+    let e = err("cowlab ü\nP0 { r1 = 1 } ü\nexists (true)\n");
+    assert!(e.to_string().starts_with("2:15: "), "{e}");
+    // A policy with non-ASCII is shown as is (printable).
+    assert_err(
+        "cowlab t\nP0 { }\nexists (true)\nexpect mäinline Never\n",
+        "unknown policy 'mäinline'",
+    );
+}

@@ -23,6 +23,33 @@ type R<T> = Result<T, ParseError>;
 /// CLI's 8 MiB main thread; written tests nest 3 or 4 levels.
 pub const MAX_NESTING: usize = 64;
 
+/// `c` as a message shows it: itself if it is printable, else escaped
+/// (`\u{1b}`, `\u{feff}`, `\n`), so that a message never carries raw
+/// control or invisible characters from the input to a terminal.
+pub fn shown_char(c: char) -> String {
+    match c {
+        '\'' | '"' | '\\' => c.to_string(),
+        c => c.escape_debug().to_string(),
+    }
+}
+
+/// `s` as a message shows it ([`shown_char`] for each character).
+pub fn shown(s: &str) -> String {
+    s.chars().map(shown_char).collect()
+}
+
+/// Characters a test may not contain: control characters other than tab,
+/// new line and carriage return, and invisible ones that can make text
+/// read differently from what it is (zero-width, bidirectional overrides,
+/// a byte order mark after the start).
+fn forbidden(c: char) -> bool {
+    (c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        || matches!(
+            c,
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}'
+        )
+}
+
 struct Parser<'s> {
     src: &'s [u8],
     at: usize,
@@ -75,7 +102,8 @@ impl<'s> Parser<'s> {
         if c == b'\n' {
             self.line += 1;
             self.col = 1;
-        } else {
+        } else if c & 0xc0 != 0x80 {
+            // Columns count characters: not UTF-8 continuation bytes.
             self.col += 1;
         }
         Some(c)
@@ -122,7 +150,14 @@ impl<'s> Parser<'s> {
                     .map_or(self.src.len(), |n| self.at + n);
                 format!("'{}'", String::from_utf8_lossy(&self.src[self.at..end]))
             }
-            Some(c) => format!("'{}'", c as char),
+            Some(_) => {
+                let c =
+                    String::from_utf8_lossy(&self.src[self.at..self.src.len().min(self.at + 4)])
+                        .chars()
+                        .next()
+                        .unwrap_or(char::REPLACEMENT_CHARACTER);
+                format!("'{}'", shown_char(c))
+            }
         }
     }
 
@@ -206,17 +241,18 @@ impl<'s> Parser<'s> {
     fn raw(&mut self, what: &str) -> R<(String, Pos)> {
         self.skip_blank();
         let pos = self.pos();
-        let mut s = String::new();
-        while let Some(c) = self
+        let from = self.at;
+        while self
             .peek()
-            .filter(|c| !c.is_ascii_whitespace() && *c != b'#')
+            .is_some_and(|c| !c.is_ascii_whitespace() && c != b'#')
         {
-            s.push(c as char);
             self.bump();
         }
-        if s.is_empty() {
+        if self.at == from {
             return self.expected(what);
         }
+        // Ends at an ASCII byte or the end: whole UTF-8 characters.
+        let s = String::from_utf8_lossy(&self.src[from..self.at]).into_owned();
         Ok((s, pos))
     }
 
@@ -245,10 +281,11 @@ impl<'s> Parser<'s> {
     fn string(&mut self) -> R<String> {
         let start = self.pos();
         self.punct(b'"')?;
-        let mut s = String::new();
+        // Bytes, not `c as char`: a non-ASCII character is several bytes.
+        let mut s = Vec::new();
         loop {
             match self.bump() {
-                Some(b'"') => return Ok(s),
+                Some(b'"') => return Ok(String::from_utf8_lossy(&s).into_owned()),
                 None => {
                     return Err(ParseError {
                         pos: start,
@@ -256,11 +293,11 @@ impl<'s> Parser<'s> {
                     })
                 }
                 Some(c) if c.is_ascii_whitespace() => {
-                    if !s.ends_with(' ') {
-                        s.push(' ');
+                    if s.last() != Some(&b' ') {
+                        s.push(b' ');
                     }
                 }
-                Some(c) => s.push(c as char),
+                Some(c) => s.push(c),
             }
         }
     }
@@ -888,8 +925,37 @@ fn operand_of(w: String, pos: Pos) -> R<Operand> {
     Ok(Operand::Region(w, pos))
 }
 
-/// Parses a litmus test.
+/// The first character a test may not contain ([`forbidden`]), as an error
+/// at its line and column.
+fn check_chars(src: &str) -> R<()> {
+    let mut pos = Pos { line: 1, col: 1 };
+    for c in src.chars() {
+        if forbidden(c) {
+            return Err(ParseError {
+                pos,
+                msg: format!(
+                    "character '{}' is not allowed: a test is text without control or \
+                     invisible characters",
+                    shown_char(c)
+                ),
+            });
+        }
+        if c == '\n' {
+            pos = Pos {
+                line: pos.line + 1,
+                col: 1,
+            };
+        } else {
+            pos.col += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Parses a litmus test. A leading byte order mark is skipped.
 pub fn parse(src: &str) -> R<Test> {
+    let src = src.strip_prefix('\u{feff}').unwrap_or(src);
+    check_chars(src)?;
     let mut p = Parser::new(src);
     p.skip_all();
     let start = p.pos();
@@ -1012,7 +1078,8 @@ pub fn parse(src: &str) -> R<Test> {
                 return Err(ParseError {
                     pos: ppos,
                     msg: format!(
-                        "unknown policy '{policy}' (presets: {})",
+                        "unknown policy '{}' (presets: {})",
+                        shown(&policy),
                         crate::policy::Policy::preset_names()
                     ),
                 });
