@@ -328,3 +328,202 @@ fn non_ascii_text_is_kept_whole_and_columns_count_characters() {
         "unknown policy 'mäinline'",
     );
 }
+
+/// SplitMix64: a small deterministic generator, so a failure names the
+/// exact input (file, case) that reproduces it.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// In `0..n` (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Text that the grammar treats specially, or that is too big, deep,
+/// unknown or not plain text: what a mutation may insert.
+const SNIPPETS: &[&str] = &[
+    "(",
+    ")",
+    "{",
+    "}",
+    "[",
+    "]",
+    "~",
+    "/\\",
+    "\\/",
+    ";",
+    "\n",
+    "#",
+    "\"",
+    "*",
+    "=",
+    "<",
+    "@",
+    ":",
+    "0x",
+    "_",
+    "18446744073709551615",
+    "18446744073709551616",
+    "99999999999999999999999",
+    "0xffffffffffffffff",
+    "4503599627370496",
+    "r9",
+    "r10",
+    "r15",
+    "r255",
+    "P0",
+    "P99",
+    "C0",
+    "C9",
+    "T0",
+    "loop 2 {",
+    "loop until e {",
+    "((((((((",
+    "~~~~~~~~",
+    "exists",
+    "expect",
+    "schedule {",
+    "inject",
+    "runs",
+    "region z 9223372036854775807 rw",
+    "fork C0",
+    "spawn T0",
+    "wait C0",
+    "wait r1",
+    "P0:segv",
+    "true",
+    "expect linux-1.0 Never",
+    "expect mainline",
+    "\u{feff}",
+    "\u{1b}[31m",
+    "\0",
+    "\u{202e}",
+    "é",
+    "λ",
+    "\u{10ffff}",
+    "\r",
+    "\t",
+];
+
+/// One mutation of `src`: a bit flip, a byte replaced, a truncation, a
+/// line duplicated, deleted or swapped, a token deleted or duplicated, or
+/// a snippet inserted.
+fn mutate(src: &mut Vec<u8>, rng: &mut Rng) {
+    if src.is_empty() {
+        src.extend_from_slice(SNIPPETS[rng.below(SNIPPETS.len())].as_bytes());
+        return;
+    }
+    let at = rng.below(src.len());
+    let lines = |src: &[u8]| -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        let mut from = 0;
+        for (i, b) in src.iter().enumerate() {
+            if *b == b'\n' {
+                v.push((from, i + 1));
+                from = i + 1;
+            }
+        }
+        if from < src.len() {
+            v.push((from, src.len()));
+        }
+        v
+    };
+    match rng.below(9) {
+        0 => src[at] ^= 1 << rng.below(8),
+        1 => {
+            let special = b"(){}[]~/\\;\n#\"*=<@:0x9_rPCT \x00\x1b\xff\xc3";
+            src[at] = special[rng.below(special.len())];
+        }
+        2 => src.truncate(at),
+        3..=5 => {
+            let l = lines(src);
+            let (a, b) = l[rng.below(l.len())];
+            match rng.below(3) {
+                0 => {
+                    let line = src[a..b].to_vec();
+                    src.splice(a..a, line);
+                }
+                1 => {
+                    src.drain(a..b);
+                }
+                _ => {
+                    let (c, d) = l[rng.below(l.len())];
+                    if d <= a {
+                        let (x, y) = (src[c..d].to_vec(), src[a..b].to_vec());
+                        src.splice(a..b, x);
+                        src.splice(c..d, y);
+                    }
+                }
+            }
+        }
+        6 | 7 => {
+            // A token: a run of non-blanks around `at`.
+            let blank = |b: u8| b.is_ascii_whitespace();
+            let mut a = at;
+            while a > 0 && !blank(src[a - 1]) {
+                a -= 1;
+            }
+            let mut b = at;
+            while b < src.len() && !blank(src[b]) {
+                b += 1;
+            }
+            if rng.below(2) == 0 {
+                src.drain(a..b);
+            } else {
+                let token = src[a..b].to_vec();
+                src.splice(b..b, token.into_iter().chain([b' ']));
+            }
+        }
+        _ => {
+            let s = SNIPPETS[rng.below(SNIPPETS.len())].as_bytes();
+            src.splice(at..at, s.iter().copied());
+        }
+    }
+}
+
+/// Every built-in test mutated [`CASES`] times (1 to 4 stacked mutations
+/// each): parse + compile returns, never panics, and every message is one
+/// clean line. Kept under a few seconds in a debug build.
+#[test]
+fn mutated_builtin_tests_never_panic_and_every_message_is_clean() {
+    const CASES: usize = 1_600;
+    let (mut accepted, mut refused) = (0usize, 0usize);
+    let mut panics = Vec::new();
+    let started = std::time::Instant::now();
+    for (i, (name, src, _)) in super::builtin::TESTS.iter().enumerate() {
+        let mut rng = Rng(0x636f_776c_6162 ^ i as u64);
+        for case in 0..CASES {
+            let mut bytes = src.as_bytes().to_vec();
+            for _ in 0..1 + rng.below(4) {
+                mutate(&mut bytes, &mut rng);
+            }
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            match std::panic::catch_unwind(|| load(&text).map(|c| (c.test.clone(), c))) {
+                Ok(Ok(_)) => accepted += 1,
+                Ok(Err(e)) => {
+                    refused += 1;
+                    let msg = e.to_string();
+                    assert!(clean(&msg), "{name} case {case}: {msg:?} for {text:?}");
+                }
+                Err(_) => panics.push(format!("{name} case {case}: {text:?}")),
+            }
+        }
+    }
+    eprintln!(
+        "{} mutated tests: {accepted} accepted, {refused} refused, {} panics, in {:.1?}",
+        accepted + refused + panics.len(),
+        panics.len(),
+        started.elapsed()
+    );
+    assert!(panics.is_empty(), "{}", panics.join("\n"));
+    assert!(accepted > 0 && refused > accepted, "{accepted} {refused}");
+}
