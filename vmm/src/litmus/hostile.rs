@@ -527,3 +527,24 @@ fn mutated_builtin_tests_never_panic_and_every_message_is_clean() {
     assert!(panics.is_empty(), "{}", panics.join("\n"));
     assert!(accepted > 0 && refused > accepted, "{accepted} {refused}");
 }
+
+#[test]
+fn docs_litmus_md_states_the_limits_the_code_enforces() {
+    let doc = include_str!("../../../docs/litmus.md");
+    assert!(doc.contains(&format!("at most {MAX_NESTING} levels")));
+    assert!(doc.contains(&format!("nesting deeper than {MAX_NESTING} levels")));
+    let pages = super::compile::MAX_REGION_PAGES.to_string();
+    let mut grouped = String::new();
+    for (i, d) in pages.chars().enumerate() {
+        if i > 0 && (pages.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(d);
+    }
+    assert!(
+        doc.contains(&format!("{grouped} pages in all")),
+        "{grouped}"
+    );
+    assert_eq!(super::compile::REGION_END, 0x7e00_0000_0000);
+    assert!(doc.contains("must end by `0x7e00_0000_0000`"));
+}
