@@ -287,6 +287,86 @@ fn malformed_litmus_files_give_one_precise_error_and_exit_2() {
     }
 }
 
+/// The shapes of ../shared/repro/make-deep-nesting.py and the region
+/// reproducers, and the other hostile inputs of issue 14 that reach the
+/// litmus front end: one clean line on stderr and exit 2, no abort.
+#[test]
+fn hostile_litmus_files_give_one_clean_line_and_exit_2() {
+    let head = "cowlab t\n{ region buf 1 rw }\n";
+    let deep_parens = format!(
+        "{head}P0 {{ r1 = 1 }}\nexists {}P0:r1 = 1{}\n",
+        "(".repeat(20_000),
+        ")".repeat(20_000)
+    );
+    let deep_not = format!(
+        "{head}P0 {{ r1 = 1 }}\nexists {}P0:r1 = 1\n",
+        "~".repeat(25_000)
+    );
+    let deep_loops = format!(
+        "{head}P0 {{ {}r1 = 1{} }}\nexists (P0:r1 = 1)\n",
+        "loop 2 { ".repeat(12_000),
+        " }".repeat(12_000)
+    );
+    let cases: &[(&str, &str, &str)] = &[
+        ("deep-parens", &deep_parens, "4:72: nesting deeper than 64 levels"),
+        ("deep-not", &deep_not, "4:72: nesting deeper than 64 levels"),
+        ("deep-loops", &deep_loops, "3:580: nesting deeper than 64 levels"),
+        (
+            "region-pages-overflow",
+            "cowlab t\n{ region buf 4503599627370496 rw }\nP0 { buf[0] = 1\n r1 = buf[0] }\nexists (P0:r1 = 1)",
+            "2:3: region 'buf' of 4503599627370496 pages does not fit",
+        ),
+        (
+            "regions-sum-overflow",
+            "cowlab t\n{ region a 9223372036854775807 rw\n region b 9223372036854775807 rw }\nP0 { r1 = 1 }\nexists (P0:r1 = 1)",
+            "2:3: region 'a' of 9223372036854775807 pages does not fit",
+        ),
+        (
+            "unknown-preset",
+            "cowlab t\nP0 { }\nexists (true)\nexpect linux-1.0 Never\n",
+            "4:8: unknown policy 'linux-1.0' (presets: mainline, ",
+        ),
+        (
+            "control-character",
+            "cowlab t\nP0 { r1 = 1\u{1b}[2J }\nexists (true)\n",
+            "2:12: character '\\u{1b}' is not allowed",
+        ),
+        (
+            "bidi-override",
+            "cowlab t\nP0 { }\nexists (true) # \u{202e}\n",
+            "3:17: character '\\u{202e}' is not allowed",
+        ),
+        (
+            // The BOM is skipped: the error is at the column a reader sees.
+            "bom-then-error",
+            "\u{feff}cowlab t\nP0 { é }\nexists (true)\n",
+            "2:6: expected a statement, found 'é'",
+        ),
+    ];
+    for (name, src, want) in cases {
+        let out = run_litmus_src(name, src, &["--runs", "1"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: one line: {err}");
+        assert!(err.contains(want), "{name}: expected {want:?} in {err:?}");
+        assert!(
+            !err.trim_end()
+                .chars()
+                .any(|c| c.is_control() || c == '\u{202e}'),
+            "{name}: raw control characters in {err:?}"
+        );
+    }
+    // A chain of 60,000 terms (the one that overflowed in Cond::clone) is
+    // a valid test: it runs.
+    let chain = format!(
+        "{head}P0 {{ r1 = 1 }}\nexists ({})\n",
+        vec!["P0:r1 = 1"; 60_000].join(" /\\ ")
+    );
+    let out = run_litmus_src("deep-and-chain", &chain, &["--runs", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Observation t Always 1 0"));
+}
+
 #[test]
 fn builtin_tests_are_listed_and_the_basic_suite_meets_its_expectations() {
     let out = cowlab(&["list", "tests"]);
