@@ -207,6 +207,9 @@ pub struct Hooks {
     paused: Mutex<BTreeMap<usize, String>>,
     /// Everything waiting here goes free (the run is ending).
     released: AtomicBool,
+    /// Wakes `delay=` rules when the run ends (waited on with `delaying`).
+    release: Condvar,
+    delaying: Mutex<()>,
     observer: ObserverSlot,
     /// With [`Hooks::record_order`]: every hit by a vCPU, in order.
     order: Mutex<Option<Recording>>,
@@ -252,12 +255,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn spin_for(d: Duration) {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        std::hint::spin_loop();
-    }
-}
+/// The last stretch of a delay is spun, not slept, so that a short delay
+/// (one widening a race window) ends when it should, not when the
+/// scheduler wakes the thread.
+const SPIN_TAIL: Duration = Duration::from_millis(1);
 
 impl Hooks {
     pub fn new() -> Self {
@@ -448,7 +449,7 @@ impl Hooks {
                 });
             }
             match r.rule.action {
-                Action::Delay(us) => spin_for(Duration::from_micros(us)),
+                Action::Delay(us) => self.delay(Duration::from_micros(us)),
                 Action::Count => {}
                 Action::Fail => result = Err(Injected::Fail),
                 Action::Pause => self.pause(cpu, point),
@@ -502,7 +503,40 @@ impl Hooks {
         // One hit in four waits a random while: windows widen, reproducibly.
         if r % 4 == 0 {
             let us = (r >> 8) % (chaos.max_delay.as_micros() as u64 + 1);
-            spin_for(Duration::from_micros(us));
+            self.delay(Duration::from_micros(us));
+        }
+    }
+
+    /// Holds the calling thread for `d` (a `delay=` rule, chaos), or until
+    /// the run ends ([`Hooks::release_all`]: the watchdog, a `quit`, the VM
+    /// dropped), whichever comes first. Beyond [`SPIN_TAIL`] it sleeps on a
+    /// condvar that `release_all` wakes, so a delay longer than the
+    /// watchdog neither burns a CPU nor keeps its vCPU from being stopped;
+    /// the rest it spins. A delay too long for the clock lasts until the
+    /// run ends.
+    fn delay(&self, d: Duration) {
+        let until = Instant::now().checked_add(d);
+        let mut guard = lock(&self.delaying);
+        loop {
+            if self.released.load(Ordering::Acquire) {
+                return;
+            }
+            let left = until.map_or(Duration::MAX, |u| {
+                u.saturating_duration_since(Instant::now())
+            });
+            if left <= SPIN_TAIL {
+                break;
+            }
+            guard = self
+                .release
+                .wait_timeout(guard, (left - SPIN_TAIL).min(Duration::from_secs(3600)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(guard);
+        let Some(until) = until else { return };
+        while Instant::now() < until && !self.released.load(Ordering::Acquire) {
+            std::hint::spin_loop();
         }
     }
 
@@ -729,6 +763,8 @@ impl Hooks {
         // Under the lock, so a pause about to wait sees `released` first.
         drop(lock(&self.paused));
         self.unpaused.notify_all();
+        drop(lock(&self.delaying));
+        self.release.notify_all();
     }
 }
 
@@ -964,6 +1000,44 @@ mod tests {
             order,
             [hit(1, "guest:x", None), hit(0, "fault:fill", Some(0x5000))]
         );
+    }
+
+    #[test]
+    fn a_delay_longer_than_the_run_ends_when_the_run_does() {
+        let hooks = Arc::new(Hooks::new());
+        // 100 s, and one too long for the clock: both end with the run.
+        hooks.add_rule(parse_rule("delay=100000000@guest:slow/v0").unwrap());
+        hooks.add_rule(parse_rule(&format!("delay={}@guest:slow/v1", u64::MAX)).unwrap());
+        let start = Instant::now();
+        let threads: Vec<_> = (0..2)
+            .map(|cpu| {
+                let h = Arc::clone(&hooks);
+                std::thread::spawn(move || h.hit("guest:slow", Some(cpu), None))
+            })
+            .collect();
+        while hooks.rule_counts().iter().any(|r| r.2 == 0) {
+            std::thread::yield_now();
+        }
+        hooks.release_all();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        // Once the run is ending, a delay does not wait at all.
+        hooks.hit("guest:slow", Some(0), None).unwrap();
+    }
+
+    #[test]
+    fn a_short_delay_lasts_as_long_as_asked() {
+        let hooks = Hooks::new();
+        hooks.add_rule(parse_rule("delay=3000@guest:x").unwrap());
+        let start = Instant::now();
+        hooks.hit("guest:x", Some(0), None).unwrap();
+        assert!(start.elapsed() >= Duration::from_micros(3000));
     }
 
     #[test]
