@@ -2,6 +2,8 @@
 //! sees and return the process exit status (DESIGN.md §12).
 
 use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +53,11 @@ pub struct RunOptions {
     pub trace_witnesses_only: bool,
 }
 
+/// The path of `--trace`, to name it in messages.
+fn path_of(p: &Option<std::path::PathBuf>) -> std::path::Display<'_> {
+    p.as_deref().unwrap_or(Path::new("")).display()
+}
+
 /// Creates the trace file of `--trace`, if given.
 fn recorder(opts: &RunOptions) -> Result<Option<Arc<trace::Recorder>>, String> {
     opts.trace
@@ -77,13 +84,72 @@ fn policy_and_injection(opts: &RunOptions) -> Result<Setup, String> {
     Ok((policy, rules, schedule))
 }
 
-fn error(msg: impl std::fmt::Display) {
-    eprintln!("cowlab: {msg}");
+/// Prints `cowlab: MSG` on stderr (if stderr itself cannot be written,
+/// there is no one to tell: the exit status still says it).
+pub fn error(msg: impl std::fmt::Display) {
+    say(format_args!("cowlab: {msg}"));
 }
 
-/// Prints to stdout; a closed pipe (`| head`) is not an error worth a panic.
-fn out(text: impl std::fmt::Display) {
-    let _ = write!(std::io::stdout().lock(), "{text}");
+/// Prints a line on stderr, never panicking (unlike `eprintln!`).
+fn say(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// What became of stdout (and other outputs): see [`finish`].
+static OUTPUT: AtomicU8 = AtomicU8::new(OUTPUT_OK);
+const OUTPUT_OK: u8 = 0;
+/// The reader went away (a closed pipe: `| head`): nothing more is
+/// printed, quietly.
+const OUTPUT_CLOSED: u8 = 1;
+/// A write failed (a full disk, an I/O error): said once, exit 3.
+const OUTPUT_FAILED: u8 = 2;
+
+/// Prints to stdout, flushed, so that a write error is seen here: a closed
+/// pipe ends the output quietly, any other failure is reported once and
+/// makes the exit status 3 ([`finish`]). Never panics (unlike `println!`).
+pub fn out(text: impl std::fmt::Display) {
+    if OUTPUT.load(Ordering::Relaxed) != OUTPUT_OK {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let written = write!(stdout, "{text}").and_then(|()| stdout.flush());
+    drop(stdout);
+    stdout_written(written);
+}
+
+/// Notes the outcome of writing to stdout (see [`out`]).
+fn stdout_written(result: std::io::Result<()>) {
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            let _ = OUTPUT.compare_exchange(
+                OUTPUT_OK,
+                OUTPUT_CLOSED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        Err(e) => output_failed(format_args!("cannot write to stdout: {e}")),
+    }
+}
+
+/// Reports that an output could not be written (once: later failures,
+/// consequences of the first, are not repeated) and makes the exit
+/// status 3.
+fn output_failed(msg: impl std::fmt::Display) {
+    if OUTPUT.swap(OUTPUT_FAILED, Ordering::Relaxed) != OUTPUT_FAILED {
+        error(msg);
+    }
+}
+
+/// The exit status of a command that returned `code`: at least 3 if an
+/// output could not be written (README: exit status).
+pub fn finish(code: i32) -> i32 {
+    if OUTPUT.load(Ordering::Relaxed) == OUTPUT_FAILED {
+        code.max(exit_code::VM_ERROR)
+    } else {
+        code
+    }
 }
 
 /// Names of the built-in programs, for error messages.
@@ -186,8 +252,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
     }
     let report = vm.wait(opts.timeout, |e| {
         if let Event::Console { line, .. } = e {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
+            out(format_args!("{line}\n"));
         }
         if let Some(ctl) = ctl {
             ctl.vm_event(e);
@@ -205,31 +270,33 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         let state = format!("exit code {}", report.exit_code());
         let end = trace::run_end_code(report.unreachable.is_some(), None);
         if let Err(e) = t.end_run(end, &state, true) {
-            error(format_args!("--trace: {e}"));
+            output_failed(format_args!("--trace {}: {e}", path_of(&opts.trace)));
         }
     }
     if opts.stats {
         for v in &report.vcpus {
-            eprintln!(
+            say(format_args!(
                 "vcpu {}: {} faults, {} fills, {} exits",
                 v.id, v.faults, v.fills, v.exits
-            );
+            ));
         }
-        eprintln!(
+        say(format_args!(
             "{} user pages, boot {:.2} ms, wall {:.2} ms",
             report.user_pages,
             report.boot_time.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
             report.wall.as_secs_f64() * 1e3
-        );
+        ));
     }
     for line in report.problems() {
         error(line);
     }
     if opts.check && report.violations.is_empty() && report.timed_out.is_none() {
-        eprintln!("cowlab: mm_verify: no violations");
+        error("mm_verify: no violations");
     }
     for (rule, matched, acted) in &report.rule_counts {
-        eprintln!("cowlab: rule {rule}: matched {matched}, acted {acted}");
+        error(format_args!(
+            "rule {rule}: matched {matched}, acted {acted}"
+        ));
     }
     match &report.unreachable {
         // The schedule asked for an interleaving this run could not have.
@@ -752,7 +819,7 @@ pub fn trace_show(file: &std::path::Path, vcpu: Option<u16>, kinds: &[String]) -
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::new(stdout.lock());
             // A closed pipe (`| head`) ends the listing; it is not an error.
-            let _ = trace::export::show(&records, vcpu, &wanted, &mut w);
+            stdout_written(trace::export::show(&records, vcpu, &wanted, &mut w));
             exit_code::OK
         }
         Err(code) => code,
@@ -771,15 +838,21 @@ pub fn trace_export(file: &std::path::Path, format: &str, dest: &std::path::Path
         Ok(r) => r,
         Err(code) => return code,
     };
-    let written = std::fs::File::create(dest).and_then(|f| {
-        let mut w = std::io::BufWriter::new(f);
-        trace::export::chrome(&records, &mut w)
-    });
-    match written {
+    // A path that cannot be created is a usage error (2); a write that
+    // fails (a full disk) is 3, as for every output.
+    let file = match std::fs::File::create(dest) {
+        Ok(f) => f,
+        Err(e) => {
+            error(format_args!("cannot create {}: {e}", dest.display()));
+            return exit_code::USAGE;
+        }
+    };
+    let mut w = std::io::BufWriter::new(file);
+    match trace::export::chrome(&records, &mut w) {
         Ok(()) => exit_code::OK,
         Err(e) => {
-            error(format_args!("cannot write {}: {e}", dest.display()));
-            exit_code::USAGE
+            output_failed(format_args!("cannot write {}: {e}", dest.display()));
+            exit_code::VM_ERROR
         }
     }
 }

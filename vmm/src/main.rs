@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use cowlab::bench::BenchOptions;
 use cowlab::commands::{self, RunOptions, SoakOptions};
+use cowlab::kvm::exit_code;
 
 /// A KVM micro-VM whose VMM is the memory manager of its guests.
 #[derive(Parser, Debug)]
@@ -272,8 +273,11 @@ fn main() {
             })
         }
         Command::NativeBaseline { mib } => {
-            println!("{}", cowlab_tools::measure(mib.max(1)).json());
-            0
+            commands::out(format_args!(
+                "{}\n",
+                cowlab_tools::measure(mib.max(1)).json()
+            ));
+            exit_code::OK
         }
         Command::Trace {
             what: TraceWhat::Show { file, vcpu, kind },
@@ -347,5 +351,5 @@ fn main() {
             json,
         ),
     };
-    std::process::exit(code);
+    std::process::exit(commands::finish(code));
 }

@@ -29,6 +29,10 @@ pub struct Recorder {
     /// are kept in memory, else at most about [`SPILL`] bytes.
     buf: Mutex<Vec<u8>>,
     out: Mutex<Box<dyn Write + Send>>,
+    /// The first write that failed while records were spilled: reported by
+    /// the next `end_run` (a later write that succeeds does not make the
+    /// file whole again).
+    failed: Mutex<Option<std::io::Error>>,
     /// Whole runs stay in memory until `end_run` decides to keep them.
     whole_runs: AtomicBool,
 }
@@ -61,6 +65,7 @@ impl Recorder {
             enabled: AtomicBool::new(true),
             buf: Mutex::new(Vec::with_capacity(1 << 16)),
             out: Mutex::new(out),
+            failed: Mutex::new(None),
             whole_runs: AtomicBool::new(false),
         })
     }
@@ -98,12 +103,18 @@ impl Recorder {
         format::encode(&mut buf, kind, track, ts, words, text);
         if buf.len() > SPILL && !self.whole_runs.load(Ordering::Relaxed) {
             let records = std::mem::take(&mut *buf);
-            // A write error shows again, and is reported, at `end_run`.
-            let _ = self
+            // A write error is reported at `end_run`.
+            let written = self
                 .out
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .write_all(&records);
+            if let Err(e) = written {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+            }
         }
     }
 
@@ -119,6 +130,9 @@ impl Recorder {
         self.emit_on(VMM_TRACK, Kind::RunEnd, &[outcome], state);
         let records = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|e| e.into_inner()));
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(e);
+        }
         if keep {
             out.write_all(&records)?;
         }
