@@ -698,7 +698,7 @@ pub fn soak(opts: &SoakOptions) -> i32 {
             "Soak: {} cell{}, {} runs each from chaos seed {} (run i: seed + i){}\n",
             cells.len(),
             if cells.len() == 1 { "" } else { "s" },
-            soak_opts.runs * seeds.len() as u64,
+            soak_opts.runs.saturating_mul(seeds.len() as u64),
             seed_list.join(", "),
             opts.time
                 .map(|t| format!(", at most {:.0} s", t.as_secs_f64()))
@@ -734,7 +734,10 @@ pub fn soak(opts: &SoakOptions) -> i32 {
         for r in &reports {
             out(litmus::soak::details(r));
         }
-        let asked = soak_opts.runs * seeds.len() as u64 * reports.len() as u64;
+        let asked = soak_opts
+            .runs
+            .saturating_mul(seeds.len() as u64)
+            .saturating_mul(reports.len() as u64);
         if total.runs < asked {
             out(format_args!(
                 "The time budget ran out: {} of {asked} runs made.\n",

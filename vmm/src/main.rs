@@ -28,8 +28,8 @@ enum Command {
         /// The test or program (see `cowlab list tests`, `cowlab list programs`).
         #[arg(value_name = "TEST|PROGRAM")]
         program: String,
-        /// Litmus: how many times to run the test (default: the test's own
-        /// `runs` line, else 100).
+        /// Litmus: how many times to run the test, at least 1 (default: the
+        /// test's own `runs` line, else 100).
         #[arg(long)]
         runs: Option<u64>,
         /// Litmus: print one JSON object instead of the litmus7-style text.
@@ -55,9 +55,15 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         mem_mib: u64,
         /// Watchdog: stop a run after SECS seconds (a program: exit 3, naming
-        /// stuck vCPUs; a litmus run: its stuck threads are an outcome).
-        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-        timeout: f64,
+        /// stuck vCPUs; a litmus run: its stuck threads are an outcome);
+        /// 0.001 to 1000000, or 0 for none.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "30",
+            allow_negative_numbers = true
+        )]
+        timeout: String,
         /// Boot this guest ELF instead of the built-in one (built like guest/).
         #[arg(long, value_name = "ELF")]
         guest: Option<PathBuf>,
@@ -112,8 +118,8 @@ enum Command {
     Suite {
         /// The suite ("all", or see `cowlab list tests`).
         name: String,
-        /// Runs of each test under each policy (default: the test's own
-        /// `runs` line, else 10).
+        /// Runs of each test under each policy, at least 1 (default: the
+        /// test's own `runs` line, else 10).
         #[arg(long)]
         runs: Option<u64>,
         /// One JSON object instead of the table.
@@ -125,26 +131,32 @@ enum Command {
     /// per (test, preset) of false witnesses, mm_verify violations, errors
     /// and stuck runs; exit 0 only if all are 0 (1 a false witness, 3 the rest).
     Soak {
-        /// Runs per (test, preset) and seed.
+        /// Runs per (test, preset) and seed, at least 1.
         #[arg(long, default_value_t = 200)]
         runs: u64,
         /// Chaos seed of the first run of each cell (run i uses SEED+i).
         #[arg(long, value_name = "SEED", conflicts_with = "seeds")]
         seed: Option<u64>,
         /// Batches of --runs runs per cell, each from a seed drawn from the
-        /// clock (printed).
+        /// clock (printed); 1 to 1000000.
         #[arg(long, value_name = "K", default_value_t = 1)]
         seeds: u64,
         /// Only this test (repeatable): a built-in name or a .litmus file.
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
-        /// A time budget in seconds, shared among the cells: runs left when
-        /// it is spent are not made.
-        #[arg(long, value_name = "SECS")]
-        time: Option<f64>,
-        /// Watchdog per run (a run it ends counts as stuck).
-        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-        timeout: f64,
+        /// A time budget in seconds (0.001 to 1000000), shared among the
+        /// cells: runs left when it is spent are not made.
+        #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+        time: Option<String>,
+        /// Watchdog per run in seconds, 0.001 to 1000000 (a run it ends
+        /// counts as stuck).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "30",
+            allow_negative_numbers = true
+        )]
+        timeout: String,
         /// An injection rule added to every test's own (repeatable).
         #[arg(long, value_name = "RULE")]
         inject: Vec<String>,
@@ -193,8 +205,42 @@ enum ListWhat {
     Points,
 }
 
-fn timeout(secs: f64) -> Option<Duration> {
-    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+/// The longest watchdog or time budget, in seconds (about 11.6 days): no
+/// run is meant to last that long, and deadlines computed from it cannot
+/// overflow the clock.
+const MAX_SECS: f64 = 1e6;
+/// The shortest one: a millisecond.
+const MIN_SECS: f64 = 1e-3;
+
+/// Parses `FLAG SECS`: a number of seconds from [`MIN_SECS`] to
+/// [`MAX_SECS`]; or, if `zero` says what it means, 0 (`None`).
+fn seconds(flag: &str, text: &str, zero: Option<&str>) -> Result<Option<Duration>, String> {
+    let secs = text.trim().parse::<f64>().ok().filter(|s| s.is_finite());
+    match secs {
+        Some(s) if s == 0.0 && zero.is_some() => Ok(None),
+        Some(s) if (MIN_SECS..=MAX_SECS).contains(&s) => Ok(Some(Duration::from_secs_f64(s))),
+        _ => Err(format!(
+            "{flag} takes {}{MIN_SECS} to {MAX_SECS} seconds, not '{}'",
+            zero.map(|z| format!("0 ({z}) or ")).unwrap_or_default(),
+            text.escape_debug()
+        )),
+    }
+}
+
+/// `--runs N` must be at least 1, as a file's `runs` line must.
+fn check_runs(n: Option<u64>) {
+    if n == Some(0) {
+        usage("--runs needs at least 1");
+    }
+}
+
+/// The most batches `cowlab soak --seeds K` makes.
+const MAX_SEEDS: u64 = 1_000_000;
+
+/// Prints a usage error and exits 2.
+fn usage(msg: impl std::fmt::Display) -> ! {
+    commands::error(msg);
+    std::process::exit(exit_code::USAGE);
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,16 +291,15 @@ fn main() {
             trace,
             trace_witnesses_only,
         } => {
-            if !secs.is_finite() || secs < 0.0 {
-                eprintln!("cowlab: --timeout must be a number of seconds >= 0 (0 = none)");
-                std::process::exit(2);
-            }
+            let timeout =
+                seconds("--timeout", &secs, Some("no watchdog")).unwrap_or_else(|e| usage(e));
+            check_runs(runs);
             commands::run(&RunOptions {
                 program,
                 vcpus,
                 arg,
                 mem_mib,
-                timeout: timeout(secs),
+                timeout,
                 guest,
                 kvm_path: cli.kvm,
                 stats,
@@ -302,7 +347,10 @@ fn main() {
         Command::List {
             what: ListWhat::Points,
         } => commands::list_points(),
-        Command::Suite { name, runs, json } => commands::suite(&name, runs, json, &cli.kvm),
+        Command::Suite { name, runs, json } => {
+            check_runs(runs);
+            commands::suite(&name, runs, json, &cli.kvm)
+        }
         Command::Soak {
             runs,
             seed,
@@ -313,20 +361,25 @@ fn main() {
             inject,
             json,
         } => {
-            let seconds = |flag: &str, s: f64| {
-                if !s.is_finite() || s <= 0.0 {
-                    eprintln!("cowlab: {flag} must be a number of seconds > 0");
-                    std::process::exit(2);
-                }
-                Duration::from_secs_f64(s)
+            // Without a meaning for 0, `seconds` never returns `None`.
+            let positive = |flag: &str, text: &str| {
+                seconds(flag, text, None)
+                    .unwrap_or_else(|e| usage(e))
+                    .unwrap_or(Duration::from_secs_f64(MAX_SECS))
             };
+            check_runs(Some(runs));
+            if !(1..=MAX_SEEDS).contains(&seeds) {
+                usage(format_args!(
+                    "--seeds takes 1 to {MAX_SEEDS} batches, not {seeds}"
+                ));
+            }
             commands::soak(&SoakOptions {
                 tests,
                 runs,
                 seed,
                 seeds,
-                time: time.map(|t| seconds("--time", t)),
-                timeout: seconds("--timeout", secs),
+                time: time.map(|t| positive("--time", &t)),
+                timeout: positive("--timeout", &secs),
                 inject,
                 json,
                 kvm_path: cli.kvm,

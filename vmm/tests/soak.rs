@@ -133,7 +133,7 @@ fn bad_soak_input_is_one_line_and_exit_2() {
         ),
         (
             &["soak", "--time", "0"],
-            "--time must be a number of seconds > 0",
+            "--time takes 0.001 to 1000000 seconds, not '0'",
         ),
     ] {
         let out = cowlab(args);
