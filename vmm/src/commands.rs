@@ -1,7 +1,7 @@
 //! The CLI's commands, behind argument parsing: they print what the user
 //! sees and return the process exit status (DESIGN.md §12).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -152,6 +152,53 @@ pub fn finish(code: i32) -> i32 {
     }
 }
 
+/// The largest guest ELF `--guest` takes (the built-in one is well under
+/// 1 MiB).
+pub const MAX_GUEST_ELF: u64 = 64 << 20;
+/// The largest litmus file read.
+pub const MAX_LITMUS_FILE: u64 = 16 << 20;
+/// The largest trace file `cowlab trace` reads (about 100,000 litmus runs).
+pub const MAX_TRACE_FILE: u64 = 1 << 30;
+
+/// Reads input file `path` whole, refusing one of more than `limit` bytes
+/// before reading it (and, should it grow while read, after `limit`
+/// bytes), a directory, a device (`/dev/zero` would be read until memory
+/// ran out), and, unless `pipes`, anything but a regular file. Errors
+/// are the message to print.
+fn read_input(path: &Path, limit: u64, pipes: bool) -> Result<Vec<u8>, String> {
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    let meta = file.metadata().map_err(|e| cannot(&e))?;
+    let kind = meta.file_type();
+    if !(kind.is_file() || pipes && std::os::unix::fs::FileTypeExt::is_fifo(&kind)) {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if pipes {
+            "not a regular file or a pipe"
+        } else {
+            "not a regular file"
+        };
+        return Err(cannot(&what));
+    }
+    let too_big = || {
+        cannot(&format_args!(
+            "larger than the limit of {} MiB",
+            limit >> 20
+        ))
+    };
+    if meta.len() > limit {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
 /// Names of the built-in programs, for error messages.
 pub fn program_names() -> String {
     PROGRAMS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
@@ -196,10 +243,10 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         }
     };
     let guest_elf = match &opts.guest {
-        Some(path) => match std::fs::read(path) {
+        Some(path) => match read_input(path, MAX_GUEST_ELF, false) {
             Ok(bytes) => Some(bytes),
             Err(e) => {
-                error(format_args!("cannot read guest {}: {e}", path.display()));
+                error(format_args!("--guest: {e}"));
                 return exit_code::USAGE;
             }
         },
@@ -338,7 +385,9 @@ fn litmus_source(what: &str) -> Result<String, String> {
     }
     let path = std::path::Path::new(what);
     if path.exists() || what.ends_with(".litmus") {
-        return std::fs::read_to_string(path).map_err(|e| format!("cannot read {what}: {e}"));
+        let bytes = read_input(path, MAX_LITMUS_FILE, true)?;
+        return String::from_utf8(bytes)
+            .map_err(|e| format!("cannot read {what}: not UTF-8 text ({e})"));
     }
     Err(format!(
         "unknown program or test '{what}' (programs: {}; tests: {}; or a .litmus file)",
@@ -788,8 +837,8 @@ pub fn bench(opts: &BenchOptions, json: bool) -> i32 {
 
 /// Reads trace `file`, or says why not (with the offset) and exits 2.
 fn load_trace(file: &std::path::Path) -> Result<Vec<trace::Record>, i32> {
-    let data = std::fs::read(file).map_err(|e| {
-        error(format_args!("cannot read {}: {e}", file.display()));
+    let data = read_input(file, MAX_TRACE_FILE, true).map_err(|e| {
+        error(e);
         exit_code::USAGE
     })?;
     trace::read_trace(&data).map_err(|e| {
