@@ -528,7 +528,7 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
             let result = match litmus::run_test(&compiled, &run_opts) {
                 Ok(r) => Ok(r),
                 // Without KVM no cell can run: one line says so.
-                Err(e @ crate::kvm::Error::KvmUnavailable { .. }) => {
+                Err(e) if e.kvm_unusable() => {
                     error(&e);
                     return e.exit_code();
                 }

@@ -26,6 +26,9 @@ pub enum Error {
         path: String,
         source: kvm_ioctls::Error,
     },
+    /// The path opened, but is not a KVM device cowlab can use.
+    #[error("{path} is not a usable KVM device: {why}")]
+    KvmUnusable { path: String, why: String },
     #[error("{op} failed: {source}")]
     Kvm {
         op: &'static str,
@@ -43,6 +46,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether no VM can be made with this KVM device at all (so no later
+    /// run can do better).
+    pub fn kvm_unusable(&self) -> bool {
+        matches!(
+            self,
+            Error::KvmUnavailable { .. } | Error::KvmUnusable { .. }
+        )
+    }
+
     /// The CLI's exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -492,11 +492,7 @@ impl Vm {
             path: config.kvm_path.clone(),
             source,
         })?;
-        if !kvm.check_extension(Cap::ImmediateExit) {
-            return Err(Error::Config(
-                "this KVM lacks KVM_CAP_IMMEDIATE_EXIT".into(),
-            ));
-        }
+        check_kvm(&kvm, &config.kvm_path)?;
         let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
         let size = config.mem_mib << 20;
         let mem = Arc::new(GuestMem::new(size).map_err(Error::Memory)?);
@@ -874,6 +870,32 @@ impl VmHandle {
             shared.request(id, request::STOP);
         }
     }
+}
+
+/// Whether the device opened at `path` is a KVM cowlab can use: it
+/// answers `KVM_GET_API_VERSION` with the stable API (12) and has
+/// `KVM_CAP_IMMEDIATE_EXIT`. Anything else (`/dev/null`, a file) is
+/// [`Error::KvmUnusable`], naming the path and what failed.
+fn check_kvm(kvm: &Kvm, path: &str) -> Result<(), Error> {
+    let unusable = |why: String| Error::KvmUnusable {
+        path: path.to_string(),
+        why,
+    };
+    let version = kvm.get_api_version();
+    if version < 0 {
+        let e = vmm_sys_util::errno::Error::last();
+        return Err(unusable(format!("KVM_GET_API_VERSION failed: {e}")));
+    }
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(unusable(format!(
+            "KVM_GET_API_VERSION is {version}, not {}",
+            kvm_bindings::KVM_API_VERSION
+        )));
+    }
+    if !kvm.check_extension(Cap::ImmediateExit) {
+        return Err(unusable("it lacks KVM_CAP_IMMEDIATE_EXIT".into()));
+    }
+    Ok(())
 }
 
 /// `KVM_GET_SUPPORTED_CPUID` of the device at `path`, asked once per

@@ -165,7 +165,7 @@ pub fn soak(
             };
             let r = match run_test(&cell.test, &run_opts) {
                 Ok(r) => r,
-                Err(e @ Error::KvmUnavailable { .. }) => return Err(e),
+                Err(e) if e.kvm_unusable() => return Err(e),
                 Err(e) => {
                     report.failed.get_or_insert(e.to_string());
                     continue;
