@@ -293,6 +293,30 @@ fn the_watchdog_ends_a_delay_rule_and_keeps_every_run() {
     assert_eq!(v["histogram"][0]["state"], "P0:stuck;", "{v}");
     assert_eq!(v["histogram"][0]["count"], 2, "{v}");
 
+    // The fork goes on once the watchdog ends the delay: the child it
+    // makes then (here one that would wait for its parent forever) is
+    // stopped before it runs.
+    let out = cowlab_within(
+        &[
+            "run",
+            "cow-fork-basic",
+            "--timeout",
+            "1",
+            "--runs",
+            "2",
+            "--inject",
+            "delay=100000000@fork:enter",
+            "--json",
+        ],
+        LIMIT,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v = json_of("delay rule in cow-fork-basic", &out);
+    assert_eq!(v["stuck"], 2, "{v}");
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    assert_eq!(v["negative"], 2, "{v}");
+
     // A program run: the watchdog's own message, not a VMM error.
     let out = cowlab_within(
         &[

@@ -220,6 +220,14 @@ impl Shared {
             parent,
         });
         let ctl = Arc::new(VcpuCtl::default());
+        // A vCPU forked while the VM is being stopped (a fork that a delay
+        // held past the watchdog) is stopped before it first enters the
+        // guest: whoever stops the VM sets `stopping` first and then stops
+        // every slot, so under the slots lock either it sees this one or
+        // this one sees `stopping`.
+        if this.machine.stopping() {
+            ctl.requests.fetch_or(request::STOP, Ordering::AcqRel);
+        }
         // The new thread holds the mm from now: a sibling that exits before
         // it starts must not tear the address space down under it (clone()
         // takes the reference in the parent, in copy_mm()). Only the vCPU
@@ -718,8 +726,11 @@ impl Vm {
                     stuck = self.live.iter().copied().collect();
                     hooks.release_all();
                     shared.machine.stop_sleepers();
-                    for id in &stuck {
-                        self.request(*id, request::STOP);
+                    // Every slot, not only the live ones seen so far: a
+                    // vCPU being forked now is not among them yet.
+                    let count = shared.slots().len();
+                    for id in 0..count {
+                        shared.request(id, request::STOP);
                     }
                     deadline = Some(Instant::now() + STOP_GRACE);
                 }
