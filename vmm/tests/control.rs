@@ -5,12 +5,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::text;
+use common::{cowlab_within, text, Running};
 use serde_json::{json, Value};
 
 fn bin() -> Command {
@@ -24,7 +24,9 @@ fn sock(name: &str) -> PathBuf {
     p
 }
 
-fn start(path: &Path, args: &[&str]) -> Child {
+/// Starts `cowlab ARGS --control PATH` and waits (20 s at most) for its
+/// socket; the guard kills it if the test fails before [`finish`].
+fn start(path: &Path, args: &[&str]) -> Running {
     let child = bin()
         .args(args)
         .arg("--control")
@@ -33,26 +35,28 @@ fn start(path: &Path, args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start cowlab");
+    let mut child = Running::new(child, format!("cowlab {args:?}"));
     let until = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
         assert!(Instant::now() < until, "no socket at {}", path.display());
+        if let Some(status) = child.child().try_wait().unwrap() {
+            panic!("cowlab {args:?} ended ({status}) before its socket appeared");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     child
 }
 
-fn finish(child: Child) -> Output {
-    child.wait_with_output().expect("cowlab ends")
+/// The command's output once it ends (60 s at most, else it is killed).
+fn finish(child: Running) -> Output {
+    child.output_within(Duration::from_secs(60))
 }
 
+/// `cowlab ctl --socket PATH ARGS`, 30 s at most.
 fn ctl(path: &Path, args: &[&str]) -> Output {
-    bin()
-        .arg("ctl")
-        .arg("--socket")
-        .arg(path)
-        .args(args)
-        .output()
-        .unwrap()
+    let mut all = vec!["ctl", "--socket", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    cowlab_within(&all, Duration::from_secs(30))
 }
 
 /// A raw protocol client.
@@ -168,11 +172,10 @@ fn the_socket_is_private_and_gone_after_the_run() {
 fn a_file_or_a_live_socket_is_never_replaced_but_a_stale_one_is() {
     let path = sock("occupied");
     std::fs::write(&path, "precious").unwrap();
-    let out = bin()
-        .args(["run", "hello", "--control"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = cowlab_within(
+        &["run", "hello", "--control", path.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -181,20 +184,18 @@ fn a_file_or_a_live_socket_is_never_replaced_but_a_stale_one_is() {
     std::fs::remove_file(&path).unwrap();
 
     let live = UnixListener::bind(&path).unwrap();
-    let out = bin()
-        .args(["run", "hello", "--control"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = cowlab_within(
+        &["run", "hello", "--control", path.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("another process"));
     drop(live); // leaves a stale socket file behind
     assert!(path.exists());
-    let out = bin()
-        .args(["run", "hello", "--control"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = cowlab_within(
+        &["run", "hello", "--control", path.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
@@ -222,10 +223,9 @@ fn wait_holds_every_vcpu_and_cont_lets_one_or_all_go() {
     });
     assert_eq!(st["status"], "paused", "{st}");
     assert!(c.ask("cont", json!({ "vcpu": 0 }))["return"].is_object());
-    std::thread::sleep(Duration::from_millis(300));
-    let st = status(&mut c);
+    // vCPU 0 leaves the park; the others stay in it.
+    let st = status_when(&mut c, |st| vcpu_states(st)[0] != "stopped");
     let states = vcpu_states(&st);
-    assert_ne!(states[0], "stopped", "{st}");
     assert_eq!(&states[1..], ["stopped", "stopped"], "{st}");
     assert_eq!(st["run"], 1);
     drop(c);
@@ -444,7 +444,7 @@ fn cowlab_ctl_reports_usage_connection_and_command_errors() {
     assert_eq!(ctl(&path, &["cont"]).status.code(), Some(0));
     assert_eq!(finish(child).status.code(), Some(0));
 
-    let out = bin().args(["run", "hello", "--wait"]).output().unwrap();
+    let out = cowlab_within(&["run", "hello", "--wait"], Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--wait needs --control"));
 }

@@ -4,6 +4,10 @@
 
 use std::process::{Command, Output};
 
+mod child;
+#[allow(unused_imports)] // not every test file starts children
+pub use child::Running;
+
 /// Runs `cowlab ARGS` to completion.
 pub fn cowlab(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cowlab"))

@@ -1,0 +1,70 @@
+//! A child process that a failing test cannot leave behind: killed and
+//! reaped when its guard is dropped (a panic unwinds through the drop), and
+//! waited for only within a deadline.
+
+use std::io::Read;
+use std::process::{Child, Output};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Owns a running child; kills it on drop unless it was waited for.
+pub struct Running {
+    child: Option<Child>,
+    what: String,
+}
+
+impl Running {
+    /// Guards `child`; `what` names it in panics.
+    pub fn new(child: Child, what: impl Into<String>) -> Running {
+        Running {
+            child: Some(child),
+            what: what.into(),
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("not waited for yet")
+    }
+
+    /// Waits for the child to end within `limit` and returns its output
+    /// (stdout and stderr must be piped). Waits on its output closing, not
+    /// by polling; still running then, it is killed and the test fails.
+    pub fn output_within(mut self, limit: Duration) -> Output {
+        let mut child = self.child.take().expect("not waited for yet");
+        let (mut out, mut err) = (
+            child.stdout.take().expect("stdout piped"),
+            child.stderr.take().expect("stderr piped"),
+        );
+        let stderr = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = err.read_to_end(&mut b);
+            b
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = out.read_to_end(&mut b);
+            let _ = tx.send(b);
+        });
+        let Ok(stdout) = rx.recv_timeout(limit) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{} still running after {limit:?}: killed", self.what);
+        };
+        let status = child.wait().expect("wait for the child");
+        Output {
+            status,
+            stdout,
+            stderr: stderr.join().unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
