@@ -681,3 +681,85 @@ fn trace_start_refuses_a_fifo_and_never_writes_a_run_it_did_not_begin() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// `quit` before the run's VM is attached to the controller (the window of
+/// ctl-quit-before-first-vm.py, where a `--wait` program then ran anyway),
+/// forced both ways round through the library, as `cowlab run` drives it:
+/// quit before the VM exists, and quit after its vCPUs exist (held by
+/// `--wait`) but before the controller knows the VM.
+#[test]
+fn quit_before_the_vm_is_attached_still_stops_it() {
+    use cowlab::control::{Controller, Server};
+    use cowlab::kvm::{Outcome, Vm, VmConfig};
+    use std::sync::Arc;
+
+    for quit_first in [true, false] {
+        let path = sock(&format!("quit-unattached-{quit_first}"));
+        let ctl = Controller::new(true);
+        let server = Server::start(&path, Arc::clone(&ctl)).unwrap();
+        let mut c = Client::connect(&path);
+        let quit = |c: &mut Client| assert_eq!(c.ask("quit", json!({}))["return"], json!({}));
+        let mut config = VmConfig {
+            vcpus: 2,
+            program: cowlab_abi::Program::Hello,
+            ..VmConfig::default()
+        };
+        ctl.begin("hello", "mainline", 1);
+        if quit_first {
+            quit(&mut c);
+        }
+        ctl.configure(&mut config).unwrap();
+        let mut vm = Vm::new(&config).expect("a VM (needs /dev/kvm)");
+        if !quit_first {
+            quit(&mut c);
+        }
+        ctl.attach(vm.handle(), config.control.as_ref().unwrap(), 1);
+        let report = vm.wait(Some(Duration::from_secs(30)), |e| ctl.vm_event(e));
+        drop(vm);
+        assert!(ctl.quit_requested());
+        assert!(report.timed_out.is_none(), "quit_first={quit_first}");
+        assert!(
+            report.console.is_empty(),
+            "quit_first={quit_first}: the program ran: {:?}",
+            report.console
+        );
+        assert_eq!(report.vcpus.len(), 2);
+        for v in &report.vcpus {
+            assert!(
+                matches!(v.outcome, Outcome::Stopped { .. }),
+                "quit_first={quit_first}: vcpu {} {}",
+                v.id,
+                v.outcome
+            );
+            assert_eq!(v.exits, 0, "vcpu {} entered the guest after quit", v.id);
+        }
+        ctl.finish();
+        drop(server);
+        let events = c.drain();
+        assert!(
+            events.iter().any(|e| e["event"] == "SHUTDOWN"),
+            "{events:?}"
+        );
+    }
+}
+
+/// The same through the CLI, as a user meets it: `quit` as the first
+/// request after connecting to a `--wait` program.
+#[test]
+fn quit_as_the_first_request_stops_a_waiting_program() {
+    let path = sock("quit-first");
+    let child = start(&path, &["run", "hello", "--vcpus", "2", "--wait"]);
+    let mut c = Client::connect(&path);
+    c.send_raw(b"{\"execute\":\"quit\",\"id\":\"q\"}\n");
+    assert_eq!(c.reply(), json!({ "return": {}, "id": "q" }));
+    c.drain();
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("hello from"),
+        "{}",
+        text(&out.stdout)
+    );
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("stopped at RIP").count(), 2, "{err}");
+}

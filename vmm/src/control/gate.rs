@@ -5,6 +5,7 @@
 //! blocks the others' shootdowns.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ struct State {
     exempt: BTreeSet<usize>,
     /// vCPUs parked right now.
     parked: BTreeSet<usize>,
+    /// `quit`: no vCPU of any VM behind this gate enters the guest again,
+    /// whatever `cont` says; parked ones leave the park to end.
+    quit: bool,
 }
 
 /// Which vCPUs must stay out of the guest.
@@ -28,6 +32,8 @@ struct State {
 pub struct Gate {
     state: Mutex<State>,
     changed: Condvar,
+    /// `State::quit`, readable without the lock on every guest entry.
+    quitting: AtomicBool,
 }
 
 impl Gate {
@@ -76,6 +82,22 @@ impl Gate {
         self.changed.notify_all();
     }
 
+    /// `quit`: from now on every vCPU behind this gate ends at its next
+    /// look at the gate ([`Gate::quitting`]) instead of entering the guest,
+    /// and parked ones are woken to end. Never undone.
+    pub fn quit(&self) {
+        let mut s = self.lock();
+        s.quit = true;
+        self.quitting.store(true, Ordering::SeqCst);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Whether `quit` was asked: a vCPU must end rather than enter the guest.
+    pub fn quitting(&self) -> bool {
+        self.quitting.load(Ordering::SeqCst)
+    }
+
     fn stopped_in(s: &State, cpu: usize) -> bool {
         (s.all && !s.exempt.contains(&cpu)) || s.cpus.contains(&cpu)
     }
@@ -103,8 +125,9 @@ impl Gate {
     }
 
     /// Parks the calling vCPU thread while `cpu` is stopped, or until
-    /// `give_up()` (the VM is ending). `on_change(true)` runs when it parks
-    /// and `on_change(false)` when it leaves. Returns whether it parked.
+    /// `give_up()` (the VM is ending) or `quit`. `on_change(true)` runs when
+    /// it parks and `on_change(false)` when it leaves. Returns whether it
+    /// parked.
     pub fn park(
         &self,
         cpu: usize,
@@ -112,14 +135,14 @@ impl Gate {
         mut on_change: impl FnMut(bool),
     ) -> bool {
         let mut s = self.lock();
-        if !Self::stopped_in(&s, cpu) || give_up() {
+        if !Self::stopped_in(&s, cpu) || s.quit || give_up() {
             return false;
         }
         s.parked.insert(cpu);
         drop(s);
         on_change(true);
         let mut s = self.lock();
-        while Self::stopped_in(&s, cpu) && !give_up() {
+        while Self::stopped_in(&s, cpu) && !s.quit && !give_up() {
             s = self
                 .changed
                 .wait_timeout(s, PARK_POLL)
@@ -168,6 +191,21 @@ mod tests {
         ending.store(true, Ordering::Release);
         assert!(t.join().unwrap());
         assert!(gate.all_stopped(), "giving up does not continue the VM");
+    }
+
+    #[test]
+    fn quit_wakes_the_parked_and_no_cont_undoes_it() {
+        let gate = Arc::new(Gate::new(true));
+        let g = Arc::clone(&gate);
+        let t = std::thread::spawn(move || g.park(0, || false, |_| {}));
+        while gate.parked().is_empty() {
+            std::thread::yield_now();
+        }
+        gate.quit();
+        assert!(t.join().unwrap(), "woken by quit");
+        gate.cont(None);
+        assert!(gate.quitting(), "cont does not undo quit");
+        assert!(!gate.park(1, || false, |_| {}), "nothing parks after quit");
     }
 
     #[test]

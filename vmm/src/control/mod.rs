@@ -169,9 +169,27 @@ impl Controller {
                 }
             }
         });
-        *lock(&self.current) = Some(vm);
+        *lock(&self.current) = Some(vm.clone());
         drop(rules);
         lock(&self.progress).run = run;
+        // A `quit` that found no VM to stop (it came while this one was
+        // being made) is seen here: `quit` marks the gate before it looks
+        // at `current`, this looks at the gate after setting `current`.
+        if self.gate.quitting() {
+            vm.stop_all();
+        }
+    }
+
+    /// `quit`: no further run starts, no vCPU enters the guest again (the
+    /// gate ends each at its next look, parked ones included), and the
+    /// run under way is stopped, its pause and schedule waiters let go.
+    /// Holds whenever it arrives, before the first VM exists too.
+    fn quit(&self) {
+        self.quit.store(true, Ordering::Release);
+        self.gate.quit();
+        if let Some(vm) = self.current() {
+            vm.stop_all();
+        }
     }
 
     fn run_label(&self) -> String {

@@ -251,11 +251,7 @@ fn execute(ctl: &Controller, name: &str, args: &Map<String, Value>) -> Result<Va
             .map(|(n, d)| json!({ "name": n, "description": d }))
             .collect(),
         "quit" => {
-            ctl.quit.store(true, std::sync::atomic::Ordering::Release);
-            ctl.gate.cont(None);
-            if let Some(vm) = ctl.current() {
-                vm.stop_all();
-            }
+            ctl.quit();
             json!({})
         }
         _ => {

@@ -488,6 +488,11 @@ impl Vcpu {
                     let _ = events.send(Event::Parked { id, parked });
                 },
             );
+            // `quit` holds whenever it came: before this VM was attached to
+            // the controller too (a vCPU created after it never enters).
+            if gate.quitting() {
+                return Flow::End(Outcome::Stopped { rip: self.rip() });
+            }
         }
         Flow::Continue
     }
