@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
+use super::printable;
 use crate::kvm::exit_code;
 
 /// `KEY=VALUE` arguments as a JSON object: a VALUE that parses as JSON (a
@@ -22,7 +23,9 @@ pub fn parse_args(args: &[String]) -> Result<Map<String, Value>, String> {
             return Err(format!("argument '{a}' has no key"));
         }
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
-        map.insert(k.to_string(), value);
+        if map.insert(k.to_string(), value).is_some() {
+            return Err(format!("argument '{}' given twice", printable(k)));
+        }
     }
     Ok(map)
 }
@@ -98,7 +101,17 @@ pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
         }
         let class = v["error"]["class"].as_str().unwrap_or("GenericError");
         let desc = v["error"]["desc"].as_str().unwrap_or("no description");
-        return fail(format!("{command}: {class}: {desc}"), exit_code::FAILED);
+        // The server's text may quote what was sent: no raw control
+        // characters reach the terminal.
+        return fail(
+            format!(
+                "{}: {}: {}",
+                printable(command),
+                printable(class),
+                printable(desc)
+            ),
+            exit_code::FAILED,
+        );
     }
 }
 
@@ -138,6 +151,8 @@ mod tests {
         assert_eq!(a["rule"], "pause@fork:enter");
         assert_eq!(a["x"], "2");
         assert!(parse_args(&["novalue".into()]).is_err());
+        let twice = parse_args(&["vcpu=1".into(), "vcpu=2".into()]).unwrap_err();
+        assert!(twice.contains("'vcpu' given twice"), "{twice}");
         assert!(parse_args(&["=1".into()]).is_err());
     }
 }

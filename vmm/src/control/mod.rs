@@ -90,6 +90,30 @@ impl std::fmt::Debug for Controller {
     }
 }
 
+/// `s` with control characters, the BOM, zero-width and bidirectional
+/// formatting characters written as `\u{…}` escapes: text a client sent
+/// (a key, a command name) is quoted in messages that reach a terminal.
+pub(crate) fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let odd = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{feff}' | '\u{200b}'..='\u{200f}')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(odd) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if odd(c) {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
