@@ -354,8 +354,18 @@ fn bad_input_gets_errors_and_leaves_the_vm_alone() {
     );
     let mut c = Client::connect(&path);
     for (raw, class) in [
-        ("{\"execute\": \n", "GenericError"),
+        // A value may span lines: this one is wrong only once it closes.
+        ("{\"execute\": \n}\n", "GenericError"),
         ("garbage\n", "GenericError"),
+        ("garbage, more garbage } {\n", "GenericError"),
+        (
+            "{\"execute\": \"stop\", \"execute\": \"cont\"}",
+            "GenericError",
+        ),
+        (
+            "{\"execute\": \"stop\", \"arguments\": {\"vcpu\": 1, \"cpu\": 1}}",
+            "GenericError",
+        ),
         ("[\"stop\"]\n", "GenericError"),
         ("{\"execute\": \"self-destruct\"}\n", "CommandNotFound"),
         (
@@ -376,8 +386,19 @@ fn bad_input_gets_errors_and_leaves_the_vm_alone() {
         let r = c.reply();
         assert_eq!(r["error"]["class"], class, "{raw:?}: {r}");
     }
-    // Blank lines are ignored; the connection still works.
+    // Blank lines are ignored; the connection still works, with requests
+    // back to back (no newline, as qemu.qmp sends them) or split anywhere.
     c.send_raw(b"\n\n");
+    c.send_raw(br#"{"execute":"query-status","id":1}{"execute":"query-rules","id":2}[]{"exec"#);
+    assert_eq!(c.reply()["id"], 1);
+    assert_eq!(c.reply()["id"], 2);
+    assert_eq!(c.reply()["error"]["desc"], "a request is a JSON object");
+    c.send_raw(br#"ute":"query-status","id":3}"#);
+    assert_eq!(c.reply()["id"], 3);
+    // QMP's reset: a control character ends a half-sent request.
+    c.send_raw(b"{\"execute\": \"sto");
+    c.send_raw(b"\x01\n");
+    assert_eq!(c.reply()["error"]["class"], "GenericError");
     // (paused once run 1's vCPUs have parked: they may still be starting)
     status_when(&mut c, |s| s["status"] == "paused");
 
@@ -750,7 +771,7 @@ fn quit_as_the_first_request_stops_a_waiting_program() {
     let path = sock("quit-first");
     let child = start(&path, &["run", "hello", "--vcpus", "2", "--wait"]);
     let mut c = Client::connect(&path);
-    c.send_raw(b"{\"execute\":\"quit\",\"id\":\"q\"}\n");
+    c.send_raw(br#"{"execute":"quit","id":"q"}"#);
     assert_eq!(c.reply(), json!({ "return": {}, "id": "q" }));
     c.drain();
     let out = finish(child);

@@ -1,5 +1,5 @@
 //! The control socket (DESIGN.md §9): a person or a script drives a running
-//! VM over newline-delimited JSON in QMP's shape. [`Controller`] is the
+//! VM over a stream of JSON values in QMP's shape. [`Controller`] is the
 //! state the socket and the runner share across the runs of one command;
 //! [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
 
@@ -7,6 +7,7 @@ pub mod client;
 mod gate;
 mod protocol;
 pub mod server;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -739,6 +739,27 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_is_refused_without_deep_recursion() {
+        let ctl = Controller::new(false);
+        for deep in [
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!(
+                r#"{{"execute": "stop", "id": {}1{}}}"#,
+                r#"{"a":"#.repeat(30_000),
+                "}".repeat(30_000)
+            ),
+        ] {
+            let r = ask(&ctl, &deep);
+            assert!(
+                error_desc(&r).contains("recursion limit exceeded"),
+                "{}",
+                error_desc(&r)
+            );
+        }
+        assert!(!ctl.gate.any_stopped());
+    }
+
+    #[test]
     fn a_bad_argument_changes_nothing_even_beside_good_ones() {
         let ctl = Controller::new(false);
         let r = ask(

@@ -1,10 +1,10 @@
 //! The control socket's server: a Unix socket (mode 0600) that greets each
-//! client, answers its request lines in order and streams events to it.
+//! client, answers its requests in order and streams events to it.
 //! One reader and one writer thread per client; a bounded queue between
 //! the VM and each writer, so a slow or stuck client loses events but never
 //! holds up a vCPU.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::stream::{Framer, Item};
 use super::{lock, protocol, Controller};
 
-/// The longest request line; a longer one ends the connection.
-pub const MAX_LINE: usize = 64 * 1024;
+/// The longest request; a longer one ends the connection.
+pub use super::stream::MAX_REQUEST;
 /// Clients served at once; more are told so and closed.
 pub const MAX_CLIENTS: usize = 16;
 /// Lines queued to one client before events to it are dropped.
@@ -219,35 +220,33 @@ fn write_loop(mut stream: UnixStream, rx: Receiver<String>) {
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-/// Answers each request line; ends on end of input, an over-long line or
-/// a client that no longer reads.
-fn read_loop(stream: UnixStream, ctl: &Controller, tx: &std::sync::mpsc::SyncSender<String>) {
-    let mut reader = BufReader::new(stream);
+/// Answers each request in turn, however the client splits or joins them
+/// (a newline after each is optional: [`stream`]); ends on end of input,
+/// an over-long request or a client that no longer reads.
+fn read_loop(mut stream: UnixStream, ctl: &Controller, tx: &std::sync::mpsc::SyncSender<String>) {
+    let mut framer = Framer::new();
+    let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        let mut line = Vec::new();
-        match (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if line.last() != Some(&b'\n') {
-            if line.len() > MAX_LINE {
-                let e = serde_json::json!({
-                    "error": { "class": "GenericError", "desc": format!("request line longer than {MAX_LINE} bytes; closing") }
-                });
-                let _ = tx.send(e.to_string());
+        let n = match stream.read(&mut chunk) {
+            // End of input in the middle of a value: the client went away.
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        for item in framer.push(&chunk[..n]) {
+            let (response, close) = match item {
+                Item::Value(v) => (protocol::respond(ctl, &v), false),
+                Item::Error(e) => (protocol::generic(e).response(None), false),
+                Item::TooLong => (
+                    protocol::generic(format!("request longer than {MAX_REQUEST} bytes; closing"))
+                        .response(None),
+                    true,
+                ),
+            };
+            if tx.send(response.to_string()).is_err() || close {
+                return;
             }
-            // Otherwise the client went away in the middle of a line.
-            return;
-        }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let response = protocol::respond(ctl, &line);
-        if tx.send(response.to_string()).is_err() {
-            return;
         }
     }
 }
