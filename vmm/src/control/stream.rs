@@ -385,6 +385,60 @@ mod tests {
         assert_eq!(f.push(b"\n[8]"), [value("[8]")]);
     }
 
+    /// Random input, JSON-ish and not, split at random places: the same
+    /// items as when it comes whole, and nothing panics on them.
+    #[test]
+    fn how_input_is_split_never_matters() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let pieces: [&[u8]; 16] = [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b"\"",
+            b"\\",
+            b":",
+            b",",
+            b"\n",
+            b" ",
+            b"\x01",
+            b"\xff",
+            b"\"execute\"",
+            b"1",
+            b"nul",
+            b"\"quit\"",
+        ];
+        let ctl = crate::control::Controller::new(false);
+        for _ in 0..2000 {
+            let mut input = Vec::new();
+            for _ in 0..rand(60) {
+                input.extend_from_slice(pieces[rand(16) as usize]);
+            }
+            let whole = Framer::with_limit(64).push(&input);
+            let mut f = Framer::with_limit(64);
+            let mut split = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let (a, b) = rest.split_at(1 + rand(rest.len() as u64) as usize);
+                split.extend(f.push(a));
+                rest = b;
+            }
+            assert_eq!(whole, split, "{:?}", String::from_utf8_lossy(&input));
+            for item in whole {
+                if let Item::Value(v) = item {
+                    let r = super::super::protocol::respond(&ctl, &v);
+                    assert!(r.get("error").is_some() || r.get("return").is_some());
+                }
+            }
+        }
+    }
+
     #[test]
     fn deep_nesting_is_only_a_counter_here() {
         let deep = format!("{}{}", "[".repeat(20000), "]".repeat(20000));
