@@ -93,7 +93,17 @@ impl Client {
     }
 
     fn send_raw(&mut self, bytes: &[u8]) {
-        self.out.write_all(bytes).unwrap();
+        if let Err(e) = self.out.write_all(bytes) {
+            // The server closed the connection: the command ended.
+            let mut events = std::mem::take(&mut self.events);
+            while let Some(v) = self.line() {
+                events.push(v);
+            }
+            panic!(
+                "sending {:?}: {e}; what the server sent meanwhile: {events:?}",
+                text(bytes)
+            );
+        }
     }
 
     /// The next non-event line; events on the way are kept.
