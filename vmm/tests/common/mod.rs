@@ -64,35 +64,12 @@ pub fn litmus_json(name: &str, src: &str, extra: &[&str]) -> (Option<i32>, serde
 /// then, kills it and fails (a hang is a failure, not a wait). Waits on its
 /// output closing, not by polling.
 pub fn cowlab_within(args: &[&str], limit: std::time::Duration) -> Output {
-    use std::io::Read;
     use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cowlab"))
+    let child = Command::new(env!("CARGO_BIN_EXE_cowlab"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run cowlab");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let stderr = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = err.read_to_end(&mut b);
-        b
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = out.read_to_end(&mut b);
-        let _ = tx.send(b);
-    });
-    let Ok(stdout) = rx.recv_timeout(limit) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("cowlab {args:?} still running after {limit:?}: killed");
-    };
-    let status = child.wait().expect("wait for cowlab");
-    Output {
-        status,
-        stdout,
-        stderr: stderr.join().unwrap_or_default(),
-    }
+    Running::new(child, format!("cowlab {args:?}")).output_within(limit)
 }
