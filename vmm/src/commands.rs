@@ -949,6 +949,7 @@ mod tests {
             error_seeds: Vec::new(),
             violations: 0,
             stuck: 0,
+            stuck_seeds: Vec::new(),
             timeout: Duration::from_secs(30),
             schedule: None,
             witness_seeds: Vec::new(),

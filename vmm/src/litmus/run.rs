@@ -82,6 +82,8 @@ pub struct LitmusResult {
     pub violations: u64,
     /// Runs the watchdog ended (some thread `stuck`), and its timeout.
     pub stuck: u64,
+    /// With chaos: the seeds of the runs the watchdog ended.
+    pub stuck_seeds: Vec<u64>,
     pub timeout: Duration,
     /// The schedule enforced, as text, if any.
     pub schedule: Option<String>,
@@ -254,6 +256,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let mut unreachable: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let (mut error_seeds, mut stuck, mut violations) = (Vec::new(), 0, 0);
+    let mut stuck_seeds = Vec::new();
     let mut witness_seeds = Vec::new();
     let mut orders = Vec::new();
     let schedule = opts
@@ -318,6 +321,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         }
         if report.timed_out.is_some() {
             stuck += 1;
+            stuck_seeds.extend(seed);
         }
         let (error, violation) = match run_error(&report) {
             Some((e, v)) => (Some(e), v),
@@ -428,6 +432,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         error_seeds,
         violations,
         stuck,
+        stuck_seeds,
         timeout: opts.timeout,
         schedule: (!schedule.is_empty()).then(|| join_steps(&schedule)),
         witness_seeds,
@@ -726,6 +731,7 @@ impl LitmusResult {
             "error_seeds": self.error_seeds,
             "violations": self.violations,
             "stuck": self.stuck,
+            "stuck_seeds": self.stuck_seeds,
             "timeout_s": self.timeout.as_secs_f64(),
             "schedule": self.schedule,
             "witness_seeds": self.witness_seeds,

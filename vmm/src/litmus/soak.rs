@@ -86,8 +86,9 @@ pub struct CellReport {
     /// Runs in error, by message (violations included).
     pub errors: BTreeMap<String, u64>,
     pub error_seeds: Vec<u64>,
-    /// Runs the watchdog ended.
+    /// Runs the watchdog ended, and their chaos seeds.
     pub stuck: u64,
+    pub stuck_seeds: Vec<u64>,
     /// A batch that could not run at all, and why.
     pub failed: Option<String>,
     pub elapsed: Duration,
@@ -120,6 +121,7 @@ impl CellReport {
             "errors": self.errors,
             "error_seeds": self.error_seeds,
             "stuck": self.stuck,
+            "stuck_seeds": self.stuck_seeds,
             "failed": self.failed,
             "elapsed_s": self.elapsed.as_secs_f64(),
         })
@@ -180,6 +182,7 @@ pub fn soak(
             }
             report.error_seeds.extend(&r.error_seeds);
             report.stuck += r.stuck;
+            report.stuck_seeds.extend(&r.stuck_seeds);
             report.replay_flags = r.replay_flags.clone();
             if r.schedule_off {
                 report.replay_flags += " --schedule none";
@@ -280,6 +283,9 @@ pub fn details(r: &CellReport) -> String {
             "{under}: stuck in {} of {} runs (the watchdog stopped them)\n",
             r.stuck, r.runs
         );
+    }
+    if let Some(seed) = r.stuck_seeds.first() {
+        out += &format!("{under}: first stuck run's replay: {}\n", replay(*seed));
     }
     out
 }
