@@ -7,6 +7,8 @@
 pub mod bench;
 pub mod commands;
 pub mod control;
+#[cfg(test)]
+mod fuzz;
 pub mod hooks;
 pub mod kvm;
 pub mod litmus;

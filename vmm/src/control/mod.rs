@@ -5,9 +5,9 @@
 
 pub mod client;
 mod gate;
-mod protocol;
+pub(crate) mod protocol;
 pub mod server;
-mod stream;
+pub(crate) mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -350,7 +350,7 @@ impl Rng {
 
 /// Text that the grammar treats specially, or that is too big, deep,
 /// unknown or not plain text: what a mutation may insert.
-const SNIPPETS: &[&str] = &[
+pub(crate) const SNIPPETS: &[&str] = &[
     "(",
     ")",
     "{",

@@ -6,7 +6,7 @@ pub mod ast;
 pub mod builtin;
 pub mod compile;
 #[cfg(test)]
-mod hostile;
+pub(crate) mod hostile;
 pub mod parse;
 pub mod run;
 pub mod soak;
