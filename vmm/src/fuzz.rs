@@ -185,14 +185,14 @@ fn input(
 
 type Reply<O> = Result<O, String>;
 
-struct Worker<I, O> {
-    tx: Sender<I>,
+struct Worker<O> {
+    tx: Sender<Vec<u8>>,
     rx: Receiver<Reply<O>>,
 }
 
-impl<I: Send + 'static, O: Send + 'static> Worker<I, O> {
-    fn new(name: &str, f: fn(&I) -> O) -> Self {
-        let (tx, in_rx) = channel::<I>();
+impl<O: Send + 'static> Worker<O> {
+    fn new(name: &str, f: fn(&[u8]) -> O) -> Self {
+        let (tx, in_rx) = channel::<Vec<u8>>();
         let (out_tx, rx) = channel();
         std::thread::Builder::new()
             .name(format!("fuzz-{name}"))
@@ -231,7 +231,7 @@ struct Tally {
 /// Runs `target` on [`cases`] inputs of `strategy`: no panic, no input
 /// longer than [`LIMIT`], and whatever the target asserts itself. Returns
 /// the tally; fails the test with the shrunk input if any case failed.
-fn drive<S>(name: &str, strategy: S, target: fn(&Vec<u8>) -> bool) -> Tally
+fn drive<S>(name: &str, strategy: S, target: fn(&[u8]) -> bool) -> Tally
 where
     S: Strategy<Value = Vec<u8>>,
 {
@@ -311,7 +311,7 @@ fn clean(msg: &str) -> bool {
     })
 }
 
-fn litmus_target(bytes: &Vec<u8>) -> bool {
+fn litmus_target(bytes: &[u8]) -> bool {
     use crate::litmus::run::{holds, ThreadEnd};
     let src = String::from_utf8_lossy(bytes);
     match crate::litmus::load(&src) {
@@ -387,7 +387,7 @@ fn litmus_parse_and_compile() {
 // ---------------------------------------------------------------------
 // Target 2: the control stream and requests.
 
-fn control_target(bytes: &Vec<u8>) -> bool {
+fn control_target(bytes: &[u8]) -> bool {
     use crate::control::protocol::respond;
     use crate::control::stream::{Framer, Item};
     // The first byte says where the stream is split into reads.
@@ -542,7 +542,7 @@ fn control_stream_and_requests() {
 // ---------------------------------------------------------------------
 // Target 3: the trace reader.
 
-fn trace_target(bytes: &Vec<u8>) -> bool {
+fn trace_target(bytes: &[u8]) -> bool {
     use crate::trace::export;
     use crate::trace::format::{encode, header, read_trace};
     let records = match read_trace(bytes) {
@@ -558,7 +558,7 @@ fn trace_target(bytes: &Vec<u8>) -> bool {
     for r in &records {
         encode(&mut again, r.kind, r.track, r.ts, &r.words, &r.text);
     }
-    let mut want = bytes.clone();
+    let mut want = bytes.to_vec();
     want[10..16].fill(0);
     for r in &records {
         want[r.offset + 1] = 0;
