@@ -587,27 +587,33 @@ impl Vm {
         // Armed after the loader populated the regions: setup is not part
         // of any vCPU's run, so no rule or schedule step can match it.
         arm_hooks(&machine.hooks, config);
-        if let Some(test) = &config.litmus {
-            for (_, pc) in &test.initial {
+        // The boot vCPUs are threads of one process that exists before any
+        // of them runs: hold the mm (mm_users) while starting them, or a
+        // first vCPU that ends before the next is spawned tears the address
+        // space (and the next one's stack) down under it.
+        mm.mmget();
+        let spawned = match &config.litmus {
+            Some(test) => test.initial.iter().try_for_each(|(_, pc)| {
                 Shared::spawn(
                     &vm.shared,
                     Program::Litmus,
                     Start::Program(*pc),
                     Arc::clone(&mm),
                 )
-                .map_err(Error::Config)?;
-            }
-            return Ok(vm);
-        }
-        for _ in 0..config.vcpus {
-            Shared::spawn(
-                &vm.shared,
-                config.program,
-                Start::Program(config.arg),
-                Arc::clone(&mm),
-            )
-            .map_err(Error::Config)?;
-        }
+                .map(|_| ())
+            }),
+            None => (0..config.vcpus).try_for_each(|_| {
+                Shared::spawn(
+                    &vm.shared,
+                    config.program,
+                    Start::Program(config.arg),
+                    Arc::clone(&mm),
+                )
+                .map(|_| ())
+            }),
+        };
+        mm.mmput();
+        spawned.map_err(Error::Config)?;
         Ok(vm)
     }
 
