@@ -468,6 +468,7 @@ pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
                 control: None,
                 trace: None,
                 deadline: None,
+                until_witness: None,
             };
             let r = litmus::run_test(&compiled, &run_opts)?;
             // A timing with runs in error is not a measurement.

@@ -448,6 +448,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         control: ctl.cloned(),
         trace,
         deadline: None,
+        until_witness: None,
     };
     match litmus::run_test(&compiled, &run_opts) {
         Ok(result) => {
@@ -524,6 +525,13 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
                 control: None,
                 trace: None,
                 deadline: None,
+                // A free-running race is rare on a loaded machine: a cell
+                // expected `Sometimes` goes on until it has its witness
+                // (`runs N max M`), unless `--runs` says how many.
+                until_witness: match (runs, expect.verdict) {
+                    (None, litmus::ast::Verdict::Sometimes) => compiled.test.max_runs,
+                    _ => None,
+                },
             };
             let result = match litmus::run_test(&compiled, &run_opts) {
                 Ok(r) => Ok(r),

@@ -320,4 +320,7 @@ pub struct Test {
     pub injects: Vec<(String, Pos)>,
     /// `runs N`: how many runs a suite makes of it (a rare race needs more).
     pub runs: Option<u64>,
+    /// `runs N max M`: a suite cell expected `Sometimes` that has seen no
+    /// witness after N runs goes on, up to M runs in all.
+    pub max_runs: Option<u64>,
 }

@@ -985,6 +985,7 @@ pub fn parse(src: &str) -> R<Test> {
     let mut schedule = None;
     let mut injects = Vec::new();
     let mut runs = None;
+    let mut max_runs = None;
     loop {
         p.skip_all();
         let pos = p.pos();
@@ -1067,6 +1068,16 @@ pub fn parse(src: &str) -> R<Test> {
                 return p.err("'runs' needs at least 1");
             }
             runs = Some(n);
+            if p.peek_word().as_deref() == Some("max") {
+                p.word("max")?;
+                let m = p.number("a largest number of runs")?;
+                if m < n {
+                    return p.err(format!(
+                        "'runs {n} max {m}': the largest number is below {n}"
+                    ));
+                }
+                max_runs = Some(m);
+            }
         } else if w == "inject" {
             p.word("inject")?;
             let (rule, rpos) = p.raw("a rule (ACTION@POINT[/FILTER]...)")?;
@@ -1130,5 +1141,32 @@ pub fn parse(src: &str) -> R<Test> {
         schedule,
         injects,
         runs,
+        max_runs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    const BODY: &str = "P0 { }\nexists (true)\n";
+
+    #[test]
+    fn runs_takes_an_optional_largest_count_for_a_rare_witness() {
+        let t = parse(&format!("cowlab t\nruns 20 max 600\n{BODY}")).unwrap();
+        assert_eq!((t.runs, t.max_runs), (Some(20), Some(600)));
+        let t = parse(&format!("cowlab t\nruns 20\n{BODY}")).unwrap();
+        assert_eq!((t.runs, t.max_runs), (Some(20), None));
+        // The next line's first word is not taken for 'max'.
+        let t = parse(&format!("cowlab t\nruns 3 # three\n{BODY}")).unwrap();
+        assert_eq!(t.max_runs, None);
+    }
+
+    #[test]
+    fn a_largest_count_below_the_first_is_refused() {
+        let e = parse(&format!("cowlab t\nruns 20 max 5\n{BODY}")).unwrap_err();
+        assert!(e.to_string().contains("below 20"), "{e}");
+        let e = parse(&format!("cowlab t\nruns 20 max\n{BODY}")).unwrap_err();
+        assert!(e.to_string().contains("a largest number of runs"), "{e}");
+    }
 }

@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub trace: Option<(Arc<Recorder>, bool)>,
     /// Start no run after this (a time budget): fewer runs are made.
     pub deadline: Option<Instant>,
+    /// Go on past `runs` while no run has satisfied `exists`, up to this
+    /// many runs in all (a suite cell expected `Sometimes`: `runs N max M`).
+    pub until_witness: Option<u64>,
 }
 
 /// How one thread of one run ended.
@@ -269,7 +272,12 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     if let Some(ctl) = &opts.control {
         ctl.begin(&test.test.name, &opts.policy_name, opts.runs);
     }
-    for i in 0..opts.runs {
+    let mut witnesses = 0u64;
+    let most = opts.until_witness.unwrap_or(0).max(opts.runs);
+    for i in 0..most {
+        if i >= opts.runs && witnesses > 0 {
+            break;
+        }
         if opts.control.as_ref().is_some_and(|c| c.quit_requested())
             || opts.deadline.is_some_and(|d| Instant::now() >= d)
         {
@@ -379,6 +387,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         }
         let entry = histogram.entry(state_key).or_insert((0, witness));
         entry.0 += 1;
+        witnesses += u64::from(witness);
         if let (true, Some(seed)) = (witness, seed) {
             if let Some(order) = report.hit_order.as_deref() {
                 if orders.len() < WITNESS_ORDERS {

@@ -164,6 +164,7 @@ pub fn soak(
                 control: None,
                 trace: None,
                 deadline,
+                until_witness: None,
             };
             let r = match run_test(&cell.test, &run_opts) {
                 Ok(r) => r,
