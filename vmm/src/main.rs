@@ -175,20 +175,21 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Rounds per measurement (a fresh VM each).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        rounds: u16,
         /// Operations per round.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         iters: u64,
         /// MiB of touched memory for fork / COW / first touch against
         /// native Linux (comma-separated).
-        #[arg(long, value_delimiter = ',', default_values_t = [16u64, 64, 256])]
+        #[arg(long, value_delimiter = ',', default_values_t = [16u64, 64, 256],
+              value_parser = clap::value_parser!(u64).range(1..=4096))]
         sizes: Vec<u64>,
         /// Rounds of the native comparison and of the litmus timings.
-        #[arg(long, default_value_t = 3)]
-        native_rounds: usize,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        native_rounds: u16,
         /// Runs per round of each litmus test timed.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         litmus_runs: u64,
     },
 }
@@ -394,12 +395,12 @@ fn main() {
             litmus_runs,
         } => commands::bench(
             &BenchOptions {
-                rounds: rounds.max(1),
-                iters: iters.max(1),
+                rounds: rounds.into(),
+                iters,
                 kvm_path: cli.kvm,
-                sizes_mib: sizes.into_iter().map(|s| s.max(1)).collect(),
-                native_rounds: native_rounds.max(1),
-                litmus_runs: litmus_runs.max(1),
+                sizes_mib: sizes,
+                native_rounds: native_rounds.into(),
+                litmus_runs,
             },
             json,
         ),

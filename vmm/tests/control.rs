@@ -344,6 +344,11 @@ fn quit_ends_the_command_early() {
         .map(|n| n.parse::<u64>().unwrap())
         .sum();
     assert!(runs < 100000, "{stdout}");
+    // The runs that finished are the result; with none (quit while the
+    // first was held by --wait) nothing was checked, and nothing failed.
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("NOT met"), "{stdout}");
+    assert_eq!(runs == 0, stdout.contains("No run finished"), "{stdout}");
     assert!(!path.exists());
 }
 
@@ -793,4 +798,35 @@ fn quit_as_the_first_request_stops_a_waiting_program() {
     );
     let err = text(&out.stderr);
     assert_eq!(err.matches("stopped at RIP").count(), 2, "{err}");
+}
+
+/// `cowlab ctl` checks its own writes: an answer it cannot print is
+/// exit 3 with one line, as for every other command (cli_hostile.rs).
+#[test]
+fn ctl_says_when_it_cannot_print_the_answer() {
+    let path = sock("ctl-full");
+    let child = start(&path, &["run", "hello", "--wait"]);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Running::new(
+        bin()
+            .args(["ctl", "--socket", path.to_str().unwrap(), "query-status"])
+            .stdout(Stdio::from(full))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cowlab ctl"),
+        "cowlab ctl query-status > /dev/full",
+    )
+    .output_within(Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot write to stdout: No space left"),
+        "{err}"
+    );
+    assert_eq!(ctl(&path, &["cont"]).status.code(), Some(0));
+    assert_eq!(finish(child).status.code(), Some(0));
 }

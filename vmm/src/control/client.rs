@@ -95,9 +95,14 @@ pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
         }
         if let Some(r) = v.get("return") {
             let text = serde_json::to_string_pretty(r).unwrap_or_default();
-            // A closed pipe (`| head`) is not worth a panic.
-            let _ = writeln!(std::io::stdout().lock(), "{text}");
-            return exit_code::OK;
+            let mut out = std::io::stdout().lock();
+            return match writeln!(out, "{text}").and_then(|()| out.flush()) {
+                // A closed pipe (`| head`): the reader wanted no more.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    fail(format!("cannot write to stdout: {e}"), exit_code::VM_ERROR)
+                }
+                _ => exit_code::OK,
+            };
         }
         let class = v["error"]["class"].as_str().unwrap_or("GenericError");
         let desc = v["error"]["desc"].as_str().unwrap_or("no description");
@@ -122,15 +127,14 @@ fn watch(reader: &mut impl BufRead) -> i32 {
         let mut line = String::new();
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return exit_code::OK,
-            Ok(_) => {
-                if out
-                    .write_all(line.as_bytes())
-                    .and_then(|()| out.flush())
-                    .is_err()
-                {
-                    return exit_code::OK;
+            Ok(_) => match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return exit_code::OK,
+                Err(e) => {
+                    eprintln!("cowlab: cannot write to stdout: {e}");
+                    return exit_code::VM_ERROR;
                 }
-            }
+            },
         }
     }
 }

@@ -423,6 +423,9 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         .iter()
         .rev()
         .find(|e| e.policy == opts.policy_name)
+        // No run finished (`quit` before the first, or a time budget): no
+        // observation to hold the expectation against.
+        .filter(|_| done > 0)
         .map(|e| (e.verdict, e.verdict.admits(observation)));
     Ok(LitmusResult {
         test: test.test.name.clone(),
@@ -625,6 +628,9 @@ impl LitmusResult {
             self.positive,
             self.negative
         );
+        if self.runs == 0 {
+            out += "No run finished: no expectation was checked\n";
+        }
         if let Some((want, met)) = self.expectation {
             out += &format!(
                 "Expect {} {}: {}\n",

@@ -27,37 +27,41 @@ impl Running {
     }
 
     /// Waits for the child to end within `limit` and returns its output
-    /// (stdout and stderr must be piped). Waits on its output closing, not
-    /// by polling; still running then, it is killed and the test fails.
+    /// (stderr must be piped; stdout, if not piped, is empty). Waits on its
+    /// output closing, not by polling; still running then, it is killed and
+    /// the test fails.
     pub fn output_within(mut self, limit: Duration) -> Output {
         let mut child = self.child.take().expect("not waited for yet");
-        let (mut out, mut err) = (
-            child.stdout.take().expect("stdout piped"),
-            child.stderr.take().expect("stderr piped"),
-        );
-        let stderr = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = err.read_to_end(&mut b);
-            b
-        });
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = out.read_to_end(&mut b);
-            let _ = tx.send(b);
-        });
-        let Ok(stdout) = rx.recv_timeout(limit) else {
+        let err = child.stderr.take().expect("stderr piped");
+        let stdout = child.stdout.take().map(read_all);
+        let stderr = read_all(err);
+        let Ok(out) = stdout.as_ref().unwrap_or(&stderr).recv_timeout(limit) else {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{} still running after {limit:?}: killed", self.what);
         };
         let status = child.wait().expect("wait for the child");
+        let (stdout, stderr) = match stdout {
+            Some(_) => (out, stderr.recv().unwrap_or_default()),
+            None => (Vec::new(), out),
+        };
         Output {
             status,
             stdout,
-            stderr: stderr.join().unwrap_or_default(),
+            stderr,
         }
     }
+}
+
+/// Reads `r` to its end on a thread; the bytes arrive on the channel.
+fn read_all(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = r.read_to_end(&mut b);
+        let _ = tx.send(b);
+    });
+    rx
 }
 
 impl Drop for Running {
