@@ -105,20 +105,6 @@ pub const POINTS: &[(&str, &str)] = &[
     ),
 ];
 
-thread_local! {
-    static CURRENT_CPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-/// The vCPU this thread runs (set by the vCPU thread), for lock-wait reports.
-pub fn current_cpu() -> Option<usize> {
-    CURRENT_CPU.with(|c| c.get())
-}
-
-/// Declares that this thread runs vCPU `cpu`.
-pub fn set_current_cpu(cpu: Option<usize>) {
-    CURRENT_CPU.with(|c| c.set(cpu));
-}
-
 /// Whether `name` is a known point or a guest hook point.
 pub fn is_point(name: &str) -> bool {
     POINTS.iter().any(|p| p.0 == name) || name.strip_prefix("guest:").is_some_and(|n| !n.is_empty())
@@ -456,7 +442,7 @@ impl Hooks {
                 // Only a vCPU thread panics: the VMM catches it there and
                 // ends the run in an error (a rule can also act on the
                 // controlling thread, which must not die).
-                Action::Panic if current_cpu().is_some() => {
+                Action::Panic if crate::cpu::current().is_some() => {
                     panic!("injected panic at {point} ({})", r.rule)
                 }
                 Action::Panic => {}
@@ -1048,7 +1034,7 @@ mod tests {
         assert_eq!(hooks.hit("guest:boom", None, None), Ok(()));
         let h = Arc::clone(&hooks);
         let t = std::thread::spawn(move || {
-            set_current_cpu(Some(1));
+            crate::cpu::set_current(Some(1));
             h.hit("guest:boom", Some(1), None)
         });
         let msg = t.join().unwrap_err();

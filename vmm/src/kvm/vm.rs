@@ -242,7 +242,7 @@ impl Shared {
             .spawn(move || {
                 CURRENT_VCPU.with(|c| c.set(Some(id)));
                 VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
-                hooks::set_current_cpu(Some(id));
+                crate::cpu::set_current(Some(id));
                 let vcpu_ctl = Arc::clone(&thread_ctl);
                 let vcpu_shared = Arc::clone(&shared);
                 let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {

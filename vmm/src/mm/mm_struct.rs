@@ -28,7 +28,7 @@ use super::pagetable::{ENTRIES, KERNEL_PML4_START};
 use super::phys::{PhysMem, Word};
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
-use crate::hooks::{self, Hooks};
+use crate::hooks::Hooks;
 use crate::policy::Policy;
 use crate::trace::Kind;
 
@@ -332,7 +332,7 @@ impl Mm {
     /// Notes where this thread's vCPU waits (for `unreachable` reports),
     /// runs `wait`, and clears the note.
     fn waiting<T>(&self, what: impl FnOnce() -> String, wait: impl FnOnce() -> T) -> T {
-        let cpu = hooks::current_cpu();
+        let cpu = crate::cpu::current();
         let what = what();
         // The lock's code in a trace: 1 mmap_lock, 3 the page-table lock.
         let code = if what.starts_with("mmap_lock") { 1 } else { 3 };
@@ -383,7 +383,7 @@ impl Mm {
     /// pays nothing for it).
     fn hold<'a, G>(&self, guard: G, slot: &'a Holder, what: &'static str) -> Held<'a, G> {
         let holder = self.m.hooks.active().then(|| {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((hooks::current_cpu(), what));
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((crate::cpu::current(), what));
             slot
         });
         Held {

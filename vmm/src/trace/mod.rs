@@ -89,7 +89,7 @@ impl Recorder {
     /// Records an event on the current thread's track (its vCPU, or the
     /// VMM's).
     pub fn emit(&self, kind: Kind, words: &[u64], text: &str) {
-        let track = crate::hooks::current_cpu().map_or(VMM_TRACK, |c| c.min(0xfffe) as u16);
+        let track = crate::cpu::current().map_or(VMM_TRACK, |c| c.min(0xfffe) as u16);
         self.emit_on(track, kind, words, text);
     }
 
