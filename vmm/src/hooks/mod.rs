@@ -13,102 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod points;
 mod spec;
 
+pub use points::{is_point, Point, POINTS};
+
 pub use spec::{parse_rule, parse_schedule, parse_step, Action, Rule, Step};
-
-/// Every injection point of the memory manager and the VMM, with what it
-/// marks. Guest hook points are `guest:NAME`.
-pub const POINTS: &[(&str, &str)] = &[
-    (
-        "fault:enter",
-        "a page fault reaches the mm (do_user_addr_fault)",
-    ),
-    ("fault:fill", "a TLB fill installs a translation"),
-    (
-        "do_anonymous_page:after_alloc",
-        "a fresh page was allocated, before the PTL",
-    ),
-    (
-        "do_wp_page:enter",
-        "a write fault on a read-only PTE, under the PTL",
-    ),
-    (
-        "wp_page_copy:before_copy",
-        "reference taken, the copy not yet made (PTL dropped)",
-    ),
-    (
-        "wp_page_copy:after_copy",
-        "the copy is made, before retaking the PTL",
-    ),
-    (
-        "wp_page_copy:before_clear_flush",
-        "PTL retaken, pte_same passed, before ptep_clear_flush",
-    ),
-    (
-        "wp_page_copy:after_clear_flush",
-        "the old PTE cleared and flushed, before the new one",
-    ),
-    (
-        "wp_page_copy:installed",
-        "the copy is mapped, the old rmap dropped",
-    ),
-    (
-        "fork:enter",
-        "dup_mmap holds mmap_lock (and the VMA locks, per policy)",
-    ),
-    (
-        "fork:after_wrprotect",
-        "copy_present_pte write-protected a parent PTE",
-    ),
-    (
-        "fork:before_copy_page",
-        "copy_present_page is about to copy a pinned page",
-    ),
-    (
-        "fork:after_copy_page",
-        "copy_present_page copied the page, before the child's PTE",
-    ),
-    (
-        "fork:before_flush",
-        "every PTE copied, the parent's TLB not yet flushed",
-    ),
-    (
-        "fork:after_flush",
-        "the parent's TLB flushed, fork about to return",
-    ),
-    ("tlb:before_shootdown", "flush_tlb_range starts"),
-    (
-        "tlb:before_ipi",
-        "the shadow entries are gone, the IPIs not yet sent",
-    ),
-    (
-        "tlb:after_ack",
-        "flush_tlb_range finished: every CPU acknowledged",
-    ),
-    ("gup:after_grab", "get_user_pages took its reference or pin"),
-    (
-        "uffd:after_wrprotect",
-        "mwriteprotect_range changed the PTEs, before its flush",
-    ),
-    (
-        "mprotect:after_change",
-        "mprotect changed the PTEs, before its flush",
-    ),
-    (
-        "munmap:after_zap",
-        "zap_page_range cleared the PTEs, before its flush",
-    ),
-    (
-        "alloc_page",
-        "a data page is allocated (a 'fail' rule makes it fail)",
-    ),
-];
-
-/// Whether `name` is a known point or a guest hook point.
-pub fn is_point(name: &str) -> bool {
-    POINTS.iter().any(|p| p.0 == name) || name.strip_prefix("guest:").is_some_and(|n| !n.is_empty())
-}
 
 /// What a rule asked of the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +294,13 @@ impl Hooks {
             Some(w) => b.insert(cpu, w),
             None => b.remove(&cpu),
         };
+    }
+
+    /// vCPU `cpu` reached the mm's or the VMM's `point` (about `addr`): see
+    /// [`Hooks::hit`].
+    #[inline]
+    pub fn at(&self, point: Point, cpu: Option<usize>, addr: Option<u64>) -> Result<(), Injected> {
+        self.hit(point.name(), cpu, addr)
     }
 
     /// vCPU `cpu` reached `point` (about `addr`). Applies the rules, the

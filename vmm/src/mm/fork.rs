@@ -13,6 +13,7 @@ use super::page::GUP_PIN_COUNTING_BIAS;
 use super::pagetable::{self, bits};
 use super::phys::Word;
 use super::tlb::user_pte;
+use crate::hooks::Point;
 
 impl Mm {
     /// A new address space for a child of this one: every VMA copied, every
@@ -38,7 +39,7 @@ impl Mm {
                 v.vma_start_write(self);
             }
         }
-        let _ = self.m.hooks.hit("fork:enter", cpu, None);
+        let _ = self.m.hooks.at(Point::ForkEnter, cpu, None);
         self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);
         let result = vmas.iter().try_for_each(|vma| {
             child
@@ -51,10 +52,10 @@ impl Mm {
         child
             .mmap_base
             .store(self.mmap_base.load(Ordering::Acquire), Ordering::Release);
-        let _ = self.m.hooks.hit("fork:before_flush", cpu, None);
+        let _ = self.m.hooks.at(Point::ForkBeforeFlush, cpu, None);
         self.flush_tlb_mm(cpu);
         self.fork_flush_deferred.fetch_sub(1, Ordering::AcqRel);
-        let _ = self.m.hooks.hit("fork:after_flush", cpu, None);
+        let _ = self.m.hooks.at(Point::ForkAfterFlush, cpu, None);
         result.map(|()| child)
     }
 
@@ -89,7 +90,7 @@ impl Mm {
                     was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0
                 };
                 if wrprotected {
-                    let _ = m.hooks.hit("fork:after_wrprotect", cpu, Some(va));
+                    let _ = m.hooks.at(Point::ForkAfterWrprotect, cpu, Some(va));
                 }
             },
         );
@@ -170,12 +171,12 @@ impl Mm {
             self.set_pte(va, src, src.load(Ordering::Acquire) & !bits::WRITABLE);
             self.flush_tlb_page(va, cpu);
         }
-        let _ = m.hooks.hit("fork:before_copy_page", cpu, Some(va));
+        let _ = m.hooks.at(Point::ForkBeforeCopyPage, cpu, Some(va));
         m.mem.copy_frame(new, frame);
         if let Some(t) = self.trace() {
             t.emit(crate::trace::Kind::Copy, &[va, frame, new], "");
         }
-        let _ = m.hooks.hit("fork:after_copy_page", cpu, Some(va));
+        let _ = m.hooks.at(Point::ForkAfterCopyPage, cpu, Some(va));
         m.frames.add_new_anon_rmap(new);
         child.set_pte(va, dst, user_pte(new, vma.writable()));
         Ok(())

@@ -15,6 +15,7 @@ use cowlab_abi::layout::PAGE_SIZE;
 use super::memory::{Access, FaultError};
 use super::mm_struct::{Machine, Mm};
 use super::pagetable::{self, bits};
+use crate::hooks::Point;
 use crate::policy::GupReadCow;
 use crate::trace::Kind;
 
@@ -150,7 +151,7 @@ impl Mm {
             if let Some(t) = self.trace() {
                 t.emit(Kind::Pin, &[page, frame, flags.pin as u64], "");
             }
-            let _ = m.hooks.hit("gup:after_grab", Some(cpu), Some(page));
+            let _ = m.hooks.at(Point::GupAfterGrab, Some(cpu), Some(page));
             return Ok(m.pins.insert(Pin { frame, flags }));
         }
     }

@@ -13,6 +13,7 @@ use super::mm_struct::{Mm, Vma};
 use super::pagetable::{self, bits};
 use super::phys::Word;
 use super::tlb::{self, user_pte};
+use crate::hooks::Point;
 use crate::policy::{CowReuse, FaultLock};
 use crate::trace::Kind;
 
@@ -169,7 +170,7 @@ impl Mm {
                 t.emit(Kind::Evict, &[victim], "");
             }
         }
-        let _ = self.m.hooks.hit("fault:fill", Some(cpu), Some(page));
+        let _ = self.m.hooks.at(Point::FaultFill, Some(cpu), Some(page));
         Ok(true)
     }
 
@@ -177,7 +178,7 @@ impl Mm {
     /// no; zeroed or a copy of `from`.
     fn alloc_data_page(&self, cpu: usize, addr: u64, from: Option<u64>) -> Result<u64, FaultError> {
         let m = &self.m;
-        if m.hooks.hit("alloc_page", Some(cpu), Some(addr)).is_err() {
+        if m.hooks.at(Point::AllocPage, Some(cpu), Some(addr)).is_err() {
             return Err(FaultError::Oom);
         }
         match from {
@@ -200,7 +201,7 @@ impl Mm {
         if !(USER_MIN_ADDR..USER_END).contains(&addr) {
             return Err(FaultError::Segv);
         }
-        let _ = self.m.hooks.hit("fault:enter", Some(cpu), Some(addr));
+        let _ = self.m.hooks.at(Point::FaultEnter, Some(cpu), Some(addr));
         let per_vma = self.m.policy.fault_lock == FaultLock::Vma;
         if let Some(vma) = per_vma.then(|| self.lock_vma_under_rcu(addr)).flatten() {
             let Some(_vma_read) = vma.start_read(self) else {
@@ -295,7 +296,7 @@ impl Mm {
         let new = self.alloc_data_page(cpu, page, None)?;
         let _ = m
             .hooks
-            .hit("do_anonymous_page:after_alloc", Some(cpu), Some(page));
+            .at(Point::DoAnonymousPageAfterAlloc, Some(cpu), Some(page));
         let _ptl = self.ptl();
         if slot.load(Ordering::Acquire) != 0 {
             m.frames.put_page(new);
@@ -332,7 +333,7 @@ impl Mm {
         if slot.load(Ordering::Acquire) != orig {
             return Ok(());
         }
-        let _ = m.hooks.hit("do_wp_page:enter", Some(cpu), Some(page));
+        let _ = m.hooks.at(Point::DoWpPageEnter, Some(cpu), Some(page));
         if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
             self.resolved(page, 7);
             return Err(FaultError::Userfault(page));
@@ -426,7 +427,7 @@ impl Mm {
         let old = orig & bits::ADDR_MASK;
         let _ = m
             .hooks
-            .hit("wp_page_copy:before_copy", Some(cpu), Some(page));
+            .at(Point::WpPageCopyBeforeCopy, Some(cpu), Some(page));
         let new = match self.alloc_data_page(cpu, page, Some(old)) {
             Ok(new) => new,
             Err(e) => {
@@ -439,7 +440,7 @@ impl Mm {
         }
         let _ = m
             .hooks
-            .hit("wp_page_copy:after_copy", Some(cpu), Some(page));
+            .at(Point::WpPageCopyAfterCopy, Some(cpu), Some(page));
         let ptl = self.ptl();
         let recheck = m.policy.wp_copy_recheck_exclusive
             && !unshare
@@ -460,13 +461,13 @@ impl Mm {
         }
         let _ = m
             .hooks
-            .hit("wp_page_copy:before_clear_flush", Some(cpu), Some(page));
+            .at(Point::WpPageCopyBeforeClearFlush, Some(cpu), Some(page));
         // ptep_clear_flush(): no CPU may keep the old translation.
         self.set_pte(page, slot, 0);
         self.flush_tlb_page(page, Some(cpu));
         let _ = m
             .hooks
-            .hit("wp_page_copy:after_clear_flush", Some(cpu), Some(page));
+            .at(Point::WpPageCopyAfterClearFlush, Some(cpu), Some(page));
         m.frames.add_new_anon_rmap(new);
         // An unshared copy is mapped read-only, like the page it replaces,
         // and keeps its uffd-wp marker (wp_page_copy() does
@@ -487,7 +488,9 @@ impl Mm {
         }
         drop(ptl);
         m.frames.put_page(old);
-        let _ = m.hooks.hit("wp_page_copy:installed", Some(cpu), Some(page));
+        let _ = m
+            .hooks
+            .at(Point::WpPageCopyInstalled, Some(cpu), Some(page));
         Ok(())
     }
 
@@ -519,7 +522,7 @@ impl Mm {
         }
         // Threads waiting for a uffd-wp handler on these pages retry now.
         self.uffd_wake();
-        let _ = m.hooks.hit("munmap:after_zap", initiator, Some(start));
+        let _ = m.hooks.at(Point::MunmapAfterZap, initiator, Some(start));
         self.flush_tlb_range(start, end, initiator);
         self.dec_tlb_flush_pending();
         for frame in freed {

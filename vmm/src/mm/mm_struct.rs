@@ -28,7 +28,7 @@ use super::pagetable::{ENTRIES, KERNEL_PML4_START};
 use super::phys::{PhysMem, Word};
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
-use crate::hooks::Hooks;
+use crate::hooks::{Hooks, Point};
 use crate::policy::Policy;
 use crate::trace::Kind;
 
@@ -539,19 +539,19 @@ impl Mm {
         let _ = self
             .m
             .hooks
-            .hit("tlb:before_shootdown", initiator, Some(start));
+            .at(Point::TlbBeforeShootdown, initiator, Some(start));
         let cpus: Vec<usize> = self.cpus().collect();
         for cpu in &cpus {
             if let Some(tlb) = self.m.tlbs.get(*cpu) {
                 super::tlb::lock(&tlb).flush_range(&*self.m.mem, start, end);
             }
         }
-        let _ = self.m.hooks.hit("tlb:before_ipi", initiator, Some(start));
+        let _ = self.m.hooks.at(Point::TlbBeforeIpi, initiator, Some(start));
         // Like Linux, every CPU in the mask gets the IPI, whatever it holds.
         for cpu in cpus {
             self.m.flusher().flush_cpu(cpu, initiator);
         }
-        let _ = self.m.hooks.hit("tlb:after_ack", initiator, Some(start));
+        let _ = self.m.hooks.at(Point::TlbAfterAck, initiator, Some(start));
         if let Some(t) = self.trace() {
             t.emit(Kind::FlushEnd, &[start], "");
         }

@@ -10,6 +10,7 @@ use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use super::memory::{PTE_PROTNONE, PTE_UFFD_WP};
 use super::mm_struct::{prot, Mm, Vma};
 use super::pagetable::{self, bits};
+use crate::hooks::Point;
 
 /// Why a call failed, as the errno Linux returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -187,7 +188,10 @@ impl Mm {
         self.replace_vmas(start, end, |v| Some((prot_bits, v.uffd_wp)));
         self.inc_tlb_flush_pending();
         let downgraded = self.change_protection(start, end, prot_bits);
-        let _ = self.m.hooks.hit("mprotect:after_change", cpu, Some(start));
+        let _ = self
+            .m
+            .hooks
+            .at(Point::MprotectAfterChange, cpu, Some(start));
         if defer_flush {
             return Ok(());
         }

@@ -12,6 +12,7 @@ use super::memory::{FaultError, PTE_UFFD_WP};
 use super::mm_struct::Mm;
 use super::mmap::MmError;
 use super::pagetable::{self, bits};
+use crate::hooks::Point;
 
 /// How often a thread sleeping in userfaultfd checks whether the VM is
 /// stopping it.
@@ -77,7 +78,7 @@ impl Mm {
                 self.set_pte(va, slot, new);
             });
         }
-        let _ = m.hooks.hit("uffd:after_wrprotect", cpu, Some(start));
+        let _ = m.hooks.at(Point::UffdAfterWrprotect, cpu, Some(start));
         if protect {
             self.flush_tlb_range(start, end, cpu);
         }
