@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::trace::LockKind;
+
 mod points;
 mod spec;
 
@@ -471,7 +473,11 @@ impl Hooks {
                 s.next + 1,
                 s.steps[s.next]
             );
-            t.emit(crate::trace::Kind::LockWait, &[4], &what);
+            t.emit(
+                crate::trace::Kind::LockWait,
+                &[LockKind::Schedule.code()],
+                &what,
+            );
         }
         while s.next < j && !s.aborted && !self.released.load(Ordering::Acquire) {
             let waiting_for = s.steps[s.next].clone();
@@ -491,7 +497,11 @@ impl Hooks {
         }
         self.set_blocked(cpu, None);
         if let (true, Some(t)) = (waits, self.trace.get()) {
-            t.emit(crate::trace::Kind::LockDone, &[4], "");
+            t.emit(
+                crate::trace::Kind::LockDone,
+                &[LockKind::Schedule.code()],
+                "",
+            );
         }
         s = self.settle(s, j, cpu);
         if s.next == j && !s.aborted {
@@ -540,7 +550,11 @@ impl Hooks {
             self.set_blocked(c, Some(format!("v{c} paused at {point}")));
         }
         if let Some(t) = self.trace.get() {
-            t.emit(crate::trace::Kind::LockWait, &[5], point);
+            t.emit(
+                crate::trace::Kind::LockWait,
+                &[LockKind::Pause.code()],
+                point,
+            );
         }
         let mut paused = lock(&self.paused);
         while paused.contains_key(&key) && !self.released.load(Ordering::Acquire) {
@@ -552,7 +566,7 @@ impl Hooks {
         }
         drop(paused);
         if let Some(t) = self.trace.get() {
-            t.emit(crate::trace::Kind::LockDone, &[5], "");
+            t.emit(crate::trace::Kind::LockDone, &[LockKind::Pause.code()], "");
         }
         if let Some(c) = cpu {
             self.set_blocked(c, None);

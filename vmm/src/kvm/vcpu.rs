@@ -25,7 +25,7 @@ use super::control::{request, VcpuCtl};
 use super::kick;
 use super::vm::{Event, Shared};
 use crate::mm::{mmap, verify_tlbs, Access, FaultError, GupFlags, Mm, MmError, PhysMem, ShadowTlb};
-use crate::trace::Kind;
+use crate::trace::{ExitReason, FaultAccess, FaultResult, Kind};
 
 /// How a vCPU's thread ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,12 +372,12 @@ impl Vcpu {
             self.ctl.in_guest.store(false, Ordering::SeqCst);
             if let Some(t) = self.trace() {
                 let (reason, detail) = match &exit {
-                    Ok(Exit::Hypercall(nr)) => (1, *nr as u64),
-                    Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => (2, 0),
-                    Ok(Exit::Revoked) => (3, 0),
-                    _ => (4, 0),
+                    Ok(Exit::Hypercall(nr)) => (ExitReason::Hypercall, *nr as u64),
+                    Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => (ExitReason::Interrupted, 0),
+                    Ok(Exit::Revoked) => (ExitReason::Revoked, 0),
+                    _ => (ExitReason::Other, 0),
                 };
-                t.emit(Kind::Exit, &[reason, detail], "");
+                t.emit(Kind::Exit, &[reason.code(), detail], "");
             }
             if self.ctl.flush_req.load(Ordering::Acquire)
                 > self.ctl.flush_ack.load(Ordering::Acquire)
@@ -772,21 +772,21 @@ impl Vcpu {
         } else {
             if let Some(t) = self.trace() {
                 let a = match access {
-                    Access::Read => 0,
-                    Access::Write => 1,
-                    Access::Fetch => 2,
+                    Access::Read => FaultAccess::Read,
+                    Access::Write => FaultAccess::Write,
+                    Access::Fetch => FaultAccess::Exec,
                 };
-                t.emit(Kind::Fault, &[addr, a], "");
+                t.emit(Kind::Fault, &[addr, a.code()], "");
             }
             let r = self.mm.handle_user_fault(self.id, addr, access);
             if let Some(t) = self.trace() {
                 let code = match r {
-                    Ok(()) => 0,
-                    Err(FaultError::Segv) => 1,
-                    Err(FaultError::Oom) => 2,
-                    Err(_) => 3,
+                    Ok(()) => FaultResult::Ok,
+                    Err(FaultError::Segv) => FaultResult::Segv,
+                    Err(FaultError::Oom) => FaultResult::Oom,
+                    Err(_) => FaultResult::Interrupted,
                 };
-                t.emit(Kind::FaultEnd, &[addr, code], "");
+                t.emit(Kind::FaultEnd, &[addr, code.code()], "");
             }
             match r {
                 Ok(()) => Ok(fault_result::RETRY),

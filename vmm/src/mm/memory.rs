@@ -15,7 +15,7 @@ use super::phys::Word;
 use super::tlb::{self, user_pte};
 use crate::hooks::Point;
 use crate::policy::{CowReuse, FaultLock};
-use crate::trace::Kind;
+use crate::trace::{Kind, Resolution};
 
 /// Software PTE bit (x86 bit 9, ignored by hardware): a PROT_NONE mapping,
 /// kept with its frame but not present. Models `_PAGE_PROTNONE`.
@@ -122,7 +122,7 @@ impl Mm {
         loop {
             if self.tlb_fill(cpu, addr, access)? {
                 if first {
-                    self.resolved(addr, 1);
+                    self.resolved(addr, Resolution::Fill);
                 }
                 return Ok(());
             }
@@ -289,7 +289,7 @@ impl Mm {
             let _ptl = self.ptl();
             if slot.load(Ordering::Acquire) == 0 {
                 self.set_pte(page, slot, mk_pte(m.frames.zero_page(), false));
-                self.resolved(page, 3);
+                self.resolved(page, Resolution::ZeroPage);
             }
             return Ok(());
         }
@@ -304,7 +304,7 @@ impl Mm {
         }
         m.frames.add_new_anon_rmap(new);
         self.set_pte(page, slot, mk_pte(new, vma.writable()));
-        self.resolved(page, 2);
+        self.resolved(page, Resolution::Anon);
         Ok(())
     }
 
@@ -335,7 +335,7 @@ impl Mm {
         }
         let _ = m.hooks.at(Point::DoWpPageEnter, Some(cpu), Some(page));
         if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
-            self.resolved(page, 7);
+            self.resolved(page, Resolution::Userfault);
             return Err(FaultError::Userfault(page));
         }
         if policy.uffd_wp_flush_before_copy && vma.uffd_wp() && self.mm_tlb_flush_pending() {
@@ -351,7 +351,14 @@ impl Mm {
                 if !unshare {
                     self.wp_page_reuse(page, slot, orig);
                 }
-                self.resolved(page, if unshare { 6 } else { 4 });
+                self.resolved(
+                    page,
+                    if unshare {
+                        Resolution::Unshare
+                    } else {
+                        Resolution::Reuse
+                    },
+                );
                 return Ok(());
             }
             if self.can_reuse(frame) {
@@ -361,7 +368,14 @@ impl Mm {
                 if !unshare {
                     self.wp_page_reuse(page, slot, orig);
                 }
-                self.resolved(page, if unshare { 6 } else { 4 });
+                self.resolved(
+                    page,
+                    if unshare {
+                        Resolution::Unshare
+                    } else {
+                        Resolution::Reuse
+                    },
+                );
                 return Ok(());
             }
         } else if unshare {
@@ -400,9 +414,9 @@ impl Mm {
     }
 
     /// Traces how the fault at `addr` was resolved (see `trace::Kind::Resolve`).
-    fn resolved(&self, addr: u64, how: u64) {
+    fn resolved(&self, addr: u64, how: Resolution) {
         if let Some(t) = self.trace() {
-            t.emit(Kind::Resolve, &[addr, how], "");
+            t.emit(Kind::Resolve, &[addr, how.code()], "");
         }
     }
 
@@ -479,7 +493,14 @@ impl Mm {
             slot,
             mk_pte(new, vma.writable() && !unshare) | uffd_wp,
         );
-        self.resolved(page, if unshare { 6 } else { 5 });
+        self.resolved(
+            page,
+            if unshare {
+                Resolution::Unshare
+            } else {
+                Resolution::Copy
+            },
+        );
         // The old rmap goes only now, after the switch (see the comment in
         // wp_page_copy() about another process reusing the page).
         if old != m.frames.zero_page() {

@@ -30,7 +30,7 @@ use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
 use crate::hooks::{Hooks, Point};
 use crate::policy::Policy;
-use crate::trace::Kind;
+use crate::trace::{Kind, LockKind};
 
 /// `PROT_*` bits of a VMA.
 pub mod prot {
@@ -193,13 +193,13 @@ impl Vma {
                 if let Some(t) = trace {
                     t.emit(
                         Kind::LockWait,
-                        &[2],
+                        &[LockKind::VmaLock.code()],
                         &format!("faults in [{:#x}, {:#x})", self.start, self.end),
                     );
                 }
                 let g = self.vm_lock.write().unwrap_or_else(|e| e.into_inner());
                 if let Some(t) = trace {
-                    t.emit(Kind::LockDone, &[2], "");
+                    t.emit(Kind::LockDone, &[LockKind::VmaLock.code()], "");
                 }
                 g
             }
@@ -329,28 +329,35 @@ impl Mm {
         &self.m
     }
 
-    /// Notes where this thread's vCPU waits (for `unreachable` reports),
-    /// runs `wait`, and clears the note.
-    fn waiting<T>(&self, what: impl FnOnce() -> String, wait: impl FnOnce() -> T) -> T {
+    /// Notes where this thread's vCPU waits for `lock` (held, if noted, by
+    /// `holder`) for `unreachable` reports and the trace, runs `wait`, and
+    /// clears the note.
+    fn waiting<T>(&self, lock: LockKind, holder: &Holder, wait: impl FnOnce() -> T) -> T {
         let cpu = crate::cpu::current();
-        let what = what();
-        // The lock's code in a trace: 1 mmap_lock, 3 the page-table lock.
-        let code = if what.starts_with("mmap_lock") { 1 } else { 3 };
+        let held_by = self.holder(holder);
         if let Some(t) = self.trace() {
-            let holder = what.split_once(" held by ").map_or("", |h| h.1);
-            t.emit(Kind::LockWait, &[code], holder);
+            t.emit(
+                Kind::LockWait,
+                &[lock.code()],
+                held_by.as_deref().unwrap_or(""),
+            );
         }
         if let Some(c) = cpu {
+            let by = held_by.map_or(String::new(), |h| format!(" held by {h}"));
+            let name = match lock {
+                LockKind::Ptl => "the page-table lock",
+                other => other.label(),
+            };
             self.m
                 .hooks
-                .set_blocked(c, Some(format!("v{c} waits for {what}")));
+                .set_blocked(c, Some(format!("v{c} waits for {name}{by}")));
         }
         let r = wait();
         if let Some(c) = cpu {
             self.m.hooks.set_blocked(c, None);
         }
         if let Some(t) = self.trace() {
-            t.emit(Kind::LockDone, &[code], "");
+            t.emit(Kind::LockDone, &[lock.code()], "");
         }
         r
     }
@@ -392,11 +399,12 @@ impl Mm {
         }
     }
 
-    fn holder(&self, h: &Holder) -> String {
+    /// Who holds the lock `h` notes, if noted: `v1 in fork`.
+    fn holder(&self, h: &Holder) -> Option<String> {
         match *h.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((Some(c), what)) => format!(" held by v{c} in {what}"),
-            Some((None, what)) => format!(" held by the VMM in {what}"),
-            None => String::new(),
+            Some((Some(c), what)) => Some(format!("v{c} in {what}")),
+            Some((None, what)) => Some(format!("the VMM in {what}")),
+            None => None,
         }
     }
 
@@ -406,10 +414,9 @@ impl Mm {
             Err(TryLockError::Poisoned(e)) => return e.into_inner(),
             Err(TryLockError::WouldBlock) => {}
         }
-        self.waiting(
-            || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
-            || self.mmap_lock.read().unwrap_or_else(|e| e.into_inner()),
-        )
+        self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
+            self.mmap_lock.read().unwrap_or_else(|e| e.into_inner())
+        })
     }
 
     pub(crate) fn mmap_write_lock(&self) -> MmapWriteGuard<'_> {
@@ -426,10 +433,11 @@ impl Mm {
         let guard = match self.mmap_lock.try_write() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => self.waiting(
-                || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
-                || self.mmap_lock.write().unwrap_or_else(|e| e.into_inner()),
-            ),
+            Err(TryLockError::WouldBlock) => {
+                self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
+                    self.mmap_lock.write().unwrap_or_else(|e| e.into_inner())
+                })
+            }
         };
         MmapWriteGuard {
             mm_lock_seq: &self.mm_lock_seq,
@@ -442,10 +450,9 @@ impl Mm {
         let guard = match self.ptl.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => self.waiting(
-                || format!("the page-table lock{}", self.holder(&self.ptl_holder)),
-                || self.ptl.lock().unwrap_or_else(|e| e.into_inner()),
-            ),
+            Err(TryLockError::WouldBlock) => self.waiting(LockKind::Ptl, &self.ptl_holder, || {
+                self.ptl.lock().unwrap_or_else(|e| e.into_inner())
+            }),
         };
         self.hold(guard, &self.ptl_holder, "a fault or an mm call")
     }
