@@ -9,7 +9,7 @@ use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use cowlab_abi::pf_error;
 
 use super::frame::OutOfFrames;
-use super::mm_struct::{Mm, Vma};
+use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::pagetable::{self, bits};
 use super::phys::Word;
 use super::tlb::{self, user_pte};
@@ -78,6 +78,90 @@ impl From<OutOfFrames> for FaultError {
     fn from(_: OutOfFrames) -> Self {
         FaultError::Oom
     }
+}
+
+/// The `FAULT_FLAG_*` bits the model uses (include/linux/mm_types.h:
+/// enum fault_flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FaultFlags {
+    /// FAULT_FLAG_WRITE: the access writes.
+    pub write: bool,
+    /// FAULT_FLAG_UNSHARE: a read fault that must leave this process a
+    /// page of its own, for a read-only pin (c89357e27f20).
+    pub unshare: bool,
+}
+
+impl FaultFlags {
+    pub const READ: FaultFlags = FaultFlags {
+        write: false,
+        unshare: false,
+    };
+    pub const WRITE: FaultFlags = FaultFlags {
+        write: true,
+        unshare: false,
+    };
+    pub const UNSHARE: FaultFlags = FaultFlags {
+        write: false,
+        unshare: true,
+    };
+
+    /// The flags of a user access (a fetch never gets this far: the VMA
+    /// check refuses it).
+    pub fn from_access(access: Access) -> FaultFlags {
+        if access == Access::Write {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::READ
+        }
+    }
+}
+
+/// One page fault as the handlers below see it, threaded from
+/// handle_mm_fault() down to wp_page_copy(). Models
+/// include/linux/mm.h:struct vm_fault (its `vma`, `address`, `flags`,
+/// `pte` and `orig_pte`; `cpu` is the faulting vCPU, which Linux knows as
+/// `current`).
+#[derive(Debug)]
+pub(crate) struct VmFault<'a> {
+    /// `vmf->vma`, held (per-VMA read lock or `mmap_lock`) by the caller.
+    pub vma: &'a Vma,
+    /// `vmf->address`: the faulting address, page-aligned.
+    pub address: u64,
+    /// `vmf->flags`.
+    pub flags: FaultFlags,
+    pub cpu: usize,
+    /// `vmf->pte`: the leaf PTE's slot.
+    pub pte: &'a Word,
+    /// `vmf->orig_pte`: the PTE as read without the PTL.
+    pub orig_pte: u64,
+}
+
+impl VmFault<'_> {
+    /// The frame `orig_pte` maps.
+    fn frame(&self) -> u64 {
+        self.orig_pte & bits::ADDR_MASK
+    }
+
+    /// Whether the PTE is still `orig_pte`. Models pte_same(ptep_get(vmf->pte),
+    /// vmf->orig_pte): only meaningful under the PTL, hence `_ptl`.
+    fn pte_same(&self, _ptl: &PtlGuard<'_>) -> bool {
+        self.pte.load(Ordering::Acquire) == self.orig_pte
+    }
+
+    /// Whether the PTE is (still) none. Models pte_none(ptep_get(vmf->pte))
+    /// under the PTL.
+    fn pte_none(&self, _ptl: &PtlGuard<'_>) -> bool {
+        self.pte.load(Ordering::Acquire) == 0
+    }
+}
+
+/// A reference on the page a COW fault copies, taken by do_wp_page()
+/// under the PTL (made only by `Mm::get_old_page`, which takes the
+/// [`PtlGuard`]); wp_page_copy() consumes it and drops the reference.
+#[must_use]
+#[derive(Debug)]
+pub(crate) struct OldPageRef {
+    frame: u64,
 }
 
 /// Whether a present logical PTE lets `access` through (what the hardware
@@ -210,7 +294,7 @@ impl Mm {
             if access_error(&vma, access) {
                 return Err(FaultError::Segv);
             }
-            return self.handle_mm_fault(&vma, addr, access, false, cpu);
+            return self.handle_mm_fault(&vma, addr, FaultFlags::from_access(access), cpu);
         }
         self.fault_under_mmap_lock(addr, access, cpu)
     }
@@ -233,38 +317,56 @@ impl Mm {
         if access_error(&vma, access) {
             return Err(FaultError::Segv);
         }
-        self.handle_mm_fault(&vma, addr, access, false, cpu)
+        self.handle_mm_fault(&vma, addr, FaultFlags::from_access(access), cpu)
     }
 
-    /// Models mm/memory.c:handle_mm_fault() → handle_pte_fault(); `unshare`
-    /// is FAULT_FLAG_UNSHARE (a read fault that must leave this process a
-    /// page of its own, for a read-only pin).
+    /// Walks (allocating) to the leaf PTE of `addr`, reads it and hands the
+    /// fault to [`Mm::handle_pte_fault`]. Models mm/memory.c:
+    /// handle_mm_fault() → __handle_mm_fault() (the table levels are
+    /// allocated under the PTL here; Linux takes a lock per level).
     ///
     /// Lock contract: called with the VMA held (per-VMA read lock or
-    /// `mmap_lock` for read), without the PTL. The PTE is read without the
-    /// PTL, as `vmf->orig_pte` is; every handler rechecks it under the PTL.
+    /// `mmap_lock` for read), without the PTL; takes the PTL only to
+    /// allocate the table levels; returns with the PTL released.
     pub(crate) fn handle_mm_fault(
         &self,
         vma: &Vma,
         addr: u64,
-        access: Access,
-        unshare: bool,
+        flags: FaultFlags,
         cpu: usize,
     ) -> Result<(), FaultError> {
-        let page = addr & !(PAGE_SIZE - 1);
-        let slot = {
+        let address = addr & !(PAGE_SIZE - 1);
+        let pte = {
             let _ptl = self.ptl();
-            pagetable::leaf_slot(&*self.m.mem, self.m.frames.pool(), self.pgd, page)?
+            pagetable::leaf_slot(&*self.m.mem, self.m.frames.pool(), self.pgd, address)?
         };
         // Read without the PTL, as Linux reads `vmf->orig_pte`: whatever
         // it finds is rechecked under the lock before anything is changed.
         preempt();
-        let orig = slot.load(Ordering::Acquire);
-        if orig & (bits::PRESENT | PTE_PROTNONE) == 0 {
-            return self.do_anonymous_page(vma, page, slot, access, cpu);
+        let orig_pte = pte.load(Ordering::Acquire);
+        self.handle_pte_fault(&VmFault {
+            vma,
+            address,
+            flags,
+            cpu,
+            pte,
+            orig_pte,
+        })
+    }
+
+    /// Dispatches on the PTE read without the lock: none → first touch,
+    /// present but read-only for a write or an unshare → COW. Models
+    /// mm/memory.c:handle_pte_fault().
+    ///
+    /// Lock contract: called with the VMA held, without the PTL (so
+    /// `vmf.orig_pte` may already be stale: each handler rechecks it under
+    /// the PTL); returns with the PTL released.
+    fn handle_pte_fault(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
+        if vmf.orig_pte & (bits::PRESENT | PTE_PROTNONE) == 0 {
+            return self.do_anonymous_page(vmf);
         }
-        if (access == Access::Write || unshare) && orig & bits::WRITABLE == 0 {
-            return self.do_wp_page(vma, page, slot, orig, unshare, cpu);
+        if (vmf.flags.write || vmf.flags.unshare) && vmf.orig_pte & bits::WRITABLE == 0 {
+            return self.do_wp_page(vmf);
         }
         // Another CPU resolved it first: the caller's walk will succeed.
         Ok(())
@@ -276,34 +378,28 @@ impl Mm {
     /// Lock contract: called with the VMA held, without the PTL; allocates
     /// without it, installs under it if the PTE is still none (else drops
     /// the new page), and returns with it released.
-    fn do_anonymous_page(
-        &self,
-        vma: &Vma,
-        page: u64,
-        slot: &Word,
-        access: Access,
-        cpu: usize,
-    ) -> Result<(), FaultError> {
+    fn do_anonymous_page(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
         let m = &self.m;
-        if access != Access::Write {
-            let _ptl = self.ptl();
-            if slot.load(Ordering::Acquire) == 0 {
-                self.set_pte(page, slot, mk_pte(m.frames.zero_page(), false));
+        let page = vmf.address;
+        if !vmf.flags.write {
+            let ptl = self.ptl();
+            if vmf.pte_none(&ptl) {
+                self.set_pte(&ptl, page, vmf.pte, mk_pte(m.frames.zero_page(), false));
                 self.resolved(page, Resolution::ZeroPage);
             }
             return Ok(());
         }
-        let new = self.alloc_data_page(cpu, page, None)?;
+        let new = self.alloc_data_page(vmf.cpu, page, None)?;
         let _ = m
             .hooks
-            .at(Point::DoAnonymousPageAfterAlloc, Some(cpu), Some(page));
-        let _ptl = self.ptl();
-        if slot.load(Ordering::Acquire) != 0 {
+            .at(Point::DoAnonymousPageAfterAlloc, Some(vmf.cpu), Some(page));
+        let ptl = self.ptl();
+        if !vmf.pte_none(&ptl) {
             m.frames.put_page(new);
             return Ok(());
         }
         m.frames.add_new_anon_rmap(new);
-        self.set_pte(page, slot, mk_pte(new, vma.writable()));
+        self.set_pte(&ptl, page, vmf.pte, mk_pte(new, vmf.vma.writable()));
         self.resolved(page, Resolution::Anon);
         Ok(())
     }
@@ -313,52 +409,44 @@ impl Mm {
     /// mm/memory.c:do_wp_page().
     ///
     /// Lock contract: called with the VMA held, without the PTL; takes the
-    /// PTL and gives up if the PTE is no longer `orig` (pte_same). Reuse
-    /// happens under the PTL; for a copy, the reference on the old page is
-    /// taken under the PTL, which is then released before wp_page_copy()
-    /// (Linux: folio_get() before pte_unmap_unlock()). Returns with the PTL
+    /// PTL and gives up if the PTE is no longer `vmf.orig_pte` (pte_same).
+    /// Reuse happens under the PTL; for a copy, the reference on the old
+    /// page is taken under the PTL ([`OldPageRef`] can only be made with
+    /// the PTL held), which is then released before wp_page_copy() (Linux:
+    /// folio_get() before pte_unmap_unlock()). Returns with the PTL
     /// released.
-    fn do_wp_page(
-        &self,
-        vma: &Vma,
-        page: u64,
-        slot: &Word,
-        orig: u64,
-        unshare: bool,
-        cpu: usize,
-    ) -> Result<(), FaultError> {
+    fn do_wp_page(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
         let m = &self.m;
         let policy = &m.policy;
+        let (page, unshare) = (vmf.address, vmf.flags.unshare);
         let ptl = self.ptl();
-        if slot.load(Ordering::Acquire) != orig {
+        if !vmf.pte_same(&ptl) {
             return Ok(());
         }
-        let _ = m.hooks.at(Point::DoWpPageEnter, Some(cpu), Some(page));
-        if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
+        let _ = m.hooks.at(Point::DoWpPageEnter, Some(vmf.cpu), Some(page));
+        if !unshare && vmf.vma.uffd_wp() && vmf.orig_pte & PTE_UFFD_WP != 0 {
             self.resolved(page, Resolution::Userfault);
             return Err(FaultError::Userfault(page));
         }
-        if policy.uffd_wp_flush_before_copy && vma.uffd_wp() && self.mm_tlb_flush_pending() {
+        if policy.uffd_wp_flush_before_copy && vmf.vma.uffd_wp() && self.mm_tlb_flush_pending() {
             // 6ce64428d620: uffd-wp can defer flushes; a stale writable
             // entry must not survive into the copy below.
-            self.flush_tlb_page(page, Some(cpu));
+            self.flush_tlb_page(page, Some(vmf.cpu));
         }
-        let frame = orig & bits::ADDR_MASK;
+        let frame = vmf.frame();
+        let reused = if unshare {
+            Resolution::Unshare
+        } else {
+            Resolution::Reuse
+        };
         if frame != m.frames.zero_page() {
             let p = m.frames.page(frame);
             if policy.anon_exclusive && p.anon_exclusive() {
                 // Ours alone: an unshare has nothing to do, a write reuses.
                 if !unshare {
-                    self.wp_page_reuse(page, slot, orig);
+                    self.wp_page_reuse(vmf, &ptl);
                 }
-                self.resolved(
-                    page,
-                    if unshare {
-                        Resolution::Unshare
-                    } else {
-                        Resolution::Reuse
-                    },
-                );
+                self.resolved(page, reused);
                 return Ok(());
             }
             if self.can_reuse(frame) {
@@ -366,16 +454,9 @@ impl Mm {
                 // (the PTE stays read-only), a write reuses.
                 p.set_anon_exclusive();
                 if !unshare {
-                    self.wp_page_reuse(page, slot, orig);
+                    self.wp_page_reuse(vmf, &ptl);
                 }
-                self.resolved(
-                    page,
-                    if unshare {
-                        Resolution::Unshare
-                    } else {
-                        Resolution::Reuse
-                    },
-                );
+                self.resolved(page, reused);
                 return Ok(());
             }
         } else if unshare {
@@ -387,9 +468,18 @@ impl Mm {
         // pte_unmap_unlock()): once the lock is dropped, another CPU's
         // fault, a zap or the child's exit may drop every other reference,
         // and the page would be freed and reused under the copy.
-        m.frames.get_page(frame);
+        let old = self.get_old_page(vmf, &ptl);
         drop(ptl);
-        self.wp_page_copy(vma, page, slot, orig, unshare, cpu)
+        self.wp_page_copy(vmf, old)
+    }
+
+    /// Takes a reference on the page `vmf.orig_pte` maps. Only with the PTL
+    /// held, after pte_same: the PTE then still holds its own reference,
+    /// so the page cannot be freed before this one is taken.
+    fn get_old_page(&self, vmf: &VmFault<'_>, _ptl: &PtlGuard<'_>) -> OldPageRef {
+        let frame = vmf.frame();
+        self.m.frames.get_page(frame);
+        OldPageRef { frame }
     }
 
     /// Whether a shared-looking page is in fact only ours: by refcount
@@ -404,12 +494,15 @@ impl Mm {
     }
 
     /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
-    /// Lock contract: called with the PTL held (and returns with it held).
-    fn wp_page_reuse(&self, page: u64, slot: &Word, orig: u64) {
+    ///
+    /// Lock contract: called with the PTL held (`ptl`), after pte_same;
+    /// returns with it held.
+    fn wp_page_reuse(&self, vmf: &VmFault<'_>, ptl: &PtlGuard<'_>) {
         self.set_pte(
-            page,
-            slot,
-            orig | bits::WRITABLE | bits::DIRTY | bits::ACCESSED,
+            ptl,
+            vmf.address,
+            vmf.pte,
+            vmf.orig_pte | bits::WRITABLE | bits::DIRTY | bits::ACCESSED,
         );
     }
 
@@ -425,20 +518,13 @@ impl Mm {
     /// rmap dropped only after the switch. Models mm/memory.c:wp_page_copy().
     ///
     /// Lock contract: called without the PTL, holding the VMA (its per-VMA
-    /// lock or `mmap_lock` for read) and a reference on the old page that
-    /// the caller took under the PTL; takes the PTL for the switch and
-    /// returns with it released and the reference dropped.
-    fn wp_page_copy(
-        &self,
-        vma: &Vma,
-        page: u64,
-        slot: &Word,
-        orig: u64,
-        unshare: bool,
-        cpu: usize,
-    ) -> Result<(), FaultError> {
+    /// lock or `mmap_lock` for read) and `old`, the reference on the old
+    /// page that do_wp_page() took under the PTL; takes the PTL for the
+    /// switch and returns with it released and the reference dropped.
+    fn wp_page_copy(&self, vmf: &VmFault<'_>, old: OldPageRef) -> Result<(), FaultError> {
         let m = &self.m;
-        let old = orig & bits::ADDR_MASK;
+        let (page, cpu, unshare) = (vmf.address, vmf.cpu, vmf.flags.unshare);
+        let old = old.frame;
         let _ = m
             .hooks
             .at(Point::WpPageCopyBeforeCopy, Some(cpu), Some(page));
@@ -461,12 +547,12 @@ impl Mm {
             && old != m.frames.zero_page()
             && m.frames.page(old).mapcount() == 1
             && m.frames.page(old).refcount() == 2;
-        if slot.load(Ordering::Acquire) != orig || recheck {
+        if !vmf.pte_same(&ptl) || recheck {
             // pte_same failed: someone else handled it. Or (seed 004's
             // suggestion) the page became ours alone meanwhile: reuse it.
-            if recheck && slot.load(Ordering::Acquire) == orig {
+            if recheck && vmf.pte_same(&ptl) {
                 m.frames.page(old).set_anon_exclusive();
-                self.wp_page_reuse(page, slot, orig);
+                self.wp_page_reuse(vmf, &ptl);
             }
             drop(ptl);
             m.frames.put_page(new);
@@ -477,7 +563,7 @@ impl Mm {
             .hooks
             .at(Point::WpPageCopyBeforeClearFlush, Some(cpu), Some(page));
         // ptep_clear_flush(): no CPU may keep the old translation.
-        self.set_pte(page, slot, 0);
+        self.set_pte(&ptl, page, vmf.pte, 0);
         self.flush_tlb_page(page, Some(cpu));
         let _ = m
             .hooks
@@ -487,11 +573,16 @@ impl Mm {
         // and keeps its uffd-wp marker (wp_page_copy() does
         // pte_mkuffd_wp() on unshare): unsharing for a read pin must not
         // drop a write-protection.
-        let uffd_wp = if unshare { orig & PTE_UFFD_WP } else { 0 };
+        let uffd_wp = if unshare {
+            vmf.orig_pte & PTE_UFFD_WP
+        } else {
+            0
+        };
         self.set_pte(
+            &ptl,
             page,
-            slot,
-            mk_pte(new, vma.writable() && !unshare) | uffd_wp,
+            vmf.pte,
+            mk_pte(new, vmf.vma.writable() && !unshare) | uffd_wp,
         );
         self.resolved(
             page,
@@ -531,9 +622,9 @@ impl Mm {
         self.inc_tlb_flush_pending();
         let mut freed = Vec::new();
         {
-            let _ptl = self.ptl();
+            let ptl = self.ptl();
             pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
-                let pte = self.set_pte(va, slot, 0);
+                let pte = self.set_pte(&ptl, va, slot, 0);
                 let frame = pte & bits::ADDR_MASK;
                 if m.frames.is_normal(frame) {
                     m.frames.remove_rmap(frame);

@@ -288,6 +288,21 @@ impl<G> Drop for Held<'_, G> {
     }
 }
 
+/// This mm's page-table lock, held. A function that must run under the
+/// PTL takes `&PtlGuard`, so it cannot be called without it. Models the
+/// `spinlock_t *ptl` that pte_offset_map_lock() returns locked.
+pub(crate) struct PtlGuard<'a> {
+    /// The lock held (to tell one mm's PTL from another's).
+    lock: &'a Mutex<()>,
+    _held: Held<'a, MutexGuard<'a, ()>>,
+}
+
+impl std::fmt::Debug for PtlGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PtlGuard")
+    }
+}
+
 impl std::fmt::Debug for Mm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mm")
@@ -368,10 +383,13 @@ impl Mm {
         self.m.hooks.trace.get()
     }
 
-    /// Sets a logical PTE, tracing the change; returns the old value. The
-    /// caller holds the page-table lock (every writer of logical PTEs does;
-    /// TLB fills only read them), so a load and a store are enough.
-    pub(crate) fn set_pte(&self, va: u64, slot: &Word, new: u64) -> u64 {
+    /// Sets a logical PTE, tracing the change; returns the old value.
+    ///
+    /// Lock contract: the caller holds this mm's page-table lock (`ptl`;
+    /// every writer of logical PTEs does, TLB fills only read them), so a
+    /// load and a store are enough.
+    pub(crate) fn set_pte(&self, ptl: &PtlGuard<'_>, va: u64, slot: &Word, new: u64) -> u64 {
+        debug_assert!(std::ptr::eq(ptl.lock, &self.ptl), "another mm's PTL");
         // Other CPUs' walks and accesses do not take the PTL: under the
         // checker, they may run between two PTE changes.
         super::sync::preempt();
@@ -446,7 +464,7 @@ impl Mm {
     }
 
     /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.
-    pub(crate) fn ptl(&self) -> Held<'_, MutexGuard<'_, ()>> {
+    pub(crate) fn ptl(&self) -> PtlGuard<'_> {
         let guard = match self.ptl.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -454,7 +472,10 @@ impl Mm {
                 self.ptl.lock().unwrap_or_else(|e| e.into_inner())
             }),
         };
-        self.hold(guard, &self.ptl_holder, "a fault or an mm call")
+        PtlGuard {
+            lock: &self.ptl,
+            _held: self.hold(guard, &self.ptl_holder, "a fault or an mm call"),
+        }
     }
 
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().

@@ -219,7 +219,7 @@ impl Mm {
         let m = &self.m;
         let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
         let mut downgraded = false;
-        let _ptl = self.ptl();
+        let ptl = self.ptl();
         pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
             let old = slot.load(Ordering::Acquire);
             let mut new = if accessible {
@@ -234,7 +234,7 @@ impl Mm {
             }
             downgraded |= (old & bits::PRESENT != 0 && new & bits::PRESENT == 0)
                 || (old & bits::WRITABLE != 0 && new & bits::WRITABLE == 0);
-            self.set_pte(va, slot, new);
+            self.set_pte(&ptl, va, slot, new);
         });
         downgraded
     }
@@ -292,12 +292,12 @@ impl Mm {
             let vma = self
                 .vma_lookup(page)
                 .ok_or(super::memory::FaultError::Segv)?;
-            let access = if vma.writable() {
-                super::memory::Access::Write
+            let flags = if vma.writable() {
+                super::memory::FaultFlags::WRITE
             } else {
-                super::memory::Access::Read
+                super::memory::FaultFlags::READ
             };
-            self.handle_mm_fault(&vma, page, access, false, 0)?;
+            self.handle_mm_fault(&vma, page, flags, 0)?;
         }
         Ok(())
     }

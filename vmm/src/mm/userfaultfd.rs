@@ -64,7 +64,7 @@ impl Mm {
         }
         self.inc_tlb_flush_pending();
         {
-            let _ptl = self.ptl();
+            let ptl = self.ptl();
             pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
                 let pte = slot.load(Ordering::Acquire);
                 if pte & bits::PRESENT == 0 {
@@ -75,7 +75,7 @@ impl Mm {
                 } else {
                     pte & !PTE_UFFD_WP
                 };
-                self.set_pte(va, slot, new);
+                self.set_pte(&ptl, va, slot, new);
             });
         }
         let _ = m.hooks.at(Point::UffdAfterWrprotect, cpu, Some(start));
