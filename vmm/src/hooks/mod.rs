@@ -20,7 +20,7 @@ mod spec;
 
 pub use points::{is_point, Point, POINTS};
 
-pub use spec::{parse_rule, parse_schedule, parse_step, Action, Rule, Step};
+pub use spec::{parse_rule, parse_schedule, parse_step, Action, Rule, SpecError, Step};
 
 /// What a rule asked of the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
