@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use cowlab_abi::layout::USER_END;
 
-use super::memory::{FaultError, PTE_PROTNONE};
+use super::fault::FaultError;
+use super::memory::PTE_PROTNONE;
 use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::page::GUP_PIN_COUNTING_BIAS;
 use super::pagetable::{self, bits};

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
-use super::memory::{FaultError, FaultFlags};
+use super::fault::{FaultError, FaultFlags};
 use super::mm_struct::{Machine, Mm};
 use super::pagetable::{self, bits};
 use crate::hooks::Point;

@@ -6,12 +6,10 @@
 use super::sync::{preempt, Ordering};
 
 use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
-use cowlab_abi::pf_error;
 
-use super::frame::OutOfFrames;
+use super::fault::{Access, FaultError, FaultFlags, VmFault};
 use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::pagetable::{self, bits};
-use super::phys::Word;
 use super::tlb::{self, user_pte};
 use crate::hooks::Point;
 use crate::policy::{CowReuse, FaultLock};
@@ -24,136 +22,6 @@ pub const PTE_PROTNONE: u64 = 1 << 9;
 /// Software PTE bit (x86 bit 10): write-protected by userfaultfd. Models
 /// `_PAGE_UFFD_WP`.
 pub const PTE_UFFD_WP: u64 = 1 << 10;
-
-/// The kind of access that faulted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-    Fetch,
-}
-
-impl Access {
-    /// Decodes the access from an x86 #PF error code.
-    pub fn from_error_code(code: u64) -> Self {
-        if code & pf_error::FETCH != 0 {
-            Access::Fetch
-        } else if code & pf_error::WRITE != 0 {
-            Access::Write
-        } else {
-            Access::Read
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-            Access::Fetch => "exec",
-        }
-    }
-}
-
-/// A fault the memory manager cannot resolve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FaultError {
-    /// No VMA allows this access: the thread gets a SIGSEGV.
-    #[error("segmentation fault")]
-    Segv,
-    /// No frame was left for the page or its tables: VM_FAULT_OOM.
-    #[error("out of memory")]
-    Oom,
-    /// A write hit a userfaultfd write-protected page: the thread waits,
-    /// with no lock held, for the handler to resolve `addr`, then retries
-    /// (VM_FAULT_RETRY from handle_userfault()).
-    #[error("userfaultfd write-protect fault")]
-    Userfault(u64),
-    /// The VM is stopping the thread while it waits for the userfaultfd
-    /// handler (the fatal signal that ends handle_userfault()'s sleep).
-    #[error("stopped while waiting for a userfaultfd handler")]
-    Interrupted,
-}
-
-impl From<OutOfFrames> for FaultError {
-    fn from(_: OutOfFrames) -> Self {
-        FaultError::Oom
-    }
-}
-
-/// The `FAULT_FLAG_*` bits the model uses (include/linux/mm_types.h:
-/// enum fault_flag).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FaultFlags {
-    /// FAULT_FLAG_WRITE: the access writes.
-    pub write: bool,
-    /// FAULT_FLAG_UNSHARE: a read fault that must leave this process a
-    /// page of its own, for a read-only pin (c89357e27f20).
-    pub unshare: bool,
-}
-
-impl FaultFlags {
-    pub const READ: FaultFlags = FaultFlags {
-        write: false,
-        unshare: false,
-    };
-    pub const WRITE: FaultFlags = FaultFlags {
-        write: true,
-        unshare: false,
-    };
-    pub const UNSHARE: FaultFlags = FaultFlags {
-        write: false,
-        unshare: true,
-    };
-
-    /// The flags of a user access (a fetch never gets this far: the VMA
-    /// check refuses it).
-    pub fn from_access(access: Access) -> FaultFlags {
-        if access == Access::Write {
-            FaultFlags::WRITE
-        } else {
-            FaultFlags::READ
-        }
-    }
-}
-
-/// One page fault as the handlers below see it, threaded from
-/// handle_mm_fault() down to wp_page_copy(). Models
-/// include/linux/mm.h:struct vm_fault (its `vma`, `address`, `flags`,
-/// `pte` and `orig_pte`; `cpu` is the faulting vCPU, which Linux knows as
-/// `current`).
-#[derive(Debug)]
-pub(crate) struct VmFault<'a> {
-    /// `vmf->vma`, held (per-VMA read lock or `mmap_lock`) by the caller.
-    pub vma: &'a Vma,
-    /// `vmf->address`: the faulting address, page-aligned.
-    pub address: u64,
-    /// `vmf->flags`.
-    pub flags: FaultFlags,
-    pub cpu: usize,
-    /// `vmf->pte`: the leaf PTE's slot.
-    pub pte: &'a Word,
-    /// `vmf->orig_pte`: the PTE as read without the PTL.
-    pub orig_pte: u64,
-}
-
-impl VmFault<'_> {
-    /// The frame `orig_pte` maps.
-    fn frame(&self) -> u64 {
-        self.orig_pte & bits::ADDR_MASK
-    }
-
-    /// Whether the PTE is still `orig_pte`. Models pte_same(ptep_get(vmf->pte),
-    /// vmf->orig_pte): only meaningful under the PTL, hence `_ptl`.
-    fn pte_same(&self, _ptl: &PtlGuard<'_>) -> bool {
-        self.pte.load(Ordering::Acquire) == self.orig_pte
-    }
-
-    /// Whether the PTE is (still) none. Models pte_none(ptep_get(vmf->pte))
-    /// under the PTL.
-    fn pte_none(&self, _ptl: &PtlGuard<'_>) -> bool {
-        self.pte.load(Ordering::Acquire) == 0
-    }
-}
 
 /// A reference on the page a COW fault copies, taken by do_wp_page()
 /// under the PTL (made only by `Mm::get_old_page`, which takes the

@@ -285,17 +285,17 @@ impl Mm {
 
     /// Faults in every page of `[addr, addr + len)` for writing, as
     /// MAP_POPULATE does. Models mm/gup.c:populate_vma_page_range().
-    pub fn populate(&self, addr: u64, len: u64) -> Result<(), super::memory::FaultError> {
-        let (start, end) = page_range(addr, len).map_err(|_| super::memory::FaultError::Segv)?;
+    pub fn populate(&self, addr: u64, len: u64) -> Result<(), super::fault::FaultError> {
+        let (start, end) = page_range(addr, len).map_err(|_| super::fault::FaultError::Segv)?;
         let _mmap = self.mmap_read_lock();
         for page in (start..end).step_by(PAGE_SIZE as usize) {
             let vma = self
                 .vma_lookup(page)
-                .ok_or(super::memory::FaultError::Segv)?;
+                .ok_or(super::fault::FaultError::Segv)?;
             let flags = if vma.writable() {
-                super::memory::FaultFlags::WRITE
+                super::fault::FaultFlags::WRITE
             } else {
-                super::memory::FaultFlags::READ
+                super::fault::FaultFlags::READ
             };
             self.handle_mm_fault(&vma, page, flags, 0)?;
         }

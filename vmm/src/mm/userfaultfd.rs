@@ -8,7 +8,8 @@ use std::collections::VecDeque;
 
 use cowlab_abi::layout::PAGE_SIZE;
 
-use super::memory::{FaultError, PTE_UFFD_WP};
+use super::fault::FaultError;
+use super::memory::PTE_UFFD_WP;
 use super::mm_struct::Mm;
 use super::mmap::MmError;
 use super::pagetable::{self, bits};
