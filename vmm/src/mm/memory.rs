@@ -127,7 +127,12 @@ impl Mm {
     }
 
     /// A fresh data page for `addr`, unless a `fail@alloc_page` rule says
-    /// no; zeroed or a copy of `from`.
+    /// no; zeroed or a copy of `from`. Models the allocation of
+    /// do_anonymous_page() and wp_page_copy() (vma_alloc_zeroed_movable_folio(),
+    /// folio_prealloc() + __wp_page_copy_user()).
+    ///
+    /// Lock contract: called without the PTL (an allocation may sleep);
+    /// a copy's source is kept alive by the caller's reference on it.
     fn alloc_data_page(&self, cpu: usize, addr: u64, from: Option<u64>) -> Result<u64, FaultError> {
         let m = &self.m;
         if m.hooks.at(Point::AllocPage, Some(cpu), Some(addr)).is_err() {
@@ -169,11 +174,18 @@ impl Mm {
 
     /// The VMA for `addr` without `mmap_lock`. Models
     /// mm/memory.c:lock_vma_under_rcu() (its lock is taken by the caller).
+    ///
+    /// Lock contract: called with no mm lock held; takes only the VMA
+    /// tree's read lock (standing for RCU) for the lookup.
     fn lock_vma_under_rcu(&self, addr: u64) -> Option<std::sync::Arc<Vma>> {
         self.vma_lookup(addr)
     }
 
-    /// The fallback: the fault under `mmap_lock` held for read.
+    /// The fallback: the fault under `mmap_lock` held for read. Models the
+    /// `lock_mmap:` path of arch/x86/mm/fault.c:do_user_addr_fault().
+    ///
+    /// Lock contract: called with no mm lock held; holds `mmap_lock` for
+    /// read across handle_mm_fault(); returns with it released.
     fn fault_under_mmap_lock(
         &self,
         addr: u64,
@@ -341,9 +353,12 @@ impl Mm {
         self.wp_page_copy(vmf, old)
     }
 
-    /// Takes a reference on the page `vmf.orig_pte` maps. Only with the PTL
-    /// held, after pte_same: the PTE then still holds its own reference,
-    /// so the page cannot be freed before this one is taken.
+    /// Takes a reference on the page `vmf.orig_pte` maps. Models the
+    /// folio_get() of mm/memory.c:do_wp_page() before wp_page_copy().
+    ///
+    /// Lock contract: called with the PTL held (`_ptl`), after pte_same:
+    /// the PTE then still holds its own reference, so the page cannot be
+    /// freed before this one is taken.
     fn get_old_page(&self, vmf: &VmFault<'_>, _ptl: &PtlGuard<'_>) -> OldPageRef {
         let frame = vmf.frame();
         self.m.frames.get_page(frame);
@@ -353,6 +368,9 @@ impl Mm {
     /// Whether a shared-looking page is in fact only ours: by refcount
     /// (v5.9+, `wp_can_reuse_anon_folio()`) or by mapcount (before,
     /// `reuse_swap_page()`, blind to GUP references).
+    ///
+    /// Lock contract: called with the PTL held by do_wp_page(), so the
+    /// counts are those of a page the PTE still maps.
     fn can_reuse(&self, frame: u64) -> bool {
         let p = self.m.frames.page(frame);
         match self.m.policy.cow_reuse {
