@@ -29,11 +29,13 @@ mod schedule;
 mod spec;
 #[cfg(test)]
 mod tests;
+mod threads;
 
 pub use points::{is_point, Point, POINTS};
 pub use schedule::{witness_schedule, PointHit};
 
 use chaos::Chaos;
+use park::Blocked;
 use rules::Armed;
 use schedule::{Recording, Schedule};
 
@@ -81,7 +83,10 @@ pub struct Hooks {
     unpaused: Condvar,
     chaos: Mutex<Option<std::sync::Arc<Chaos>>>,
     /// Where each vCPU is blocked, for `unreachable` reports.
-    blocked: Mutex<BTreeMap<usize, String>>,
+    blocked: Mutex<BTreeMap<usize, Blocked>>,
+    /// Each vCPU's OS thread (`threads`), to ask the kernel whether a
+    /// "blocked" vCPU really sleeps.
+    tids: Mutex<BTreeMap<usize, u32>>,
     /// vCPUs whose threads have ended.
     ended: Mutex<std::collections::BTreeSet<usize>>,
     /// vCPUs parked by a `pause` rule (or all, `usize::MAX`), until resumed.

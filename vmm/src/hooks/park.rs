@@ -14,7 +14,26 @@ use crate::trace::LockKind;
 /// scheduler wakes the thread.
 pub(super) const SPIN_TAIL: Duration = Duration::from_millis(1);
 
+/// Why a vCPU waits, noted by the vCPU's own thread before it sleeps.
+#[derive(Debug, Clone)]
+pub(super) struct Blocked {
+    /// As an `unreachable` report says it.
+    pub(super) why: String,
+    /// For a schedule step: its index (blocked only while the schedule has
+    /// not reached it).
+    pub(super) step: Option<usize>,
+}
+
 impl Hooks {
+    /// Notes that the calling thread runs vCPU `cpu` (called once by each
+    /// vCPU thread as it starts), so that the schedule can ask the kernel
+    /// about it ([`threads`](super::threads)).
+    pub fn thread_started(&self, cpu: usize) {
+        if let Some(tid) = super::threads::current_tid() {
+            lock(&self.tids).insert(cpu, tid);
+        }
+    }
+
     /// Notes that vCPU `cpu`'s thread has ended.
     pub fn set_ended(&self, cpu: usize) {
         lock(&self.ended).insert(cpu);
@@ -28,10 +47,15 @@ impl Hooks {
             || lock(&self.ended).contains(&cpu)
     }
 
-    /// Notes that vCPU `cpu` is blocked (`Some(why)`) or not any more.
+    /// Notes that vCPU `cpu` is blocked (`Some(why)`: on a lock, say) or
+    /// not any more. Called by the vCPU's own thread.
     pub fn set_blocked(&self, cpu: usize, why: Option<String>) {
+        self.note_blocked(cpu, why.map(|why| Blocked { why, step: None }));
+    }
+
+    pub(super) fn note_blocked(&self, cpu: usize, blocked: Option<Blocked>) {
         let mut b = lock(&self.blocked);
-        match why {
+        match blocked {
             Some(w) => b.insert(cpu, w),
             None => b.remove(&cpu),
         };
@@ -102,7 +126,10 @@ impl Hooks {
 
     /// The vCPUs waiting on a schedule step or a lock, with why.
     pub fn blocked(&self) -> BTreeMap<usize, String> {
-        lock(&self.blocked).clone()
+        lock(&self.blocked)
+            .iter()
+            .map(|(c, b)| (*c, b.why.clone()))
+            .collect()
     }
 
     /// The vCPUs parked by `pause` rules, with their points.

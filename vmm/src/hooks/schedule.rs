@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use super::{lock, Hooks, Step};
+use super::threads::{self, Sample};
+use super::{lock, Blocked, Hooks, Step};
 use crate::trace::LockKind;
 
 #[derive(Debug, Default)]
@@ -19,6 +20,9 @@ pub(super) struct Schedule {
     /// Set when the schedule was found unsatisfiable; waiters go free.
     pub(super) aborted: bool,
     pub(super) last_progress: Option<Instant>,
+    /// The CPU time each vCPU had used at `last_progress` (the instant
+    /// they were sampled at, to notice new progress).
+    pub(super) progress_cpu: Option<(Instant, BTreeMap<usize, std::time::Duration>)>,
     /// Since when every live vCPU has been blocked (a deadlock, if it lasts).
     pub(super) all_blocked_since: Option<Instant>,
     pub(super) unreachable: Option<String>,
@@ -181,13 +185,16 @@ impl Hooks {
         }
         while s.next < j && !s.aborted && !self.released.load(Ordering::Acquire) {
             let waiting_for = s.steps[s.next].clone();
-            self.set_blocked(
+            self.note_blocked(
                 cpu,
-                Some(format!(
-                    "v{cpu} waits at {point} (step {}) for step {}: {waiting_for}",
-                    j + 1,
-                    s.next + 1
-                )),
+                Some(Blocked {
+                    why: format!(
+                        "v{cpu} waits at {point} (step {}) for step {}: {waiting_for}",
+                        j + 1,
+                        s.next + 1
+                    ),
+                    step: Some(j),
+                }),
             );
             s = self
                 .changed
@@ -213,11 +220,14 @@ impl Hooks {
 
     /// Before `cpu` takes step `j`: if another vCPU took the step before,
     /// lets it run on until it comes to rest (its next step, a lock, its
-    /// end), for at most [`SETTLE`]. Steps are then taken one thread at a
-    /// time, so what a thread does between two of its points does not race
-    /// with the next thread's, and replaying a schedule gives the same
-    /// accesses in the same order (unless a thread runs longer than SETTLE
-    /// without reaching a point, e.g. spinning on `await`).
+    /// end), for at most [`SETTLE`] of its own CPU time. Steps are then
+    /// taken one thread at a time, so what a thread does between two of its
+    /// points does not race with the next thread's, and replaying a
+    /// schedule gives the same accesses in the same order (unless a thread
+    /// runs longer than SETTLE without reaching a point, e.g. spinning on
+    /// `await`). CPU time, not the clock: on a loaded host the other thread
+    /// may wait for a CPU far longer than SETTLE, and must still come to
+    /// rest first.
     pub(super) fn settle<'a>(
         &'a self,
         mut s: MutexGuard<'a, Schedule>,
@@ -227,20 +237,37 @@ impl Hooks {
         let Some(prev) = j.checked_sub(1).map(|k| s.steps[k].vcpu) else {
             return s;
         };
-        let until = Instant::now() + SETTLE;
+        let start = Instant::now();
+        let base = self.sample(prev);
         while prev != cpu
             && !s.aborted
             && !self.released.load(Ordering::Acquire)
             && !self.at_rest(prev)
-            && Instant::now() < until
         {
+            let mut poll = Duration::from_micros(20);
+            if start.elapsed() >= SETTLE {
+                // Has it had SETTLE of CPU since? Runnable without it, it
+                // is starved, not spinning: wait on (asking less often).
+                match (base, self.sample(prev)) {
+                    (Some(b), Some(now)) if !now.asleep && now.cpu < b.cpu + SETTLE => {
+                        poll = Duration::from_micros(200);
+                    }
+                    _ => break,
+                }
+            }
             s = self
                 .changed
-                .wait_timeout(s, Duration::from_micros(20))
+                .wait_timeout(s, poll)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
         s
+    }
+
+    /// What the kernel says about vCPU `cpu`'s thread, if it can.
+    fn sample(&self, cpu: usize) -> Option<Sample> {
+        let tid = *lock(&self.tids).get(&cpu)?;
+        threads::sample(tid)
     }
 
     /// Called while a run goes on with the number of `live` vCPUs: if every
@@ -261,8 +288,22 @@ impl Hooks {
             }
             return None;
         }
-        let blocked = lock(&self.blocked).len();
-        let all_blocked = live > 0 && blocked >= live;
+        // Blocked means still waiting, as the kernel sees it: a vCPU whose
+        // step has come or whose lock was released, but which has not had
+        // a CPU since, is runnable, not blocked.
+        // (The kernel is asked only when the notes alone would say so.)
+        let notes = lock(&self.blocked).clone();
+        let waiting: Vec<usize> = notes
+            .iter()
+            .filter(|(_, b)| b.step.is_none_or(|j| s.next < j))
+            .map(|(cpu, _)| *cpu)
+            .collect();
+        let asleep = |cpus: &[usize]| {
+            cpus.iter()
+                .filter(|c| self.sample(**c).is_none_or(|x| x.asleep))
+                .count()
+        };
+        let all_blocked = live > 0 && waiting.len() >= live && asleep(&waiting) >= live;
         let deadlocked = match (all_blocked, s.all_blocked_since) {
             (false, _) => {
                 s.all_blocked_since = None;
@@ -274,11 +315,14 @@ impl Hooks {
             }
             (true, Some(t)) => t.elapsed() > DEADLOCK,
         };
-        let stalled = s.last_progress.is_some_and(|t| t.elapsed() > STALL) && blocked > 0;
+        let stalled = s.last_progress.is_some_and(|t| t.elapsed() > STALL)
+            && !waiting.is_empty()
+            && asleep(&waiting) > 0
+            && !self.starved_since_progress(&mut s, &notes);
         if !(deadlocked || stalled || live == 0) {
             return None;
         }
-        let mut why: Vec<String> = lock(&self.blocked).values().cloned().collect();
+        let mut why: Vec<String> = notes.into_values().map(|b| b.why).collect();
         if why.is_empty() {
             why.push(format!(
                 "step {} ({}) never happened",
@@ -291,6 +335,37 @@ impl Hooks {
         s.unreachable = Some(report.clone());
         self.changed.notify_all();
         Some(report)
+    }
+
+    /// Whether a vCPU that is neither blocked nor ended is runnable but has
+    /// had less than [`STALL`] of CPU time since the schedule's last
+    /// progress: it may yet take the next step, once it gets a CPU (a
+    /// loaded host), so the schedule has not stalled. One that used that
+    /// much CPU without a step is spinning (an `await` that nothing will
+    /// satisfy, say); one asleep outside the hooks (waiting for a child)
+    /// will not move either.
+    fn starved_since_progress(&self, s: &mut Schedule, notes: &BTreeMap<usize, Blocked>) -> bool {
+        let Some(progress) = s.last_progress else {
+            return false;
+        };
+        let tids = lock(&self.tids).clone();
+        let ended = lock(&self.ended).clone();
+        let now: BTreeMap<usize, Sample> = tids
+            .iter()
+            .filter(|(cpu, _)| !ended.contains(cpu) && !notes.contains_key(cpu))
+            .filter_map(|(cpu, tid)| Some((*cpu, threads::sample(*tid)?)))
+            .collect();
+        if s.progress_cpu
+            .as_ref()
+            .is_none_or(|(at, _)| *at != progress)
+        {
+            // First look since that progress: CPU times from here on.
+            let base = now.iter().map(|(c, x)| (*c, x.cpu)).collect();
+            s.progress_cpu = Some((progress, base));
+        }
+        let base = &s.progress_cpu.as_ref().expect("set above").1;
+        now.iter()
+            .any(|(cpu, x)| !x.asleep && base.get(cpu).is_none_or(|b| x.cpu < *b + STALL))
     }
 
     /// Counts as progress of the schedule (vCPUs were stopped from outside:

@@ -243,6 +243,7 @@ impl Shared {
                 CURRENT_VCPU.with(|c| c.set(Some(id)));
                 VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
                 crate::cpu::set_current(Some(id));
+                shared.machine.hooks.thread_started(id);
                 let vcpu_ctl = Arc::clone(&thread_ctl);
                 let vcpu_shared = Arc::clone(&shared);
                 let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {

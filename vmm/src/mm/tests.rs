@@ -251,12 +251,15 @@ fn no_store_lands_after_mprotect_read_only_returns() {
     }
     let protected = Arc::new(AtomicBool::new(false));
     let late_stores = Arc::new(AtomicU64::new(0));
+    // Writers that have stored at least once (the mprotect waits for all).
+    let writing = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (1..=writers)
         .map(|cpu| {
-            let (mm, protected, late) = (
+            let (mm, protected, late, writing) = (
                 Arc::clone(&mm),
                 Arc::clone(&protected),
                 Arc::clone(&late_stores),
+                Arc::clone(&writing),
             );
             thread::spawn(move || {
                 let mut i = 0u64;
@@ -268,7 +271,12 @@ fn no_store_lands_after_mprotect_read_only_returns() {
                         Ok(_) if after => {
                             late.fetch_add(1, Ordering::SeqCst);
                         }
-                        Ok(_) => i += 1,
+                        Ok(_) => {
+                            if i == 0 {
+                                writing.fetch_add(1, Ordering::SeqCst);
+                            }
+                            i += 1;
+                        }
                         Err(FaultError::Segv) => return i,
                         Err(e) => panic!("{e}"),
                     }
@@ -276,7 +284,14 @@ fn no_store_lands_after_mprotect_read_only_returns() {
             })
         })
         .collect();
-    thread::sleep(std::time::Duration::from_millis(20));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while writing.load(Ordering::SeqCst) < writers as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers did not start"
+        );
+        thread::yield_now();
+    }
     mm.mprotect(a, PAGE_SIZE, prot::READ, false, Some(0))
         .unwrap();
     let value = access(&mm, 0, a, None).unwrap();
