@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::process::{Child, Output};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Owns a running child; kills it on drop unless it was waited for.
 pub struct Running {
@@ -27,41 +27,81 @@ impl Running {
     }
 
     /// Waits for the child to end within `limit` and returns its output
-    /// (stderr must be piped; stdout, if not piped, is empty). Waits on its
-    /// output closing, not by polling; still running then, it is killed and
-    /// the test fails.
-    pub fn output_within(mut self, limit: Duration) -> Output {
+    /// (an output not piped reads as empty). Waits on its output closing
+    /// (not by polling), then for its exit; still running at `limit`, it is
+    /// killed and the test fails.
+    pub fn output_within(self, limit: Duration) -> Output {
+        let what = self.what.clone();
+        self.try_output_within(limit)
+            .unwrap_or_else(|| panic!("{what} still running after {limit:?}: killed"))
+    }
+
+    /// [`Running::output_within`] for a caller that counts hangs rather
+    /// than failing on the first, and for outputs that are not all piped
+    /// (one not piped reads as empty): `None` if the child was still
+    /// running after `limit` (it is then killed and reaped). Waits on the
+    /// piped outputs closing; then (or with none piped) on the exit,
+    /// polled, as a child may close its outputs and go on.
+    pub fn try_output_within(mut self, limit: Duration) -> Option<Output> {
+        let until = Instant::now() + limit;
         let mut child = self.child.take().expect("not waited for yet");
-        let err = child.stderr.take().expect("stderr piped");
-        let stdout = child.stdout.take().map(read_all);
-        let stderr = read_all(err);
-        let Ok(out) = stdout.as_ref().unwrap_or(&stderr).recv_timeout(limit) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{} still running after {limit:?}: killed", self.what);
+        let (tx, rx) = mpsc::channel();
+        let mut pipes = 0;
+        let mut read = |which: usize, pipe: Option<Box<dyn Read + Send>>| {
+            if let Some(mut p) = pipe {
+                pipes += 1;
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut b = Vec::new();
+                    let _ = p.read_to_end(&mut b);
+                    let _ = tx.send((which, b));
+                });
+            }
         };
-        let status = child.wait().expect("wait for the child");
-        let (stdout, stderr) = match stdout {
-            Some(_) => (out, stderr.recv().unwrap_or_default()),
-            None => (Vec::new(), out),
+        read(
+            0,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        read(
+            1,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let mut outputs = [Vec::new(), Vec::new()];
+        for _ in 0..pipes {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((which, b)) => outputs[which] = b,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                break status;
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         };
-        Output {
+        let [stdout, stderr] = outputs;
+        Some(Output {
             status,
             stdout,
             stderr,
-        }
+        })
     }
-}
-
-/// Reads `r` to its end on a thread; the bytes arrive on the channel.
-fn read_all(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = r.read_to_end(&mut b);
-        let _ = tx.send(b);
-    });
-    rx
 }
 
 impl Drop for Running {
