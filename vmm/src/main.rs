@@ -7,11 +7,14 @@ use clap::{Parser, Subcommand};
 
 use cowlab::bench::BenchOptions;
 use cowlab::commands::{self, RunOptions, SoakOptions};
+use cowlab::control::printable;
 use cowlab::kvm::exit_code;
 
 /// A KVM micro-VM whose VMM is the memory manager of its guests.
 #[derive(Parser, Debug)]
-#[command(name = "cowlab", version, about, long_about = None)]
+// Without a subcommand, a one-line error naming them (`parse_error`),
+// not the whole help on stderr.
+#[command(name = "cowlab", version, about, long_about = None, arg_required_else_help = false)]
 struct Cli {
     /// The KVM device to use.
     #[arg(long, global = true, env = "COWLAB_KVM", default_value = "/dev/kvm")]
@@ -97,6 +100,7 @@ enum Command {
     #[command(hide = true)]
     NativeBaseline { mib: usize },
     /// Read a trace file: print it, or export it for ui.perfetto.dev.
+    #[command(arg_required_else_help = false)]
     Trace {
         #[command(subcommand)]
         what: TraceWhat,
@@ -165,6 +169,7 @@ enum Command {
         json: bool,
     },
     /// List built-in things.
+    #[command(arg_required_else_help = false)]
     List {
         #[command(subcommand)]
         what: ListWhat,
@@ -267,9 +272,77 @@ enum TraceWhat {
     },
 }
 
+/// clap's errors in cowlab's form. Help and version (`--help`, `help
+/// run`, `--version`) are output like any other (stdout; exit 0, or 3 if
+/// it cannot be written); anything else is one `cowlab: …` line and exit 2.
+/// clap's own are several lines (the error, a tip, the usage, a hint) and
+/// quote the arguments as given, control characters and all.
+fn parse_error(mut e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        commands::out(e.render());
+        std::process::exit(commands::finish(exit_code::OK));
+    }
+    // The arguments quoted in the message, escaped before it is made; the
+    // subcommands listed, without the hidden one.
+    let hidden: Vec<String> = <Cli as clap::CommandFactory>::command()
+        .get_subcommands()
+        .filter(|c| c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let quoted: Vec<_> = e
+        .context()
+        .filter_map(|(kind, value)| {
+            let escaped = match value {
+                ContextValue::String(s) => ContextValue::String(printable(s).into_owned()),
+                ContextValue::Strings(v) => ContextValue::Strings(
+                    v.iter()
+                        .filter(|s| kind != ContextKind::ValidSubcommand || !hidden.contains(s))
+                        .map(|s| printable(s).into_owned())
+                        .collect(),
+                ),
+                _ => return None,
+            };
+            Some((kind, escaped))
+        })
+        .collect();
+    for (kind, value) in quoted {
+        e.insert(kind, value);
+    }
+    usage(one_line(&e.render().to_string()))
+}
+
+/// A clap error's text as one line: the message with the list under it
+/// (`the following required arguments were not provided: <TEST|PROGRAM>`),
+/// then its tips and usage in brackets; clap's "For more information" is
+/// left out. Control characters left (there should be none) are escaped.
+fn one_line(text: &str) -> String {
+    let text = text.trim_end();
+    let text = text.strip_prefix("error: ").unwrap_or(text);
+    let mut blocks = text.split("\n\n").map(str::trim).filter(|b| !b.is_empty());
+    let joined = |b: &str| b.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+    let mut msg = blocks.next().unwrap_or("invalid arguments").lines();
+    let mut line = msg.next().unwrap_or_default().trim().to_string();
+    let list: Vec<&str> = msg.map(str::trim).filter(|l| !l.is_empty()).collect();
+    if !list.is_empty() {
+        line = format!("{line} {}", list.join(", "));
+    }
+    let notes: Vec<String> = blocks
+        .filter(|b| !b.starts_with("For more information"))
+        .map(|b| match b.strip_prefix("Usage: ") {
+            Some(u) => format!("usage: {}", joined(u)),
+            None => joined(b.strip_prefix("tip: ").unwrap_or(b)).replace(" tip: ", "; "),
+        })
+        .collect();
+    if !notes.is_empty() {
+        line = format!("{line} ({})", notes.join("; "));
+    }
+    printable(&line).into_owned()
+}
+
 fn main() {
     env_logger::init();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| parse_error(e));
     let code = match cli.command {
         Command::Run {
             program,

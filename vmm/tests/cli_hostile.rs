@@ -7,6 +7,7 @@ mod common;
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -335,4 +336,96 @@ fn the_watchdog_ends_a_delay_rule_and_keeps_every_run() {
         err.contains("timeout after 1.0s: vcpu 0 still running") && !err.contains("KVM_RUN"),
         "{err}"
     );
+}
+
+/// Runs `cowlab ARGS` (any bytes) within [`LIMIT`] with stdout and stderr
+/// as given (`None`: piped), and `limit_as` as its address-space limit:
+/// its status, stdout and stderr.
+fn raw(
+    args: &[std::ffi::OsString],
+    stdout: Option<Stdio>,
+    stderr: Option<Stdio>,
+    limit_as: Option<u64>,
+) -> (Option<i32>, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cowlab"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout.unwrap_or(Stdio::piped()))
+        .stderr(stderr.unwrap_or(Stdio::piped()))
+        .env_remove("RUST_BACKTRACE");
+    if let Some(bytes) = limit_as {
+        let lim = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: bytes,
+        };
+        // SAFETY: setrlimit is async-signal-safe; `lim` is copied in.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let child = common::Running::new(cmd.spawn().expect("run cowlab"), format!("{args:?}"));
+    let out = child
+        .try_output_within(LIMIT)
+        .unwrap_or_else(|| panic!("cowlab {args:?} still running after {LIMIT:?}: killed"));
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// clap's errors were several lines (the error, a tip, the usage, "For
+/// more information"), printed the whole help for a missing subcommand,
+/// and quoted arguments raw: an escape sequence reached the terminal.
+/// Found by `cli_fuzz.rs`.
+#[test]
+fn argument_errors_are_one_line_with_arguments_escaped() {
+    for (args, want) in [
+        (&[][..], "'cowlab' requires a subcommand but one was not provided [subcommands: run, trace, ctl, suite, soak, list, bench, help] (usage: cowlab [OPTIONS] <COMMAND>)"),
+        (&["list"], "'cowlab list' requires a subcommand"),
+        (&["trace"], "[subcommands: show, export, help]"),
+        (&["run"], "the following required arguments were not provided: <TEST|PROGRAM> (usage: cowlab run <TEST|PROGRAM>)"),
+        (&["ctl"], "not provided: --socket <PATH>, <COMMAND> (usage:"),
+        (&["run", "hello", "--foo"], "unexpected argument '--foo' found (to pass '--foo' as a value, use '-- --foo'; usage: cowlab run <TEST|PROGRAM>)"),
+        (&["run", "hello", "--runs"], "a value is required for '--runs <RUNS>' but none was supplied"),
+        (&["suit"], "unrecognized subcommand 'suit' (a similar subcommand exists: 'suite'; usage:"),
+        (&["soak", "--seed", "1", "--seeds", "2"], "the argument '--seed <SEED>' cannot be used with '--seeds <K>'"),
+        (&["run", "hello", "--runs", "\u{1}\u{1b}[31m"], "invalid value '\\u{1}\\u{1b}[31m' for '--runs <RUNS>'"),
+        (&["a\nb"], "unrecognized subcommand 'a\\u{a}b'"),
+    ] {
+        refused(args, 2, want);
+    }
+    let (code, _, err) = raw(
+        &[
+            "run".into(),
+            std::ffi::OsString::from_vec(b"hello\xff".to_vec()),
+        ],
+        None,
+        None,
+        None,
+    );
+    assert_eq!(code, Some(2));
+    one_line(
+        "invalid UTF-8",
+        &err,
+        "invalid UTF-8 was detected in one or more arguments",
+    );
+    // Help and version are output, not errors: stdout, exit 0; 3 if it
+    // cannot be written, as any output.
+    for args in [
+        &["--help"][..],
+        &["help", "run"],
+        &["run", "--help"],
+        &["--version"],
+    ] {
+        let out = cowlab_within(args, LIMIT);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty() && out.stderr.is_empty(), "{args:?}");
+        let (status, err) = with_stdout(args, dev_full());
+        assert_eq!(status, Some(3), "{args:?} > /dev/full: {err}");
+        one_line(&format!("{args:?}"), &err, "cannot write to stdout");
+    }
 }

@@ -94,7 +94,8 @@ impl std::fmt::Debug for Controller {
 /// `s` with control characters, the BOM, zero-width and bidirectional
 /// formatting characters written as `\u{…}` escapes: text a client sent
 /// (a key, a command name) is quoted in messages that reach a terminal.
-pub(crate) fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+/// (Also the command line's: `main.rs` quotes arguments with it.)
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     let odd = |c: char| {
         c.is_control()
             || matches!(c, '\u{feff}' | '\u{200b}'..='\u{200f}')
