@@ -11,7 +11,7 @@ use cowlab_abi::program::PROGRAMS;
 use cowlab_abi::Program;
 
 use crate::bench::{self, BenchOptions};
-use crate::control::{Controller, Server};
+use crate::control::{printable, Controller, Server};
 use crate::hooks;
 use crate::kvm::{exit_code, Event, Vm, VmConfig};
 use crate::litmus::{self, builtin};
@@ -85,9 +85,12 @@ fn policy_and_injection(opts: &RunOptions) -> Result<Setup, String> {
 }
 
 /// Prints `cowlab: MSG` on stderr (if stderr itself cannot be written,
-/// there is no one to tell: the exit status still says it).
+/// there is no one to tell: the exit status still says it). Always one
+/// line: messages quote arguments, file names and file contents, so
+/// control characters (a newline, an escape sequence) are written as
+/// `\u{…}` here, whatever the message.
 pub fn error(msg: impl std::fmt::Display) {
-    say(format_args!("cowlab: {msg}"));
+    say(format_args!("cowlab: {}", printable(&msg.to_string())));
 }
 
 /// Prints a line on stderr, never panicking (unlike `eprintln!`).

@@ -377,6 +377,10 @@ fn raw(
     (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
+fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+    args.iter().map(Into::into).collect()
+}
+
 /// clap's errors were several lines (the error, a tip, the usage, "For
 /// more information"), printed the whole help for a missing subcommand,
 /// and quoted arguments raw: an escape sequence reached the terminal.
@@ -428,4 +432,44 @@ fn argument_errors_are_one_line_with_arguments_escaped() {
         assert_eq!(status, Some(3), "{args:?} > /dev/full: {err}");
         one_line(&format!("{args:?}"), &err, "cannot write to stdout");
     }
+}
+
+/// Messages quoting an argument (a program name, a path) printed it raw:
+/// a newline in it made two lines, an escape sequence reached the
+/// terminal. `commands::error` now escapes whatever it prints.
+#[test]
+fn errors_quoting_arguments_stay_one_line() {
+    refused(
+        &["run", "a\nb\u{1b}[2J"],
+        2,
+        "unknown program or test 'a\\u{a}b\\u{1b}[2J'",
+    );
+    refused(
+        &["run", "hello", "--guest", "\u{7}\u{8}"],
+        2,
+        "--guest: cannot read \\u{7}\\u{8}: No such file",
+    );
+    refused(
+        &["--kvm", "x\ny", "run", "hello"],
+        3,
+        "cannot open x\\u{a}y",
+    );
+    refused(
+        &["ctl", "--socket", "/nonexistent/\n", "query-status"],
+        3,
+        "cannot connect to /nonexistent/\\u{a}",
+    );
+}
+
+/// `cowlab ctl` printed its errors with `eprintln!`, which panics when
+/// stderr cannot be written: exit 101 instead of 3.
+#[test]
+fn ctl_with_a_full_stderr_still_exits_3() {
+    let (code, _, _) = raw(
+        &os(&["ctl", "--socket", "/nonexistent", "query-status"]),
+        None,
+        Some(dev_full()),
+        None,
+    );
+    assert_eq!(code, Some(3));
 }

@@ -95,10 +95,18 @@ fn read_json(reader: &mut impl BufRead) -> Result<Value, ClientError> {
     }
 }
 
+/// Prints `cowlab: MSG` on stderr, escaped (no raw control characters
+/// reach the terminal), never panicking as `eprintln!` does when stderr
+/// cannot be written.
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "cowlab: {}", printable(msg));
+}
+
 /// Runs `cowlab ctl`; returns the exit status.
 pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
+    // (not eprintln!, which panics when stderr cannot be written)
     let fail = |msg: String, code: i32| {
-        eprintln!("cowlab: {msg}");
+        say(&msg);
         code
     };
     let arguments = match parse_args(args) {
@@ -166,7 +174,7 @@ fn watch(reader: &mut impl BufRead) -> i32 {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return exit_code::OK,
                 Err(e) => {
-                    eprintln!("cowlab: cannot write to stdout: {e}");
+                    say(&format!("cannot write to stdout: {e}"));
                     return exit_code::VM_ERROR;
                 }
             },
