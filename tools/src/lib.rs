@@ -21,7 +21,7 @@ struct Anon {
 }
 
 impl Anon {
-    fn new(len: usize) -> Anon {
+    fn new(len: usize) -> Result<Anon, String> {
         // SAFETY: a fresh anonymous mapping; checked for failure below.
         let ptr = unsafe {
             libc::mmap(
@@ -33,15 +33,17 @@ impl Anon {
                 0,
             )
         };
-        assert!(
-            ptr != libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Anon {
+        if ptr == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of {} MiB: {}",
+                len >> 20,
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Anon {
             ptr: ptr.cast(),
             len,
-        }
+        })
     }
 
     /// Writes one byte to every page.
@@ -85,12 +87,21 @@ impl Baseline {
     }
 }
 
+/// The most [`measure`] takes, in MiB (1 TiB): it touches the memory
+/// twice (once more after fork), and the host decides whether it has it.
+pub const MAX_MIB: usize = 1 << 20;
+
 /// Touches `mib` MiB of fresh anonymous memory, forks (the child waits to
 /// be killed), then writes every page again in the parent (COW faults).
 /// Call it from a single-threaded process: fork copies only the caller.
-pub fn measure(mib: usize) -> Baseline {
+/// An error if `mib` is 0 or above [`MAX_MIB`], or the host refuses the
+/// mapping or the fork.
+pub fn measure(mib: usize) -> Result<Baseline, String> {
+    if !(1..=MAX_MIB).contains(&mib) {
+        return Err(format!("takes 1 to {MAX_MIB} MiB, not {mib}"));
+    }
     let pages = mib * (1 << 20) / PAGE;
-    let mem = Anon::new(pages * PAGE);
+    let mem = Anon::new(pages * PAGE)?;
 
     let first_touch = per_page(pages, || mem.touch(1));
 
@@ -109,17 +120,19 @@ pub fn measure(mib: usize) -> Baseline {
             }
         }
     });
-    assert!(child > 0, "fork: {}", std::io::Error::last_os_error());
+    if child < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
     let cow = per_page(pages, || mem.touch(2));
     // SAFETY: our own child.
     unsafe {
         libc::kill(child, libc::SIGKILL);
         libc::waitpid(child, std::ptr::null_mut(), 0);
     }
-    Baseline {
+    Ok(Baseline {
         pages,
         first_touch_ns: first_touch,
         fork_ns_per_page: fork,
         cow_fault_ns: cow,
-    }
+    })
 }

@@ -5,5 +5,11 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("usage: cowlab-native [MIB]"))
         .unwrap_or(64);
-    println!("{}", cowlab_tools::measure(mib).json());
+    match cowlab_tools::measure(mib) {
+        Ok(b) => println!("{}", b.json()),
+        Err(e) => {
+            eprintln!("cowlab-native: {e}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -30,6 +30,10 @@ pub struct BenchOptions {
     pub litmus_runs: u64,
 }
 
+/// The largest `--sizes` entry, in MiB: its cowlab round needs twice as
+/// much guest memory and 128 MiB more, within the largest guest memory.
+pub const MAX_SIZE_MIB: u64 = ((cowlab_abi::layout::MAX_MEM_SIZE >> 20) - 128) / 2;
+
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
@@ -366,6 +370,11 @@ fn native_round(mib: u64) -> Result<[f64; 3], Error> {
         .args(["native-baseline", &mib.to_string()])
         .output()
         .map_err(|e| Error::Run(format!("{}: {e}", exe.display())))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let why = err.lines().next().unwrap_or("no message");
+        return Err(Error::Run(format!("the native baseline failed: {why}")));
+    }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| Error::Run(format!("the native baseline printed no JSON: {e}")))?;
     let get = |k: &str| {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use cowlab::bench::BenchOptions;
+use cowlab::bench::{self, BenchOptions};
 use cowlab::commands::{self, RunOptions, SoakOptions};
 use cowlab::control::printable;
 use cowlab::kvm::exit_code;
@@ -188,7 +188,7 @@ enum Command {
         /// MiB of touched memory for fork / COW / first touch against
         /// native Linux (comma-separated).
         #[arg(long, value_delimiter = ',', default_values_t = [16u64, 64, 256],
-              value_parser = clap::value_parser!(u64).range(1..=4096))]
+              value_parser = clap::value_parser!(u64).range(1..=bench::MAX_SIZE_MIB))]
         sizes: Vec<u64>,
         /// Rounds of the native comparison and of the litmus timings.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -392,11 +392,22 @@ fn main() {
             })
         }
         Command::NativeBaseline { mib } => {
-            commands::out(format_args!(
-                "{}\n",
-                cowlab_tools::measure(mib.max(1)).json()
-            ));
-            exit_code::OK
+            if mib > cowlab_tools::MAX_MIB {
+                usage(format_args!(
+                    "native-baseline takes 1 to {} MiB, not {mib}",
+                    cowlab_tools::MAX_MIB
+                ));
+            }
+            match cowlab_tools::measure(mib.max(1)) {
+                Ok(b) => {
+                    commands::out(format_args!("{}\n", b.json()));
+                    exit_code::OK
+                }
+                Err(e) => {
+                    commands::error(format_args!("native-baseline: {e}"));
+                    exit_code::VM_ERROR
+                }
+            }
         }
         Command::Trace {
             what: TraceWhat::Show { file, vcpu, kind },

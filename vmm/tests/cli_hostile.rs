@@ -473,3 +473,30 @@ fn ctl_with_a_full_stderr_still_exits_3() {
     );
     assert_eq!(code, Some(3));
 }
+
+/// `native-baseline MIB` (what `bench` runs for its native rounds)
+/// multiplied MIB unchecked and asserted that mmap succeeded: a large MIB
+/// (or a host that refuses the mapping) was a panic, exit 101.
+#[test]
+fn the_native_baseline_refuses_sizes_and_reports_a_refused_mapping() {
+    for mib in ["18446744073709551615", "17592186044416", "1048577"] {
+        refused(
+            &["native-baseline", mib],
+            2,
+            &format!("native-baseline takes 1 to 1048576 MiB, not {mib}"),
+        );
+    }
+    refused(
+        &["bench", "--sizes", "16,522177"],
+        2,
+        "--sizes takes 1 to 522176 MiB each, not 522177",
+    );
+    // A host that refuses the mapping: an address space of 1 GiB.
+    let (code, out, err) = raw(&os(&["native-baseline", "2048"]), None, None, Some(1 << 30));
+    assert_eq!(code, Some(3), "{out} {err}");
+    one_line(
+        "native-baseline 2048 in 1 GiB",
+        &err,
+        "native-baseline: mmap of 2048 MiB: Cannot allocate memory",
+    );
+}
