@@ -47,9 +47,13 @@ pub(crate) fn generic(desc: impl Into<String>) -> CmdError {
 }
 
 impl CmdError {
-    /// The error response, with `id` echoed if the request had one.
+    /// The error response, with `id` echoed if the request had one. The
+    /// description is made printable here, where every one is sent: the
+    /// messages of the commands (a bad rule, an unknown knob) quote what
+    /// the client sent, and none may carry its control characters on.
     pub(crate) fn response(&self, id: Option<Value>) -> Value {
-        let mut out = json!({ "error": { "class": self.class, "desc": self.desc } });
+        let desc = printable(&self.desc);
+        let mut out = json!({ "error": { "class": self.class, "desc": desc } });
         if let Some(id) = id {
             out["id"] = id;
         }
@@ -721,6 +725,20 @@ mod tests {
             (
                 r#"{"execute": "stop", "id": {"a": 1, "a": 1}}"#,
                 "duplicate key 'a'",
+            ),
+            // A command's own message quoting what was sent (found by
+            // tests/cli_fuzz.rs: the NUL went out raw).
+            (
+                r#"{"execute": "inject", "arguments": {"rule": "\u0000pause@fault:enter"}}"#,
+                "unknown action '\\u{0}pause'",
+            ),
+            (
+                r#"{"execute": "inject", "arguments": {"rule": "count@x\u001b[2J"}}"#,
+                "unknown injection point 'x\\u{1b}[2J'",
+            ),
+            (
+                r#"{"execute": "set-knob", "arguments": {"knob": "\u202etlb", "value": 1}}"#,
+                "\\u{202e}tlb",
             ),
         ] {
             let r = ask(&ctl, line);
