@@ -4,7 +4,6 @@
 //! [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
 
 pub mod client;
-mod gate;
 pub(crate) mod protocol;
 pub mod server;
 pub(crate) mod stream;
@@ -17,30 +16,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-pub use gate::Gate;
+pub use crate::kvm::{Attachment, Gate};
 pub use server::Server;
 
 use crate::hooks::{HookEvent, Observer, Rule};
 use crate::kvm::{Event, Outcome, VcpuReport, VmConfig, VmHandle};
 use crate::policy::Policy;
 use crate::trace::{Recorder, RUN_END_OTHER};
-
-/// What a VM takes from the controller when it starts.
-#[derive(Clone)]
-pub struct Attachment {
-    pub gate: Arc<Gate>,
-    /// Rules added through the socket, by id.
-    pub rules: Vec<(u64, Rule)>,
-    pub observer: Option<Observer>,
-}
-
-impl std::fmt::Debug for Attachment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attachment")
-            .field("rules", &self.rules)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A trace started over the socket.
 struct SocketTrace {

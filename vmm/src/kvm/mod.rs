@@ -3,14 +3,18 @@
 //! faults are handed to [`crate::mm`].
 
 mod arch;
+mod attach;
 mod control;
+mod gate;
 mod kick;
 mod loader;
 mod memory;
 mod vcpu;
 mod vm;
 
+pub use attach::Attachment;
 pub use control::request;
+pub use gate::Gate;
 pub use memory::GuestMem;
 pub use vcpu::{vector_name, Outcome, VcpuReport};
 pub use vm::{exit_code, Event, RunReport, VcpuState, Vm, VmConfig, VmHandle, MIN_MEM_MIB};
