@@ -271,7 +271,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         record_faults: false,
         check: opts.check,
         policy,
-        litmus: None,
+        plan: None,
         rules,
         schedule: schedule.unwrap_or_default(),
         chaos: opts.chaos,

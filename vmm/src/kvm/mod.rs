@@ -9,6 +9,7 @@ mod gate;
 mod kick;
 mod loader;
 mod memory;
+mod plan;
 mod vcpu;
 mod vm;
 
@@ -16,6 +17,7 @@ pub use attach::Attachment;
 pub use control::request;
 pub use gate::Gate;
 pub use memory::GuestMem;
+pub use plan::{BootPlan, PlanRegion};
 pub use vcpu::{vector_name, Outcome, VcpuReport};
 pub use vm::{exit_code, Event, RunReport, VcpuState, Vm, VmConfig, VmHandle, MIN_MEM_MIB};
 

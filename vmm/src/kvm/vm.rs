@@ -23,9 +23,8 @@ use super::control::{request, KvmFlusher, VcpuCtl};
 use super::loader::{self, Image};
 use super::memory::GuestMem;
 use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
-use super::{arch, kick, Attachment, Error, Gate, GUEST_ELF};
+use super::{arch, kick, Attachment, BootPlan, Error, Gate, GUEST_ELF};
 use crate::hooks::{self, Rule, Step};
-use crate::litmus::Compiled;
 use crate::mm::{mm_verify, mmap, verify_no_leaks, Machine, Mm, PhysMem};
 use crate::policy::Policy;
 
@@ -59,9 +58,10 @@ pub struct VmConfig {
     pub check: bool,
     /// The kernel behaviour to model (`--policy`, `--set`).
     pub policy: Policy,
-    /// A litmus test to run instead of `program`: its regions are mapped
-    /// and its initial threads started (`vcpus` and `arg` are ignored).
-    pub litmus: Option<Arc<Compiled>>,
+    /// A boot plan to run instead of `program` (a compiled litmus test):
+    /// its regions are mapped and its threads started (`vcpus` and `arg`
+    /// are ignored).
+    pub plan: Option<Arc<BootPlan>>,
     /// Injection rules, a schedule to enforce, a chaos seed (DESIGN.md §8).
     pub rules: Vec<Rule>,
     pub schedule: Vec<Step>,
@@ -89,7 +89,7 @@ impl Default for VmConfig {
             record_faults: false,
             check: true,
             policy: Policy::MAINLINE,
-            litmus: None,
+            plan: None,
             rules: Vec::new(),
             schedule: Vec::new(),
             chaos: None,
@@ -553,9 +553,9 @@ impl Vm {
             record_faults: config.record_faults,
             check: config.check,
             hook_names: config
-                .litmus
+                .plan
                 .as_ref()
-                .map_or_else(Vec::new, |t| t.hooks.clone()),
+                .map_or_else(Vec::new, |p| p.hooks.clone()),
             gate: config.control.as_ref().map(|c| Arc::clone(&c.gate)),
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
@@ -572,16 +572,16 @@ impl Vm {
             programs: BTreeMap::new(),
             ended: BTreeMap::new(),
         };
-        let boot_vcpus = match &config.litmus {
-            Some(test) => test.initial.len(),
+        let boot_vcpus = match &config.plan {
+            Some(plan) => plan.threads.len(),
             None => config.vcpus,
         };
         for id in 0..boot_vcpus {
             mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
                 .map_err(|e| Error::Config(format!("cannot map the stack of vcpu {id}: {e}")))?;
         }
-        if let Some(test) = &config.litmus {
-            load_litmus(&vm.shared.mem, &mm, test)?;
+        if let Some(plan) = &config.plan {
+            load_plan(&vm.shared.mem, &mm, plan)?;
         }
         // Armed after the loader populated the regions: setup is not part
         // of any vCPU's run, so no rule or schedule step can match it.
@@ -591,8 +591,8 @@ impl Vm {
         // first vCPU that ends before the next is spawned tears the address
         // space (and the next one's stack) down under it.
         mm.mmget();
-        let spawned = match &config.litmus {
-            Some(test) => test.initial.iter().try_for_each(|(_, pc)| {
+        let spawned = match &config.plan {
+            Some(plan) => plan.threads.iter().try_for_each(|pc| {
                 Shared::spawn(
                     &vm.shared,
                     Program::Litmus,
@@ -989,14 +989,14 @@ impl Drop for Vm {
     }
 }
 
-/// Loads a litmus test: its bytecode at `LITMUS_PHYS`, its regions mapped
+/// Loads a boot plan: its bytecode at `LITMUS_PHYS`, its regions mapped
 /// (and populated) in the first process.
-fn load_litmus(mem: &GuestMem, mm: &Mm, test: &Compiled) -> Result<(), Error> {
-    let header = [bytecode::MAGIC, test.code.len() as u64];
+fn load_plan(mem: &GuestMem, mm: &Mm, plan: &BootPlan) -> Result<(), Error> {
+    let header = [bytecode::MAGIC, plan.code.len() as u64];
     let words = header
         .iter()
         .copied()
-        .chain(test.code.iter().flat_map(|i| [i.word, i.imm]));
+        .chain(plan.code.iter().flat_map(|i| [i.word, i.imm]));
     for (i, w) in words.enumerate() {
         let pa = LITMUS_PHYS + i as u64 * 8;
         if pa >= LITMUS_PHYS + LITMUS_SIZE {
@@ -1004,9 +1004,9 @@ fn load_litmus(mem: &GuestMem, mm: &Mm, test: &Compiled) -> Result<(), Error> {
         }
         mem.word(pa).store(w, Ordering::Relaxed);
     }
-    for r in &test.regions {
+    for r in &plan.regions {
         let len = r.pages * cowlab_abi::layout::PAGE_SIZE;
-        mm.mmap(Some(r.addr), len, r.prot.bits())
+        mm.mmap(Some(r.addr), len, r.prot)
             .map_err(|e| Error::Config(format!("cannot map region {}: {e}", r.name)))?;
         if r.populate {
             mm.populate(r.addr, len)

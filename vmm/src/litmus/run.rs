@@ -479,7 +479,7 @@ fn one_run(
     let mut config = VmConfig {
         program: Program::Litmus,
         policy: opts.policy,
-        litmus: Some(Arc::clone(test)),
+        plan: Some(Arc::clone(&test.plan)),
         check: true,
         rules: rules.to_vec(),
         schedule: schedule.to_vec(),
