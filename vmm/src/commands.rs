@@ -445,7 +445,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         rules,
         schedule,
         chaos: opts.chaos,
-        control: ctl.cloned(),
+        control: ctl.map(|c| Arc::clone(c) as Arc<dyn crate::kvm::RunObserver>),
         trace,
         deadline: None,
         until_witness: None,

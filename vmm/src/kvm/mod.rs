@@ -13,7 +13,7 @@ mod plan;
 mod vcpu;
 mod vm;
 
-pub use attach::Attachment;
+pub use attach::{Attachment, RunObserver};
 pub use control::request;
 pub use gate::Gate;
 pub use memory::GuestMem;
