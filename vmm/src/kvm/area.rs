@@ -12,6 +12,7 @@ use cowlab_abi::{BootHeader, Program, VcpuArea, CONSOLE_LEN};
 
 use super::arch;
 use super::error::VcpuError;
+use super::hypercall::ForwardedFault;
 use super::memory::GuestMem;
 use super::report::Outcome;
 use crate::mm::PhysMem;
@@ -58,6 +59,21 @@ impl Mailbox {
             .mem
             .read(self.pa + offset_of!(VcpuArea, console) as u64, &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The #PF the stub forwarded (`PageFault`).
+    pub(crate) fn fault(&self) -> ForwardedFault {
+        ForwardedFault {
+            addr: self.read(offset_of!(VcpuArea, fault.cr2)),
+            error_code: self.read(offset_of!(VcpuArea, fault.error_code)),
+            rip: self.read(offset_of!(VcpuArea, fault.rip)),
+        }
+    }
+
+    /// Whether the guest armed a fixup for a fault it expects
+    /// (`fixup_rip`): a SIGSEGV then resumes there instead of killing.
+    pub(crate) fn fixup_armed(&self) -> bool {
+        self.read(offset_of!(VcpuArea, fixup_rip)) != 0
     }
 
     /// The exception the guest's runtime reported with `Crash`.
@@ -117,5 +133,49 @@ impl Mailbox {
         mem.write(area_pa + area::TSS, &arch::tss(area_va))
             .ok_or(VcpuError::TssOutsideMemory)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mailbox in plain memory: no KVM, no guest.
+    fn mailbox() -> Mailbox {
+        Mailbox::new(Arc::new(GuestMem::new(1 << 20).unwrap()), 0x2000)
+    }
+
+    #[test]
+    fn the_console_line_is_arg0_bytes_of_the_buffer_at_most_console_len() {
+        let m = mailbox();
+        let console = 0x2000 + offset_of!(VcpuArea, console) as u64;
+        m.mem.write(console, b"hello, world").unwrap();
+        m.write(offset_of!(VcpuArea, hcall.args), 5);
+        assert_eq!(m.arg(0), 5);
+        assert_eq!(m.console_line(), "hello");
+        m.write(offset_of!(VcpuArea, hcall.args), u64::MAX);
+        assert_eq!(m.console_line().len(), CONSOLE_LEN);
+    }
+
+    #[test]
+    fn a_crash_report_and_a_forwarded_fault_are_read_from_their_fields() {
+        let m = mailbox();
+        m.write(offset_of!(VcpuArea, crash.vector), 13);
+        m.write(offset_of!(VcpuArea, crash.rip), 0xdead);
+        assert!(matches!(
+            m.crash(),
+            Outcome::Crashed {
+                vector: 13,
+                rip: 0xdead,
+                ..
+            }
+        ));
+        m.write(offset_of!(VcpuArea, fault.cr2), 0x1234);
+        m.write(offset_of!(VcpuArea, fault.error_code), 7);
+        assert_eq!(m.fault().addr, 0x1234);
+        assert_eq!(m.fault().error_code, 7);
+        assert!(!m.fixup_armed());
+        m.write(offset_of!(VcpuArea, fixup_rip), 0x4000);
+        assert!(m.fixup_armed());
     }
 }

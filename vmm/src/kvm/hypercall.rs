@@ -21,10 +21,9 @@ use crate::mm::{Access, FaultError, GupFlags, MmError};
 use crate::trace::Kind;
 
 impl Vcpu {
-    pub(super) fn hypercall(&mut self, nr: u32) -> Flow {
-        let Some(call) = Hypercall::from_u32(nr) else {
-            return Flow::End(Outcome::Error(format!("unknown hypercall {nr}")));
-        };
+    /// Carries out hypercall `call`, its arguments in the mailbox; its
+    /// result (if it has one) goes back in `hcall.ret`.
+    pub(super) fn hypercall(&mut self, call: Hypercall) -> Flow {
         let ret = match call {
             Hypercall::Booted => {
                 let _ = self.events.send(Event::Booted {
@@ -209,53 +208,35 @@ impl Vcpu {
     /// A forwarded #PF: the memory manager resolves it and fills this
     /// CPU's TLB, or the thread ends (SIGSEGV, OOM).
     fn page_fault(&mut self) -> Flow {
-        let addr = self.area.read(offset_of!(VcpuArea, fault.cr2));
-        let error_code = self.area.read(offset_of!(VcpuArea, fault.error_code));
-        let rip = self.area.read(offset_of!(VcpuArea, fault.rip));
-        let access = Access::from_error_code(error_code);
+        let fault = self.area.fault();
+        let access = Access::from_error_code(fault.error_code);
+        let addr = fault.addr;
         self.faults += 1;
         if self.shared.record_faults {
             self.fault_addrs.push(addr);
         }
-        let result = if addr >= USER_END {
-            Err(Outcome::Crashed {
-                vector: 14,
-                error_code,
-                rip,
-                cr2: addr,
-                rsp: 0,
-            })
-        } else {
-            if let Some(t) = self.trace() {
-                let a = match access {
-                    Access::Read => 0,
-                    Access::Write => 1,
-                    Access::Fetch => 2,
-                };
-                t.emit(Kind::Fault, &[addr, a], "");
-            }
-            let r = self.mm.handle_user_fault(self.id, addr, access);
-            if let Some(t) = self.trace() {
-                let code = match r {
-                    Ok(()) => 0,
-                    Err(FaultError::Segv) => 1,
-                    Err(FaultError::Oom) => 2,
-                    Err(_) => 3,
-                };
-                t.emit(Kind::FaultEnd, &[addr, code], "");
-            }
-            match r {
-                Ok(()) => Ok(fault_result::RETRY),
-                Err(FaultError::Segv) if self.area.read(offset_of!(VcpuArea, fixup_rip)) != 0 => {
-                    Ok(fault_result::FIXUP)
+        let result = match fault.kernel_crash() {
+            Some(crash) => Err(crash),
+            None => {
+                if let Some(t) = self.trace() {
+                    let a = match access {
+                        Access::Read => 0,
+                        Access::Write => 1,
+                        Access::Fetch => 2,
+                    };
+                    t.emit(Kind::Fault, &[addr, a], "");
                 }
-                Err(FaultError::Segv) => Err(Outcome::Segv { addr, access, rip }),
-                Err(FaultError::Oom) => Err(Outcome::Oom { addr }),
-                // The stop request ends the thread before it re-enters.
-                Err(FaultError::Interrupted) => Ok(fault_result::RETRY),
-                Err(FaultError::Userfault(_)) => {
-                    Err(Outcome::Error("a userfault escaped the fault path".into()))
+                let r = self.mm.handle_user_fault(self.id, addr, access);
+                if let Some(t) = self.trace() {
+                    let code = match r {
+                        Ok(()) => 0,
+                        Err(FaultError::Segv) => 1,
+                        Err(FaultError::Oom) => 2,
+                        Err(_) => 3,
+                    };
+                    t.emit(Kind::FaultEnd, &[addr, code], "");
                 }
+                fault_reply(r, &fault, access, || self.area.fixup_armed())
             }
         };
         // A dead thread leaves the stub for `killed` (see fault_result::KILL).
@@ -269,7 +250,119 @@ impl Vcpu {
     }
 }
 
+/// A #PF the guest's stub forwarded, as it left it in the mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ForwardedFault {
+    /// CR2.
+    pub(super) addr: u64,
+    pub(super) error_code: u64,
+    pub(super) rip: u64,
+}
+
+impl ForwardedFault {
+    /// A fault on a kernel address is a crash of the guest, not a fault
+    /// for the memory manager.
+    fn kernel_crash(&self) -> Option<Outcome> {
+        (self.addr >= USER_END).then_some(Outcome::Crashed {
+            vector: 14,
+            error_code: self.error_code,
+            rip: self.rip,
+            cr2: self.addr,
+            rsp: 0,
+        })
+    }
+}
+
+/// The stub's reply (a `fault_result` word) to a user fault the memory
+/// manager answered with `r`, or the outcome the thread dies of.
+/// `fixup_armed` says whether the guest set a fixup for a faulting access
+/// it expects (asked only on SIGSEGV).
+fn fault_reply(
+    r: Result<(), FaultError>,
+    fault: &ForwardedFault,
+    access: Access,
+    fixup_armed: impl FnOnce() -> bool,
+) -> Result<u64, Outcome> {
+    let addr = fault.addr;
+    match r {
+        Ok(()) => Ok(fault_result::RETRY),
+        Err(FaultError::Segv) if fixup_armed() => Ok(fault_result::FIXUP),
+        Err(FaultError::Segv) => Err(Outcome::Segv {
+            addr,
+            access,
+            rip: fault.rip,
+        }),
+        Err(FaultError::Oom) => Err(Outcome::Oom { addr }),
+        // The stop request ends the thread before it re-enters.
+        Err(FaultError::Interrupted) => Ok(fault_result::RETRY),
+        Err(FaultError::Userfault(_)) => {
+            Err(Outcome::Error("a userfault escaped the fault path".into()))
+        }
+    }
+}
+
 /// A memory-manager result as the guest sees it: the value or `-errno`.
 fn errno(r: Result<u64, MmError>) -> u64 {
     r.unwrap_or_else(|e| e.errno() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER: ForwardedFault = ForwardedFault {
+        addr: 0x1000_0000,
+        error_code: 2,
+        rip: 0x40_1000,
+    };
+
+    #[test]
+    fn a_resolved_or_interrupted_fault_is_retried() {
+        let reply = |r| fault_reply(r, &USER, Access::Write, || false);
+        assert_eq!(reply(Ok(())), Ok(fault_result::RETRY));
+        assert_eq!(reply(Err(FaultError::Interrupted)), Ok(fault_result::RETRY));
+    }
+
+    #[test]
+    fn a_segv_goes_to_the_fixup_if_the_guest_armed_one() {
+        let r = fault_reply(Err(FaultError::Segv), &USER, Access::Write, || true);
+        assert_eq!(r, Ok(fault_result::FIXUP));
+        let r = fault_reply(Err(FaultError::Segv), &USER, Access::Write, || false);
+        assert_eq!(
+            r,
+            Err(Outcome::Segv {
+                addr: USER.addr,
+                access: Access::Write,
+                rip: USER.rip
+            })
+        );
+    }
+
+    #[test]
+    fn oom_and_an_escaped_userfault_kill_the_thread() {
+        let no_fixup = || panic!("only a SIGSEGV asks for the fixup");
+        let r = fault_reply(Err(FaultError::Oom), &USER, Access::Read, no_fixup);
+        assert_eq!(r, Err(Outcome::Oom { addr: USER.addr }));
+        let r = fault_reply(Err(FaultError::Userfault(1)), &USER, Access::Read, || false);
+        assert!(matches!(r, Err(Outcome::Error(_))));
+    }
+
+    #[test]
+    fn a_fault_on_a_kernel_address_is_a_crash() {
+        assert_eq!(USER.kernel_crash(), None);
+        let kernel = ForwardedFault {
+            addr: USER_END,
+            ..USER
+        };
+        assert_eq!(
+            kernel.kernel_crash(),
+            Some(Outcome::Crashed {
+                vector: 14,
+                error_code: 2,
+                rip: USER.rip,
+                cr2: USER_END,
+                rsp: 0
+            })
+        );
+    }
 }

@@ -10,16 +10,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::kvm_fpu;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuFd;
 
-use cowlab_abi::layout::{
-    kernel_va, user_stack_top, vcpu_area_phys, DOORBELL_PHYS, USER_STACK_SIZE,
-};
-use cowlab_abi::{fault_result, Program, VcpuArea, FLUSH_VECTOR, HYPERCALL_PORT};
+use cowlab_abi::layout::{kernel_va, user_stack_top, vcpu_area_phys, USER_STACK_SIZE};
+use cowlab_abi::{fault_result, Program, VcpuArea, FLUSH_VECTOR};
 
 use super::area::Mailbox;
 use super::error::VcpuError;
-use super::exit::{Exit, MAX_REVOKED_RETRIES};
+use super::exit::{Action, Exit, ExitHandler};
 use super::report::{Outcome, VcpuReport};
 use super::shared::Shared;
 use super::shootdown::{request, VcpuCtl};
@@ -209,7 +207,7 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> Outcome {
-        let mut revoked_streak = 0u32;
+        let mut handler = ExitHandler::default();
         loop {
             if let Flow::End(outcome) = self.service_requests() {
                 return outcome;
@@ -224,12 +222,7 @@ impl Vcpu {
             let exit = self.enter();
             self.ctl.in_guest.store(false, Ordering::SeqCst);
             if let Some(t) = self.trace() {
-                let (reason, detail) = match &exit {
-                    Ok(Exit::Hypercall(nr)) => (1, *nr as u64),
-                    Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => (2, 0),
-                    Ok(Exit::Revoked) => (3, 0),
-                    _ => (4, 0),
-                };
+                let (reason, detail) = exit.as_ref().map_or((4, 0), Exit::trace_code);
                 t.emit(Kind::Exit, &[reason, detail], "");
             }
             if self.ctl.flush_req.load(Ordering::Acquire)
@@ -241,34 +234,27 @@ impl Vcpu {
             self.exits += 1;
             // Only the exit right after a stub's exit may piggyback a flush on it.
             self.stub_exit = None;
-            if !matches!(exit, Ok(Exit::Revoked)) {
-                revoked_streak = 0;
-            }
-            let flow = match exit {
-                Ok(Exit::Hypercall(nr)) => self.hypercall(nr),
-                Ok(Exit::PortIo(port)) => Flow::End(Outcome::Error(format!(
-                    "guest accessed I/O port {port:#x}; hypercalls use {HYPERCALL_PORT:#x}"
-                ))),
-                Ok(Exit::Mmio(addr)) => Flow::End(Outcome::Error(format!(
-                    "guest accessed MMIO at {addr:#x}; the doorbell is {DOORBELL_PHYS:#x}"
-                ))),
-                Ok(Exit::Shutdown) => Flow::End(Outcome::TripleFault { rip: self.rip() }),
-                Ok(Exit::IrqWindowOpen) | Ok(Exit::Interrupted) => Flow::Continue,
-                Ok(Exit::Revoked) => {
-                    revoked_streak += 1;
-                    if revoked_streak > MAX_REVOKED_RETRIES {
-                        return Outcome::Error(format!(
-                            "KVM_RUN: guest memory stayed inaccessible (EFAULT) at RIP {:#x}",
-                            self.rip()
-                        ));
-                    }
+            let exit = match exit {
+                Ok(exit) => exit,
+                Err(e) => return Outcome::Error(e.to_string()),
+            };
+            let flow = match handler.decide(&exit) {
+                Action::Hypercall(call) => self.hypercall(call),
+                Action::Resume => Flow::Continue,
+                Action::Retry => {
                     std::thread::yield_now();
-                    continue;
+                    Flow::Continue
                 }
-                Ok(Exit::Other(what)) => {
-                    Flow::End(Outcome::Error(format!("unexpected exit: {what}")))
-                }
-                Err(e) => Flow::End(Outcome::Error(e.to_string())),
+                Action::RevokedTooLong => Flow::End(Outcome::Error(format!(
+                    "KVM_RUN: guest memory stayed inaccessible (EFAULT) at RIP {:#x}",
+                    self.rip()
+                ))),
+                Action::TripleFault => Flow::End(Outcome::TripleFault { rip: self.rip() }),
+                Action::InternalError => Flow::End(Outcome::Error(format!(
+                    "unexpected exit: {}",
+                    self.internal_error()
+                ))),
+                Action::Fail(why) => Flow::End(Outcome::Error(why)),
             };
             if let Flow::End(outcome) = flow {
                 return outcome;
@@ -276,30 +262,9 @@ impl Vcpu {
         }
     }
 
-    /// One `KVM_RUN`, with the exit copied out.
+    /// One `KVM_RUN` (the ioctl), with the exit copied out.
     fn enter(&mut self) -> Result<Exit, VcpuError> {
-        let exit = match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) if port == HYPERCALL_PORT && data.len() == 4 => {
-                Exit::Hypercall(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) if addr == DOORBELL_PHYS && data.len() == 4 => {
-                Exit::Hypercall(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
-            }
-            Ok(VcpuExit::IoOut(port, _)) | Ok(VcpuExit::IoIn(port, _)) => Exit::PortIo(port),
-            Ok(VcpuExit::MmioWrite(addr, _)) | Ok(VcpuExit::MmioRead(addr, _)) => Exit::Mmio(addr),
-            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
-            Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
-            Ok(VcpuExit::Intr) => Exit::Interrupted,
-            Ok(VcpuExit::Hlt) => Exit::Other("HLT".into()),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Exit::Other(format!("entry failed (reason {reason:#x}, cpu {cpu})"))
-            }
-            Ok(VcpuExit::InternalError) => Exit::Other(self.internal_error()),
-            Ok(other) => Exit::Other(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
-            Err(e) if e.errno() == libc::EFAULT => Exit::Revoked,
-            Err(e) => return Err(VcpuError::Run(e)),
-        };
+        let exit = Exit::decode(self.fd.run())?;
         self.fd.set_kvm_immediate_exit(0);
         Ok(exit)
     }
