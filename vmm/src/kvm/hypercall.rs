@@ -190,7 +190,8 @@ impl Vcpu {
 
     /// Forks the process: a copy-on-write copy of the address space, and a
     /// new vCPU that is a copy of this one and runs in it. Returns the
-    /// child's vCPU id (the child sees 0), or a negative errno.
+    /// child's vCPU id (the child sees 0), or a negative errno. The child
+    /// starts from this vCPU's `KVM_GET_REGS`.
     fn fork(&mut self) -> u64 {
         let Ok(regs) = self.fd.get_regs() else {
             return MmError::Inval.errno() as u64;

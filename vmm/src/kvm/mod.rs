@@ -4,15 +4,15 @@
 //! control socket: it boots a [`BootPlan`], parks vCPUs at a [`Gate`], and
 //! runners talk to a driver through [`RunObserver`].
 //!
-//! - [`vm`]: creating a VM and waiting for its run; [`config`] what to boot;
-//!   [`boot`] its memory set up; [`shared`] the state its vCPU threads share;
-//!   [`handle`] the control socket's hold on it; [`report`] how runs end.
-//! - [`vcpu`]: one vCPU's thread and `KVM_RUN` loop; [`exit`] decoding an
-//!   exit and deciding what to do; [`hypercall`] the hypercall table;
-//!   [`area`] the per-vCPU area (mailbox); [`arch`] long-mode state.
-//! - [`shootdown`]: other threads' requests to a vCPU and TLB shootdowns;
-//!   [`kick`] the signal that gets a vCPU out of `KVM_RUN`.
-//! - [`gate`], [`attach`]: what an outside driver hands a VM.
+//! - `vm`: creating a VM and waiting for its run; `config` what to boot;
+//!   `boot` its memory set up; `shared` the state its vCPU threads share;
+//!   `handle` the control socket's hold on it; `report` how runs end.
+//! - `vcpu`: one vCPU's thread and `KVM_RUN` loop; `exit` decoding an
+//!   exit and deciding what to do; `hypercall` the hypercall table;
+//!   `area` the per-vCPU area (mailbox); `arch` long-mode state.
+//! - `shootdown`: other threads' requests to a vCPU and TLB shootdowns;
+//!   `kick` the signal that gets a vCPU out of `KVM_RUN`.
+//! - `gate`, `attach`: what an outside driver hands a VM.
 
 mod arch;
 mod area;

@@ -203,8 +203,8 @@ impl Shared {
         self.slots().get(id).map(|s| Arc::clone(&s.ctl))
     }
 
-    /// Posts `bits` to vCPU `id` and kicks it out of the guest. False if
-    /// there is no such vCPU.
+    /// Posts `bits` to vCPU `id` and kicks it out of `KVM_RUN` (the kick
+    /// signal, see [`super::kick`]). False if there is no such vCPU.
     pub(crate) fn request(&self, id: usize, bits: u32) -> bool {
         let slots = self.slots();
         let Some(slot) = slots.get(id) else {

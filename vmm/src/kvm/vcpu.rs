@@ -79,6 +79,9 @@ pub(crate) struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `id` running `program(arg)` as a thread of `mm`, in long
     /// mode at the program's entry, with its stack mapped and its TLB empty.
+    ///
+    /// Wraps `KVM_CREATE_VCPU`, `KVM_SET_CPUID2`, `KVM_GET_SREGS` /
+    /// `KVM_SET_SREGS`, `KVM_SET_REGS` and `KVM_SET_FPU`.
     pub(crate) fn new(
         shared: Arc<Shared>,
         id: usize,
@@ -158,6 +161,8 @@ impl Vcpu {
 
     /// Runs the vCPU until its program ends; returns its report. On the
     /// way out the CPU leaves its mm and its TLB is checked and freed.
+    /// Registers `kvm_run.immediate_exit` (of the `KVM_RUN` mapping) for the
+    /// kick signal meanwhile.
     pub(crate) fn run(mut self) -> VcpuReport {
         let exit_flag = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         let guard = kick::register_immediate_exit(exit_flag);
@@ -269,7 +274,8 @@ impl Vcpu {
         Ok(exit)
     }
 
-    /// Describes a `KVM_EXIT_INTERNAL_ERROR` (suberror and data words).
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR` (suberror and data words), read
+    /// from the `kvm_run` structure `KVM_RUN` filled in.
     fn internal_error(&mut self) -> String {
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
@@ -324,6 +330,8 @@ impl Vcpu {
     ///   interrupt is injected; acknowledged by its handler.
     /// - Anywhere else at CPL 0 (a stub, interrupts off): left pending; the
     ///   initiator kicks again until it is delivered.
+    ///
+    /// Injects with `KVM_GET_VCPU_EVENTS` / `KVM_SET_VCPU_EVENTS`.
     fn deliver_flush(&mut self) -> Result<(), VcpuError> {
         let wanted = self.ctl.flush_req.load(Ordering::Acquire);
         let remote = wanted > self.ctl.flush_ack.load(Ordering::Acquire);
@@ -372,6 +380,8 @@ impl Vcpu {
     /// acknowledgement: KVM holds no pending interrupt and the vCPU is back
     /// in its program (had it been delivered, the vCPU would be in the stub
     /// or we would have seen the ack).
+    ///
+    /// Wraps `KVM_GET_VCPU_EVENTS` (and `KVM_GET_SREGS`, see [`Self::cpl`]).
     fn injected_flush_lost(&self) -> Result<bool, VcpuError> {
         let events = self
             .fd
@@ -383,15 +393,16 @@ impl Vcpu {
         Ok(self.cpl()? == 3)
     }
 
-    /// The vCPU's current privilege level.
+    /// The vCPU's current privilege level: `cs.dpl` of `KVM_GET_SREGS`.
     fn cpl(&self) -> Result<u8, VcpuError> {
         Ok(self.fd.get_sregs().map_err(VcpuError::GetSregs)?.cs.dpl)
     }
+
     /// The run's trace recorder, if it is traced.
     pub(super) fn trace(&self) -> Option<&crate::trace::Recorder> {
         self.shared.machine.hooks.trace.get()
     }
-
+    /// The vCPU's RIP (`KVM_GET_REGS`), 0 if KVM cannot say.
     fn rip(&self) -> u64 {
         self.fd.get_regs().map_or(0, |r| r.rip)
     }

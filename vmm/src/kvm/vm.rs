@@ -71,7 +71,11 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, loads the guest and starts `config.vcpus` vCPUs.
+    /// Creates the VM, loads the guest and starts `config.vcpus` vCPUs (or
+    /// the boot plan's threads).
+    ///
+    /// Wraps `KVM_CREATE_VM` and `KVM_SET_USER_MEMORY_REGION` (one slot:
+    /// all of guest memory), after the device checks of [`check_kvm`].
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
         let created = Instant::now();
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
