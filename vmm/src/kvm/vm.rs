@@ -75,7 +75,7 @@ impl Vm {
     /// the boot plan's threads).
     ///
     /// Wraps `KVM_CREATE_VM` and `KVM_SET_USER_MEMORY_REGION` (one slot:
-    /// all of guest memory), after the device checks of [`check_kvm`].
+    /// all of guest memory), after the device checks of `check_kvm`.
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
         let created = Instant::now();
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
