@@ -89,7 +89,7 @@ pub(super) fn load_plan(mem: &GuestMem, mm: &Mm, plan: &BootPlan) -> Result<(), 
 pub(super) fn load_image(mem: &GuestMem, image: &Image, elf: &[u8]) -> Result<(), Error> {
     for seg in &image.segments {
         mem.write(seg.pa, &elf[seg.file.clone()])
-            .ok_or_else(|| Error::Image(ImageError::SegmentOutsideMemory(seg.pa)))?;
+            .ok_or(Error::Image(ImageError::SegmentOutsideMemory(seg.pa)))?;
     }
     Ok(())
 }

@@ -198,7 +198,7 @@ mod tests {
         };
         assert!(why.starts_with("guest accessed MMIO"), "{why}");
         assert!(matches!(
-            decide(Ok(VcpuExit::IoOut(0x3f8, &[b'x']))),
+            decide(Ok(VcpuExit::IoOut(0x3f8, b"x"))),
             Action::Fail(_)
         ));
     }
