@@ -4,7 +4,7 @@ use std::sync::Weak;
 
 use super::shared::Shared;
 use super::shootdown::request;
-use crate::hooks::{self};
+use crate::hooks;
 
 /// A weak hold on a running VM, for the control socket: it can look at
 /// the vCPUs and hooks, kick vCPUs to the control gate, and end the run.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cowlab_abi::Program;
 
-use crate::hooks::{self};
+use crate::hooks;
 use crate::mm::Access;
 
 /// How a run ended, for every vCPU that took part.

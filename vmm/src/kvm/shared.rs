@@ -24,7 +24,7 @@ use super::shootdown::{request, VcpuCtl};
 use super::vcpu::{Start, Vcpu};
 use super::vm::Event;
 use super::{kick, Gate};
-use crate::hooks::{self};
+use crate::hooks;
 use crate::mm::{Machine, Mm};
 
 pub(super) struct VcpuSlot {

@@ -1,7 +1,9 @@
 //! One vCPU and the host thread that runs it: boot state, the `KVM_RUN`
-//! loop, hypercalls (the memory-manager calls among them), forwarded page
-//! faults and requests from other threads (stop, ping, TLB flush by
-//! injected interrupt).
+//! loop and requests from other threads (stop, ping, park at the gate, TLB
+//! flush by injected interrupt). What an exit means is decided in
+//! [`super::exit`]; hypercalls and forwarded page faults are carried out in
+//! [`super::hypercall`]; the per-vCPU area is read through
+//! [`super::area::Mailbox`].
 
 use std::mem::offset_of;
 use std::sync::atomic::Ordering;

@@ -19,7 +19,7 @@ use super::boot::{check_kvm, load_image, load_plan, read_boot_header, supported_
 use super::config::{arm_hooks, VmConfig, MIN_MEM_MIB};
 use super::error::{Error, MemoryError};
 use super::handle::VmHandle;
-use super::loader::{self};
+use super::loader;
 use super::memory::GuestMem;
 use super::report::{Outcome, RunReport, VcpuReport};
 use super::shared::{install_panic_hook, Shared};
