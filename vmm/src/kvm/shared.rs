@@ -140,7 +140,6 @@ impl Shared {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                CURRENT_VCPU.with(|c| c.set(Some(id)));
                 VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
                 hooks::set_current_cpu(Some(id));
                 let vcpu_ctl = Arc::clone(&thread_ctl);
@@ -218,7 +217,6 @@ impl Shared {
 }
 
 thread_local! {
-    static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// The VM of this vCPU thread, for the panic hook.
     static VCPU_SHARED: std::cell::RefCell<Weak<Shared>> = const { std::cell::RefCell::new(Weak::new()) };
 }
@@ -263,6 +261,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The vCPU this thread runs, if it is a vCPU thread. One owner for the
+/// whole VMM: the hooks' CPU of this thread, set when the thread starts.
 pub(super) fn current_vcpu() -> Option<usize> {
-    CURRENT_VCPU.with(|c| c.get())
+    hooks::current_cpu()
 }
