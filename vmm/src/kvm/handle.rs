@@ -74,11 +74,6 @@ impl VmHandle {
         let Some(shared) = self.0.upgrade() else {
             return;
         };
-        shared.machine.hooks.release_all();
-        shared.machine.stop_sleepers();
-        let count = shared.slots().len();
-        for id in 0..count {
-            shared.request(id, request::STOP);
-        }
+        shared.stop_all();
     }
 }

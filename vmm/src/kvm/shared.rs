@@ -202,6 +202,23 @@ impl Shared {
         self.slots().get(id).map(|s| Arc::clone(&s.ctl))
     }
 
+    /// Ends the run: every vCPU is stopped and every waiter goes free.
+    ///
+    /// In this order: `stopping` first (a vCPU forked from now on starts
+    /// stopped, see [`Self::spawn`]), then `STOP` to every slot (not only
+    /// the live ones seen so far: a vCPU being forked now is not among
+    /// them yet), and only then the hooks' waiters are let go. Released
+    /// first, a thread held by a rule could finish its program before its
+    /// `STOP` was posted and end as if no watchdog had fired.
+    pub(super) fn stop_all(&self) {
+        self.machine.stop_sleepers();
+        let count = self.slots().len();
+        for id in 0..count {
+            self.request(id, request::STOP);
+        }
+        self.machine.hooks.release_all();
+    }
+
     /// Posts `bits` to vCPU `id` and kicks it out of `KVM_RUN` (the kick
     /// signal, see [`super::kick`]). False if there is no such vCPU.
     pub(crate) fn request(&self, id: usize, bits: u32) -> bool {

@@ -326,14 +326,7 @@ impl Vm {
                     }
                     timed_out = timeout;
                     stuck = self.live.iter().copied().collect();
-                    hooks.release_all();
-                    shared.machine.stop_sleepers();
-                    // Every slot, not only the live ones seen so far: a
-                    // vCPU being forked now is not among them yet.
-                    let count = shared.slots().len();
-                    for id in 0..count {
-                        shared.request(id, request::STOP);
-                    }
+                    shared.stop_all();
                     deadline = Some(Instant::now() + STOP_GRACE);
                 }
                 None => {}
@@ -416,12 +409,7 @@ fn record(e: &Event, console: &mut Vec<(usize, String)>) {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let count = self.shared.slots().len();
-        self.shared.machine.hooks.release_all();
-        self.shared.machine.stop_sleepers();
-        for id in 0..count {
-            self.shared.request(id, request::STOP);
-        }
+        self.shared.stop_all();
         // Join the threads that have finished; one stuck in KVM is left
         // behind rather than hanging the caller.
         let deadline = Instant::now() + STOP_GRACE;
