@@ -61,7 +61,11 @@ pub fn run(start: u64) -> ! {
         pc += 1;
         let (a, b, c, imm) = (insn.a(), insn.b(), insn.c(), insn.imm);
         let Some(op) = Op::from_u8(insn.op()) else {
-            rt::fail(format_args!("bad litmus opcode {} at {}", insn.op(), pc - 1));
+            rt::fail(format_args!(
+                "bad litmus opcode {} at {}",
+                insn.op(),
+                pc - 1
+            ));
         };
         match op {
             Op::Halt => finish(&regs, 0),
@@ -122,7 +126,12 @@ pub fn run(start: u64) -> ! {
             Op::Wait => regs[a] = rt::join(regs[b]).unwrap_or(u64::MAX),
             Op::Exit => finish(&regs, imm),
             Op::Spawn => regs[a] = rt::spawn(Program::Litmus, imm).unwrap_or(u64::MAX),
-            Op::Pin => regs[a] = res(rt::pin(regs[b], c as u64 & (gup::WRITE | gup::PIN | gup::LONGTERM))),
+            Op::Pin => {
+                regs[a] = res(rt::pin(
+                    regs[b],
+                    c as u64 & (gup::WRITE | gup::PIN | gup::LONGTERM),
+                ))
+            }
             Op::Unpin => {
                 let _ = rt::unpin(regs[a]);
             }

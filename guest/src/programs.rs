@@ -69,7 +69,9 @@ pub extern "C" fn _start() -> ! {
                 }
             })
         }
-        Some(Program::Fail) => rt::fail(format_args!("vcpu {id}: the fail program failed, as asked")),
+        Some(Program::Fail) => {
+            rt::fail(format_args!("vcpu {id}: the fail program failed, as asked"))
+        }
         Some(Program::MmThreads) if arg >= USER_MIN_ADDR => mm_threads_worker(arg),
         Some(Program::MmThreads) => mm_threads(if arg == 0 { 2 } else { arg }),
         Some(Program::MprotectRo) => mprotect_ro(),
@@ -95,7 +97,10 @@ pub extern "C" fn _start() -> ! {
         Some(Program::PinCoherent) => pin_coherent(),
         Some(Program::StaleTlb) if arg >= USER_MIN_ADDR => stale_tlb_writer(arg),
         Some(Program::StaleTlb) => stale_tlb(arg),
-        None => rt::fail(format_args!("vcpu {id}: unknown program {}", area_read!(program))),
+        None => rt::fail(format_args!(
+            "vcpu {id}: unknown program {}",
+            area_read!(program)
+        )),
     }
     rt::exit(0)
 }
@@ -149,7 +154,9 @@ fn hello(id: u64, pages: u64) {
         for w in [0, last] {
             let before = read(base, p, w);
             if before != 0 {
-                rt::fail(format_args!("vcpu {id}: fresh page {p} word {w} reads {before:#x}, not 0"));
+                rt::fail(format_args!(
+                    "vcpu {id}: fresh page {p} word {w} reads {before:#x}, not 0"
+                ));
             }
             write(base, p, w, pattern(id, p) ^ w);
         }
@@ -158,7 +165,10 @@ fn hello(id: u64, pages: u64) {
         for w in [0, last] {
             let got = read(base, p, w);
             if got != pattern(id, p) ^ w {
-                rt::fail(format_args!("vcpu {id}: page {p} word {w} reads {got:#x}, wrote {:#x}", pattern(id, p) ^ w));
+                rt::fail(format_args!(
+                    "vcpu {id}: page {p} word {w} reads {got:#x}, wrote {:#x}",
+                    pattern(id, p) ^ w
+                ));
             }
         }
     }
@@ -203,7 +213,10 @@ fn mm_threads(n: u64) {
     }
     let total = atomic(base).load(Ordering::Acquire);
     if total != n * WORKER_INCREMENTS {
-        rt::fail(format_args!("shared counter is {total}, expected {}", n * WORKER_INCREMENTS));
+        rt::fail(format_args!(
+            "shared counter is {total}, expected {}",
+            n * WORKER_INCREMENTS
+        ));
     }
     for i in 0..n {
         for p in 0..WORKER_PAGES {
@@ -213,7 +226,10 @@ fn mm_threads(n: u64) {
             }
         }
     }
-    println!("mm-threads: {n} threads, {} private pages and a shared counter of {total}: ok", n * WORKER_PAGES);
+    println!(
+        "mm-threads: {n} threads, {} private pages and a shared counter of {total}: ok",
+        n * WORKER_PAGES
+    );
 }
 
 /// A worker of `mm-threads`: writes its pages, bumps the shared counter.
@@ -269,7 +285,9 @@ fn madvise_zero() {
     for p in 0..pages {
         let (a, b) = (read(base, p, 0), read(base, p, 511));
         if a != 0 || b != 0 {
-            rt::fail(format_args!("page {p} reads {a:#x}/{b:#x} after MADV_DONTNEED"));
+            rt::fail(format_args!(
+                "page {p} reads {a:#x}/{b:#x} after MADV_DONTNEED"
+            ));
         }
     }
     println!("madvise-zero: {pages} pages read back as zero after MADV_DONTNEED");
@@ -296,7 +314,9 @@ fn fork_cow() {
         await_shared(0);
         let v = read(page, 0, 0);
         if v != 0x11 {
-            rt::fail(format_args!("child sees {v:#x}: the parent's write leaked into the child"));
+            rt::fail(format_args!(
+                "child sees {v:#x}: the parent's write leaked into the child"
+            ));
         }
         write(page, 0, 0, 0x22);
         rt::shared_word(1).store(1, Ordering::Release);
@@ -308,7 +328,9 @@ fn fork_cow() {
     await_shared(1);
     let v = read(page, 0, 0);
     if v != 0x33 {
-        rt::fail(format_args!("parent sees {v:#x}: the child's write leaked into the parent"));
+        rt::fail(format_args!(
+            "parent sees {v:#x}: the child's write leaked into the parent"
+        ));
     }
     if rt::join(child) != Some(0) {
         rt::fail(format_args!("the child (vcpu {child}) failed"));
@@ -386,12 +408,17 @@ fn pin_coherent() {
         rt::fail(format_args!("the page does not see the DMA write"));
     }
     check(rt::mprotect(page, PAGE_SIZE, prot::READ, 0), "mprotect R");
-    check(rt::mprotect(page, PAGE_SIZE, prot::READ | prot::WRITE, 0), "mprotect RW");
+    check(
+        rt::mprotect(page, PAGE_SIZE, prot::READ | prot::WRITE, 0),
+        "mprotect RW",
+    );
     write(page, 0, 0, 0x88);
     let v = rt::dma_read(pin, 0);
     check(rt::unpin(pin), "unpin");
     if v != 0x88 {
-        rt::fail(format_args!("the pin reads {v:#x}, the page holds 0x88: not coherent"));
+        rt::fail(format_args!(
+            "the pin reads {v:#x}, the page holds 0x88: not coherent"
+        ));
     }
     println!("pin-coherent: the pin and the page agree across mprotect (0x88)");
 }
@@ -418,16 +445,24 @@ fn stale_tlb(mode: u64) {
     atomic(flag(GO)).store(1, Ordering::Release);
     if mode == 0 {
         wait_for(flag(WROTE));
-        println!("stale-tlb: after mprotect(PROT_READ) without a flush, the page holds {:#x}", read(base, 0, 0));
+        println!(
+            "stale-tlb: after mprotect(PROT_READ) without a flush, the page holds {:#x}",
+            read(base, 0, 0)
+        );
         if let Err(e) = rt::flush_tlb(base, PAGE_SIZE) {
             rt::fail(format_args!("flush failed: {e}"));
         }
         atomic(flag(GO_AGAIN)).store(1, Ordering::Release);
     }
     if rt::join(writer).is_some() {
-        rt::fail(format_args!("the writer survived a write to a read-only page"));
+        rt::fail(format_args!(
+            "the writer survived a write to a read-only page"
+        ));
     }
-    println!("stale-tlb: after the flush the writer's write faulted; the page holds {:#x}", read(base, 0, 0));
+    println!(
+        "stale-tlb: after the flush the writer's write faulted; the page holds {:#x}",
+        read(base, 0, 0)
+    );
 }
 
 /// The writer thread of `stale-tlb`.
@@ -444,7 +479,9 @@ fn stale_tlb_writer(arg: u64) {
         wait_for(flag(GO_AGAIN));
         write(base, 0, 0, 0xbad2);
     }
-    rt::fail(format_args!("a write to a read-only page succeeded after its flush"));
+    rt::fail(format_args!(
+        "a write to a read-only page succeeded after its flush"
+    ));
 }
 
 /// `rounds` of write-protect + unprotect of a page, each write-protect a
@@ -455,7 +492,8 @@ fn bench_shootdown(rounds: u64, others: u64) {
     write(base, 0, 0, 1);
     let mut ids = [0u64; 4];
     for id in ids.iter_mut().take(others.min(4) as usize) {
-        *id = rt::spawn(Program::BenchShootdown, stop).unwrap_or_else(|| rt::fail(format_args!("spawn refused")));
+        *id = rt::spawn(Program::BenchShootdown, stop)
+            .unwrap_or_else(|| rt::fail(format_args!("spawn refused")));
     }
     bench(|| {
         for _ in 0..rounds {

@@ -222,7 +222,11 @@ pub fn hypercall(nr: Hypercall, args: [u64; 4]) -> u64 {
 
 /// A hypercall result as `Result`: negative values are `-errno`.
 fn result(ret: u64) -> Result<u64, i64> {
-    if (ret as i64) < 0 { Err(ret as i64) } else { Ok(ret) }
+    if (ret as i64) < 0 {
+        Err(ret as i64)
+    } else {
+        Ok(ret)
+    }
 }
 
 /// `mmap(NULL, len, prot, MAP_PRIVATE | MAP_ANONYMOUS)`.
@@ -288,7 +292,10 @@ pub fn uffd_register(addr: u64, len: u64) -> Result<u64, i64> {
 
 /// Write-protects (`protect`) or unprotects a registered range.
 pub fn uffd_wp(addr: u64, len: u64, protect: bool) -> Result<u64, i64> {
-    result(hypercall(Hypercall::UffdWp, [addr, len, u64::from(protect), 0]))
+    result(hypercall(
+        Hypercall::UffdWp,
+        [addr, len, u64::from(protect), 0],
+    ))
 }
 
 /// Waits for a userfaultfd wp fault; the faulting page.

@@ -183,7 +183,11 @@ fn input(
 // ---------------------------------------------------------------------
 // The driver: one worker thread per target, a deadline per input.
 
-type Reply<O> = Result<O, String>;
+/// An input's answer, or the message of the panic it caused.
+type Reply<O> = Result<O, Panicked>;
+
+/// A panic's message (`panic!`'s payload as text).
+struct Panicked(String);
 
 struct Worker<O> {
     tx: Sender<Vec<u8>>,
@@ -202,7 +206,7 @@ impl<O: Send + 'static> Worker<O> {
                         p.downcast_ref::<String>()
                             .cloned()
                             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "a panic".into())
+                            .map_or_else(|| Panicked("a panic".into()), Panicked)
                     });
                     if out_tx.send(r).is_err() {
                         break;
@@ -259,7 +263,7 @@ where
                 t.accepted += u64::from(accepted);
                 Ok(())
             }
-            Ok(Err(msg)) => {
+            Ok(Err(Panicked(msg))) => {
                 t.panics += 1;
                 Err(TestCaseError::fail(format!("panicked: {msg}")))
             }

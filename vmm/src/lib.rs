@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod commands;
 pub mod control;
+pub mod cpu;
 #[cfg(test)]
 mod fuzz;
 pub mod hooks;

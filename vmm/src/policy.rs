@@ -44,35 +44,173 @@ pub enum GupReadCow {
     Unshare,
 }
 
-/// A set of kernel behaviours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    pub fault_lock: FaultLock,
+/// A knob's type: how `--set` spells its values and how they print.
+pub trait KnobValue: Sized {
+    /// The values, as `cowlab list policies` lists them (`mmap|vma`).
+    const VALUES: &'static str;
+    /// The values, as an error names them (`mmap or vma`).
+    const EXPECTED: &'static str;
+    fn parse(value: &str) -> Option<Self>;
+    fn show(&self) -> String;
+}
+
+/// `KnobValue` for an enum whose variants are spelt as the strings given.
+macro_rules! choices {
+    ($ty:ident { $($variant:ident = $name:literal),+ $(,)? }, $expected:expr) => {
+        impl KnobValue for $ty {
+            const VALUES: &'static str = join_bar!($($name),+);
+            const EXPECTED: &'static str = $expected;
+            fn parse(value: &str) -> Option<Self> {
+                match value {
+                    $($name => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+            fn show(&self) -> String {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+                .into()
+            }
+        }
+    };
+}
+
+macro_rules! join_bar {
+    ($first:literal $(, $rest:literal)*) => {
+        concat!($first $(, "|", $rest)*)
+    };
+}
+
+choices!(FaultLock { Mmap = "mmap", Vma = "vma" }, "mmap or vma");
+choices!(CowReuse { Mapcount = "mapcount", Refcount = "refcount" }, "mapcount or refcount");
+choices!(
+    GupReadCow { None = "none", Break = "break", Unshare = "unshare" },
+    "none, break or unshare"
+);
+
+impl KnobValue for bool {
+    const VALUES: &'static str = "on|off";
+    const EXPECTED: &'static str = "on or off";
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "on" | "true" | "1" | "yes" => Some(true),
+            "off" | "false" | "0" | "no" => Some(false),
+            _ => None,
+        }
+    }
+    fn show(&self) -> String {
+        if *self { "on" } else { "off" }.into()
+    }
+}
+
+/// A capacity: a number of entries, or `None` for no limit.
+impl KnobValue for Option<usize> {
+    const VALUES: &'static str = "N|unlimited";
+    const EXPECTED: &'static str = "a number >= 1 or unlimited";
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "unlimited" => Some(None),
+            n => n.parse::<usize>().ok().filter(|&n| n > 0).map(Some),
+        }
+    }
+    fn show(&self) -> String {
+        self.map_or("unlimited".into(), |n| n.to_string())
+    }
+}
+
+/// A `--set` that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("knob {knob} takes {expected}, not '{value}'")]
+    BadValue {
+        knob: &'static str,
+        expected: &'static str,
+        value: String,
+    },
+    #[error(
+        "unknown knob '{0}' (knobs: {names})",
+        names = KNOBS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownKnob(String),
+}
+
+impl From<PolicyError> for String {
+    fn from(e: PolicyError) -> String {
+        e.to_string()
+    }
+}
+
+/// Declares every knob once: its field of [`Policy`] (with its doc), its
+/// type (a [`KnobValue`]) and the commit that changed the behaviour. This
+/// gives the struct, `--set` ([`Policy::set`]), the values in order
+/// ([`Policy::values`]) and the table ([`KNOBS`]): a new knob is one entry.
+macro_rules! knobs {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty, $commit:literal;)*) => {
+        /// A set of kernel behaviours.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct Policy {
+            $($(#[$doc])* pub $name: $ty,)*
+        }
+
+        /// Every knob: name, values, the commit that changed it.
+        pub const KNOBS: &[(&str, &str, &str)] = &[
+            $((stringify!($name), <$ty as KnobValue>::VALUES, $commit),)*
+        ];
+
+        impl Policy {
+            /// Sets knob `name` from `value` (`--set name=value`).
+            pub fn set(&mut self, name: &str, value: &str) -> Result<(), PolicyError> {
+                match name {
+                    $(stringify!($name) => {
+                        self.$name = <$ty as KnobValue>::parse(value).ok_or_else(|| {
+                            PolicyError::BadValue {
+                                knob: stringify!($name),
+                                expected: <$ty as KnobValue>::EXPECTED,
+                                value: value.to_string(),
+                            }
+                        })?;
+                    })*
+                    _ => return Err(PolicyError::UnknownKnob(name.to_string())),
+                }
+                Ok(())
+            }
+
+            /// The value of every knob, in [`KNOBS`] order.
+            pub fn values(&self) -> Vec<String> {
+                vec![$(KnobValue::show(&self.$name),)*]
+            }
+        }
+    };
+}
+
+knobs! {
+    fault_lock: FaultLock, "0bff0aaea03e (v6.4): x86 faults under per-VMA locks";
     /// `dup_mmap()` write-locks every parent VMA (fb49c455323f "fork: lock
     /// VMAs of the parent process when forking", v6.5, stable 6.4.y).
-    pub fork_lock_vmas: bool,
-    pub cow_reuse: CowReuse,
+    fork_lock_vmas: bool, "fb49c455323f (v6.5): dup_mmap write-locks the parent's VMAs";
+    cow_reuse: CowReuse, "09854ba94c6a (v5.9): do_wp_page reuses by refcount";
     /// `PageAnonExclusive` and unsharing for R/O pins (6c287605fd56,
     /// c89357e27f20, v5.19).
-    pub anon_exclusive: bool,
-    pub gup_read_cow: GupReadCow,
+    anon_exclusive: bool, "6c287605fd56, c89357e27f20 (v5.19): PageAnonExclusive, unshare faults";
+    gup_read_cow: GupReadCow, "17839856fd58 (v5.8) break; a308c71bf1e6 (v5.9) none; v5.19 unshare";
     /// fork copies maybe-pinned exclusive pages at once instead of sharing
     /// them (70e806e4e645 "mm: Do early cow for pinned pages during fork()
     /// for ptes").
-    pub fork_copy_pinned: bool,
+    fork_copy_pinned: bool, "70e806e4e645: fork copies maybe-pinned anon pages early";
     /// fork write-protects a maybe-pinned page and flushes before copying
     /// it, so the child sees a coherent snapshot (J. Horn, 2025 proposal,
     /// not merged).
-    pub fork_wrprotect_pinned: bool,
+    fork_wrprotect_pinned: bool, "J. Horn 2025 proposal (not merged): wrprotect + flush before that copy";
     /// `do_wp_page()` flushes a pending TLB flush of a uffd-wp VMA before
     /// copying (6ce64428d620 "mm/userfaultfd: fix memory corruption due to
     /// writeprotect", v5.12, stable 5.9+).
-    pub uffd_wp_flush_before_copy: bool,
+    uffd_wp_flush_before_copy: bool, "6ce64428d620 (v5.12, stable 5.9+): flush a pending flush before COW copy";
     /// `wp_page_copy()` rechecks, under the PTL, that the page is still
     /// shared before installing the copy (suggested in seed 004, not merged).
-    pub wp_copy_recheck_exclusive: bool,
+    wp_copy_recheck_exclusive: bool, "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy";
     /// Most translations one TLB holds (None = unlimited).
-    pub tlb_capacity: Option<usize>,
+    tlb_capacity: Option<usize>, "cowlab: a small TLB evicts random entries";
 }
 
 /// The presets, newest first, with what each stands for.
@@ -163,101 +301,6 @@ impl Policy {
     pub fn preset_names() -> String {
         PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
     }
-
-    /// Sets knob `name` from `value` (`--set name=value`).
-    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
-        let bool_value = || match value {
-            "on" | "true" | "1" | "yes" => Ok(true),
-            "off" | "false" | "0" | "no" => Ok(false),
-            _ => Err(format!("knob {name} takes on or off, not '{value}'")),
-        };
-        match name {
-            "fault_lock" => {
-                self.fault_lock = match value {
-                    "mmap" => FaultLock::Mmap,
-                    "vma" => FaultLock::Vma,
-                    _ => return Err(format!("knob fault_lock takes mmap or vma, not '{value}'")),
-                }
-            }
-            "cow_reuse" => {
-                self.cow_reuse = match value {
-                    "mapcount" => CowReuse::Mapcount,
-                    "refcount" => CowReuse::Refcount,
-                    _ => {
-                        return Err(format!(
-                            "knob cow_reuse takes mapcount or refcount, not '{value}'"
-                        ))
-                    }
-                }
-            }
-            "gup_read_cow" => {
-                self.gup_read_cow = match value {
-                    "none" => GupReadCow::None,
-                    "break" => GupReadCow::Break,
-                    "unshare" => GupReadCow::Unshare,
-                    _ => {
-                        return Err(format!(
-                            "knob gup_read_cow takes none, break or unshare, not '{value}'"
-                        ))
-                    }
-                }
-            }
-            "tlb_capacity" => {
-                self.tlb_capacity = match value {
-                    "unlimited" => None,
-                    n => match n.parse::<usize>() {
-                        Ok(n) if n > 0 => Some(n),
-                        _ => {
-                            return Err(format!(
-                                "knob tlb_capacity takes a number >= 1 or unlimited, not '{value}'"
-                            ))
-                        }
-                    },
-                }
-            }
-            "fork_lock_vmas" => self.fork_lock_vmas = bool_value()?,
-            "anon_exclusive" => self.anon_exclusive = bool_value()?,
-            "fork_copy_pinned" => self.fork_copy_pinned = bool_value()?,
-            "fork_wrprotect_pinned" => self.fork_wrprotect_pinned = bool_value()?,
-            "uffd_wp_flush_before_copy" => self.uffd_wp_flush_before_copy = bool_value()?,
-            "wp_copy_recheck_exclusive" => self.wp_copy_recheck_exclusive = bool_value()?,
-            _ => {
-                return Err(format!(
-                    "unknown knob '{name}' (knobs: {})",
-                    KNOBS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
-                ))
-            }
-        }
-        Ok(())
-    }
-
-    /// The value of every knob, in [`KNOBS`] order.
-    pub fn values(&self) -> Vec<String> {
-        let b = |v: bool| if v { "on" } else { "off" }.to_string();
-        vec![
-            match self.fault_lock {
-                FaultLock::Mmap => "mmap".into(),
-                FaultLock::Vma => "vma".into(),
-            },
-            b(self.fork_lock_vmas),
-            match self.cow_reuse {
-                CowReuse::Mapcount => "mapcount".into(),
-                CowReuse::Refcount => "refcount".into(),
-            },
-            b(self.anon_exclusive),
-            match self.gup_read_cow {
-                GupReadCow::None => "none".into(),
-                GupReadCow::Break => "break".into(),
-                GupReadCow::Unshare => "unshare".into(),
-            },
-            b(self.fork_copy_pinned),
-            b(self.fork_wrprotect_pinned),
-            b(self.uffd_wp_flush_before_copy),
-            b(self.wp_copy_recheck_exclusive),
-            self.tlb_capacity
-                .map_or("unlimited".into(), |n| n.to_string()),
-        ]
-    }
 }
 
 impl Default for Policy {
@@ -265,60 +308,6 @@ impl Default for Policy {
         Policy::MAINLINE
     }
 }
-
-/// Every knob: name, values, the commit that changed it.
-pub const KNOBS: &[(&str, &str, &str)] = &[
-    (
-        "fault_lock",
-        "mmap|vma",
-        "0bff0aaea03e (v6.4): x86 faults under per-VMA locks",
-    ),
-    (
-        "fork_lock_vmas",
-        "on|off",
-        "fb49c455323f (v6.5): dup_mmap write-locks the parent's VMAs",
-    ),
-    (
-        "cow_reuse",
-        "mapcount|refcount",
-        "09854ba94c6a (v5.9): do_wp_page reuses by refcount",
-    ),
-    (
-        "anon_exclusive",
-        "on|off",
-        "6c287605fd56, c89357e27f20 (v5.19): PageAnonExclusive, unshare faults",
-    ),
-    (
-        "gup_read_cow",
-        "none|break|unshare",
-        "17839856fd58 (v5.8) break; a308c71bf1e6 (v5.9) none; v5.19 unshare",
-    ),
-    (
-        "fork_copy_pinned",
-        "on|off",
-        "70e806e4e645: fork copies maybe-pinned anon pages early",
-    ),
-    (
-        "fork_wrprotect_pinned",
-        "on|off",
-        "J. Horn 2025 proposal (not merged): wrprotect + flush before that copy",
-    ),
-    (
-        "uffd_wp_flush_before_copy",
-        "on|off",
-        "6ce64428d620 (v5.12, stable 5.9+): flush a pending flush before COW copy",
-    ),
-    (
-        "wp_copy_recheck_exclusive",
-        "on|off",
-        "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy",
-    ),
-    (
-        "tlb_capacity",
-        "N|unlimited",
-        "cowlab: a small TLB evicts random entries",
-    ),
-];
 
 /// `cowlab list policies`: presets × knobs, then the knobs' commits.
 pub struct PolicyTable;
@@ -385,12 +374,29 @@ mod tests {
             (p.cow_reuse, p.tlb_capacity, p.fork_lock_vmas),
             (CowReuse::Mapcount, Some(8), false)
         );
+        assert_eq!(
+            p.set("cow_reuse", "sometimes").unwrap_err().to_string(),
+            "knob cow_reuse takes mapcount or refcount, not 'sometimes'"
+        );
+        assert_eq!(
+            p.set("gup_read_cow", "x").unwrap_err().to_string(),
+            "knob gup_read_cow takes none, break or unshare, not 'x'"
+        );
+        assert_eq!(
+            p.set("tlb_capacity", "0").unwrap_err().to_string(),
+            "knob tlb_capacity takes a number >= 1 or unlimited, not '0'"
+        );
+        assert_eq!(
+            p.set("anon_exclusive", "maybe").unwrap_err().to_string(),
+            "knob anon_exclusive takes on or off, not 'maybe'"
+        );
         assert!(p
-            .set("cow_reuse", "sometimes")
+            .set("bogus", "1")
             .unwrap_err()
-            .contains("mapcount or refcount"));
-        assert!(p.set("tlb_capacity", "0").is_err());
-        assert!(p.set("bogus", "1").unwrap_err().contains("fault_lock"));
+            .to_string()
+            .starts_with("unknown knob 'bogus' (knobs: fault_lock, fork_lock_vmas, cow_reuse,"));
+        assert_eq!(KNOBS[0].1, "mmap|vma");
+        assert_eq!(KNOBS[4].1, "none|break|unshare");
         assert_eq!(p.values().len(), KNOBS.len());
     }
 }

@@ -10,53 +10,88 @@ use serde_json::{json, Map, Value};
 use super::printable;
 use crate::kvm::exit_code;
 
+/// Why `cowlab ctl` could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("argument '{0}' is not KEY=VALUE")]
+    NotKeyValue(String),
+    #[error("argument '{0}' has no key")]
+    NoKey(String),
+    #[error("argument '{0}' given twice")]
+    Twice(String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("{0}: {1}")]
+    Socket(String, std::io::Error),
+    /// The socket answered its greeting with an error (e.g. busy).
+    #[error("{0}: {1}")]
+    Refused(String, String),
+    #[error("{0}: not a cowlab control socket (greeting {1})")]
+    NotControl(String, Value),
+    #[error("the control socket closed")]
+    Closed,
+    #[error("bad line from the socket: {0}")]
+    BadLine(serde_json::Error),
+    #[error("reading the control socket: {0}")]
+    Read(std::io::Error),
+}
+
+impl ClientError {
+    /// Bad arguments are the user's (2); the rest is the socket's (3).
+    fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::NotKeyValue(_) | ClientError::NoKey(_) | ClientError::Twice(_) => {
+                exit_code::USAGE
+            }
+            _ => exit_code::VM_ERROR,
+        }
+    }
+}
+
 /// `KEY=VALUE` arguments as a JSON object: a VALUE that parses as JSON (a
 /// number, `true`, a quoted string) is taken as such, anything else as a
 /// string.
-pub fn parse_args(args: &[String]) -> Result<Map<String, Value>, String> {
+pub fn parse_args(args: &[String]) -> Result<Map<String, Value>, ClientError> {
     let mut map = Map::new();
     for a in args {
         let Some((k, v)) = a.split_once('=') else {
-            return Err(format!("argument '{a}' is not KEY=VALUE"));
+            return Err(ClientError::NotKeyValue(a.clone()));
         };
         if k.is_empty() {
-            return Err(format!("argument '{a}' has no key"));
+            return Err(ClientError::NoKey(a.clone()));
         }
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
         if map.insert(k.to_string(), value).is_some() {
-            return Err(format!("argument '{}' given twice", printable(k)));
+            return Err(ClientError::Twice(printable(k).into_owned()));
         }
     }
     Ok(map)
 }
 
-fn connect(socket: &Path) -> Result<(UnixStream, BufReader<UnixStream>), String> {
-    let stream = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+fn connect(socket: &Path) -> Result<(UnixStream, BufReader<UnixStream>), ClientError> {
+    let shown = || socket.display().to_string();
+    let stream = UnixStream::connect(socket).map_err(|e| ClientError::Connect(shown(), e))?;
     let mut reader = BufReader::new(
         stream
             .try_clone()
-            .map_err(|e| format!("{}: {e}", socket.display()))?,
+            .map_err(|e| ClientError::Socket(shown(), e))?,
     );
     let greeting = read_json(&mut reader)?;
     if let Some(desc) = greeting["error"]["desc"].as_str() {
-        return Err(format!("{}: {desc}", socket.display()));
+        return Err(ClientError::Refused(shown(), desc.to_string()));
     }
     if greeting.get("QMP").is_none() {
-        return Err(format!(
-            "{}: not a cowlab control socket (greeting {greeting})",
-            socket.display()
-        ));
+        return Err(ClientError::NotControl(shown(), greeting));
     }
     Ok((stream, reader))
 }
 
-fn read_json(reader: &mut impl BufRead) -> Result<Value, String> {
+fn read_json(reader: &mut impl BufRead) -> Result<Value, ClientError> {
     let mut line = String::new();
     match reader.read_line(&mut line) {
-        Ok(0) => Err("the control socket closed".into()),
-        Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad line from the socket: {e}")),
-        Err(e) => Err(format!("reading the control socket: {e}")),
+        Ok(0) => Err(ClientError::Closed),
+        Ok(_) => serde_json::from_str(&line).map_err(ClientError::BadLine),
+        Err(e) => Err(ClientError::Read(e)),
     }
 }
 
@@ -68,11 +103,11 @@ pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
     };
     let arguments = match parse_args(args) {
         Ok(a) => a,
-        Err(e) => return fail(e, exit_code::USAGE),
+        Err(e) => return fail(e.to_string(), e.exit_code()),
     };
     let (mut stream, mut reader) = match connect(socket) {
         Ok(c) => c,
-        Err(e) => return fail(e, exit_code::VM_ERROR),
+        Err(e) => return fail(e.to_string(), e.exit_code()),
     };
     if command == "watch" {
         return watch(&mut reader);
@@ -88,7 +123,7 @@ pub fn ctl(socket: &Path, command: &str, args: &[String]) -> i32 {
     loop {
         let v = match read_json(&mut reader) {
             Ok(v) => v,
-            Err(e) => return fail(e, exit_code::VM_ERROR),
+            Err(e) => return fail(e.to_string(), e.exit_code()),
         };
         if v.get("event").is_some() {
             continue;
@@ -156,7 +191,7 @@ mod tests {
         assert_eq!(a["x"], "2");
         assert!(parse_args(&["novalue".into()]).is_err());
         let twice = parse_args(&["vcpu=1".into(), "vcpu=2".into()]).unwrap_err();
-        assert!(twice.contains("'vcpu' given twice"), "{twice}");
+        assert!(twice.to_string().contains("'vcpu' given twice"), "{twice}");
         assert!(parse_args(&["=1".into()]).is_err());
     }
 }

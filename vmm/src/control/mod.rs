@@ -348,7 +348,7 @@ impl Controller {
     /// Validates a knob override against a preset.
     fn check_knob(knob: &str, value: &str) -> Result<(), String> {
         let mut p = Policy::MAINLINE;
-        p.set(knob, value)
+        Ok(p.set(knob, value)?)
     }
 }
 

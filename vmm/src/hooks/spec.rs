@@ -11,6 +11,48 @@ use std::fmt;
 
 use super::is_point;
 
+/// A rule or a schedule that does not parse; the messages are what
+/// `--inject`, `--schedule`, litmus files and the control socket report.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "unknown injection point '{0}' (see `cowlab list points`; guest hooks are guest:NAME)"
+    )]
+    UnknownPoint(String),
+    #[error("a rule is ACTION@POINT[/FILTER]..., not '{0}'")]
+    NotARule(String),
+    #[error("unknown action '{0}' (delay=US, pause, count, fail or panic)")]
+    UnknownAction(String),
+    #[error("bad hit range '{0}'")]
+    BadHitRange(String),
+    #[error("bad address range '{0}'")]
+    BadAddrRange(String),
+    #[error("runs are counted from 1, in '{0}'")]
+    RunZero(String),
+    #[error("bad run range '{0}'")]
+    BadRunRange(String),
+    #[error("unknown filter '{0}' (vN, hit=N, hits=A-B, addr=START-END, run=N, runs=A-B)")]
+    UnknownFilter(String),
+    #[error("a schedule orders at least two steps: vN@POINT < vM@POINT")]
+    OneStep,
+    #[error("a schedule step is vN@POINT, not '{0}'")]
+    NotAStep(String),
+    #[error("a schedule step names a vCPU as vN, not '{0}'")]
+    BadStepVcpu(String),
+    #[error("bad address range in '{0}'")]
+    BadStepAddrRange(String),
+    #[error("hits are counted from 1, in '{0}'")]
+    HitZero(String),
+    #[error("unknown step filter '{filter}' in '{step}' (addr=START-END, hit=N)")]
+    UnknownStepFilter { filter: String, step: String },
+}
+
+impl From<SpecError> for String {
+    fn from(e: SpecError) -> String {
+        e.to_string()
+    }
+}
+
 /// What a rule does at its point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -130,22 +172,20 @@ fn vcpu(s: &str) -> Option<usize> {
     s.strip_prefix('v')?.parse().ok()
 }
 
-fn point(p: &str) -> Result<String, String> {
+fn point(p: &str) -> Result<String, SpecError> {
     if is_point(p) {
         Ok(p.to_string())
     } else {
-        Err(format!(
-            "unknown injection point '{p}' (see `cowlab list points`; guest hooks are guest:NAME)"
-        ))
+        Err(SpecError::UnknownPoint(p.to_string()))
     }
 }
 
 /// Parses a rule (`delay=200@wp_page_copy:after_copy/v1/hit=1`).
-pub fn parse_rule(s: &str) -> Result<Rule, String> {
+pub fn parse_rule(s: &str) -> Result<Rule, SpecError> {
     let s = s.trim();
     let (action, rest) = s
         .split_once('@')
-        .ok_or_else(|| format!("a rule is ACTION@POINT[/FILTER]..., not '{s}'"))?;
+        .ok_or_else(|| SpecError::NotARule(s.to_string()))?;
     let action = match action {
         "pause" => Action::Pause,
         "count" => Action::Count,
@@ -153,11 +193,7 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
         "panic" => Action::Panic,
         a => match a.strip_prefix("delay=").and_then(number) {
             Some(us) => Action::Delay(us),
-            None => {
-                return Err(format!(
-                    "unknown action '{a}' (delay=US, pause, count, fail or panic)"
-                ))
-            }
+            None => return Err(SpecError::UnknownAction(a.to_string())),
         },
     };
     let mut parts = rest.split('/');
@@ -178,51 +214,49 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
         } else if let Some((a, b)) = filter.strip_prefix("hits=").and_then(|r| r.split_once('-')) {
             let (a, b) = number(a)
                 .zip(number(b))
-                .ok_or_else(|| format!("bad hit range '{filter}'"))?;
+                .ok_or_else(|| SpecError::BadHitRange(filter.to_string()))?;
             rule.hits = Some((a, b));
         } else if let Some((a, b)) = filter.strip_prefix("addr=").and_then(|r| r.split_once('-')) {
             let (a, b) = number(a)
                 .zip(number(b))
-                .ok_or_else(|| format!("bad address range '{filter}'"))?;
+                .ok_or_else(|| SpecError::BadAddrRange(filter.to_string()))?;
             rule.addr = Some((a, b));
         } else if let Some(n) = filter.strip_prefix("run=").and_then(number) {
             if n == 0 {
-                return Err(format!("runs are counted from 1, in '{filter}'"));
+                return Err(SpecError::RunZero(filter.to_string()));
             }
             rule.runs = Some((n, n));
         } else if let Some((a, b)) = filter.strip_prefix("runs=").and_then(|r| r.split_once('-')) {
             let (a, b) = number(a)
                 .zip(number(b))
-                .ok_or_else(|| format!("bad run range '{filter}'"))?;
+                .ok_or_else(|| SpecError::BadRunRange(filter.to_string()))?;
             rule.runs = Some((a, b));
         } else {
-            return Err(format!(
-                "unknown filter '{filter}' (vN, hit=N, hits=A-B, addr=START-END, run=N, runs=A-B)"
-            ));
+            return Err(SpecError::UnknownFilter(filter.to_string()));
         }
     }
     Ok(rule)
 }
 
 /// Parses a schedule (`v1@fork:after_wrprotect < v2@do_wp_page:enter`).
-pub fn parse_schedule(s: &str) -> Result<Vec<Step>, String> {
+pub fn parse_schedule(s: &str) -> Result<Vec<Step>, SpecError> {
     let steps = s
         .split('<')
         .map(parse_step)
         .collect::<Result<Vec<_>, _>>()?;
     if steps.len() < 2 {
-        return Err("a schedule orders at least two steps: vN@POINT < vM@POINT".into());
+        return Err(SpecError::OneStep);
     }
     Ok(steps)
 }
 
 /// One schedule step: `vN@POINT[/addr=START-END][/hit=N]`.
-pub fn parse_step(step: &str) -> Result<Step, String> {
+pub fn parse_step(step: &str) -> Result<Step, SpecError> {
     let step = step.trim();
     let (v, p) = step
         .split_once('@')
-        .ok_or_else(|| format!("a schedule step is vN@POINT, not '{step}'"))?;
-    let vcpu = vcpu(v).ok_or_else(|| format!("a schedule step names a vCPU as vN, not '{v}'"))?;
+        .ok_or_else(|| SpecError::NotAStep(step.to_string()))?;
+    let vcpu = vcpu(v).ok_or_else(|| SpecError::BadStepVcpu(v.to_string()))?;
     let mut parts = p.split('/');
     let point = point(parts.next().unwrap_or_default())?;
     let (mut addr, mut hit) = (None, None);
@@ -231,17 +265,18 @@ pub fn parse_step(step: &str) -> Result<Step, String> {
             let (a, b) = range
                 .split_once('-')
                 .and_then(|(a, b)| number(a).zip(number(b)))
-                .ok_or_else(|| format!("bad address range in '{step}'"))?;
+                .ok_or_else(|| SpecError::BadStepAddrRange(step.to_string()))?;
             addr = Some((a, b));
         } else if let Some(n) = filter.strip_prefix("hit=").and_then(number) {
             if n == 0 {
-                return Err(format!("hits are counted from 1, in '{step}'"));
+                return Err(SpecError::HitZero(step.to_string()));
             }
             hit = Some(n);
         } else {
-            return Err(format!(
-                "unknown step filter '{filter}' in '{step}' (addr=START-END, hit=N)"
-            ));
+            return Err(SpecError::UnknownStepFilter {
+                filter: filter.to_string(),
+                step: step.to_string(),
+            });
         }
     }
     Ok(Step {
@@ -270,19 +305,24 @@ mod tests {
         }
         assert!(parse_rule("delay@fork:enter")
             .unwrap_err()
+            .to_string()
             .contains("unknown action"));
         assert!(parse_rule("count@nowhere")
             .unwrap_err()
+            .to_string()
             .contains("unknown injection point"));
         assert!(parse_rule("count@fork:enter/x9")
             .unwrap_err()
+            .to_string()
             .contains("unknown filter"));
         assert!(parse_rule("fork:enter").is_err());
         assert!(parse_rule("panic@fork:enter/run=0")
             .unwrap_err()
+            .to_string()
             .contains("counted from 1"));
         assert!(parse_rule("panic@fork:enter/runs=2")
             .unwrap_err()
+            .to_string()
             .contains("unknown filter"));
     }
 
@@ -315,9 +355,11 @@ mod tests {
         assert_eq!(s[0].to_string(), "v0@fault:fill/addr=0x1000-0x2000/hit=3");
         assert!(parse_schedule("v0@guest:x/hit=0 < v1@guest:y")
             .unwrap_err()
+            .to_string()
             .contains("counted from 1"));
         assert!(parse_schedule("v0@guest:x/v1 < v1@guest:y")
             .unwrap_err()
+            .to_string()
             .contains("unknown step filter"));
         assert!(parse_schedule("v1@fork:enter").is_err());
         assert!(parse_schedule("P1@fork:enter < v0@fork:enter").is_err());

@@ -7,6 +7,7 @@ use cowlab_abi::{Hypercall, HYPERCALL_PORT};
 use kvm_ioctls::VcpuExit;
 
 use super::error::VcpuError;
+use crate::trace::ExitReason;
 
 /// Consecutive EFAULT exits after which the frame is taken as really gone.
 pub(super) const MAX_REVOKED_RETRIES: u32 = 10_000;
@@ -70,12 +71,12 @@ impl Exit {
     }
 
     /// The exit as a trace's `Exit` event codes it: (reason, detail).
-    pub(super) fn trace_code(&self) -> (u64, u64) {
+    pub(super) fn trace_code(&self) -> (ExitReason, u64) {
         match self {
-            Exit::Hypercall(nr) => (1, *nr as u64),
-            Exit::IrqWindowOpen | Exit::Interrupted => (2, 0),
-            Exit::Revoked => (3, 0),
-            _ => (4, 0),
+            Exit::Hypercall(nr) => (ExitReason::Hypercall, *nr as u64),
+            Exit::IrqWindowOpen | Exit::Interrupted => (ExitReason::Interrupted, 0),
+            Exit::Revoked => (ExitReason::Revoked, 0),
+            _ => (ExitReason::Other, 0),
         }
     }
 }

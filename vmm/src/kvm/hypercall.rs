@@ -18,7 +18,7 @@ use super::shootdown::request;
 use super::vcpu::{Flow, Start, StubExit, Vcpu};
 use super::vm::Event;
 use crate::mm::{Access, FaultError, GupFlags, MmError};
-use crate::trace::Kind;
+use crate::trace::{FaultAccess, FaultResult, Kind};
 
 impl Vcpu {
     /// Carries out hypercall `call`, its arguments in the mailbox; its
@@ -221,21 +221,21 @@ impl Vcpu {
             None => {
                 if let Some(t) = self.trace() {
                     let a = match access {
-                        Access::Read => 0,
-                        Access::Write => 1,
-                        Access::Fetch => 2,
+                        Access::Read => FaultAccess::Read,
+                        Access::Write => FaultAccess::Write,
+                        Access::Fetch => FaultAccess::Exec,
                     };
-                    t.emit(Kind::Fault, &[addr, a], "");
+                    t.emit(Kind::Fault, &[addr, a.code()], "");
                 }
                 let r = self.mm.handle_user_fault(self.id, addr, access);
                 if let Some(t) = self.trace() {
                     let code = match r {
-                        Ok(()) => 0,
-                        Err(FaultError::Segv) => 1,
-                        Err(FaultError::Oom) => 2,
-                        Err(_) => 3,
+                        Ok(()) => FaultResult::Ok,
+                        Err(FaultError::Segv) => FaultResult::Segv,
+                        Err(FaultError::Oom) => FaultResult::Oom,
+                        Err(_) => FaultResult::Interrupted,
                     };
-                    t.emit(Kind::FaultEnd, &[addr, code], "");
+                    t.emit(Kind::FaultEnd, &[addr, code.code()], "");
                 }
                 fault_reply(r, &fault, access, || self.area.fixup_armed())
             }

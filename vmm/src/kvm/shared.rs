@@ -24,7 +24,6 @@ use super::shootdown::{request, VcpuCtl};
 use super::vcpu::{Start, Vcpu};
 use super::vm::Event;
 use super::{kick, Gate};
-use crate::hooks;
 use crate::mm::{Machine, Mm};
 
 pub(super) struct VcpuSlot {
@@ -141,7 +140,7 @@ impl Shared {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
-                hooks::set_current_cpu(Some(id));
+                crate::cpu::set_current(Some(id));
                 let vcpu_ctl = Arc::clone(&thread_ctl);
                 let vcpu_shared = Arc::clone(&shared);
                 let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {
@@ -278,8 +277,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The vCPU this thread runs, if it is a vCPU thread. One owner for the
-/// whole VMM: the hooks' CPU of this thread, set when the thread starts.
+/// The vCPU this thread runs, if it is a vCPU thread: [`crate::cpu`],
+/// the one owner of that fact, set when the thread starts.
 pub(super) fn current_vcpu() -> Option<usize> {
-    hooks::current_cpu()
+    crate::cpu::current()
 }

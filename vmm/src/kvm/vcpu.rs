@@ -26,7 +26,7 @@ use super::shootdown::{request, VcpuCtl};
 use super::vm::Event;
 use super::{arch, kick};
 use crate::mm::{mmap, verify_tlbs, Mm, ShadowTlb};
-use crate::trace::Kind;
+use crate::trace::{ExitReason, Kind};
 
 /// How a new vCPU starts.
 pub(crate) enum Start {
@@ -229,8 +229,10 @@ impl Vcpu {
             let exit = self.enter();
             self.ctl.in_guest.store(false, Ordering::SeqCst);
             if let Some(t) = self.trace() {
-                let (reason, detail) = exit.as_ref().map_or((4, 0), Exit::trace_code);
-                t.emit(Kind::Exit, &[reason, detail], "");
+                let (reason, detail) = exit
+                    .as_ref()
+                    .map_or((ExitReason::Other, 0), Exit::trace_code);
+                t.emit(Kind::Exit, &[reason.code(), detail], "");
             }
             if self.ctl.flush_req.load(Ordering::Acquire)
                 > self.ctl.flush_ack.load(Ordering::Acquire)

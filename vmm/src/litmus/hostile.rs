@@ -109,7 +109,7 @@ fn nesting_at_the_limit_is_accepted_and_every_walk_of_it_is_shallow() {
             assert_eq!(format!("{cond:?}"), format!("{:?}", c.test.exists));
             assert_eq!(cond, c.test.exists);
             assert_eq!(holds(&cond, &state()), want);
-            assert_eq!(super::run::key(&cond, &state()), "P0:r1=1;");
+            assert_eq!(super::verdict::key(&cond, &state()), "P0:r1=1;");
             drop(c);
         }
         assert_err(&deep_parens(MAX_NESTING + 1), "nesting deeper");
@@ -142,7 +142,7 @@ fn a_long_chain_is_one_flat_node_not_a_deep_tree() {
                 assert_eq!(terms, n);
                 assert!(holds(&cond, &state()));
                 assert!(format!("{cond:?}").len() > n);
-                assert_eq!(super::run::key(&cond, &state()), "P0:r1=1;");
+                assert_eq!(super::verdict::key(&cond, &state()), "P0:r1=1;");
                 c
             })
             .unwrap()

@@ -10,6 +10,7 @@ pub(crate) mod hostile;
 pub mod parse;
 pub mod run;
 pub mod soak;
+pub mod verdict;
 
 pub use compile::{compile, Compiled};
 pub use parse::{parse, ParseError};

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use cowlab_abi::Program;
 
-use super::ast::{CmpOp, Cond, Status, Value, Verdict};
+use super::ast::{Status, Verdict};
 use super::compile::Compiled;
+pub use super::verdict::{holds, RunState, ThreadEnd};
+use super::verdict::{key, observe};
 use crate::hooks::{Rule, Step};
 use crate::kvm::{exit_code, Error, Outcome, RunObserver, RunReport, Vm, VmConfig};
 use crate::policy::Policy;
@@ -45,16 +47,6 @@ pub struct RunOptions {
     /// many runs in all (a suite cell expected `Sometimes`: `runs N max M`).
     pub until_witness: Option<u64>,
 }
-
-/// How one thread of one run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ThreadEnd {
-    Ok([u64; cowlab_abi::bytecode::NR_REGS]),
-    Status(Status, &'static str),
-}
-
-/// The threads of one run, by name.
-pub type RunState = BTreeMap<String, ThreadEnd>;
 
 /// The result of many runs.
 #[derive(Debug, Clone)]
@@ -129,105 +121,6 @@ fn run_state(test: &Compiled, report: &RunReport) -> RunState {
         state.insert(name, end);
     }
     state
-}
-
-fn value(state: &RunState, v: &Value) -> Option<u64> {
-    match v {
-        Value::Imm(n) => Some(*n),
-        Value::Reg { thread, reg } => match state.get(thread)? {
-            ThreadEnd::Ok(regs) => Some(regs[*reg as usize]),
-            ThreadEnd::Status(..) => None,
-        },
-    }
-}
-
-/// Whether `cond` holds in `state`. A register of a thread that did not
-/// finish has no value: comparisons with it are false. (Recursive only
-/// through '(' and '~', whose depth the parser limits.)
-pub fn holds(cond: &Cond, state: &RunState) -> bool {
-    match cond {
-        Cond::True => true,
-        Cond::And(terms) => terms.iter().all(|c| holds(c, state)),
-        Cond::Or(terms) => terms.iter().any(|c| holds(c, state)),
-        Cond::Not(a) => !holds(a, state),
-        Cond::Status { thread, status } => match (state.get(thread), status) {
-            (Some(ThreadEnd::Ok(_)), Status::Ok) => true,
-            (Some(ThreadEnd::Status(s, _)), want) => s == want,
-            _ => false,
-        },
-        Cond::Cmp(l, op, r) => match (value(state, l), value(state, r)) {
-            (Some(l), Some(r)) => match op {
-                CmpOp::Eq => l == r,
-                CmpOp::Ne => l != r,
-                CmpOp::Lt => l < r,
-                CmpOp::Le => l <= r,
-                CmpOp::Gt => l > r,
-                CmpOp::Ge => l >= r,
-            },
-            _ => false,
-        },
-    }
-}
-
-/// The (thread, register) pairs and threads the condition names, in order.
-fn named(cond: &Cond, regs: &mut Vec<(String, u8)>, threads: &mut Vec<String>) {
-    let add_thread = |t: &String, threads: &mut Vec<String>| {
-        if !threads.contains(t) {
-            threads.push(t.clone());
-        }
-    };
-    match cond {
-        Cond::And(terms) | Cond::Or(terms) => {
-            for c in terms {
-                named(c, regs, threads);
-            }
-        }
-        Cond::Not(a) => named(a, regs, threads),
-        Cond::Status { thread, .. } => add_thread(thread, threads),
-        Cond::Cmp(l, _, r) => {
-            for v in [l, r] {
-                if let Value::Reg { thread, reg } = v {
-                    add_thread(thread, threads);
-                    if !regs.contains(&(thread.clone(), *reg)) {
-                        regs.push((thread.clone(), *reg));
-                    }
-                }
-            }
-        }
-        Cond::True => {}
-    }
-}
-
-/// The histogram key of a state: the named registers, or the way a
-/// named thread ended if it did not finish.
-pub(super) fn key(cond: &Cond, state: &RunState) -> String {
-    let (mut regs, mut threads) = (Vec::new(), Vec::new());
-    named(cond, &mut regs, &mut threads);
-    let mut parts = Vec::new();
-    for t in &threads {
-        match state.get(t) {
-            Some(ThreadEnd::Ok(r)) => {
-                for (_, reg) in regs.iter().filter(|(th, _)| th == t) {
-                    parts.push(format!("{t}:r{reg}={}", fmt_value(r[*reg as usize])));
-                }
-                if !regs.iter().any(|(th, _)| th == t) {
-                    parts.push(format!("{t}:ok"));
-                }
-            }
-            Some(ThreadEnd::Status(_, what)) => parts.push(format!("{t}:{what}")),
-            None => parts.push(format!("{t}:absent")),
-        }
-    }
-    parts.join("; ") + ";"
-}
-
-/// Small numbers in decimal, the rest (addresses, patterns) in hex.
-fn fmt_value(v: u64) -> String {
-    if v >= 16 {
-        format!("{v:#x}")
-    } else {
-        v.to_string()
-    }
 }
 
 /// Why a run ended in an error, if it did: the first VMM error (or panic)
@@ -408,21 +301,8 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
     let errored: u64 = errors.values().sum();
     let negative = done - positive - errored;
-    let observation = match (positive, negative) {
-        (0, _) => Verdict::Never,
-        (_, 0) => Verdict::Always,
-        _ => Verdict::Sometimes,
-    };
-    let expectation = test
-        .test
-        .expects
-        .iter()
-        .rev()
-        .find(|e| e.policy == opts.policy_name)
-        // No run finished (`quit` before the first, or a time budget): no
-        // observation to hold the expectation against.
-        .filter(|_| done > 0)
-        .map(|e| (e.verdict, e.verdict.admits(observation)));
+    let (observation, expectation) =
+        observe(&test.test.expects, &opts.policy_name, positive, negative);
     Ok(LitmusResult {
         test: test.test.name.clone(),
         policy_name: opts.policy_name.clone(),

@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use cowlab_abi::layout::USER_END;
 
-use super::memory::{FaultError, PTE_PROTNONE};
-use super::mm_struct::{Mm, Vma};
+use super::fault::FaultError;
+use super::memory::PTE_PROTNONE;
+use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::page::GUP_PIN_COUNTING_BIAS;
 use super::pagetable::{self, bits};
 use super::phys::Word;
 use super::tlb::user_pte;
+use crate::hooks::Point;
 
 impl Mm {
     /// A new address space for a child of this one: every VMA copied, every
@@ -38,7 +40,7 @@ impl Mm {
                 v.vma_start_write(self);
             }
         }
-        let _ = self.m.hooks.hit("fork:enter", cpu, None);
+        let _ = self.m.hooks.at(Point::ForkEnter, cpu, None);
         self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);
         let result = vmas.iter().try_for_each(|vma| {
             child
@@ -51,10 +53,10 @@ impl Mm {
         child
             .mmap_base
             .store(self.mmap_base.load(Ordering::Acquire), Ordering::Release);
-        let _ = self.m.hooks.hit("fork:before_flush", cpu, None);
+        let _ = self.m.hooks.at(Point::ForkBeforeFlush, cpu, None);
         self.flush_tlb_mm(cpu);
         self.fork_flush_deferred.fetch_sub(1, Ordering::AcqRel);
-        let _ = self.m.hooks.hit("fork:after_flush", cpu, None);
+        let _ = self.m.hooks.at(Point::ForkAfterFlush, cpu, None);
         result.map(|()| child)
     }
 
@@ -80,16 +82,17 @@ impl Mm {
                     return;
                 }
                 let wrprotected = {
-                    let _src_ptl = self.ptl();
-                    let _dst_ptl = child.ptl();
+                    let src_ptl = self.ptl();
+                    let dst_ptl = child.ptl();
+                    let ptls = (&src_ptl, &dst_ptl);
                     let was = src.load(Ordering::Acquire);
                     result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
                         .map_err(FaultError::from)
-                        .and_then(|dst| self.copy_present_pte(child, vma, va, src, dst, cpu));
+                        .and_then(|dst| self.copy_present_pte(ptls, child, vma, va, src, dst, cpu));
                     was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0
                 };
                 if wrprotected {
-                    let _ = m.hooks.hit("fork:after_wrprotect", cpu, Some(va));
+                    let _ = m.hooks.at(Point::ForkAfterWrprotect, cpu, Some(va));
                 }
             },
         );
@@ -100,11 +103,13 @@ impl Mm {
     /// when it is exclusive and maybe pinned. Models
     /// mm/memory.c:copy_present_pte().
     ///
-    /// Lock contract: called with both PTLs held (returns with them held):
-    /// the reference and the rmap are taken while the parent's PTE, which
-    /// holds them, cannot change.
+    /// Lock contract: called with both PTLs held (`ptls`: the parent's,
+    /// the child's; returns with them held): the reference and the rmap
+    /// are taken while the parent's PTE, which holds them, cannot change.
+    #[allow(clippy::too_many_arguments)]
     fn copy_present_pte(
         &self,
+        ptls: (&PtlGuard<'_>, &PtlGuard<'_>),
         child: &Mm,
         vma: &Vma,
         va: u64,
@@ -117,7 +122,7 @@ impl Mm {
         let frame = pte & bits::ADDR_MASK;
         if !m.frames.is_normal(frame) {
             // The zero page: nothing to count, read-only already.
-            child.set_pte(va, dst, pte);
+            child.set_pte(ptls.1, va, dst, pte);
             return Ok(());
         }
         let page = m.frames.page(frame);
@@ -130,7 +135,7 @@ impl Mm {
             && maybe_pinned
             && (!policy.anon_exclusive || page.anon_exclusive())
         {
-            return self.copy_present_page(child, vma, va, src, dst, cpu);
+            return self.copy_present_page(ptls, child, vma, va, src, dst, cpu);
         }
         m.frames.get_page(frame);
         m.frames.dup_rmap(frame);
@@ -138,9 +143,9 @@ impl Mm {
         // A private writable mapping: write-protect both sides (COW).
         let shared = pte & !bits::WRITABLE;
         if pte & bits::WRITABLE != 0 {
-            self.set_pte(va, src, shared);
+            self.set_pte(ptls.0, va, src, shared);
         }
-        child.set_pte(va, dst, shared);
+        child.set_pte(ptls.1, va, dst, shared);
         Ok(())
     }
 
@@ -150,12 +155,14 @@ impl Mm {
     /// PTE and flushes first, so writers fault and wait for the fork.
     /// Models mm/memory.c:copy_present_page().
     ///
-    /// Lock contract: called with both PTLs held (returns with them held),
-    /// so the parent's page, mapped by the PTE, is not freed under the
+    /// Lock contract: called with both PTLs held (`ptls`: the parent's,
+    /// the child's; returns with them held), so the parent's page, mapped by the PTE, is not freed under the
     /// copy (Linux preallocates the page outside the locks and retries;
     /// allocating here never sleeps).
+    #[allow(clippy::too_many_arguments)]
     fn copy_present_page(
         &self,
+        ptls: (&PtlGuard<'_>, &PtlGuard<'_>),
         child: &Mm,
         vma: &Vma,
         va: u64,
@@ -167,17 +174,22 @@ impl Mm {
         let frame = src.load(Ordering::Acquire) & bits::ADDR_MASK;
         let new = m.frames.alloc_uninit()?;
         if m.policy.fork_wrprotect_pinned {
-            self.set_pte(va, src, src.load(Ordering::Acquire) & !bits::WRITABLE);
+            self.set_pte(
+                ptls.0,
+                va,
+                src,
+                src.load(Ordering::Acquire) & !bits::WRITABLE,
+            );
             self.flush_tlb_page(va, cpu);
         }
-        let _ = m.hooks.hit("fork:before_copy_page", cpu, Some(va));
+        let _ = m.hooks.at(Point::ForkBeforeCopyPage, cpu, Some(va));
         m.mem.copy_frame(new, frame);
         if let Some(t) = self.trace() {
             t.emit(crate::trace::Kind::Copy, &[va, frame, new], "");
         }
-        let _ = m.hooks.hit("fork:after_copy_page", cpu, Some(va));
+        let _ = m.hooks.at(Point::ForkAfterCopyPage, cpu, Some(va));
         m.frames.add_new_anon_rmap(new);
-        child.set_pte(va, dst, user_pte(new, vma.writable()));
+        child.set_pte(ptls.1, va, dst, user_pte(new, vma.writable()));
         Ok(())
     }
 }

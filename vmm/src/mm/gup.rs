@@ -12,9 +12,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
-use super::memory::{Access, FaultError};
+use super::fault::{FaultError, FaultFlags};
 use super::mm_struct::{Machine, Mm};
 use super::pagetable::{self, bits};
+use crate::hooks::Point;
 use crate::policy::GupReadCow;
 use crate::trace::Kind;
 
@@ -114,28 +115,25 @@ impl Mm {
             let cow_shared = pte & bits::WRITABLE == 0 && vma.writable();
             // What faultin_page() would be asked for, if anything.
             let fault = if pte & bits::PRESENT == 0 {
-                Some((
-                    if flags.write {
-                        Access::Write
-                    } else {
-                        Access::Read
-                    },
-                    false,
-                ))
+                Some(if flags.write {
+                    FaultFlags::WRITE
+                } else {
+                    FaultFlags::READ
+                })
             } else if flags.write && pte & bits::WRITABLE == 0 {
-                Some((Access::Write, false))
+                Some(FaultFlags::WRITE)
             } else if gup_must_unshare(m, pte, flags) {
-                Some((Access::Read, true))
+                Some(FaultFlags::UNSHARE)
             } else if !flags.write && cow_shared && m.policy.gup_read_cow == GupReadCow::Break {
                 // 17839856fd58: a read-only GUP (FOLL_GET or FOLL_PIN) of a COW
                 // page breaks COW like a write.
-                Some((Access::Write, false))
+                Some(FaultFlags::WRITE)
             } else {
                 None
             };
-            if let Some((access, unshare)) = fault {
+            if let Some(fault_flags) = fault {
                 drop(ptl);
-                self.handle_mm_fault(&vma, page, access, unshare, cpu)?;
+                self.handle_mm_fault(&vma, page, fault_flags, cpu)?;
                 continue;
             }
             let frame = pte & bits::ADDR_MASK;
@@ -150,7 +148,7 @@ impl Mm {
             if let Some(t) = self.trace() {
                 t.emit(Kind::Pin, &[page, frame, flags.pin as u64], "");
             }
-            let _ = m.hooks.hit("gup:after_grab", Some(cpu), Some(page));
+            let _ = m.hooks.at(Point::GupAfterGrab, Some(cpu), Some(page));
             return Ok(m.pins.insert(Pin { frame, flags }));
         }
     }

@@ -6,15 +6,14 @@
 use super::sync::{preempt, Ordering};
 
 use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
-use cowlab_abi::pf_error;
 
-use super::frame::OutOfFrames;
-use super::mm_struct::{Mm, Vma};
+use super::fault::{Access, FaultError, FaultFlags, VmFault};
+use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::pagetable::{self, bits};
-use super::phys::Word;
 use super::tlb::{self, user_pte};
+use crate::hooks::Point;
 use crate::policy::{CowReuse, FaultLock};
-use crate::trace::Kind;
+use crate::trace::{Kind, Resolution};
 
 /// Software PTE bit (x86 bit 9, ignored by hardware): a PROT_NONE mapping,
 /// kept with its frame but not present. Models `_PAGE_PROTNONE`.
@@ -24,59 +23,13 @@ pub const PTE_PROTNONE: u64 = 1 << 9;
 /// `_PAGE_UFFD_WP`.
 pub const PTE_UFFD_WP: u64 = 1 << 10;
 
-/// The kind of access that faulted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-    Fetch,
-}
-
-impl Access {
-    /// Decodes the access from an x86 #PF error code.
-    pub fn from_error_code(code: u64) -> Self {
-        if code & pf_error::FETCH != 0 {
-            Access::Fetch
-        } else if code & pf_error::WRITE != 0 {
-            Access::Write
-        } else {
-            Access::Read
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-            Access::Fetch => "exec",
-        }
-    }
-}
-
-/// A fault the memory manager cannot resolve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FaultError {
-    /// No VMA allows this access: the thread gets a SIGSEGV.
-    #[error("segmentation fault")]
-    Segv,
-    /// No frame was left for the page or its tables: VM_FAULT_OOM.
-    #[error("out of memory")]
-    Oom,
-    /// A write hit a userfaultfd write-protected page: the thread waits,
-    /// with no lock held, for the handler to resolve `addr`, then retries
-    /// (VM_FAULT_RETRY from handle_userfault()).
-    #[error("userfaultfd write-protect fault")]
-    Userfault(u64),
-    /// The VM is stopping the thread while it waits for the userfaultfd
-    /// handler (the fatal signal that ends handle_userfault()'s sleep).
-    #[error("stopped while waiting for a userfaultfd handler")]
-    Interrupted,
-}
-
-impl From<OutOfFrames> for FaultError {
-    fn from(_: OutOfFrames) -> Self {
-        FaultError::Oom
-    }
+/// A reference on the page a COW fault copies, taken by do_wp_page()
+/// under the PTL (made only by `Mm::get_old_page`, which takes the
+/// [`PtlGuard`]); wp_page_copy() consumes it and drops the reference.
+#[must_use]
+#[derive(Debug)]
+pub(crate) struct OldPageRef {
+    frame: u64,
 }
 
 /// Whether a present logical PTE lets `access` through (what the hardware
@@ -121,7 +74,7 @@ impl Mm {
         loop {
             if self.tlb_fill(cpu, addr, access)? {
                 if first {
-                    self.resolved(addr, 1);
+                    self.resolved(addr, Resolution::Fill);
                 }
                 return Ok(());
             }
@@ -169,15 +122,20 @@ impl Mm {
                 t.emit(Kind::Evict, &[victim], "");
             }
         }
-        let _ = self.m.hooks.hit("fault:fill", Some(cpu), Some(page));
+        let _ = self.m.hooks.at(Point::FaultFill, Some(cpu), Some(page));
         Ok(true)
     }
 
     /// A fresh data page for `addr`, unless a `fail@alloc_page` rule says
-    /// no; zeroed or a copy of `from`.
+    /// no; zeroed or a copy of `from`. Models the allocation of
+    /// do_anonymous_page() and wp_page_copy() (vma_alloc_zeroed_movable_folio(),
+    /// folio_prealloc() + __wp_page_copy_user()).
+    ///
+    /// Lock contract: called without the PTL (an allocation may sleep);
+    /// a copy's source is kept alive by the caller's reference on it.
     fn alloc_data_page(&self, cpu: usize, addr: u64, from: Option<u64>) -> Result<u64, FaultError> {
         let m = &self.m;
-        if m.hooks.hit("alloc_page", Some(cpu), Some(addr)).is_err() {
+        if m.hooks.at(Point::AllocPage, Some(cpu), Some(addr)).is_err() {
             return Err(FaultError::Oom);
         }
         match from {
@@ -200,7 +158,7 @@ impl Mm {
         if !(USER_MIN_ADDR..USER_END).contains(&addr) {
             return Err(FaultError::Segv);
         }
-        let _ = self.m.hooks.hit("fault:enter", Some(cpu), Some(addr));
+        let _ = self.m.hooks.at(Point::FaultEnter, Some(cpu), Some(addr));
         let per_vma = self.m.policy.fault_lock == FaultLock::Vma;
         if let Some(vma) = per_vma.then(|| self.lock_vma_under_rcu(addr)).flatten() {
             let Some(_vma_read) = vma.start_read(self) else {
@@ -209,18 +167,25 @@ impl Mm {
             if access_error(&vma, access) {
                 return Err(FaultError::Segv);
             }
-            return self.handle_mm_fault(&vma, addr, access, false, cpu);
+            return self.handle_mm_fault(&vma, addr, FaultFlags::from_access(access), cpu);
         }
         self.fault_under_mmap_lock(addr, access, cpu)
     }
 
     /// The VMA for `addr` without `mmap_lock`. Models
     /// mm/memory.c:lock_vma_under_rcu() (its lock is taken by the caller).
+    ///
+    /// Lock contract: called with no mm lock held; takes only the VMA
+    /// tree's read lock (standing for RCU) for the lookup.
     fn lock_vma_under_rcu(&self, addr: u64) -> Option<std::sync::Arc<Vma>> {
         self.vma_lookup(addr)
     }
 
-    /// The fallback: the fault under `mmap_lock` held for read.
+    /// The fallback: the fault under `mmap_lock` held for read. Models the
+    /// `lock_mmap:` path of arch/x86/mm/fault.c:do_user_addr_fault().
+    ///
+    /// Lock contract: called with no mm lock held; holds `mmap_lock` for
+    /// read across handle_mm_fault(); returns with it released.
     fn fault_under_mmap_lock(
         &self,
         addr: u64,
@@ -232,38 +197,56 @@ impl Mm {
         if access_error(&vma, access) {
             return Err(FaultError::Segv);
         }
-        self.handle_mm_fault(&vma, addr, access, false, cpu)
+        self.handle_mm_fault(&vma, addr, FaultFlags::from_access(access), cpu)
     }
 
-    /// Models mm/memory.c:handle_mm_fault() → handle_pte_fault(); `unshare`
-    /// is FAULT_FLAG_UNSHARE (a read fault that must leave this process a
-    /// page of its own, for a read-only pin).
+    /// Walks (allocating) to the leaf PTE of `addr`, reads it and hands the
+    /// fault to [`Mm::handle_pte_fault`]. Models mm/memory.c:
+    /// handle_mm_fault() → __handle_mm_fault() (the table levels are
+    /// allocated under the PTL here; Linux takes a lock per level).
     ///
     /// Lock contract: called with the VMA held (per-VMA read lock or
-    /// `mmap_lock` for read), without the PTL. The PTE is read without the
-    /// PTL, as `vmf->orig_pte` is; every handler rechecks it under the PTL.
+    /// `mmap_lock` for read), without the PTL; takes the PTL only to
+    /// allocate the table levels; returns with the PTL released.
     pub(crate) fn handle_mm_fault(
         &self,
         vma: &Vma,
         addr: u64,
-        access: Access,
-        unshare: bool,
+        flags: FaultFlags,
         cpu: usize,
     ) -> Result<(), FaultError> {
-        let page = addr & !(PAGE_SIZE - 1);
-        let slot = {
+        let address = addr & !(PAGE_SIZE - 1);
+        let pte = {
             let _ptl = self.ptl();
-            pagetable::leaf_slot(&*self.m.mem, self.m.frames.pool(), self.pgd, page)?
+            pagetable::leaf_slot(&*self.m.mem, self.m.frames.pool(), self.pgd, address)?
         };
         // Read without the PTL, as Linux reads `vmf->orig_pte`: whatever
         // it finds is rechecked under the lock before anything is changed.
         preempt();
-        let orig = slot.load(Ordering::Acquire);
-        if orig & (bits::PRESENT | PTE_PROTNONE) == 0 {
-            return self.do_anonymous_page(vma, page, slot, access, cpu);
+        let orig_pte = pte.load(Ordering::Acquire);
+        self.handle_pte_fault(&VmFault {
+            vma,
+            address,
+            flags,
+            cpu,
+            pte,
+            orig_pte,
+        })
+    }
+
+    /// Dispatches on the PTE read without the lock: none → first touch,
+    /// present but read-only for a write or an unshare → COW. Models
+    /// mm/memory.c:handle_pte_fault().
+    ///
+    /// Lock contract: called with the VMA held, without the PTL (so
+    /// `vmf.orig_pte` may already be stale: each handler rechecks it under
+    /// the PTL); returns with the PTL released.
+    fn handle_pte_fault(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
+        if vmf.orig_pte & (bits::PRESENT | PTE_PROTNONE) == 0 {
+            return self.do_anonymous_page(vmf);
         }
-        if (access == Access::Write || unshare) && orig & bits::WRITABLE == 0 {
-            return self.do_wp_page(vma, page, slot, orig, unshare, cpu);
+        if (vmf.flags.write || vmf.flags.unshare) && vmf.orig_pte & bits::WRITABLE == 0 {
+            return self.do_wp_page(vmf);
         }
         // Another CPU resolved it first: the caller's walk will succeed.
         Ok(())
@@ -275,35 +258,29 @@ impl Mm {
     /// Lock contract: called with the VMA held, without the PTL; allocates
     /// without it, installs under it if the PTE is still none (else drops
     /// the new page), and returns with it released.
-    fn do_anonymous_page(
-        &self,
-        vma: &Vma,
-        page: u64,
-        slot: &Word,
-        access: Access,
-        cpu: usize,
-    ) -> Result<(), FaultError> {
+    fn do_anonymous_page(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
         let m = &self.m;
-        if access != Access::Write {
-            let _ptl = self.ptl();
-            if slot.load(Ordering::Acquire) == 0 {
-                self.set_pte(page, slot, mk_pte(m.frames.zero_page(), false));
-                self.resolved(page, 3);
+        let page = vmf.address;
+        if !vmf.flags.write {
+            let ptl = self.ptl();
+            if vmf.pte_none(&ptl) {
+                self.set_pte(&ptl, page, vmf.pte, mk_pte(m.frames.zero_page(), false));
+                self.resolved(page, Resolution::ZeroPage);
             }
             return Ok(());
         }
-        let new = self.alloc_data_page(cpu, page, None)?;
+        let new = self.alloc_data_page(vmf.cpu, page, None)?;
         let _ = m
             .hooks
-            .hit("do_anonymous_page:after_alloc", Some(cpu), Some(page));
-        let _ptl = self.ptl();
-        if slot.load(Ordering::Acquire) != 0 {
+            .at(Point::DoAnonymousPageAfterAlloc, Some(vmf.cpu), Some(page));
+        let ptl = self.ptl();
+        if !vmf.pte_none(&ptl) {
             m.frames.put_page(new);
             return Ok(());
         }
         m.frames.add_new_anon_rmap(new);
-        self.set_pte(page, slot, mk_pte(new, vma.writable()));
-        self.resolved(page, 2);
+        self.set_pte(&ptl, page, vmf.pte, mk_pte(new, vmf.vma.writable()));
+        self.resolved(page, Resolution::Anon);
         Ok(())
     }
 
@@ -312,45 +289,44 @@ impl Mm {
     /// mm/memory.c:do_wp_page().
     ///
     /// Lock contract: called with the VMA held, without the PTL; takes the
-    /// PTL and gives up if the PTE is no longer `orig` (pte_same). Reuse
-    /// happens under the PTL; for a copy, the reference on the old page is
-    /// taken under the PTL, which is then released before wp_page_copy()
-    /// (Linux: folio_get() before pte_unmap_unlock()). Returns with the PTL
+    /// PTL and gives up if the PTE is no longer `vmf.orig_pte` (pte_same).
+    /// Reuse happens under the PTL; for a copy, the reference on the old
+    /// page is taken under the PTL ([`OldPageRef`] can only be made with
+    /// the PTL held), which is then released before wp_page_copy() (Linux:
+    /// folio_get() before pte_unmap_unlock()). Returns with the PTL
     /// released.
-    fn do_wp_page(
-        &self,
-        vma: &Vma,
-        page: u64,
-        slot: &Word,
-        orig: u64,
-        unshare: bool,
-        cpu: usize,
-    ) -> Result<(), FaultError> {
+    fn do_wp_page(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
         let m = &self.m;
         let policy = &m.policy;
+        let (page, unshare) = (vmf.address, vmf.flags.unshare);
         let ptl = self.ptl();
-        if slot.load(Ordering::Acquire) != orig {
+        if !vmf.pte_same(&ptl) {
             return Ok(());
         }
-        let _ = m.hooks.hit("do_wp_page:enter", Some(cpu), Some(page));
-        if !unshare && vma.uffd_wp() && orig & PTE_UFFD_WP != 0 {
-            self.resolved(page, 7);
+        let _ = m.hooks.at(Point::DoWpPageEnter, Some(vmf.cpu), Some(page));
+        if !unshare && vmf.vma.uffd_wp() && vmf.orig_pte & PTE_UFFD_WP != 0 {
+            self.resolved(page, Resolution::Userfault);
             return Err(FaultError::Userfault(page));
         }
-        if policy.uffd_wp_flush_before_copy && vma.uffd_wp() && self.mm_tlb_flush_pending() {
+        if policy.uffd_wp_flush_before_copy && vmf.vma.uffd_wp() && self.mm_tlb_flush_pending() {
             // 6ce64428d620: uffd-wp can defer flushes; a stale writable
             // entry must not survive into the copy below.
-            self.flush_tlb_page(page, Some(cpu));
+            self.flush_tlb_page(page, Some(vmf.cpu));
         }
-        let frame = orig & bits::ADDR_MASK;
+        let frame = vmf.frame();
+        let reused = if unshare {
+            Resolution::Unshare
+        } else {
+            Resolution::Reuse
+        };
         if frame != m.frames.zero_page() {
             let p = m.frames.page(frame);
             if policy.anon_exclusive && p.anon_exclusive() {
                 // Ours alone: an unshare has nothing to do, a write reuses.
                 if !unshare {
-                    self.wp_page_reuse(page, slot, orig);
+                    self.wp_page_reuse(vmf, &ptl);
                 }
-                self.resolved(page, if unshare { 6 } else { 4 });
+                self.resolved(page, reused);
                 return Ok(());
             }
             if self.can_reuse(frame) {
@@ -358,9 +334,9 @@ impl Mm {
                 // (the PTE stays read-only), a write reuses.
                 p.set_anon_exclusive();
                 if !unshare {
-                    self.wp_page_reuse(page, slot, orig);
+                    self.wp_page_reuse(vmf, &ptl);
                 }
-                self.resolved(page, if unshare { 6 } else { 4 });
+                self.resolved(page, reused);
                 return Ok(());
             }
         } else if unshare {
@@ -372,14 +348,29 @@ impl Mm {
         // pte_unmap_unlock()): once the lock is dropped, another CPU's
         // fault, a zap or the child's exit may drop every other reference,
         // and the page would be freed and reused under the copy.
-        m.frames.get_page(frame);
+        let old = self.get_old_page(vmf, &ptl);
         drop(ptl);
-        self.wp_page_copy(vma, page, slot, orig, unshare, cpu)
+        self.wp_page_copy(vmf, old)
+    }
+
+    /// Takes a reference on the page `vmf.orig_pte` maps. Models the
+    /// folio_get() of mm/memory.c:do_wp_page() before wp_page_copy().
+    ///
+    /// Lock contract: called with the PTL held (`_ptl`), after pte_same:
+    /// the PTE then still holds its own reference, so the page cannot be
+    /// freed before this one is taken.
+    fn get_old_page(&self, vmf: &VmFault<'_>, _ptl: &PtlGuard<'_>) -> OldPageRef {
+        let frame = vmf.frame();
+        self.m.frames.get_page(frame);
+        OldPageRef { frame }
     }
 
     /// Whether a shared-looking page is in fact only ours: by refcount
     /// (v5.9+, `wp_can_reuse_anon_folio()`) or by mapcount (before,
     /// `reuse_swap_page()`, blind to GUP references).
+    ///
+    /// Lock contract: called with the PTL held by do_wp_page(), so the
+    /// counts are those of a page the PTE still maps.
     fn can_reuse(&self, frame: u64) -> bool {
         let p = self.m.frames.page(frame);
         match self.m.policy.cow_reuse {
@@ -389,19 +380,22 @@ impl Mm {
     }
 
     /// Makes the PTE writable in place. Models mm/memory.c:wp_page_reuse().
-    /// Lock contract: called with the PTL held (and returns with it held).
-    fn wp_page_reuse(&self, page: u64, slot: &Word, orig: u64) {
+    ///
+    /// Lock contract: called with the PTL held (`ptl`), after pte_same;
+    /// returns with it held.
+    fn wp_page_reuse(&self, vmf: &VmFault<'_>, ptl: &PtlGuard<'_>) {
         self.set_pte(
-            page,
-            slot,
-            orig | bits::WRITABLE | bits::DIRTY | bits::ACCESSED,
+            ptl,
+            vmf.address,
+            vmf.pte,
+            vmf.orig_pte | bits::WRITABLE | bits::DIRTY | bits::ACCESSED,
         );
     }
 
     /// Traces how the fault at `addr` was resolved (see `trace::Kind::Resolve`).
-    fn resolved(&self, addr: u64, how: u64) {
+    fn resolved(&self, addr: u64, how: Resolution) {
         if let Some(t) = self.trace() {
-            t.emit(Kind::Resolve, &[addr, how], "");
+            t.emit(Kind::Resolve, &[addr, how.code()], "");
         }
     }
 
@@ -410,23 +404,16 @@ impl Mm {
     /// rmap dropped only after the switch. Models mm/memory.c:wp_page_copy().
     ///
     /// Lock contract: called without the PTL, holding the VMA (its per-VMA
-    /// lock or `mmap_lock` for read) and a reference on the old page that
-    /// the caller took under the PTL; takes the PTL for the switch and
-    /// returns with it released and the reference dropped.
-    fn wp_page_copy(
-        &self,
-        vma: &Vma,
-        page: u64,
-        slot: &Word,
-        orig: u64,
-        unshare: bool,
-        cpu: usize,
-    ) -> Result<(), FaultError> {
+    /// lock or `mmap_lock` for read) and `old`, the reference on the old
+    /// page that do_wp_page() took under the PTL; takes the PTL for the
+    /// switch and returns with it released and the reference dropped.
+    fn wp_page_copy(&self, vmf: &VmFault<'_>, old: OldPageRef) -> Result<(), FaultError> {
         let m = &self.m;
-        let old = orig & bits::ADDR_MASK;
+        let (page, cpu, unshare) = (vmf.address, vmf.cpu, vmf.flags.unshare);
+        let old = old.frame;
         let _ = m
             .hooks
-            .hit("wp_page_copy:before_copy", Some(cpu), Some(page));
+            .at(Point::WpPageCopyBeforeCopy, Some(cpu), Some(page));
         let new = match self.alloc_data_page(cpu, page, Some(old)) {
             Ok(new) => new,
             Err(e) => {
@@ -439,19 +426,19 @@ impl Mm {
         }
         let _ = m
             .hooks
-            .hit("wp_page_copy:after_copy", Some(cpu), Some(page));
+            .at(Point::WpPageCopyAfterCopy, Some(cpu), Some(page));
         let ptl = self.ptl();
         let recheck = m.policy.wp_copy_recheck_exclusive
             && !unshare
             && old != m.frames.zero_page()
             && m.frames.page(old).mapcount() == 1
             && m.frames.page(old).refcount() == 2;
-        if slot.load(Ordering::Acquire) != orig || recheck {
+        if !vmf.pte_same(&ptl) || recheck {
             // pte_same failed: someone else handled it. Or (seed 004's
             // suggestion) the page became ours alone meanwhile: reuse it.
-            if recheck && slot.load(Ordering::Acquire) == orig {
+            if recheck && vmf.pte_same(&ptl) {
                 m.frames.page(old).set_anon_exclusive();
-                self.wp_page_reuse(page, slot, orig);
+                self.wp_page_reuse(vmf, &ptl);
             }
             drop(ptl);
             m.frames.put_page(new);
@@ -460,25 +447,37 @@ impl Mm {
         }
         let _ = m
             .hooks
-            .hit("wp_page_copy:before_clear_flush", Some(cpu), Some(page));
+            .at(Point::WpPageCopyBeforeClearFlush, Some(cpu), Some(page));
         // ptep_clear_flush(): no CPU may keep the old translation.
-        self.set_pte(page, slot, 0);
+        self.set_pte(&ptl, page, vmf.pte, 0);
         self.flush_tlb_page(page, Some(cpu));
         let _ = m
             .hooks
-            .hit("wp_page_copy:after_clear_flush", Some(cpu), Some(page));
+            .at(Point::WpPageCopyAfterClearFlush, Some(cpu), Some(page));
         m.frames.add_new_anon_rmap(new);
         // An unshared copy is mapped read-only, like the page it replaces,
         // and keeps its uffd-wp marker (wp_page_copy() does
         // pte_mkuffd_wp() on unshare): unsharing for a read pin must not
         // drop a write-protection.
-        let uffd_wp = if unshare { orig & PTE_UFFD_WP } else { 0 };
+        let uffd_wp = if unshare {
+            vmf.orig_pte & PTE_UFFD_WP
+        } else {
+            0
+        };
         self.set_pte(
+            &ptl,
             page,
-            slot,
-            mk_pte(new, vma.writable() && !unshare) | uffd_wp,
+            vmf.pte,
+            mk_pte(new, vmf.vma.writable() && !unshare) | uffd_wp,
         );
-        self.resolved(page, if unshare { 6 } else { 5 });
+        self.resolved(
+            page,
+            if unshare {
+                Resolution::Unshare
+            } else {
+                Resolution::Copy
+            },
+        );
         // The old rmap goes only now, after the switch (see the comment in
         // wp_page_copy() about another process reusing the page).
         if old != m.frames.zero_page() {
@@ -487,7 +486,9 @@ impl Mm {
         }
         drop(ptl);
         m.frames.put_page(old);
-        let _ = m.hooks.hit("wp_page_copy:installed", Some(cpu), Some(page));
+        let _ = m
+            .hooks
+            .at(Point::WpPageCopyInstalled, Some(cpu), Some(page));
         Ok(())
     }
 
@@ -507,9 +508,9 @@ impl Mm {
         self.inc_tlb_flush_pending();
         let mut freed = Vec::new();
         {
-            let _ptl = self.ptl();
+            let ptl = self.ptl();
             pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
-                let pte = self.set_pte(va, slot, 0);
+                let pte = self.set_pte(&ptl, va, slot, 0);
                 let frame = pte & bits::ADDR_MASK;
                 if m.frames.is_normal(frame) {
                     m.frames.remove_rmap(frame);
@@ -519,7 +520,7 @@ impl Mm {
         }
         // Threads waiting for a uffd-wp handler on these pages retry now.
         self.uffd_wake();
-        let _ = m.hooks.hit("munmap:after_zap", initiator, Some(start));
+        let _ = m.hooks.at(Point::MunmapAfterZap, initiator, Some(start));
         self.flush_tlb_range(start, end, initiator);
         self.dec_tlb_flush_pending();
         for frame in freed {

@@ -28,9 +28,9 @@ use super::pagetable::{ENTRIES, KERNEL_PML4_START};
 use super::phys::{PhysMem, Word};
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
-use crate::hooks::{self, Hooks};
+use crate::hooks::{Hooks, Point};
 use crate::policy::Policy;
-use crate::trace::Kind;
+use crate::trace::{Kind, LockKind};
 
 /// `PROT_*` bits of a VMA.
 pub mod prot {
@@ -193,13 +193,13 @@ impl Vma {
                 if let Some(t) = trace {
                     t.emit(
                         Kind::LockWait,
-                        &[2],
+                        &[LockKind::VmaLock.code()],
                         &format!("faults in [{:#x}, {:#x})", self.start, self.end),
                     );
                 }
                 let g = self.vm_lock.write().unwrap_or_else(|e| e.into_inner());
                 if let Some(t) = trace {
-                    t.emit(Kind::LockDone, &[2], "");
+                    t.emit(Kind::LockDone, &[LockKind::VmaLock.code()], "");
                 }
                 g
             }
@@ -288,6 +288,21 @@ impl<G> Drop for Held<'_, G> {
     }
 }
 
+/// This mm's page-table lock, held. A function that must run under the
+/// PTL takes `&PtlGuard`, so it cannot be called without it. Models the
+/// `spinlock_t *ptl` that pte_offset_map_lock() returns locked.
+pub(crate) struct PtlGuard<'a> {
+    /// The lock held (to tell one mm's PTL from another's).
+    lock: &'a Mutex<()>,
+    _held: Held<'a, MutexGuard<'a, ()>>,
+}
+
+impl std::fmt::Debug for PtlGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PtlGuard")
+    }
+}
+
 impl std::fmt::Debug for Mm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mm")
@@ -329,28 +344,35 @@ impl Mm {
         &self.m
     }
 
-    /// Notes where this thread's vCPU waits (for `unreachable` reports),
-    /// runs `wait`, and clears the note.
-    fn waiting<T>(&self, what: impl FnOnce() -> String, wait: impl FnOnce() -> T) -> T {
-        let cpu = hooks::current_cpu();
-        let what = what();
-        // The lock's code in a trace: 1 mmap_lock, 3 the page-table lock.
-        let code = if what.starts_with("mmap_lock") { 1 } else { 3 };
+    /// Notes where this thread's vCPU waits for `lock` (held, if noted, by
+    /// `holder`) for `unreachable` reports and the trace, runs `wait`, and
+    /// clears the note.
+    fn waiting<T>(&self, lock: LockKind, holder: &Holder, wait: impl FnOnce() -> T) -> T {
+        let cpu = crate::cpu::current();
+        let held_by = self.holder(holder);
         if let Some(t) = self.trace() {
-            let holder = what.split_once(" held by ").map_or("", |h| h.1);
-            t.emit(Kind::LockWait, &[code], holder);
+            t.emit(
+                Kind::LockWait,
+                &[lock.code()],
+                held_by.as_deref().unwrap_or(""),
+            );
         }
         if let Some(c) = cpu {
+            let by = held_by.map_or(String::new(), |h| format!(" held by {h}"));
+            let name = match lock {
+                LockKind::Ptl => "the page-table lock",
+                other => other.label(),
+            };
             self.m
                 .hooks
-                .set_blocked(c, Some(format!("v{c} waits for {what}")));
+                .set_blocked(c, Some(format!("v{c} waits for {name}{by}")));
         }
         let r = wait();
         if let Some(c) = cpu {
             self.m.hooks.set_blocked(c, None);
         }
         if let Some(t) = self.trace() {
-            t.emit(Kind::LockDone, &[code], "");
+            t.emit(Kind::LockDone, &[lock.code()], "");
         }
         r
     }
@@ -361,10 +383,13 @@ impl Mm {
         self.m.hooks.trace.get()
     }
 
-    /// Sets a logical PTE, tracing the change; returns the old value. The
-    /// caller holds the page-table lock (every writer of logical PTEs does;
-    /// TLB fills only read them), so a load and a store are enough.
-    pub(crate) fn set_pte(&self, va: u64, slot: &Word, new: u64) -> u64 {
+    /// Sets a logical PTE, tracing the change; returns the old value.
+    ///
+    /// Lock contract: the caller holds this mm's page-table lock (`ptl`;
+    /// every writer of logical PTEs does, TLB fills only read them), so a
+    /// load and a store are enough.
+    pub(crate) fn set_pte(&self, ptl: &PtlGuard<'_>, va: u64, slot: &Word, new: u64) -> u64 {
+        debug_assert!(std::ptr::eq(ptl.lock, &self.ptl), "another mm's PTL");
         // Other CPUs' walks and accesses do not take the PTL: under the
         // checker, they may run between two PTE changes.
         super::sync::preempt();
@@ -383,7 +408,7 @@ impl Mm {
     /// pays nothing for it).
     fn hold<'a, G>(&self, guard: G, slot: &'a Holder, what: &'static str) -> Held<'a, G> {
         let holder = self.m.hooks.active().then(|| {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((hooks::current_cpu(), what));
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((crate::cpu::current(), what));
             slot
         });
         Held {
@@ -392,11 +417,12 @@ impl Mm {
         }
     }
 
-    fn holder(&self, h: &Holder) -> String {
+    /// Who holds the lock `h` notes, if noted: `v1 in fork`.
+    fn holder(&self, h: &Holder) -> Option<String> {
         match *h.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((Some(c), what)) => format!(" held by v{c} in {what}"),
-            Some((None, what)) => format!(" held by the VMM in {what}"),
-            None => String::new(),
+            Some((Some(c), what)) => Some(format!("v{c} in {what}")),
+            Some((None, what)) => Some(format!("the VMM in {what}")),
+            None => None,
         }
     }
 
@@ -406,10 +432,9 @@ impl Mm {
             Err(TryLockError::Poisoned(e)) => return e.into_inner(),
             Err(TryLockError::WouldBlock) => {}
         }
-        self.waiting(
-            || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
-            || self.mmap_lock.read().unwrap_or_else(|e| e.into_inner()),
-        )
+        self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
+            self.mmap_lock.read().unwrap_or_else(|e| e.into_inner())
+        })
     }
 
     pub(crate) fn mmap_write_lock(&self) -> MmapWriteGuard<'_> {
@@ -426,10 +451,11 @@ impl Mm {
         let guard = match self.mmap_lock.try_write() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => self.waiting(
-                || format!("mmap_lock{}", self.holder(&self.mmap_writer)),
-                || self.mmap_lock.write().unwrap_or_else(|e| e.into_inner()),
-            ),
+            Err(TryLockError::WouldBlock) => {
+                self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
+                    self.mmap_lock.write().unwrap_or_else(|e| e.into_inner())
+                })
+            }
         };
         MmapWriteGuard {
             mm_lock_seq: &self.mm_lock_seq,
@@ -438,16 +464,18 @@ impl Mm {
     }
 
     /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.
-    pub(crate) fn ptl(&self) -> Held<'_, MutexGuard<'_, ()>> {
+    pub(crate) fn ptl(&self) -> PtlGuard<'_> {
         let guard = match self.ptl.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => self.waiting(
-                || format!("the page-table lock{}", self.holder(&self.ptl_holder)),
-                || self.ptl.lock().unwrap_or_else(|e| e.into_inner()),
-            ),
+            Err(TryLockError::WouldBlock) => self.waiting(LockKind::Ptl, &self.ptl_holder, || {
+                self.ptl.lock().unwrap_or_else(|e| e.into_inner())
+            }),
         };
-        self.hold(guard, &self.ptl_holder, "a fault or an mm call")
+        PtlGuard {
+            lock: &self.ptl,
+            _held: self.hold(guard, &self.ptl_holder, "a fault or an mm call"),
+        }
     }
 
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
@@ -539,19 +567,19 @@ impl Mm {
         let _ = self
             .m
             .hooks
-            .hit("tlb:before_shootdown", initiator, Some(start));
+            .at(Point::TlbBeforeShootdown, initiator, Some(start));
         let cpus: Vec<usize> = self.cpus().collect();
         for cpu in &cpus {
             if let Some(tlb) = self.m.tlbs.get(*cpu) {
                 super::tlb::lock(&tlb).flush_range(&*self.m.mem, start, end);
             }
         }
-        let _ = self.m.hooks.hit("tlb:before_ipi", initiator, Some(start));
+        let _ = self.m.hooks.at(Point::TlbBeforeIpi, initiator, Some(start));
         // Like Linux, every CPU in the mask gets the IPI, whatever it holds.
         for cpu in cpus {
             self.m.flusher().flush_cpu(cpu, initiator);
         }
-        let _ = self.m.hooks.hit("tlb:after_ack", initiator, Some(start));
+        let _ = self.m.hooks.at(Point::TlbAfterAck, initiator, Some(start));
         if let Some(t) = self.trace() {
             t.emit(Kind::FlushEnd, &[start], "");
         }

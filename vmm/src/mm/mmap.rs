@@ -10,6 +10,7 @@ use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use super::memory::{PTE_PROTNONE, PTE_UFFD_WP};
 use super::mm_struct::{prot, Mm, Vma};
 use super::pagetable::{self, bits};
+use crate::hooks::Point;
 
 /// Why a call failed, as the errno Linux returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -187,7 +188,10 @@ impl Mm {
         self.replace_vmas(start, end, |v| Some((prot_bits, v.uffd_wp)));
         self.inc_tlb_flush_pending();
         let downgraded = self.change_protection(start, end, prot_bits);
-        let _ = self.m.hooks.hit("mprotect:after_change", cpu, Some(start));
+        let _ = self
+            .m
+            .hooks
+            .at(Point::MprotectAfterChange, cpu, Some(start));
         if defer_flush {
             return Ok(());
         }
@@ -215,7 +219,7 @@ impl Mm {
         let m = &self.m;
         let accessible = prot_bits & (prot::READ | prot::WRITE) != 0;
         let mut downgraded = false;
-        let _ptl = self.ptl();
+        let ptl = self.ptl();
         pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
             let old = slot.load(Ordering::Acquire);
             let mut new = if accessible {
@@ -230,7 +234,7 @@ impl Mm {
             }
             downgraded |= (old & bits::PRESENT != 0 && new & bits::PRESENT == 0)
                 || (old & bits::WRITABLE != 0 && new & bits::WRITABLE == 0);
-            self.set_pte(va, slot, new);
+            self.set_pte(&ptl, va, slot, new);
         });
         downgraded
     }
@@ -281,19 +285,19 @@ impl Mm {
 
     /// Faults in every page of `[addr, addr + len)` for writing, as
     /// MAP_POPULATE does. Models mm/gup.c:populate_vma_page_range().
-    pub fn populate(&self, addr: u64, len: u64) -> Result<(), super::memory::FaultError> {
-        let (start, end) = page_range(addr, len).map_err(|_| super::memory::FaultError::Segv)?;
+    pub fn populate(&self, addr: u64, len: u64) -> Result<(), super::fault::FaultError> {
+        let (start, end) = page_range(addr, len).map_err(|_| super::fault::FaultError::Segv)?;
         let _mmap = self.mmap_read_lock();
         for page in (start..end).step_by(PAGE_SIZE as usize) {
             let vma = self
                 .vma_lookup(page)
-                .ok_or(super::memory::FaultError::Segv)?;
-            let access = if vma.writable() {
-                super::memory::Access::Write
+                .ok_or(super::fault::FaultError::Segv)?;
+            let flags = if vma.writable() {
+                super::fault::FaultFlags::WRITE
             } else {
-                super::memory::Access::Read
+                super::fault::FaultFlags::READ
             };
-            self.handle_mm_fault(&vma, page, access, false, 0)?;
+            self.handle_mm_fault(&vma, page, flags, 0)?;
         }
         Ok(())
     }

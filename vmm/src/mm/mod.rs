@@ -5,6 +5,7 @@
 //!
 //! `docs/mm.md` maps every modelled Linux function to its place here.
 
+pub mod fault;
 pub mod fork;
 pub mod frame;
 pub mod gup;
@@ -27,9 +28,9 @@ mod check;
 #[cfg(test)]
 mod tests;
 
+pub use fault::{Access, FaultError};
 pub use frame::{FrameAllocator, OutOfFrames};
 pub use gup::{GupFlags, Pin};
-pub use memory::{Access, FaultError};
 pub use mm_struct::{prot, Machine, Mm, Vma};
 pub use mmap::MmError;
 pub use phys::PhysMem;

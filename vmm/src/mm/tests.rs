@@ -786,3 +786,16 @@ mod tlb_unit {
         assert_eq!(tlb.evictions(), 16);
     }
 }
+
+/// PTE writes take a `&PtlGuard`; one of another mm's PTL is caught.
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "another mm's PTL")]
+fn a_pte_write_needs_its_own_mms_ptl() {
+    let m = machine();
+    let (a, b) = (Mm::new(&m).unwrap(), Mm::new(&m).unwrap());
+    let addr = a.mmap(None, PAGE_SIZE, RW).unwrap();
+    let slot = super::pagetable::leaf_slot(&*m.mem, m.frames.pool(), a.pgd, addr).unwrap();
+    let ptl = b.ptl();
+    a.set_pte(&ptl, addr, slot, 0);
+}

@@ -8,10 +8,12 @@ use std::collections::VecDeque;
 
 use cowlab_abi::layout::PAGE_SIZE;
 
-use super::memory::{FaultError, PTE_UFFD_WP};
+use super::fault::FaultError;
+use super::memory::PTE_UFFD_WP;
 use super::mm_struct::Mm;
 use super::mmap::MmError;
 use super::pagetable::{self, bits};
+use crate::hooks::Point;
 
 /// How often a thread sleeping in userfaultfd checks whether the VM is
 /// stopping it.
@@ -63,7 +65,7 @@ impl Mm {
         }
         self.inc_tlb_flush_pending();
         {
-            let _ptl = self.ptl();
+            let ptl = self.ptl();
             pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
                 let pte = slot.load(Ordering::Acquire);
                 if pte & bits::PRESENT == 0 {
@@ -74,10 +76,10 @@ impl Mm {
                 } else {
                     pte & !PTE_UFFD_WP
                 };
-                self.set_pte(va, slot, new);
+                self.set_pte(&ptl, va, slot, new);
             });
         }
-        let _ = m.hooks.hit("uffd:after_wrprotect", cpu, Some(start));
+        let _ = m.hooks.at(Point::UffdAfterWrprotect, cpu, Some(start));
         if protect {
             self.flush_tlb_range(start, end, cpu);
         }

@@ -7,6 +7,7 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 
+use super::codes::{ExitReason, FaultAccess, FaultResult, LockKind, Resolution, RunEnd};
 use super::format::{Kind, Record, VMM_TRACK};
 
 /// Slices begun and not yet ended, by (run, track, kind of slice): their
@@ -22,43 +23,19 @@ fn track_name(track: u16) -> String {
 }
 
 fn access(a: u64) -> &'static str {
-    match a {
-        0 => "read",
-        1 => "write",
-        _ => "exec",
-    }
+    FaultAccess::from_code(a).map_or("exec", FaultAccess::label)
 }
 
 fn resolution(r: u64) -> &'static str {
-    match r {
-        1 => "fill",
-        2 => "anon",
-        3 => "zero page",
-        4 => "reuse",
-        5 => "copy",
-        6 => "unshare",
-        7 => "userfault",
-        _ => "?",
-    }
+    Resolution::from_code(r).map_or("?", Resolution::label)
 }
 
 fn fault_result(r: u64) -> &'static str {
-    match r {
-        0 => "ok",
-        1 => "segv",
-        2 => "oom",
-        _ => "interrupted",
-    }
+    FaultResult::from_code(r).map_or("interrupted", FaultResult::label)
 }
 
 fn lock(l: u64) -> &'static str {
-    match l {
-        1 => "mmap_lock",
-        2 => "VMA lock",
-        3 => "PTL",
-        4 => "schedule",
-        _ => "pause",
-    }
+    LockKind::from_code(l).map_or("pause", LockKind::label)
 }
 
 fn addr(a: u64) -> String {
@@ -70,14 +47,13 @@ fn addr(a: u64) -> String {
 }
 
 fn exit_reason(w: &[u64]) -> String {
-    match w[0] {
-        1 => match cowlab_abi::Hypercall::from_u32(w[1] as u32) {
+    match ExitReason::from_code(w[0]) {
+        Some(ExitReason::Hypercall) => match cowlab_abi::Hypercall::from_u32(w[1] as u32) {
             Some(h) => format!("{h:?}"),
             None => format!("hypercall {}", w[1]),
         },
-        2 => "interrupted".into(),
-        3 => "memory revoked".into(),
-        _ => "other".into(),
+        Some(r) => r.label().into(),
+        None => ExitReason::Other.label().into(),
     }
 }
 
@@ -88,9 +64,7 @@ pub fn describe(r: &Record) -> String {
         Kind::RunBegin => format!("run {} of {}", w[0], r.text),
         Kind::RunEnd => format!(
             "{}: {}",
-            ["no witness", "witness", "unreachable", "ended", "error"]
-                .get(w[0] as usize)
-                .unwrap_or(&"?"),
+            RunEnd::from_code(w[0]).map_or("?", RunEnd::label),
             r.text
         ),
         Kind::Exit => exit_reason(w),
@@ -113,7 +87,10 @@ pub fn describe(r: &Record) -> String {
         ),
         Kind::Unpin => format!("frame {:#x}", w[0]),
         Kind::Point | Kind::Rule => format!("{} {}", r.text, addr(w[0])),
-        Kind::LockWait if w[0] >= 4 => format!("{}: {}", lock(w[0]), r.text),
+        // A schedule or a pause: the text says what is awaited.
+        Kind::LockWait if w[0] >= LockKind::Schedule.code() => {
+            format!("{}: {}", lock(w[0]), r.text)
+        }
         Kind::LockWait => format!("{} held by {}", lock(w[0]), r.text),
         Kind::LockDone => lock(w[0]).to_string(),
         Kind::Regs => w

@@ -8,6 +8,7 @@
 //! - [`export`]: readable text (`cowlab trace show`) and Chrome Trace Event
 //!   JSON (`cowlab trace export --format chrome`).
 
+pub mod codes;
 pub mod export;
 pub mod format;
 
@@ -18,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+pub use codes::{ExitReason, FaultAccess, FaultResult, LockKind, Resolution, RunEnd};
 pub use format::{read_trace, Kind, Record, TraceError, VMM_TRACK};
 
 /// Collects events and writes them to a trace file: as they come, or, to
@@ -89,7 +91,7 @@ impl Recorder {
     /// Records an event on the current thread's track (its vCPU, or the
     /// VMM's).
     pub fn emit(&self, kind: Kind, words: &[u64], text: &str) {
-        let track = crate::hooks::current_cpu().map_or(VMM_TRACK, |c| c.min(0xfffe) as u16);
+        let track = crate::cpu::current().map_or(VMM_TRACK, |c| c.min(0xfffe) as u16);
         self.emit_on(track, kind, words, text);
     }
 
@@ -144,19 +146,20 @@ impl Recorder {
 /// `witness` is `None` for a program run (it has no `exists`).
 pub fn run_end_code(unreachable: bool, witness: Option<bool>) -> u64 {
     match (unreachable, witness) {
-        (true, _) => 2,
-        (false, Some(true)) => 1,
-        (false, Some(false)) => 0,
-        (false, None) => RUN_END_OTHER,
+        (true, _) => RunEnd::Unreachable,
+        (false, Some(true)) => RunEnd::Witness,
+        (false, Some(false)) => RunEnd::NoWitness,
+        (false, None) => RunEnd::Other,
     }
+    .code()
 }
 
 /// `RunEnd` of a program run, or of a run cut short.
-pub const RUN_END_OTHER: u64 = 3;
+pub const RUN_END_OTHER: u64 = RunEnd::Other.code();
 
 /// `RunEnd` of a litmus run that ended in an error (a VMM error or panic,
 /// an `mm_verify` violation): its text is `error: MESSAGE`.
-pub const RUN_END_ERROR: u64 = 4;
+pub const RUN_END_ERROR: u64 = RunEnd::Error.code();
 
 /// The recorder of a VM, if tracing: cheap to ask on every event.
 #[derive(Debug, Default)]

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use cowlab_abi::layout::PAGE_SIZE;
 use shuttle::rand::Rng;
 
+use super::fault::{Access, FaultError};
 use super::gup::GupFlags;
-use super::memory::{Access, FaultError};
 use super::mm_struct::{prot, Machine, Mm};
 use super::pagetable::{bits, ENTRIES, KERNEL_PML4_START};
 use super::phys::testing::VecMem;

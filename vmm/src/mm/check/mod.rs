@@ -17,6 +17,8 @@
 
 pub mod sync;
 
+#[path = "../fault.rs"]
+pub mod fault;
 #[path = "../fork.rs"]
 pub mod fork;
 #[path = "../frame.rs"]

@@ -1,0 +1,142 @@
+//! Where vCPUs wait in the hooks: blocked (for reports), parked by a
+//! `pause` rule until resumed, held by a delay; and the end of a run,
+//! which lets every one of them go.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{lock, Hooks};
+use crate::trace::LockKind;
+
+/// The last stretch of a delay is spun, not slept, so that a short delay
+/// (one widening a race window) ends when it should, not when the
+/// scheduler wakes the thread.
+pub(super) const SPIN_TAIL: Duration = Duration::from_millis(1);
+
+impl Hooks {
+    /// Notes that vCPU `cpu`'s thread has ended.
+    pub fn set_ended(&self, cpu: usize) {
+        lock(&self.ended).insert(cpu);
+    }
+
+    /// Whether `cpu` is stopped where nothing it does can race with others:
+    /// waiting at a point or for a lock, paused, or ended.
+    pub(super) fn at_rest(&self, cpu: usize) -> bool {
+        lock(&self.blocked).contains_key(&cpu)
+            || lock(&self.paused).contains_key(&cpu)
+            || lock(&self.ended).contains(&cpu)
+    }
+
+    /// Notes that vCPU `cpu` is blocked (`Some(why)`) or not any more.
+    pub fn set_blocked(&self, cpu: usize, why: Option<String>) {
+        let mut b = lock(&self.blocked);
+        match why {
+            Some(w) => b.insert(cpu, w),
+            None => b.remove(&cpu),
+        };
+    }
+
+    /// Holds the calling thread for `d` (a `delay=` rule, chaos), or until
+    /// the run ends ([`Hooks::release_all`]: the watchdog, a `quit`, the VM
+    /// dropped), whichever comes first. Beyond [`SPIN_TAIL`] it sleeps on a
+    /// condvar that `release_all` wakes, so a delay longer than the
+    /// watchdog neither burns a CPU nor keeps its vCPU from being stopped;
+    /// the rest it spins. A delay too long for the clock lasts until the
+    /// run ends.
+    pub(super) fn delay(&self, d: Duration) {
+        let until = Instant::now().checked_add(d);
+        let mut guard = lock(&self.delaying);
+        loop {
+            if self.released.load(Ordering::Acquire) {
+                return;
+            }
+            let left = until.map_or(Duration::MAX, |u| {
+                u.saturating_duration_since(Instant::now())
+            });
+            if left <= SPIN_TAIL {
+                break;
+            }
+            guard = self
+                .release
+                .wait_timeout(guard, (left - SPIN_TAIL).min(Duration::from_secs(3600)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(guard);
+        let Some(until) = until else { return };
+        while Instant::now() < until && !self.released.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+    }
+
+    pub(super) fn pause(&self, cpu: Option<usize>, point: &str) {
+        let key = cpu.unwrap_or(usize::MAX);
+        lock(&self.paused).insert(key, point.to_string());
+        if let Some(c) = cpu {
+            self.set_blocked(c, Some(format!("v{c} paused at {point}")));
+        }
+        if let Some(t) = self.trace.get() {
+            t.emit(
+                crate::trace::Kind::LockWait,
+                &[LockKind::Pause.code()],
+                point,
+            );
+        }
+        let mut paused = lock(&self.paused);
+        while paused.contains_key(&key) && !self.released.load(Ordering::Acquire) {
+            paused = self
+                .unpaused
+                .wait_timeout(paused, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(paused);
+        if let Some(t) = self.trace.get() {
+            t.emit(crate::trace::Kind::LockDone, &[LockKind::Pause.code()], "");
+        }
+        if let Some(c) = cpu {
+            self.set_blocked(c, None);
+        }
+    }
+
+    /// The vCPUs waiting on a schedule step or a lock, with why.
+    pub fn blocked(&self) -> BTreeMap<usize, String> {
+        lock(&self.blocked).clone()
+    }
+
+    /// The vCPUs parked by `pause` rules, with their points.
+    pub fn paused(&self) -> BTreeMap<usize, String> {
+        lock(&self.paused).clone()
+    }
+
+    /// Lets vCPU `cpu` (or every one) go on from a `pause` rule.
+    pub fn resume(&self, cpu: Option<usize>) {
+        let mut paused = lock(&self.paused);
+        match cpu {
+            Some(c) => {
+                paused.remove(&c);
+            }
+            None => paused.clear(),
+        }
+        drop(paused);
+        self.unpaused.notify_all();
+    }
+
+    /// Whether the run is ending and every waiter was let go.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Frees every thread waiting in a pause or a schedule (end of run).
+    pub fn release_all(&self) {
+        self.released.store(true, Ordering::Release);
+        lock(&self.schedule).aborted = true;
+        self.changed.notify_all();
+        // Under the lock, so a pause about to wait sees `released` first.
+        drop(lock(&self.paused));
+        self.unpaused.notify_all();
+        drop(lock(&self.delaying));
+        self.release.notify_all();
+    }
+}

@@ -1,0 +1,316 @@
+//! Schedules: the order of (vCPU, point) events that [`Hooks::hit`]
+//! enforces, the report when it cannot be satisfied, and the recorded
+//! order of a free run that [`witness_schedule`] turns into a schedule.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+use super::{lock, Hooks, Step};
+use crate::trace::LockKind;
+
+#[derive(Debug, Default)]
+pub(super) struct Schedule {
+    pub(super) steps: Vec<Step>,
+    /// Per step, the hits so far that matched its vCPU, point and address.
+    pub(super) counts: Vec<u64>,
+    pub(super) next: usize,
+    /// Set when the schedule was found unsatisfiable; waiters go free.
+    pub(super) aborted: bool,
+    pub(super) last_progress: Option<Instant>,
+    /// Since when every live vCPU has been blocked (a deadlock, if it lasts).
+    pub(super) all_blocked_since: Option<Instant>,
+    pub(super) unreachable: Option<String>,
+}
+
+/// A hit by a vCPU, as recorded for [`witness_schedule`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointHit {
+    pub cpu: usize,
+    pub point: String,
+    pub addr: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Recording {
+    pub(super) hits: Vec<PointHit>,
+    /// More than [`RECORD_LIMIT`] hits: the order is incomplete.
+    pub(super) overflow: bool,
+}
+
+/// At most this many hits are recorded per run.
+pub(super) const RECORD_LIMIT: usize = 20_000;
+
+/// How long a schedule may make no progress while a thread waits on it
+/// before it is declared unsatisfiable.
+pub(super) const STALL: Duration = Duration::from_millis(400);
+
+/// How long a vCPU about to take a step waits for the one that took the
+/// step before to come to rest (see [`Hooks::settle`]).
+pub(super) const SETTLE: Duration = Duration::from_millis(2);
+
+/// How long every live vCPU must stay blocked (on the schedule or on a lock
+/// held by a blocked one) before that is taken as a deadlock. Only covers
+/// the moment between a lock's release and its waiter's wake-up.
+pub(super) const DEADLOCK: Duration = Duration::from_millis(20);
+
+/// A schedule that replays the interleaving `hits` recorded (in that
+/// order): for each stretch of consecutive hits by one vCPU, its first and
+/// last hit and every guest hook, each named by point, page and hit number,
+/// so that no other hit can take its place. `None` if fewer than two vCPUs hit a point.
+pub fn witness_schedule(hits: &[PointHit]) -> Option<Vec<Step>> {
+    const PAGE: u64 = 4096;
+    // Per hit, the step that names it: hit numbers count every hit the step
+    // matches (by vCPU and point, and page if it has an address).
+    let mut by_page: BTreeMap<(usize, &str, u64), u64> = BTreeMap::new();
+    let mut by_point: BTreeMap<(usize, &str), u64> = BTreeMap::new();
+    let steps: Vec<Step> = hits
+        .iter()
+        .map(|h| {
+            let all = by_point.entry((h.cpu, &h.point)).or_default();
+            *all += 1;
+            let (addr, n) = match h.addr {
+                Some(a) => {
+                    let page = a & !(PAGE - 1);
+                    let n = by_page.entry((h.cpu, &h.point, page)).or_default();
+                    *n += 1;
+                    (Some((page, page + PAGE)), *n)
+                }
+                None => (None, *all),
+            };
+            Step {
+                vcpu: h.cpu,
+                point: h.point.clone(),
+                addr,
+                hit: Some(n),
+            }
+        })
+        .collect();
+    let mut keep = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let first = i == 0 || steps[i - 1].vcpu != step.vcpu;
+        let last = i + 1 == steps.len() || steps[i + 1].vcpu != step.vcpu;
+        // A guest hook is kept wherever it is: the test put it there to
+        // bracket an access that no other point marks.
+        if first || last || step.point.starts_with("guest:") {
+            keep.push(step.clone());
+        }
+    }
+    let distinct = keep
+        .iter()
+        .map(|s| s.vcpu)
+        .collect::<std::collections::BTreeSet<_>>();
+    (distinct.len() >= 2).then_some(keep)
+}
+
+impl Hooks {
+    /// Sets the schedule to enforce.
+    pub fn set_schedule(&self, steps: Vec<Step>) {
+        *lock(&self.schedule) = Schedule {
+            counts: vec![0; steps.len()],
+            steps,
+            ..Schedule::default()
+        };
+        self.refresh_active();
+    }
+
+    /// Records the order of every hit from now on ([`Hooks::take_order`]).
+    pub fn record_order(&self) {
+        *lock(&self.order) = Some(Recording::default());
+    }
+
+    /// The hits recorded since [`Hooks::record_order`], in order; `None` if
+    /// not recording or if there were too many to keep.
+    pub fn take_order(&self) -> Option<Vec<PointHit>> {
+        lock(&self.order)
+            .take()
+            .filter(|r| !r.overflow)
+            .map(|r| r.hits)
+    }
+
+    pub(super) fn record(&self, cpu: usize, point: &str, addr: Option<u64>) {
+        let mut order = lock(&self.order);
+        let Some(rec) = order.as_mut() else {
+            return;
+        };
+        if rec.hits.len() >= RECORD_LIMIT {
+            rec.overflow = true;
+            return;
+        }
+        rec.hits.push(PointHit {
+            cpu,
+            point: point.to_string(),
+            addr,
+        });
+    }
+
+    pub(super) fn schedule_step(&self, cpu: usize, point: &str, addr: Option<u64>) {
+        let mut s = lock(&self.schedule);
+        if s.aborted || s.next >= s.steps.len() {
+            return;
+        }
+        // Count the hit for every pending step it matches; it takes the first
+        // whose hit number (if any) it is.
+        let mut taken = None;
+        for j in s.next..s.steps.len() {
+            if s.steps[j].matches(cpu, point, addr) {
+                s.counts[j] += 1;
+                if taken.is_none() && s.steps[j].hit.is_none_or(|n| n == s.counts[j]) {
+                    taken = Some(j);
+                }
+            }
+        }
+        let Some(j) = taken else {
+            return;
+        };
+        s.last_progress.get_or_insert_with(Instant::now);
+        let waits = s.next < j;
+        if let (true, Some(t)) = (waits, self.trace.get()) {
+            let what = format!(
+                "step {} waits for step {}: {}",
+                j + 1,
+                s.next + 1,
+                s.steps[s.next]
+            );
+            t.emit(
+                crate::trace::Kind::LockWait,
+                &[LockKind::Schedule.code()],
+                &what,
+            );
+        }
+        while s.next < j && !s.aborted && !self.released.load(Ordering::Acquire) {
+            let waiting_for = s.steps[s.next].clone();
+            self.set_blocked(
+                cpu,
+                Some(format!(
+                    "v{cpu} waits at {point} (step {}) for step {}: {waiting_for}",
+                    j + 1,
+                    s.next + 1
+                )),
+            );
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.set_blocked(cpu, None);
+        if let (true, Some(t)) = (waits, self.trace.get()) {
+            t.emit(
+                crate::trace::Kind::LockDone,
+                &[LockKind::Schedule.code()],
+                "",
+            );
+        }
+        s = self.settle(s, j, cpu);
+        if s.next == j && !s.aborted {
+            s.next = j + 1;
+            s.last_progress = Some(Instant::now());
+            self.changed.notify_all();
+        }
+    }
+
+    /// Before `cpu` takes step `j`: if another vCPU took the step before,
+    /// lets it run on until it comes to rest (its next step, a lock, its
+    /// end), for at most [`SETTLE`]. Steps are then taken one thread at a
+    /// time, so what a thread does between two of its points does not race
+    /// with the next thread's, and replaying a schedule gives the same
+    /// accesses in the same order (unless a thread runs longer than SETTLE
+    /// without reaching a point, e.g. spinning on `await`).
+    pub(super) fn settle<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, Schedule>,
+        j: usize,
+        cpu: usize,
+    ) -> MutexGuard<'a, Schedule> {
+        let Some(prev) = j.checked_sub(1).map(|k| s.steps[k].vcpu) else {
+            return s;
+        };
+        let until = Instant::now() + SETTLE;
+        while prev != cpu
+            && !s.aborted
+            && !self.released.load(Ordering::Acquire)
+            && !self.at_rest(prev)
+            && Instant::now() < until
+        {
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_micros(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s
+    }
+
+    /// Called while a run goes on with the number of `live` vCPUs: if every
+    /// one is blocked (a deadlock), or the schedule made no progress for a
+    /// while with one waiting on it, or all ended with steps left, the
+    /// schedule is unsatisfiable: say where each is blocked and let the
+    /// waiters go.
+    pub fn check_schedule(&self, live: usize) -> Option<String> {
+        let mut s = lock(&self.schedule);
+        if s.aborted || s.steps.is_empty() || s.next >= s.steps.len() {
+            return None;
+        }
+        if !lock(&self.paused).is_empty() {
+            // A breakpoint holds a thread: waiting for it is not a deadlock.
+            s.all_blocked_since = None;
+            if s.last_progress.is_some() {
+                s.last_progress = Some(Instant::now());
+            }
+            return None;
+        }
+        let blocked = lock(&self.blocked).len();
+        let all_blocked = live > 0 && blocked >= live;
+        let deadlocked = match (all_blocked, s.all_blocked_since) {
+            (false, _) => {
+                s.all_blocked_since = None;
+                false
+            }
+            (true, None) => {
+                s.all_blocked_since = Some(Instant::now());
+                false
+            }
+            (true, Some(t)) => t.elapsed() > DEADLOCK,
+        };
+        let stalled = s.last_progress.is_some_and(|t| t.elapsed() > STALL) && blocked > 0;
+        if !(deadlocked || stalled || live == 0) {
+            return None;
+        }
+        let mut why: Vec<String> = lock(&self.blocked).values().cloned().collect();
+        if why.is_empty() {
+            why.push(format!(
+                "step {} ({}) never happened",
+                s.next + 1,
+                s.steps[s.next]
+            ));
+        }
+        let report = why.join("; ");
+        s.aborted = true;
+        s.unreachable = Some(report.clone());
+        self.changed.notify_all();
+        Some(report)
+    }
+
+    /// Counts as progress of the schedule (vCPUs were stopped from outside:
+    /// their standing still is not a stall).
+    pub fn hold_progress(&self) {
+        let mut s = lock(&self.schedule);
+        if s.last_progress.is_some() {
+            s.last_progress = Some(Instant::now());
+        }
+        s.all_blocked_since = None;
+    }
+
+    /// Why the schedule was unsatisfiable, if it was.
+    pub fn unreachable(&self) -> Option<String> {
+        lock(&self.schedule).unreachable.clone()
+    }
+
+    /// Whether every step happened.
+    pub fn schedule_done(&self) -> bool {
+        let s = lock(&self.schedule);
+        s.next >= s.steps.len()
+    }
+}

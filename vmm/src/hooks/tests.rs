@@ -1,0 +1,237 @@
+use super::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[test]
+fn a_schedule_orders_two_threads() {
+    let hooks = Arc::new(Hooks::new());
+    hooks.set_schedule(parse_schedule("v1@guest:b < v0@guest:a").unwrap());
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let t0 = {
+        let (h, o) = (Arc::clone(&hooks), Arc::clone(&order));
+        std::thread::spawn(move || {
+            h.hit("guest:a", Some(0), None).unwrap();
+            lock(&o).push("a");
+        })
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    hooks.hit("guest:b", Some(1), None).unwrap();
+    lock(&order).push("b");
+    t0.join().unwrap();
+    assert_eq!(*lock(&order), vec!["b", "a"]);
+    assert!(hooks.schedule_done());
+}
+
+#[test]
+fn an_unsatisfiable_schedule_is_reported_and_frees_the_waiters() {
+    let hooks = Arc::new(Hooks::new());
+    hooks.set_schedule(parse_schedule("v0@guest:second < v0@guest:first").unwrap());
+    let t = {
+        let h = Arc::clone(&hooks);
+        std::thread::spawn(move || h.hit("guest:first", Some(0), None))
+    };
+    let report = loop {
+        if let Some(r) = hooks.check_schedule(1) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(report.contains("v0 waits at guest:first"), "{report}");
+    t.join().unwrap().unwrap();
+    assert!(hooks.unreachable().is_some());
+}
+
+#[test]
+fn rules_filter_by_vcpu_and_hit_and_fail_allocations() {
+    let hooks = Hooks::new();
+    hooks.add_rule(parse_rule("fail@alloc_page/v1/hit=2").unwrap());
+    hooks.add_rule(parse_rule("count@alloc_page").unwrap());
+    assert_eq!(hooks.hit("alloc_page", Some(1), None), Ok(()));
+    assert_eq!(hooks.hit("alloc_page", Some(0), None), Ok(()));
+    assert_eq!(hooks.hit("alloc_page", Some(1), None), Err(Injected::Fail));
+    assert_eq!(hooks.hit("alloc_page", Some(1), None), Ok(()));
+    let counts = hooks.rule_counts();
+    assert_eq!((counts[0].1, counts[0].2), (3, 1));
+    assert_eq!((counts[1].1, counts[1].2), (4, 4));
+    assert_eq!(hooks.remove_rules(None), 2);
+    assert!(!hooks.active.load(Ordering::Relaxed));
+}
+
+#[test]
+fn a_run_filter_arms_a_rule_in_those_runs_only() {
+    let hooks = Hooks::new();
+    hooks.add_rule(parse_rule("fail@alloc_page/runs=2-3").unwrap());
+    assert_eq!(hooks.hit("alloc_page", Some(0), None), Ok(()), "run 1");
+    hooks.set_run(3);
+    assert_eq!(hooks.hit("alloc_page", Some(0), None), Err(Injected::Fail));
+    hooks.set_run(4);
+    assert_eq!(hooks.hit("alloc_page", Some(0), None), Ok(()));
+    let counts = hooks.rule_counts();
+    assert_eq!((counts[0].1, counts[0].2), (1, 1), "matched only in run 3");
+}
+
+#[test]
+fn chaos_is_reproducible_per_seed() {
+    let delays = |seed| {
+        let hooks = Hooks::new();
+        hooks.set_chaos(seed, Duration::from_micros(50));
+        let chaos = lock(&hooks.chaos).clone().unwrap();
+        (0..20)
+            .map(|_| {
+                hooks.chaos_delay(3);
+                *lock(&chaos.rngs).get(&3).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(delays(7), delays(7));
+    assert_ne!(delays(7), delays(8));
+}
+
+#[test]
+fn a_pause_holds_until_resumed() {
+    let hooks = Arc::new(Hooks::new());
+    hooks.add_rule(parse_rule("pause@guest:x/v2").unwrap());
+    let t = {
+        let h = Arc::clone(&hooks);
+        std::thread::spawn(move || h.hit("guest:x", Some(2), None))
+    };
+    while hooks.paused().is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(hooks.paused().get(&2).map(String::as_str), Some("guest:x"));
+    hooks.resume(Some(2));
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_step_with_a_hit_number_waits_for_that_hit() {
+    let hooks = Arc::new(Hooks::new());
+    hooks.set_schedule(parse_schedule("v0@guest:a/hit=2 < v1@guest:b").unwrap());
+    // The first hit is not the step's: it goes on at once.
+    hooks.hit("guest:a", Some(0), None).unwrap();
+    assert!(!hooks.schedule_done());
+    let t1 = {
+        let h = Arc::clone(&hooks);
+        std::thread::spawn(move || h.hit("guest:b", Some(1), None))
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(!t1.is_finished(), "v1 went before v0's second hit");
+    hooks.hit("guest:a", Some(0), None).unwrap();
+    t1.join().unwrap().unwrap();
+    assert!(hooks.schedule_done());
+}
+
+fn hit(cpu: usize, point: &str, addr: Option<u64>) -> PointHit {
+    PointHit {
+        cpu,
+        point: point.into(),
+        addr,
+    }
+}
+
+#[test]
+fn a_witness_schedule_keeps_the_ends_of_each_stretch() {
+    let hits = [
+        hit(0, "fault:fill", Some(0x1000)),
+        hit(0, "fault:fill", Some(0x1008)),
+        hit(0, "fault:fill", Some(0x1010)),
+        hit(1, "guest:go", None),
+        hit(1, "guest:gone", None),
+        hit(1, "fault:fill", Some(0x1000)),
+        hit(0, "fault:fill", Some(0x2000)),
+        hit(0, "guest:a", None),
+        hit(1, "guest:go", None),
+    ];
+    let steps: Vec<String> = witness_schedule(&hits)
+        .unwrap()
+        .iter()
+        .map(Step::to_string)
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "v0@fault:fill/addr=0x1000-0x2000/hit=1",
+            "v0@fault:fill/addr=0x1000-0x2000/hit=3",
+            "v1@guest:go/hit=1",
+            "v1@guest:gone/hit=1",
+            "v1@fault:fill/addr=0x1000-0x2000/hit=1",
+            "v0@fault:fill/addr=0x2000-0x3000/hit=1",
+            "v0@guest:a/hit=1",
+            "v1@guest:go/hit=2",
+        ]
+    );
+    assert!(
+        witness_schedule(&hits[..3]).is_none(),
+        "one vCPU: nothing to order"
+    );
+}
+
+#[test]
+fn the_order_is_recorded_only_when_asked() {
+    let hooks = Hooks::new();
+    hooks.set_chaos(1, Duration::ZERO);
+    hooks.hit("guest:x", Some(0), None).unwrap();
+    assert!(hooks.take_order().is_none());
+    hooks.record_order();
+    hooks.hit("guest:x", Some(1), None).unwrap();
+    hooks.hit("fault:fill", Some(0), Some(0x5000)).unwrap();
+    let order = hooks.take_order().unwrap();
+    assert_eq!(
+        order,
+        [hit(1, "guest:x", None), hit(0, "fault:fill", Some(0x5000))]
+    );
+}
+
+#[test]
+fn a_delay_longer_than_the_run_ends_when_the_run_does() {
+    let hooks = Arc::new(Hooks::new());
+    // 100 s, and one too long for the clock: both end with the run.
+    hooks.add_rule(parse_rule("delay=100000000@guest:slow/v0").unwrap());
+    hooks.add_rule(parse_rule(&format!("delay={}@guest:slow/v1", u64::MAX)).unwrap());
+    let start = Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|cpu| {
+            let h = Arc::clone(&hooks);
+            std::thread::spawn(move || h.hit("guest:slow", Some(cpu), None))
+        })
+        .collect();
+    while hooks.rule_counts().iter().any(|r| r.2 == 0) {
+        std::thread::yield_now();
+    }
+    hooks.release_all();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    // Once the run is ending, a delay does not wait at all.
+    hooks.hit("guest:slow", Some(0), None).unwrap();
+}
+
+#[test]
+fn a_short_delay_lasts_as_long_as_asked() {
+    let hooks = Hooks::new();
+    hooks.add_rule(parse_rule("delay=3000@guest:x").unwrap());
+    let start = Instant::now();
+    hooks.hit("guest:x", Some(0), None).unwrap();
+    assert!(start.elapsed() >= Duration::from_micros(3000));
+}
+
+#[test]
+fn a_panic_rule_panics_a_vcpu_thread_only() {
+    let hooks = Arc::new(Hooks::new());
+    hooks.add_rule(parse_rule("panic@guest:boom").unwrap());
+    // The controlling thread (no vCPU) goes on.
+    assert_eq!(hooks.hit("guest:boom", None, None), Ok(()));
+    let h = Arc::clone(&hooks);
+    let t = std::thread::spawn(move || {
+        crate::cpu::set_current(Some(1));
+        h.hit("guest:boom", Some(1), None)
+    });
+    let msg = t.join().unwrap_err();
+    let msg = msg.downcast_ref::<String>().unwrap();
+    assert_eq!(msg, "injected panic at guest:boom (panic@guest:boom)");
+}
