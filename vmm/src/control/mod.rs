@@ -4,7 +4,6 @@
 //! [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
 
 pub mod client;
-mod gate;
 pub(crate) mod protocol;
 pub mod server;
 pub(crate) mod stream;
@@ -17,30 +16,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-pub use gate::Gate;
+pub use crate::kvm::{Attachment, Gate};
 pub use server::Server;
 
 use crate::hooks::{HookEvent, Observer, Rule};
-use crate::kvm::{Event, Outcome, VcpuReport, VmConfig, VmHandle};
+use crate::kvm::{self, Event, Outcome, RunObserver, VcpuReport, VmConfig, VmHandle};
 use crate::policy::Policy;
 use crate::trace::{Recorder, RUN_END_OTHER};
-
-/// What a VM takes from the controller when it starts.
-#[derive(Clone)]
-pub struct Attachment {
-    pub gate: Arc<Gate>,
-    /// Rules added through the socket, by id.
-    pub rules: Vec<(u64, Rule)>,
-    pub observer: Option<Observer>,
-}
-
-impl std::fmt::Debug for Attachment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attachment")
-            .field("rules", &self.rules)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A trace started over the socket.
 struct SocketTrace {
@@ -68,6 +50,8 @@ pub(crate) type ClientTx = SyncSender<String>;
 
 /// The state the control socket and the runner share.
 pub struct Controller {
+    /// This controller, for the observer it hands each VM.
+    me: std::sync::Weak<Controller>,
     gate: Arc<Gate>,
     current: Mutex<Option<VmHandle>>,
     progress: Mutex<Progress>,
@@ -123,7 +107,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Controller {
     /// A controller; with `wait`, VMs start stopped until `cont`.
     pub fn new(wait: bool) -> Arc<Self> {
-        Arc::new(Controller {
+        Arc::new_cyclic(|me| Controller {
+            me: me.clone(),
             gate: Arc::new(Gate::new(wait)),
             current: Mutex::new(None),
             progress: Mutex::new(Progress::default()),
@@ -149,7 +134,7 @@ impl Controller {
 
     /// Fills in the controller's part of a VM about to start: the gate, the
     /// socket's rules, the observer, and the `set-knob` overrides.
-    pub fn configure(self: &Arc<Self>, config: &mut VmConfig) -> Result<(), String> {
+    pub fn configure(&self, config: &mut VmConfig) -> Result<(), String> {
         for (knob, value) in lock(&self.knobs).iter() {
             config.policy.set(knob, value)?;
         }
@@ -162,7 +147,7 @@ impl Controller {
             t.open = true;
             config.trace = Some(Arc::clone(&t.rec));
         }
-        let me = Arc::downgrade(self);
+        let me = self.me.clone();
         let observer: Observer = Arc::new(move |e: HookEvent| {
             if let Some(c) = me.upgrade() {
                 c.emit("POINT_HIT", hook_event_data(&e));
@@ -365,6 +350,37 @@ impl Controller {
     fn check_knob(knob: &str, value: &str) -> Result<(), String> {
         let mut p = Policy::MAINLINE;
         Ok(p.set(knob, value)?)
+    }
+}
+
+/// What the litmus runner reports and asks, answered by the controller.
+impl RunObserver for Controller {
+    fn begin(&self, what: &str, policy: &str, runs: u64) {
+        Controller::begin(self, what, policy, runs)
+    }
+
+    fn quit_requested(&self) -> bool {
+        Controller::quit_requested(self)
+    }
+
+    fn configure(&self, config: &mut VmConfig) -> Result<(), kvm::Error> {
+        Controller::configure(self, config).map_err(kvm::Error::Config)
+    }
+
+    fn attach(&self, vm: VmHandle, attached: &Attachment, run: u64) {
+        Controller::attach(self, vm, attached, run)
+    }
+
+    fn vm_event(&self, e: &Event) {
+        Controller::vm_event(self, e)
+    }
+
+    fn detach(&self, run: u64, outcome: &str, end: u64) {
+        Controller::detach(self, run, Value::String(outcome.to_string()), end)
+    }
+
+    fn open_trace(&self) -> Option<Arc<Recorder>> {
+        Controller::open_trace(self)
     }
 }
 

@@ -8,6 +8,8 @@ use std::sync::Once;
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::Error;
+
 /// Offset from `SIGRTMIN` of the kick signal.
 const KICK_SIGNAL_OFFSET: c_int = 0;
 
@@ -32,12 +34,11 @@ extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
 }
 
 /// Installs the kick handler (once per process).
-pub fn install_handler() -> Result<(), String> {
+pub fn install_handler() -> Result<(), Error> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), handle_kick)
-            .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"));
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(Error::KickHandler);
     });
     result
 }

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
+use super::error::MemoryError;
 use crate::mm::PhysMem;
 
 /// Guest memory starting at guest-physical 0.
@@ -31,12 +32,12 @@ unsafe impl Sync for GuestMem {}
 
 impl GuestMem {
     /// Maps `size` bytes (a multiple of the page size) of zeroed memory.
-    pub fn new(size: u64) -> Result<Self, String> {
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
-            .map_err(|e| format!("cannot map {size} bytes of guest memory: {e}"))?;
+            .map_err(|source| MemoryError::Map { size, source })?;
         let host = mem
             .get_host_address(GuestAddress(0))
-            .map_err(|e| format!("guest memory has no host address: {e}"))?;
+            .map_err(MemoryError::NoHostAddress)?;
         Ok(GuestMem {
             mem,
             size,

@@ -2,105 +2,37 @@
 //! threads, plus the event stream the controlling thread watches.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VmFd};
-use vmm_sys_util::signal::Killable;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::Kvm;
 
 use cowlab_abi::layout::{
-    kernel_va, user_stack_top, IMAGE_PHYS, KERNEL_REGION_SIZE, LITMUS_PHYS, LITMUS_SIZE,
-    MAX_MEM_SIZE, MAX_VCPUS, USER_STACK_SIZE,
+    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, USER_STACK_SIZE,
 };
-use cowlab_abi::{bytecode, BootHeader, Program, BOOT_HEADER_MAGIC};
+use cowlab_abi::Program;
 
-use super::control::{request, KvmFlusher, VcpuCtl};
-use super::loader::{self, Image};
+use super::boot::{check_kvm, load_image, load_plan, read_boot_header, supported_cpuid};
+use super::config::{arm_hooks, VmConfig, MIN_MEM_MIB};
+use super::error::{Error, MemoryError};
+use super::handle::VmHandle;
+use super::loader;
 use super::memory::GuestMem;
-use super::vcpu::{Outcome, Start, Vcpu, VcpuReport};
-use super::{arch, kick, Error, GUEST_ELF};
-use crate::control::{Attachment, Gate};
-use crate::hooks::{self, Rule, Step};
-use crate::litmus::Compiled;
+use super::report::{Outcome, RunReport, VcpuReport};
+use super::shared::{install_panic_hook, Shared};
+use super::shootdown::{request, KvmFlusher};
+use super::vcpu::Start;
+use super::{arch, kick, GUEST_ELF};
 use crate::mm::{mm_verify, mmap, verify_no_leaks, Machine, Mm, PhysMem};
-use crate::policy::Policy;
-
-/// Smallest guest memory accepted: the kernel region plus 16 MiB of frames.
-pub const MIN_MEM_MIB: u64 = (KERNEL_REGION_SIZE >> 20) + 16;
-
-/// The longest delay chaos mode injects at a point.
-pub const CHAOS_MAX_DELAY: Duration = Duration::from_micros(200);
 
 /// How often `wait` checks whether the schedule can still be satisfied.
 const SCHEDULE_CHECK: Duration = Duration::from_millis(10);
 
 /// How long stopped vCPUs get to leave `KVM_RUN` after a timeout.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-
-/// What to boot.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// vCPUs started at boot (each runs `program`).
-    pub vcpus: usize,
-    /// Guest memory in MiB.
-    pub mem_mib: u64,
-    pub program: Program,
-    /// The program's argument (0 = its default).
-    pub arg: u64,
-    /// Another guest ELF built like `guest/` (default: the built-in one).
-    pub guest_elf: Option<Vec<u8>>,
-    /// Keep the address of every forwarded fault in the reports.
-    pub record_faults: bool,
-    /// Run `mm_verify` when vCPUs and the run end (`--check`).
-    pub check: bool,
-    /// The kernel behaviour to model (`--policy`, `--set`).
-    pub policy: Policy,
-    /// A litmus test to run instead of `program`: its regions are mapped
-    /// and its initial threads started (`vcpus` and `arg` are ignored).
-    pub litmus: Option<Arc<Compiled>>,
-    /// Injection rules, a schedule to enforce, a chaos seed (DESIGN.md §8).
-    pub rules: Vec<Rule>,
-    pub schedule: Vec<Step>,
-    pub chaos: Option<u64>,
-    /// The control socket's hold on the VM: its stop gate, its rules, its
-    /// observer of rules acting.
-    pub control: Option<Attachment>,
-    /// The KVM device.
-    pub kvm_path: String,
-    /// Record a trace of the run (docs/trace-format.md).
-    pub trace: Option<Arc<crate::trace::Recorder>>,
-    /// Which run (1-based) of a litmus test this is, for rules' `run=`
-    /// filter.
-    pub run: u64,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            vcpus: 1,
-            mem_mib: 256,
-            program: Program::Hello,
-            arg: 0,
-            guest_elf: None,
-            record_faults: false,
-            check: true,
-            policy: Policy::MAINLINE,
-            litmus: None,
-            rules: Vec::new(),
-            schedule: Vec::new(),
-            chaos: None,
-            control: None,
-            kvm_path: "/dev/kvm".into(),
-            trace: None,
-            run: 1,
-        }
-    }
-}
 
 /// Something a vCPU thread reports to the controlling thread.
 #[derive(Debug, Clone)]
@@ -127,341 +59,6 @@ pub enum Event {
     Parked { id: usize, parked: bool },
 }
 
-struct VcpuSlot {
-    ctl: Arc<VcpuCtl>,
-    thread: JoinHandle<()>,
-}
-
-/// State shared by the VM and all its vCPU threads.
-pub(crate) struct Shared {
-    pub(crate) vm: VmFd,
-    pub(crate) cpuid: CpuId,
-    pub(crate) mem: Arc<GuestMem>,
-    pub(crate) machine: Arc<Machine>,
-    /// The address spaces (processes), alive until the run ends.
-    processes: Mutex<Vec<Arc<Mm>>>,
-    pub(crate) image: Image,
-    pub(crate) boot_header: BootHeader,
-    pub(crate) nr_vcpus: usize,
-    pub(crate) record_faults: bool,
-    pub(crate) check: bool,
-    /// Guest hook point names (`guest:NAME`) by id, from the litmus test.
-    hook_names: Vec<String>,
-    /// Stops vCPUs from outside (the control socket).
-    pub(crate) gate: Option<Arc<Gate>>,
-    vcpus: Mutex<Vec<VcpuSlot>>,
-    events: Mutex<Sender<Event>>,
-    /// vCPUs whose thread panicked, with the message and where (noted by
-    /// the panic hook before the thread unwinds).
-    panics: Mutex<BTreeMap<usize, String>>,
-}
-
-impl Shared {
-    /// Whether the control socket holds a vCPU (parked by `stop`, or at a
-    /// `pause` rule it can `cont`): such a wait is neither a hang nor a
-    /// deadlock. A stop asked for a vCPU that is not parked holds nothing.
-    fn held_from_outside(&self) -> bool {
-        self.gate
-            .as_ref()
-            .is_some_and(|g| !g.parked().is_empty() || !self.machine.hooks.paused().is_empty())
-    }
-
-    pub(crate) fn events(&self) -> Sender<Event> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn slots(&self) -> MutexGuard<'_, Vec<VcpuSlot>> {
-        self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Why vCPU `id`'s thread panicked, if it did.
-    fn panic_of(&self, id: usize) -> Option<String> {
-        lock(&self.panics).get(&id).cloned()
-    }
-
-    /// After a vCPU thread panicked, the address spaces may be half
-    /// changed: they are not checked, only torn down (the locks the panic
-    /// poisoned are taken over by the mm's lock helpers), under
-    /// `catch_unwind`, so that a teardown that trips on the damage leaks
-    /// what is left instead of aborting the command. Returns whether a
-    /// vCPU had panicked.
-    fn release_processes_if_panicked(&self) -> bool {
-        if lock(&self.panics).is_empty() {
-            return false;
-        }
-        let processes = std::mem::take(&mut *lock(&self.processes));
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(processes)));
-        true
-    }
-
-    /// Starts a new vCPU running `program(arg)` as a thread of `mm`, from
-    /// any thread, while the others run. Returns its id.
-    pub(crate) fn spawn(
-        this: &Arc<Self>,
-        program: Program,
-        start: Start,
-        mm: Arc<Mm>,
-    ) -> Result<usize, String> {
-        let mut slots = this.slots();
-        let id = slots.len();
-        if id >= MAX_VCPUS {
-            return Err(format!("at most {MAX_VCPUS} vCPUs"));
-        }
-        let parent = current_vcpu();
-        let events = this.events();
-        // Sent before the thread exists, so the controller counts it as live
-        // before it can see this vCPU (or its parent) end.
-        let _ = events.send(Event::Spawned {
-            id,
-            program,
-            parent,
-        });
-        let ctl = Arc::new(VcpuCtl::default());
-        // A vCPU forked while the VM is being stopped (a fork that a delay
-        // held past the watchdog) is stopped before it first enters the
-        // guest: whoever stops the VM sets `stopping` first and then stops
-        // every slot, so under the slots lock either it sees this one or
-        // this one sees `stopping`.
-        if this.machine.stopping() {
-            ctl.requests.fetch_or(request::STOP, Ordering::AcqRel);
-        }
-        // The new thread holds the mm from now: a sibling that exits before
-        // it starts must not tear the address space down under it (clone()
-        // takes the reference in the parent, in copy_mm()). Only the vCPU
-        // keeps a strong pointer, so the mm is gone when the thread reports
-        // its end.
-        mm.mmget();
-        let weak_mm = Arc::downgrade(&mm);
-        let unspawned_mm = Arc::downgrade(&mm);
-        let (shared, thread_ctl) = (Arc::clone(this), Arc::clone(&ctl));
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                CURRENT_VCPU.with(|c| c.set(Some(id)));
-                VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
-                crate::cpu::set_current(Some(id));
-                shared.machine.hooks.thread_started(id);
-                let vcpu_ctl = Arc::clone(&thread_ctl);
-                let vcpu_shared = Arc::clone(&shared);
-                let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {
-                    match Vcpu::new(vcpu_shared, id, program, start, mm, vcpu_ctl) {
-                        Ok(vcpu) => vcpu.run(),
-                        Err(e) => {
-                            if let Some(mm) = weak_mm.upgrade() {
-                                mm.mmput();
-                            }
-                            VcpuReport::failed(id, program, Outcome::Error(e))
-                        }
-                    }
-                }));
-                // A panic (a bug in the VMM or the mm model, or a `panic`
-                // rule) ends this vCPU in an error, like any VMM error, and
-                // the process goes on. The locks it held were released as
-                // it unwound (poisoned), and its address space may be half
-                // changed: the VM is not torn down (see `teardown`).
-                let report = ran.unwrap_or_else(|payload| {
-                    thread_ctl.in_guest.store(false, Ordering::SeqCst);
-                    let why = shared
-                        .panic_of(id)
-                        .unwrap_or_else(|| payload_text(&*payload));
-                    VcpuReport::failed(id, program, Outcome::Error(format!("panicked: {why}")))
-                });
-                thread_ctl.mark_ended(report.join_status());
-                shared.machine.hooks.set_ended(id);
-                let _ = events.send(Event::Ended(Box::new(report)));
-            })
-            .map_err(|e| {
-                if let Some(mm) = unspawned_mm.upgrade() {
-                    mm.mmput();
-                }
-                format!("cannot start a vCPU thread: {e}")
-            })?;
-        slots.push(VcpuSlot { ctl, thread });
-        Ok(id)
-    }
-
-    /// The injection point of guest hook `id`.
-    pub(crate) fn hook_name(&self, id: u64) -> String {
-        match self.hook_names.get(id as usize) {
-            Some(n) => format!("guest:{n}"),
-            None => format!("guest:{id}"),
-        }
-    }
-
-    /// Registers a new address space (a forked child).
-    pub(crate) fn add_process(&self, mm: Arc<Mm>) {
-        self.processes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(mm);
-    }
-
-    /// The shared state of vCPU `id`.
-    pub(crate) fn ctl(&self, id: usize) -> Option<Arc<VcpuCtl>> {
-        self.slots().get(id).map(|s| Arc::clone(&s.ctl))
-    }
-
-    /// Posts `bits` to vCPU `id` and kicks it out of the guest. False if
-    /// there is no such vCPU.
-    pub(crate) fn request(&self, id: usize, bits: u32) -> bool {
-        let slots = self.slots();
-        let Some(slot) = slots.get(id) else {
-            return false;
-        };
-        slot.ctl.requests.fetch_or(bits, Ordering::AcqRel);
-        // A thread that already ended cannot be signalled; nothing to do then.
-        let _ = slot.thread.kill(kick::kick_signal());
-        true
-    }
-}
-
-thread_local! {
-    static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-    /// The VM of this vCPU thread, for the panic hook.
-    static VCPU_SHARED: std::cell::RefCell<Weak<Shared>> = const { std::cell::RefCell::new(Weak::new()) };
-}
-
-/// Installs (once per process) a panic hook that notes a vCPU thread's
-/// panic, with where it happened, in its VM before the thread unwinds (so
-/// the run's report has it even if the unwinding blocks), instead of
-/// printing it. Other threads' panics, and every panic with
-/// `RUST_BACKTRACE` set, go to the previous hook as well.
-fn install_panic_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if let Some(id) = current_vcpu() {
-                let mut why = payload_text(info.payload());
-                if let Some(l) = info.location() {
-                    why += &format!(" (at {}:{})", l.file(), l.line());
-                }
-                if let Some(shared) = VCPU_SHARED.with(|s| s.borrow().upgrade()) {
-                    lock(&shared.panics).entry(id).or_insert(why);
-                }
-                if std::env::var_os("RUST_BACKTRACE").is_none() {
-                    return;
-                }
-            }
-            previous(info);
-        }));
-    });
-}
-
-/// A panic's message.
-fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn current_vcpu() -> Option<usize> {
-    CURRENT_VCPU.with(|c| c.get())
-}
-
-/// How a run ended, for every vCPU that took part.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    /// One report per vCPU, by id.
-    pub vcpus: Vec<VcpuReport>,
-    /// Console lines in the order they arrived.
-    pub console: Vec<(usize, String)>,
-    /// The watchdog fired after this long.
-    pub timed_out: Option<Duration>,
-    /// vCPUs still running when the watchdog fired.
-    pub stuck: Vec<usize>,
-    /// VM creation to the first guest exit.
-    pub boot_time: Option<Duration>,
-    /// VM creation to the end of the run.
-    pub wall: Duration,
-    /// Pages still in use when the run ended (0 once every process has
-    /// exited: its last thread's exit tears its address space down).
-    pub user_pages: usize,
-    /// Broken memory-manager invariants (`mm_verify`), if checked.
-    pub violations: Vec<String>,
-    /// The schedule could not be satisfied: where each thread was blocked.
-    pub unreachable: Option<String>,
-    /// Each rule with how often it matched and acted.
-    pub rule_counts: Vec<(String, u64, u64)>,
-    /// With chaos and no schedule: every point hit by a vCPU, in order.
-    pub hit_order: Option<Vec<hooks::PointHit>>,
-}
-
-/// Exit status of the CLI (DESIGN.md §12).
-pub mod exit_code {
-    /// Everything went as expected.
-    pub const OK: i32 = 0;
-    /// The guest reported failure (or an expectation did not hold).
-    pub const FAILED: i32 = 1;
-    /// Usage or input error.
-    pub const USAGE: i32 = 2;
-    /// VM or internal error: guest crash, timeout, KVM failure.
-    pub const VM_ERROR: i32 = 3;
-}
-
-impl RunReport {
-    /// The CLI's exit status for this run.
-    pub fn exit_code(&self) -> i32 {
-        let vm_error = self.timed_out.is_some()
-            || !self.violations.is_empty()
-            || self.vcpus.iter().any(|v| {
-                matches!(
-                    v.outcome,
-                    Outcome::Crashed { .. }
-                        | Outcome::TripleFault { .. }
-                        | Outcome::Stopped { .. }
-                        | Outcome::Error(_)
-                )
-            });
-        if vm_error {
-            exit_code::VM_ERROR
-        } else if self.vcpus.iter().all(|v| v.outcome == Outcome::Exited(0)) {
-            exit_code::OK
-        } else {
-            exit_code::FAILED
-        }
-    }
-
-    /// One line per thing that went wrong.
-    pub fn problems(&self) -> Vec<String> {
-        let mut lines = Vec::new();
-        if let Some(t) = self.timed_out {
-            let stuck: Vec<String> = self.stuck.iter().map(|id| format!("vcpu {id}")).collect();
-            lines.push(format!(
-                "timeout after {:.1}s: {} still running",
-                t.as_secs_f64(),
-                stuck.join(", ")
-            ));
-        }
-        for v in &self.vcpus {
-            if v.outcome != Outcome::Exited(0) {
-                lines.push(format!(
-                    "vcpu {} ({}): {}",
-                    v.id,
-                    v.program.name(),
-                    v.outcome
-                ));
-            }
-        }
-        lines.extend(self.violations.iter().map(|v| format!("mm_verify: {v}")));
-        lines
-    }
-
-    /// The report of vCPU `id`.
-    pub fn vcpu(&self, id: usize) -> Option<&VcpuReport> {
-        self.vcpus.iter().find(|v| v.id == id)
-    }
-}
-
 /// A running VM.
 pub struct Vm {
     shared: Arc<Shared>,
@@ -473,12 +70,12 @@ pub struct Vm {
     ended: BTreeMap<usize, VcpuReport>,
 }
 
-fn kvm_op(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { op, source }
-}
-
 impl Vm {
-    /// Creates the VM, loads the guest and starts `config.vcpus` vCPUs.
+    /// Creates the VM, loads the guest and starts `config.vcpus` vCPUs (or
+    /// the boot plan's threads).
+    ///
+    /// Wraps `KVM_CREATE_VM` and `KVM_SET_USER_MEMORY_REGION` (one slot:
+    /// all of guest memory), after the device checks of `check_kvm`.
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
         let created = Instant::now();
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -502,7 +99,7 @@ impl Vm {
             source,
         })?;
         check_kvm(&kvm, &config.kvm_path)?;
-        let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
+        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
         let size = config.mem_mib << 20;
         let mem = Arc::new(GuestMem::new(size).map_err(Error::Memory)?);
         let region = kvm_userspace_memory_region {
@@ -514,8 +111,7 @@ impl Vm {
         };
         // SAFETY: the region is the whole of `mem`, which lives in `Shared`
         // as long as the VM fd and every vCPU using it.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region) }.map_err(Error::SetUserMemoryRegion)?;
         load_image(
             &mem,
             &image,
@@ -526,7 +122,7 @@ impl Vm {
             mem.word(pa).store(v, Ordering::Relaxed);
         }
         let cpuid = supported_cpuid(&kvm, &config.kvm_path)?;
-        kick::install_handler().map_err(Error::Config)?;
+        kick::install_handler()?;
         install_panic_hook();
 
         let phys: Arc<dyn PhysMem> = Arc::clone(&mem) as Arc<dyn PhysMem>;
@@ -537,10 +133,9 @@ impl Vm {
             arch::kernel_pml4(),
             config.policy,
         )
-        .map_err(|_| Error::Memory("no frame for the zero page".into()))?;
+        .map_err(|_| Error::Memory(MemoryError::NoZeroPage))?;
         let machine = Arc::new(machine);
-        let mm =
-            Mm::new(&machine).map_err(|_| Error::Memory("no frame for a page table".into()))?;
+        let mm = Mm::new(&machine).map_err(|_| Error::Memory(MemoryError::NoPageTable))?;
         let (tx, rx) = channel();
         let shared = Arc::new(Shared {
             vm,
@@ -555,9 +150,9 @@ impl Vm {
             record_faults: config.record_faults,
             check: config.check,
             hook_names: config
-                .litmus
+                .plan
                 .as_ref()
-                .map_or_else(Vec::new, |t| t.hooks.clone()),
+                .map_or_else(Vec::new, |p| p.hooks.clone()),
             gate: config.control.as_ref().map(|c| Arc::clone(&c.gate)),
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
@@ -574,16 +169,16 @@ impl Vm {
             programs: BTreeMap::new(),
             ended: BTreeMap::new(),
         };
-        let boot_vcpus = match &config.litmus {
-            Some(test) => test.initial.len(),
+        let boot_vcpus = match &config.plan {
+            Some(plan) => plan.threads.len(),
             None => config.vcpus,
         };
         for id in 0..boot_vcpus {
             mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
                 .map_err(|e| Error::Config(format!("cannot map the stack of vcpu {id}: {e}")))?;
         }
-        if let Some(test) = &config.litmus {
-            load_litmus(&vm.shared.mem, &mm, test)?;
+        if let Some(plan) = &config.plan {
+            load_plan(&vm.shared.mem, &mm, plan)?;
         }
         // Armed after the loader populated the regions: setup is not part
         // of any vCPU's run, so no rule or schedule step can match it.
@@ -593,8 +188,8 @@ impl Vm {
         // first vCPU that ends before the next is spawned tears the address
         // space (and the next one's stack) down under it.
         mm.mmget();
-        let spawned = match &config.litmus {
-            Some(test) => test.initial.iter().try_for_each(|(_, pc)| {
+        let spawned = match &config.plan {
+            Some(plan) => plan.threads.iter().try_for_each(|pc| {
                 Shared::spawn(
                     &vm.shared,
                     Program::Litmus,
@@ -614,7 +209,7 @@ impl Vm {
             }),
         };
         mm.mmput();
-        spawned.map_err(Error::Config)?;
+        spawned?;
         Ok(vm)
     }
 
@@ -731,14 +326,7 @@ impl Vm {
                     }
                     timed_out = timeout;
                     stuck = self.live.iter().copied().collect();
-                    hooks.release_all();
-                    shared.machine.stop_sleepers();
-                    // Every slot, not only the live ones seen so far: a
-                    // vCPU being forked now is not among them yet.
-                    let count = shared.slots().len();
-                    for id in 0..count {
-                        shared.request(id, request::STOP);
-                    }
+                    shared.stop_all();
                     deadline = Some(Instant::now() + STOP_GRACE);
                 }
                 None => {}
@@ -813,152 +401,6 @@ impl Vm {
     }
 }
 
-/// A weak hold on a running VM, for the control socket: it can look at
-/// the vCPUs and hooks, kick vCPUs to the control gate, and end the run.
-#[derive(Clone)]
-pub struct VmHandle(Weak<Shared>);
-
-/// What a vCPU is doing, as `query-status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VcpuState {
-    Running,
-    /// Parked by the control gate (`stop`).
-    Stopped,
-    /// Held by a `pause` rule at this point.
-    PausedAt(String),
-    /// Waiting in the VMM: on a schedule step or a lock (why).
-    Blocked(String),
-    Ended,
-}
-
-impl VmHandle {
-    /// The VM's vCPUs and what each is doing; `None` once the VM is gone.
-    pub fn vcpus(&self) -> Option<Vec<VcpuState>> {
-        let shared = self.0.upgrade()?;
-        let paused = shared.machine.hooks.paused();
-        let blocked = shared.machine.hooks.blocked();
-        let parked = shared.gate.as_ref().map(|g| g.parked()).unwrap_or_default();
-        let slots = shared.slots();
-        Some(
-            slots
-                .iter()
-                .enumerate()
-                .map(|(id, slot)| {
-                    if slot.ctl.has_ended() {
-                        VcpuState::Ended
-                    } else if let Some(p) = paused.get(&id) {
-                        VcpuState::PausedAt(p.clone())
-                    } else if parked.contains(&id) {
-                        VcpuState::Stopped
-                    } else if let Some(why) = blocked.get(&id) {
-                        VcpuState::Blocked(why.clone())
-                    } else {
-                        VcpuState::Running
-                    }
-                })
-                .collect(),
-        )
-    }
-
-    /// Kicks every vCPU out of the guest so it looks at the control gate.
-    pub fn kick_all(&self) {
-        let Some(shared) = self.0.upgrade() else {
-            return;
-        };
-        let count = shared.slots().len();
-        for id in 0..count {
-            shared.request(id, request::PARK);
-        }
-    }
-
-    /// Runs `f` on the VM's hooks (rules, pauses), if the VM is still there.
-    pub fn with_hooks<T>(&self, f: impl FnOnce(&hooks::Hooks) -> T) -> Option<T> {
-        self.0.upgrade().map(|s| f(&s.machine.hooks))
-    }
-
-    /// Ends the run: every waiter goes free and every vCPU is stopped.
-    pub fn stop_all(&self) {
-        let Some(shared) = self.0.upgrade() else {
-            return;
-        };
-        shared.machine.hooks.release_all();
-        shared.machine.stop_sleepers();
-        let count = shared.slots().len();
-        for id in 0..count {
-            shared.request(id, request::STOP);
-        }
-    }
-}
-
-/// Whether the device opened at `path` is a KVM cowlab can use: it
-/// answers `KVM_GET_API_VERSION` with the stable API (12) and has
-/// `KVM_CAP_IMMEDIATE_EXIT`. Anything else (`/dev/null`, a file) is
-/// [`Error::KvmUnusable`], naming the path and what failed.
-fn check_kvm(kvm: &Kvm, path: &str) -> Result<(), Error> {
-    let unusable = |why: String| Error::KvmUnusable {
-        path: path.to_string(),
-        why,
-    };
-    let version = kvm.get_api_version();
-    if version < 0 {
-        let e = vmm_sys_util::errno::Error::last();
-        return Err(unusable(format!("KVM_GET_API_VERSION failed: {e}")));
-    }
-    if version != kvm_bindings::KVM_API_VERSION as i32 {
-        return Err(unusable(format!(
-            "KVM_GET_API_VERSION is {version}, not {}",
-            kvm_bindings::KVM_API_VERSION
-        )));
-    }
-    if !kvm.check_extension(Cap::ImmediateExit) {
-        return Err(unusable("it lacks KVM_CAP_IMMEDIATE_EXIT".into()));
-    }
-    Ok(())
-}
-
-/// `KVM_GET_SUPPORTED_CPUID` of the device at `path`, asked once per
-/// process: in a nested VM every CPUID the host kernel executes for it
-/// traps, and it was ~11 % of a small litmus test's runs (perf).
-fn supported_cpuid(kvm: &Kvm, path: &str) -> Result<CpuId, Error> {
-    static CACHE: Mutex<Vec<(String, CpuId)>> = Mutex::new(Vec::new());
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, c)) = cache.iter().find(|(p, _)| p == path) {
-        return Ok(c.clone());
-    }
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
-    cache.push((path.to_string(), cpuid.clone()));
-    Ok(cpuid)
-}
-
-/// Installs the rules, schedule, chaos and observer of `config`.
-fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
-    hooks.set_run(config.run);
-    if let Some(t) = &config.trace {
-        hooks.trace.set(Arc::clone(t));
-    }
-    for rule in &config.rules {
-        hooks.add_rule(rule.clone());
-    }
-    if !config.schedule.is_empty() {
-        hooks.set_schedule(config.schedule.clone());
-    }
-    if let Some(seed) = config.chaos {
-        hooks.set_chaos(seed, CHAOS_MAX_DELAY);
-        if config.schedule.is_empty() {
-            // A witness found by chaos is replayed by its order of points.
-            hooks.record_order();
-        }
-    }
-    if let Some(control) = &config.control {
-        for (tag, rule) in &control.rules {
-            hooks.add_tagged_rule(rule.clone(), Some(*tag));
-        }
-        hooks.set_observer(control.observer.clone());
-    }
-}
-
 fn record(e: &Event, console: &mut Vec<(usize, String)>) {
     if let Event::Console { id, line } = e {
         console.push((*id, line.clone()));
@@ -967,12 +409,7 @@ fn record(e: &Event, console: &mut Vec<(usize, String)>) {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let count = self.shared.slots().len();
-        self.shared.machine.hooks.release_all();
-        self.shared.machine.stop_sleepers();
-        for id in 0..count {
-            self.shared.request(id, request::STOP);
-        }
+        self.shared.stop_all();
         // Join the threads that have finished; one stuck in KVM is left
         // behind rather than hanging the caller.
         let deadline = Instant::now() + STOP_GRACE;
@@ -989,84 +426,4 @@ impl Drop for Vm {
         // whichever thread drops the VM's state last.
         self.shared.release_processes_if_panicked();
     }
-}
-
-/// Loads a litmus test: its bytecode at `LITMUS_PHYS`, its regions mapped
-/// (and populated) in the first process.
-fn load_litmus(mem: &GuestMem, mm: &Mm, test: &Compiled) -> Result<(), Error> {
-    let header = [bytecode::MAGIC, test.code.len() as u64];
-    let words = header
-        .iter()
-        .copied()
-        .chain(test.code.iter().flat_map(|i| [i.word, i.imm]));
-    for (i, w) in words.enumerate() {
-        let pa = LITMUS_PHYS + i as u64 * 8;
-        if pa >= LITMUS_PHYS + LITMUS_SIZE {
-            return Err(Error::Config("the litmus program does not fit".into()));
-        }
-        mem.word(pa).store(w, Ordering::Relaxed);
-    }
-    for r in &test.regions {
-        let len = r.pages * cowlab_abi::layout::PAGE_SIZE;
-        mm.mmap(Some(r.addr), len, r.prot.bits())
-            .map_err(|e| Error::Config(format!("cannot map region {}: {e}", r.name)))?;
-        if r.populate {
-            mm.populate(r.addr, len)
-                .map_err(|e| Error::Config(format!("cannot populate region {}: {e}", r.name)))?;
-        }
-    }
-    Ok(())
-}
-
-/// Copies the PT_LOAD segments of the guest into memory.
-fn load_image(mem: &GuestMem, image: &Image, elf: &[u8]) -> Result<(), Error> {
-    for seg in &image.segments {
-        mem.write(seg.pa, &elf[seg.file.clone()]).ok_or_else(|| {
-            Error::Image(format!("segment at {:#x} outside guest memory", seg.pa))
-        })?;
-    }
-    Ok(())
-}
-
-/// Reads and checks the guest's boot header at `IMAGE_PHYS`: every stub it
-/// names must lie inside a loaded segment.
-fn read_boot_header(mem: &GuestMem, image: &Image) -> Result<BootHeader, Error> {
-    let word = |i: u64| mem.word(IMAGE_PHYS + i * 8).load(Ordering::Relaxed);
-    let mut exceptions = [0; 32];
-    for (i, e) in exceptions.iter_mut().enumerate() {
-        *e = word(4 + i as u64);
-    }
-    let header = BootHeader {
-        magic: word(0),
-        page_fault: word(1),
-        flush: word(2),
-        triple_fault: word(3),
-        exceptions,
-        killed: word(36),
-    };
-    if header.magic != BOOT_HEADER_MAGIC {
-        return Err(Error::Image(format!(
-            "no cowlab boot header at physical {IMAGE_PHYS:#x} (build the guest like guest/, with guest/link.ld)"
-        )));
-    }
-    let inside = |va: u64| {
-        image
-            .segments
-            .iter()
-            .any(|s| (kernel_va(s.pa)..kernel_va(s.pa) + s.mem_size).contains(&va))
-    };
-    let stubs = [
-        header.page_fault,
-        header.flush,
-        header.triple_fault,
-        header.killed,
-    ]
-    .into_iter()
-    .chain(header.exceptions);
-    if let Some(bad) = stubs.into_iter().find(|va| !inside(*va)) {
-        return Err(Error::Image(format!(
-            "boot header names {bad:#x}, outside the image"
-        )));
-    }
-    Ok(header)
 }

@@ -3,6 +3,7 @@
 //! (unknown regions, children, events).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cowlab_abi::bytecode::{Insn, Op, LOOP_COUNTERS, SCRATCH};
 use cowlab_abi::gup;
@@ -11,6 +12,7 @@ use cowlab_abi::layout::{LITMUS_SIZE, PAGE_SIZE};
 use super::ast::*;
 use super::parse::{ParseError, MAX_USER_REG};
 use crate::hooks::{parse_rule, parse_step, Rule, Step};
+use crate::kvm::{BootPlan, PlanRegion};
 
 /// Where the first region is mapped; the others follow with a guard page.
 pub const REGION_BASE: u64 = 0x10_0000_0000;
@@ -51,6 +53,9 @@ pub struct Compiled {
     /// The test's `inject` rules and `schedule`.
     pub rules: Vec<Rule>,
     pub schedule: Vec<Step>,
+    /// What the VM loads and starts: the code, regions, initial threads'
+    /// pcs and hook names above, as the kvm layer takes them.
+    pub plan: Arc<BootPlan>,
 }
 
 fn error<T>(pos: Pos, msg: impl Into<String>) -> Result<T, ParseError> {
@@ -465,7 +470,7 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
             ),
         );
     }
-    let initial = test
+    let initial: Vec<(String, u64)> = test
         .threads
         .iter()
         .filter(|t| t.name.starts_with('P'))
@@ -506,15 +511,32 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
         }
         None => Vec::new(),
     };
+    let regions: Vec<PlacedRegion> = c.regions.into_values().collect();
+    let plan = Arc::new(BootPlan {
+        code: c.code.clone(),
+        regions: regions
+            .iter()
+            .map(|r| PlanRegion {
+                name: r.name.clone(),
+                addr: r.addr,
+                pages: r.pages,
+                prot: r.prot.bits(),
+                populate: r.populate,
+            })
+            .collect(),
+        threads: initial.iter().map(|(_, pc)| *pc).collect(),
+        hooks: c.hooks.clone(),
+    });
     Ok(Compiled {
         test: test.clone(),
         code: c.code,
-        regions: c.regions.into_values().collect(),
+        regions,
         initial,
         names,
         hooks: c.hooks,
         rules,
         schedule,
+        plan,
     })
 }
 

@@ -13,9 +13,8 @@ use super::ast::{Status, Verdict};
 use super::compile::Compiled;
 pub use super::verdict::{holds, RunState, ThreadEnd};
 use super::verdict::{key, observe};
-use crate::control::Controller;
 use crate::hooks::{Rule, Step};
-use crate::kvm::{exit_code, Error, Outcome, RunReport, Vm, VmConfig};
+use crate::kvm::{exit_code, Error, Outcome, RunObserver, RunReport, Vm, VmConfig};
 use crate::policy::Policy;
 use crate::trace::{Kind, Recorder};
 
@@ -36,8 +35,9 @@ pub struct RunOptions {
     pub rules: Vec<Rule>,
     pub schedule: Option<Vec<Step>>,
     pub chaos: Option<u64>,
-    /// The control socket's controller, if `--control`.
-    pub control: Option<Arc<Controller>>,
+    /// Who drives the runs from outside (the control socket's controller,
+    /// if `--control`).
+    pub control: Option<Arc<dyn RunObserver>>,
     /// Record a trace (`--trace`): the recorder, and whether to keep only
     /// the runs that satisfied `exists` (`--trace-witnesses-only`).
     pub trace: Option<(Arc<Recorder>, bool)>,
@@ -193,8 +193,8 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
                         .map_err(|e| Error::Run(format!("--trace: {e}")))?;
                 }
                 if let Some(ctl) = &opts.control {
-                    let outcome = serde_json::Value::String(format!("error: {msg}"));
-                    ctl.detach(i + 1, outcome, crate::trace::RUN_END_ERROR);
+                    let outcome = format!("error: {msg}");
+                    ctl.detach(i + 1, &outcome, crate::trace::RUN_END_ERROR);
                 }
                 *errors.entry(msg).or_default() += 1;
                 error_seeds.extend(seed);
@@ -206,11 +206,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if opts.control.as_ref().is_some_and(|c| c.quit_requested()) {
             // Cut short by `quit`: its threads were stopped, not finished.
             if let Some(ctl) = &opts.control {
-                ctl.detach(
-                    i + 1,
-                    serde_json::Value::String("quit".into()),
-                    crate::trace::RUN_END_OTHER,
-                );
+                ctl.detach(i + 1, "quit", crate::trace::RUN_END_OTHER);
             }
             break;
         }
@@ -259,7 +255,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
             if let Some(t) = ctl.open_trace() {
                 trace_regs(&t, &report);
             }
-            ctl.detach(i + 1, serde_json::Value::String(outcome), end);
+            ctl.detach(i + 1, &outcome, end);
         }
         if let Some(e) = error {
             // No final state to speak of, and never a witness: the others
@@ -359,7 +355,7 @@ fn one_run(
     let mut config = VmConfig {
         program: Program::Litmus,
         policy: opts.policy,
-        litmus: Some(Arc::clone(test)),
+        plan: Some(Arc::clone(&test.plan)),
         check: true,
         rules: rules.to_vec(),
         schedule: schedule.to_vec(),
@@ -375,7 +371,7 @@ fn one_run(
         ..VmConfig::default()
     };
     if let Some(ctl) = control {
-        ctl.configure(&mut config).map_err(Error::Config)?;
+        ctl.configure(&mut config)?;
     }
     let mut vm = Vm::new(&config)?;
     if let (Some(ctl), Some(attached)) = (control, &config.control) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use super::vm::Shared;
+use super::shared::Shared;
 use crate::mm::CpuFlusher;
 use crate::trace::Kind;
 

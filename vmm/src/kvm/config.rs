@@ -1,0 +1,106 @@
+//! What to boot ([`VmConfig`]) and how its rules, schedule, chaos and
+//! observer are armed in the VM's hooks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cowlab_abi::layout::KERNEL_REGION_SIZE;
+use cowlab_abi::Program;
+
+use super::{Attachment, BootPlan};
+use crate::hooks::{self, Rule, Step};
+use crate::policy::Policy;
+
+/// Smallest guest memory accepted: the kernel region plus 16 MiB of frames.
+pub const MIN_MEM_MIB: u64 = (KERNEL_REGION_SIZE >> 20) + 16;
+
+/// The longest delay chaos mode injects at a point.
+pub const CHAOS_MAX_DELAY: Duration = Duration::from_micros(200);
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// vCPUs started at boot (each runs `program`).
+    pub vcpus: usize,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    pub program: Program,
+    /// The program's argument (0 = its default).
+    pub arg: u64,
+    /// Another guest ELF built like `guest/` (default: the built-in one).
+    pub guest_elf: Option<Vec<u8>>,
+    /// Keep the address of every forwarded fault in the reports.
+    pub record_faults: bool,
+    /// Run `mm_verify` when vCPUs and the run end (`--check`).
+    pub check: bool,
+    /// The kernel behaviour to model (`--policy`, `--set`).
+    pub policy: Policy,
+    /// A boot plan to run instead of `program` (a compiled litmus test):
+    /// its regions are mapped and its threads started (`vcpus` and `arg`
+    /// are ignored).
+    pub plan: Option<Arc<BootPlan>>,
+    /// Injection rules, a schedule to enforce, a chaos seed (DESIGN.md §8).
+    pub rules: Vec<Rule>,
+    pub schedule: Vec<Step>,
+    pub chaos: Option<u64>,
+    /// The control socket's hold on the VM: its stop gate, its rules, its
+    /// observer of rules acting.
+    pub control: Option<Attachment>,
+    /// The KVM device.
+    pub kvm_path: String,
+    /// Record a trace of the run (docs/trace-format.md).
+    pub trace: Option<Arc<crate::trace::Recorder>>,
+    /// Which run (1-based) of a litmus test this is, for rules' `run=`
+    /// filter.
+    pub run: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_mib: 256,
+            program: Program::Hello,
+            arg: 0,
+            guest_elf: None,
+            record_faults: false,
+            check: true,
+            policy: Policy::MAINLINE,
+            plan: None,
+            rules: Vec::new(),
+            schedule: Vec::new(),
+            chaos: None,
+            control: None,
+            kvm_path: "/dev/kvm".into(),
+            trace: None,
+            run: 1,
+        }
+    }
+}
+
+/// Installs the rules, schedule, chaos and observer of `config`.
+pub(super) fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
+    hooks.set_run(config.run);
+    if let Some(t) = &config.trace {
+        hooks.trace.set(Arc::clone(t));
+    }
+    for rule in &config.rules {
+        hooks.add_rule(rule.clone());
+    }
+    if !config.schedule.is_empty() {
+        hooks.set_schedule(config.schedule.clone());
+    }
+    if let Some(seed) = config.chaos {
+        hooks.set_chaos(seed, CHAOS_MAX_DELAY);
+        if config.schedule.is_empty() {
+            // A witness found by chaos is replayed by its order of points.
+            hooks.record_order();
+        }
+    }
+    if let Some(control) = &config.control {
+        for (tag, rule) in &control.rules {
+            hooks.add_tagged_rule(rule.clone(), Some(*tag));
+        }
+        hooks.set_observer(control.observer.clone());
+    }
+}
