@@ -1,10 +1,14 @@
-//! Helpers the CLI-level test files share: run the binary, read its output,
-//! run a litmus source from a temporary file.
+//! The one helper module of the integration tests (docs/design.md §11):
+//! run the binary within a deadline and read its output, run a litmus
+//! source from a temporary file (this file); guard every child process so
+//! that a failing test kills it (`child`); boot a VM through the library
+//! with `mm_verify` on (`vm`).
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::process::{Command, Output};
 
 mod child;
+pub mod vm;
 #[allow(unused_imports)] // not every test file starts children
 pub use child::Running;
 

@@ -1,11 +1,13 @@
 //! The memory manager on real vCPUs: threads writing disjoint and shared
 //! pages, mprotect, munmap, MADV_DONTNEED, a stale TLB entry, tlb_capacity.
-//! Every run is checked by `mm_verify` (`cowlab_tests::run`).
+//! Every run is checked by `mm_verify` (`common::vm::run`).
 
+mod common;
+
+use common::vm::{hex_after, line, run};
 use cowlab::kvm::{exit_code, Outcome, VmConfig};
 use cowlab::mm::Access;
 use cowlab_abi::Program;
-use cowlab_tests::{hex_after, line, run};
 
 fn program(program: Program, arg: u64) -> VmConfig {
     VmConfig {

@@ -1,12 +1,14 @@
 //! Boots real KVM VMs running the built-in guest programs.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::vm::{assert_verified, hex_after, line, require_kvm, TIMEOUT};
 use cowlab::kvm::{exit_code, Event, Outcome, RunReport, Vm, VmConfig};
 use cowlab_abi::layout::{user_stack_top, PAGE_SIZE, USER_STACK_SIZE};
 use cowlab_abi::Program;
-use cowlab_tests::{assert_verified, hex_after, line, require_kvm, TIMEOUT};
 
 fn run(program: Program, vcpus: usize, arg: u64) -> RunReport {
     run_with(VmConfig {
@@ -18,7 +20,7 @@ fn run(program: Program, vcpus: usize, arg: u64) -> RunReport {
 }
 
 fn run_with(config: VmConfig) -> RunReport {
-    cowlab_tests::run(config)
+    common::vm::run(config)
 }
 
 #[test]

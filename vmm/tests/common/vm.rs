@@ -1,4 +1,5 @@
-//! Helpers for the integration tests, which boot real KVM VMs.
+//! Booting real KVM VMs through the library (no binary): the helpers of
+//! boot.rs and vm_mm.rs.
 
 use std::time::Duration;
 
