@@ -1,5 +1,5 @@
 //! Builds the freestanding guest (`guest/`) for the host triple and hands its
-//! ELF to the VMM through `COWLAB_GUEST_ELF` (DESIGN.md §3).
+//! ELF to the VMM through `COWLAB_GUEST_ELF` (docs/design.md §3).
 
 use std::env;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! `cowlab-native`: the native-Linux baselines cowlab's benchmarks compare
-//! against, measured on this machine in the same run (DESIGN.md §11).
+//! against, measured on this machine in the same run (docs/design.md §11).
 //!
 //! - first-touch anonymous fault, per page;
 //! - fork of a process with N MiB of touched anonymous memory, per page;

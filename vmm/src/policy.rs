@@ -1,5 +1,5 @@
 //! Kernel behaviour as knobs, and presets that name kernel releases
-//! (DESIGN.md §6). Each knob's doc names the commit that changed the
+//! (docs/design.md §6). Each knob's doc names the commit that changed the
 //! behaviour; `docs/policies.md` has the table, and `cowlab list policies`
 //! prints it.
 

@@ -1,4 +1,4 @@
-//! Guest memory layout (DESIGN.md §2).
+//! Guest memory layout (docs/design.md §2).
 //!
 //! Guest-physical memory starts at 0. Its first [`KERNEL_REGION_SIZE`] bytes
 //! are the kernel region: the VMM's page tables for the kernel part, the
@@ -9,7 +9,7 @@
 //! On this host KVM is PVM, which runs guests inside the lower half of the
 //! host's address space: a guest may only use `[0, 2^47)`, and code in the
 //! upper half is only emulated, instruction by instruction. So the "kernel
-//! half" of DESIGN.md §2 is the last PML4 slot of the lower half
+//! half" of docs/design.md §2 is the last PML4 slot of the lower half
 //! (`KERNEL_BASE..2^47`), and the user part is everything below it
 //! (`USER_MIN_ADDR..USER_END`), empty at boot and filled on page faults.
 

@@ -22,7 +22,7 @@ pub use program::Program;
 /// The I/O port the CPL-0 stubs write a hypercall number to.
 pub const HYPERCALL_PORT: u16 = 0x0c0;
 
-/// Interrupt vector of the TLB-flush IPI (DESIGN.md §4). Its handler reloads
+/// Interrupt vector of the TLB-flush IPI (docs/design.md §4). Its handler reloads
 /// CR3 and acknowledges with [`Hypercall::FlushAck`].
 pub const FLUSH_VECTOR: u8 = 0xf0;
 

@@ -1,4 +1,4 @@
-//! Injection points, rules, schedules and chaos (DESIGN.md §8).
+//! Injection points, rules, schedules and chaos (docs/design.md §8).
 //!
 //! The memory manager and the VMM call [`Hooks::hit`] (the mm:
 //! [`Hooks::at`]) at named points. With nothing set the call is one

@@ -39,7 +39,7 @@ pub struct VmConfig {
     /// its regions are mapped and its threads started (`vcpus` and `arg`
     /// are ignored).
     pub plan: Option<Arc<BootPlan>>,
-    /// Injection rules, a schedule to enforce, a chaos seed (DESIGN.md §8).
+    /// Injection rules, a schedule to enforce, a chaos seed (docs/design.md §8).
     pub rules: Vec<Rule>,
     pub schedule: Vec<Step>,
     pub chaos: Option<u64>,

@@ -1,4 +1,4 @@
-//! Loading a guest ELF (DESIGN.md §3): a static x86-64 executable whose
+//! Loading a guest ELF (docs/design.md §3): a static x86-64 executable whose
 //! PT_LOAD segments have physical addresses inside the image area of the
 //! kernel region and virtual addresses in the kernel half.
 

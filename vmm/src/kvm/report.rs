@@ -36,7 +36,7 @@ pub struct RunReport {
     pub hit_order: Option<Vec<hooks::PointHit>>,
 }
 
-/// Exit status of the CLI (DESIGN.md §12).
+/// Exit status of the CLI (docs/design.md §12).
 pub mod exit_code {
     /// Everything went as expected.
     pub const OK: i32 = 0;

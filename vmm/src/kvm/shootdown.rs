@@ -1,5 +1,5 @@
 //! What other threads see of a vCPU, and the TLB shootdown protocol built
-//! on it (DESIGN.md §4).
+//! on it (docs/design.md §4).
 //!
 //! A remote flush: the initiator has already removed the target's shadow
 //! entries (so the hardware forgot them); it then asks the target's own

@@ -1,4 +1,4 @@
-//! Litmus tests (DESIGN.md §7): the language (`docs/litmus.md`), its
+//! Litmus tests (docs/design.md §7): the language (`docs/litmus.md`), its
 //! parser and compiler to guest bytecode, the runner and litmus7-style
 //! verdicts, and the built-in tests.
 

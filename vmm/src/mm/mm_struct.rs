@@ -1,7 +1,7 @@
 //! The machine (physical memory, frames, TLBs) and the address spaces on it:
 //! `struct mm_struct` and `struct vm_area_struct`.
 //!
-//! Locking, as in Linux 6.4+ (DESIGN.md §5):
+//! Locking, as in Linux 6.4+ (docs/design.md §5):
 //! - `mmap_lock` (rw): VMA-tree changes hold it for write; faults that fall
 //!   back from the per-VMA lock hold it for read.
 //! - the VMA tree itself is read without `mmap_lock` by `lock_vma_under_rcu`
@@ -50,7 +50,7 @@ pub struct Machine {
     /// Injection points, rules, schedules, chaos.
     pub hooks: Hooks,
     flusher: OnceLock<Arc<dyn CpuFlusher>>,
-    /// The kernel behaviour modelled (DESIGN.md §6).
+    /// The kernel behaviour modelled (docs/design.md §6).
     pub policy: Policy,
     /// The kernel part of every shadow table.
     pub kernel_pml4: [u64; (ENTRIES - KERNEL_PML4_START) as usize],

@@ -1,4 +1,4 @@
-//! The memory manager of the guests (DESIGN.md §5): Linux's anonymous
+//! The memory manager of the guests (docs/design.md §5): Linux's anonymous
 //! memory, modelled in pure Rust over a physical-memory abstraction
 //! ([`PhysMem`]) and a CPU-flush interface ([`CpuFlusher`]). It knows
 //! nothing about KVM, so host threads drive it in unit tests.

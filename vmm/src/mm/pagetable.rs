@@ -1,6 +1,6 @@
 //! x86-64 4-level page tables in guest-physical memory: the format of both
 //! the logical tables (what Linux would have) and the shadow tables (what a
-//! CPU's TLB holds, DESIGN.md §4).
+//! CPU's TLB holds, docs/design.md §4).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,4 +1,4 @@
-//! Per-vCPU shadow page tables: the TLB model (DESIGN.md §4).
+//! Per-vCPU shadow page tables: the TLB model (docs/design.md §4).
 //!
 //! The table in a vCPU's CR3 is its shadow table. Its kernel part points at
 //! the shared, permanent kernel mapping; its user part holds exactly the

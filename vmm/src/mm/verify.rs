@@ -1,4 +1,4 @@
-//! `mm_verify`: the invariants of DESIGN.md §5, checked when the guests are
+//! `mm_verify`: the invariants of docs/design.md §5, checked when the guests are
 //! quiescent (after a run, or before an address space is torn down).
 //! A violation names the frame and the addresses, and never panics.
 
