@@ -13,6 +13,9 @@ use super::ast::*;
 use super::parse::{ParseError, MAX_USER_REG};
 use crate::hooks::{parse_rule, parse_step, Rule, Step};
 use crate::kvm::{BootPlan, PlanRegion};
+use names::{check_exists, region_filter, thread_step};
+
+mod names;
 
 /// Where the first region is mapped; the others follow with a guard page.
 pub const REGION_BASE: u64 = 0x10_0000_0000;
@@ -540,88 +543,5 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
     })
 }
 
-/// Rewrites `Pn@` in a schedule step to `vK@` where Pn is the K-th initial
-/// thread (initial threads run on vCPUs 0, 1, … in order; children get the
-/// next vCPU ids in the order they are created).
-fn thread_step(
-    step: &str,
-    test: &Test,
-    regions: &BTreeMap<&str, PlacedRegion>,
-    pos: Pos,
-) -> Result<String, ParseError> {
-    let Some((who, point)) = step.split_once('@') else {
-        return error(pos, format!("a schedule step is Pn@POINT, not '{step}'"));
-    };
-    let v = if who.starts_with('P') {
-        let idx = test
-            .threads
-            .iter()
-            .filter(|t| t.name.starts_with('P'))
-            .position(|t| t.name == who);
-        match idx {
-            Some(i) => format!("v{i}"),
-            None => {
-                return error(
-                    pos,
-                    format!("schedule names thread {who}, which has no block"),
-                )
-            }
-        }
-    } else if who.starts_with('C') {
-        return error(
-            pos,
-            format!(
-                "schedule names child {who}: name it by its vCPU (vN: initial threads \
-                 first, then children in the order they are created)"
-            ),
-        );
-    } else {
-        who.to_string()
-    };
-    Ok(format!("{v}@{}", region_filter(point, regions, pos)?))
-}
-
-/// `POINT[REGION]` → `POINT/addr=START-END` for the region's pages.
-fn region_filter(
-    point: &str,
-    regions: &BTreeMap<&str, PlacedRegion>,
-    pos: Pos,
-) -> Result<String, ParseError> {
-    let Some((p, rest)) = point.split_once('[') else {
-        return Ok(point.to_string());
-    };
-    let Some(name) = rest.strip_suffix(']') else {
-        return error(pos, format!("expected POINT[REGION], found '{point}'"));
-    };
-    match regions.get(name) {
-        // No overflow: placed regions end below REGION_END.
-        Some(r) => Ok(format!(
-            "{p}/addr={:#x}-{:#x}",
-            r.addr,
-            r.addr + r.pages * PAGE_SIZE
-        )),
-        None => error(pos, format!("unknown region '{name}' in '{point}'")),
-    }
-}
-
-/// Every thread the exists clause names must exist.
-fn check_exists(cond: &Cond, test: &Test) -> Result<(), ParseError> {
-    let known = |t: &str| test.threads.iter().any(|th| th.name == t);
-    let pos = Pos { line: 1, col: 1 };
-    match cond {
-        Cond::And(terms) | Cond::Or(terms) => terms.iter().try_for_each(|c| check_exists(c, test)),
-        Cond::Not(a) => check_exists(a, test),
-        Cond::Status { thread, .. } if !known(thread) => error(
-            pos,
-            format!("exists names thread {thread}, which has no block"),
-        ),
-        Cond::Cmp(l, _, r) => [l, r].iter().try_for_each(|v| match v {
-            Value::Reg { thread, .. } if !known(thread) => error(
-                pos,
-                format!("exists names thread {thread}, which has no block"),
-            ),
-            _ => Ok(()),
-        }),
-        _ => Ok(()),
-    }
-}
+#[cfg(test)]
+mod tests;
