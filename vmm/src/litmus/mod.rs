@@ -8,6 +8,7 @@ pub mod compile;
 #[cfg(test)]
 pub(crate) mod hostile;
 pub mod parse;
+pub mod result;
 pub mod run;
 pub mod soak;
 pub mod verdict;
