@@ -4,6 +4,7 @@
 //! [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
 
 pub mod client;
+mod error;
 pub(crate) mod protocol;
 pub mod server;
 pub(crate) mod stream;
@@ -17,11 +18,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 pub use crate::kvm::{Attachment, Gate};
+pub use error::{ControlError, ServerError};
 pub use server::Server;
 
 use crate::hooks::{HookEvent, Observer, Rule};
 use crate::kvm::{self, Event, Outcome, RunObserver, VcpuReport, VmConfig, VmHandle};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 use crate::trace::{Recorder, RUN_END_OTHER};
 
 /// A trace started over the socket.
@@ -134,7 +136,7 @@ impl Controller {
 
     /// Fills in the controller's part of a VM about to start: the gate, the
     /// socket's rules, the observer, and the `set-knob` overrides.
-    pub fn configure(&self, config: &mut VmConfig) -> Result<(), String> {
+    pub fn configure(&self, config: &mut VmConfig) -> Result<(), ControlError> {
         for (knob, value) in lock(&self.knobs).iter() {
             config.policy.set(knob, value)?;
         }
@@ -212,24 +214,24 @@ impl Controller {
     /// takes the recorder, and every later one). The file is created
     /// without holding the controller's lock, and only a regular file (or
     /// a new one) is accepted: opening a FIFO could block forever.
-    fn trace_start(&self, file: &str) -> Result<Value, String> {
+    fn trace_start(&self, file: &str) -> Result<Value, ControlError> {
         if self.cli_trace.load(Ordering::Acquire) {
-            return Err("this command records a trace already (--trace)".into());
+            return Err(ControlError::CliTrace);
         }
         if let Some(t) = &*lock(&self.trace) {
-            return Err(format!(
-                "a trace is being recorded into {}; trace-stop first",
-                t.file
-            ));
+            return Err(ControlError::TraceBusy(t.file.clone()));
         }
         let path = std::path::Path::new(file);
         if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
-            return Err(format!("{file}: not a regular file"));
+            return Err(ControlError::NotARegularFile(file.to_string()));
         }
-        let rec = Recorder::create(path).map_err(|e| format!("{file}: {e}"))?;
+        let rec = Recorder::create(path).map_err(|source| ControlError::TraceFile {
+            file: file.to_string(),
+            source,
+        })?;
         let mut trace = lock(&self.trace);
         if trace.is_some() {
-            return Err("another trace-start came first".into());
+            return Err(ControlError::TraceRace);
         }
         let now = match self.current() {
             Some(vm) => vm.with_hooks(|h| h.trace.set(Arc::clone(&rec))) == Some(true),
@@ -249,14 +251,17 @@ impl Controller {
 
     /// `trace-stop`: ends the run under way in the trace (if it is in it)
     /// and closes the trace.
-    fn trace_stop(&self) -> Result<Value, String> {
+    fn trace_stop(&self) -> Result<Value, ControlError> {
         let Some(t) = lock(&self.trace).take() else {
-            return Err("no trace is being recorded (trace-start FILE first)".into());
+            return Err(ControlError::NoTrace);
         };
         if t.open {
             t.rec
                 .end_run(RUN_END_OTHER, "trace stopped", true)
-                .map_err(|e| format!("{}: {e}", t.file))?;
+                .map_err(|source| ControlError::TraceFile {
+                    file: t.file.clone(),
+                    source,
+                })?;
         }
         t.rec.set_enabled(false);
         Ok(json!({ "file": t.file }))
@@ -347,9 +352,9 @@ impl Controller {
     }
 
     /// Validates a knob override against a preset.
-    fn check_knob(knob: &str, value: &str) -> Result<(), String> {
+    fn check_knob(knob: &str, value: &str) -> Result<(), PolicyError> {
         let mut p = Policy::MAINLINE;
-        Ok(p.set(knob, value)?)
+        p.set(knob, value)
     }
 }
 
@@ -364,7 +369,7 @@ impl RunObserver for Controller {
     }
 
     fn configure(&self, config: &mut VmConfig) -> Result<(), kvm::Error> {
-        Controller::configure(self, config).map_err(kvm::Error::Config)
+        Controller::configure(self, config).map_err(|e| kvm::Error::Config(e.to_string()))
     }
 
     fn attach(&self, vm: VmHandle, attached: &Attachment, run: u64) {

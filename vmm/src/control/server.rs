@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::stream::{Framer, Item};
-use super::{lock, protocol, Controller};
+use super::{lock, protocol, Controller, ServerError};
 
 /// The longest request; a longer one ends the connection.
 pub use super::stream::MAX_REQUEST;
@@ -44,22 +44,17 @@ pub struct Server {
 
 /// Makes `path` a fresh socket: a stale socket there is replaced, anything
 /// else (a file, a live socket) is left alone and reported.
-fn bind(path: &Path) -> Result<UnixListener, String> {
-    let shown = path.display();
+fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
-                return Err(format!("{shown}: another process is listening there"));
+                return Err(ServerError::Listening(path.to_path_buf()));
             }
-            std::fs::remove_file(path).map_err(|e| format!("{shown}: {e}"))?;
+            std::fs::remove_file(path).map_err(ServerError::io(path))?;
         }
-        Ok(_) => {
-            return Err(format!(
-                "{shown}: exists and is not a socket; not replacing it"
-            ))
-        }
+        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{shown}: {e}")),
+        Err(e) => return Err(ServerError::io(path)(e)),
     }
     // Bound in a private directory, made 0600 and only then moved into
     // place: nobody else can connect in between.
@@ -71,14 +66,14 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
-        .map_err(|e| format!("{shown}: {e}"))?;
+        .map_err(ServerError::io(path))?;
     let tmp = private.join("socket");
     let result = UnixListener::bind(&tmp)
-        .map_err(|e| format!("{shown}: {e}"))
+        .map_err(ServerError::io(path))
         .and_then(|l| {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
                 .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| format!("{shown}: {e}"))?;
+                .map_err(ServerError::io(path))?;
             Ok(l)
         });
     let _ = std::fs::remove_file(&tmp);
@@ -88,11 +83,11 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
 
 impl Server {
     /// Listens at `path` for clients of `ctl`.
-    pub fn start(path: &Path, ctl: Arc<Controller>) -> Result<Server, String> {
+    pub fn start(path: &Path, ctl: Arc<Controller>) -> Result<Server, ServerError> {
         let listener = bind(path)?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(ServerError::io(path))?;
         let stop = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(Mutex::new(Vec::new()));
         let accept = {
@@ -100,7 +95,7 @@ impl Server {
             std::thread::Builder::new()
                 .name("control".into())
                 .spawn(move || accept_loop(&listener, &stop, &clients, &ctl))
-                .map_err(|e| format!("cannot start the control thread: {e}"))?
+                .map_err(ServerError::Thread)?
         };
         Ok(Server {
             path: path.to_path_buf(),

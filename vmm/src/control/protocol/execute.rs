@@ -129,11 +129,11 @@ pub(super) fn execute(ctl: &Controller, request: Request) -> Result<Value, CmdEr
         }
         "trace-start" => {
             let a: TraceStartArgs = args(map)?;
-            ctl.trace_start(&a.file).map_err(generic)?
+            ctl.trace_start(&a.file)?
         }
         "trace-stop" => {
             let NoArgs {} = args(map)?;
-            ctl.trace_stop().map_err(generic)?
+            ctl.trace_stop()?
         }
         "query-points" => {
             let NoArgs {} = args(map)?;

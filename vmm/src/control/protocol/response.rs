@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::control::printable;
+use crate::control::{printable, ControlError};
 
 /// The greeting a client gets on connecting.
 pub(crate) fn greeting() -> Value {
@@ -41,5 +41,12 @@ impl CmdError {
             out["id"] = id;
         }
         out
+    }
+}
+
+/// A refusal of the controller's is a `GenericError` worded as its Display.
+impl From<ControlError> for CmdError {
+    fn from(e: ControlError) -> Self {
+        generic(e.to_string())
     }
 }
