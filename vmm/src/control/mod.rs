@@ -1,7 +1,7 @@
-//! The control socket (DESIGN.md §9): a person or a script drives a running
-//! VM over a stream of JSON values in QMP's shape. [`Controller`] is the
-//! state the socket and the runner share across the runs of one command;
-//! [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
+//! The control socket (docs/control.md): a person or a script drives a
+//! running VM over a stream of JSON values in QMP's shape. [`Controller`] is
+//! the state the socket and the runner share across the runs of one
+//! command; [`server`] speaks the protocol, [`client`] is `cowlab ctl`.
 
 pub mod client;
 mod error;
