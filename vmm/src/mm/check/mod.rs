@@ -45,3 +45,4 @@ pub mod userfaultfd;
 pub mod verify;
 
 mod harness;
+mod races;
