@@ -235,3 +235,32 @@ fn a_panic_rule_panics_a_vcpu_thread_only() {
     let msg = msg.downcast_ref::<String>().unwrap();
     assert_eq!(msg, "injected panic at guest:boom (panic@guest:boom)");
 }
+
+/// The load bug of docs/reliability.md "Under load": a vCPU whose step has
+/// come, but which has not run since (its note still says it waits), is
+/// not blocked; nor is one the kernel has runnable. Neither makes the
+/// schedule unreachable, however long it stays so.
+#[test]
+fn a_vcpu_whose_step_came_or_that_is_runnable_is_not_blocked() {
+    let hooks = Hooks::new();
+    hooks.set_schedule(parse_schedule("v1@guest:a < v0@guest:b < v1@guest:c").unwrap());
+    // v0's note as it went to sleep waiting for step 1 to let it take step 2.
+    hooks.note_blocked(
+        0,
+        Some(Blocked {
+            why: "v0 waits at guest:b (step 2) for step 1".into(),
+            step: Some(1),
+        }),
+    );
+    // Step 1 happens: v0's turn has come, but v0 has not run yet.
+    hooks.hit("guest:a", Some(1), None).unwrap();
+    // v1 now sleeps on a lock (a note without a step), for real: its
+    // thread is this one, registered, and it is running, so not asleep.
+    hooks.thread_started(1);
+    hooks.set_blocked(1, Some("v1 waits for mmap_lock".into()));
+    let until = Instant::now() + 2 * schedule::STALL;
+    while Instant::now() < until {
+        assert_eq!(hooks.check_schedule(2), None);
+        std::thread::yield_now();
+    }
+}
