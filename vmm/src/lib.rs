@@ -3,9 +3,10 @@
 //! - [`kvm`]: VM, vCPU threads, boot, exits, kicks, interrupt injection.
 //! - [`mm`]: the memory-manager model (frames, page tables, shadow TLBs).
 //! - [`bench`]: measurements of the host's limits.
+//! - [`cli`]: the commands of the `cowlab` binary, behind its argument parsing.
 
 pub mod bench;
-pub mod commands;
+pub mod cli;
 pub mod control;
 pub mod cpu;
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use cowlab::bench::{self, BenchOptions};
-use cowlab::commands::{self, RunOptions, SoakOptions};
+use cowlab::cli::{self, RunOptions, SoakOptions};
 use cowlab::control::printable;
 use cowlab::kvm::exit_code;
 
@@ -245,7 +245,7 @@ const MAX_SEEDS: u64 = 1_000_000;
 
 /// Prints a usage error and exits 2.
 fn usage(msg: impl std::fmt::Display) -> ! {
-    commands::error(msg);
+    cli::error(msg);
     std::process::exit(exit_code::USAGE);
 }
 
@@ -280,8 +280,8 @@ enum TraceWhat {
 fn parse_error(mut e: clap::Error) -> ! {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        commands::out(e.render());
-        std::process::exit(commands::finish(exit_code::OK));
+        cli::out(e.render());
+        std::process::exit(cli::finish(exit_code::OK));
     }
     // The arguments quoted in the message, escaped before it is made; the
     // subcommands listed, without the hidden one.
@@ -368,7 +368,7 @@ fn main() {
             let timeout =
                 seconds("--timeout", &secs, Some("no watchdog")).unwrap_or_else(|e| usage(e));
             check_runs(runs);
-            commands::run(&RunOptions {
+            cli::run(&RunOptions {
                 program,
                 vcpus,
                 arg,
@@ -398,23 +398,14 @@ fn main() {
                     cowlab_tools::MAX_MIB
                 ));
             }
-            match cowlab_tools::measure(mib.max(1)) {
-                Ok(b) => {
-                    commands::out(format_args!("{}\n", b.json()));
-                    exit_code::OK
-                }
-                Err(e) => {
-                    commands::error(format_args!("native-baseline: {e}"));
-                    exit_code::VM_ERROR
-                }
-            }
+            cli::native_baseline(mib)
         }
         Command::Trace {
             what: TraceWhat::Show { file, vcpu, kind },
-        } => commands::trace_show(&file, vcpu, &kind),
+        } => cli::trace_show(&file, vcpu, &kind),
         Command::Trace {
             what: TraceWhat::Export { file, format, out },
-        } => commands::trace_export(&file, &format, &out),
+        } => cli::trace_export(&file, &format, &out),
         Command::Ctl {
             socket,
             command,
@@ -422,19 +413,19 @@ fn main() {
         } => cowlab::control::client::ctl(&socket, &command, &args),
         Command::List {
             what: ListWhat::Programs,
-        } => commands::list_programs(),
+        } => cli::list_programs(),
         Command::List {
             what: ListWhat::Policies,
-        } => commands::list_policies(),
+        } => cli::list_policies(),
         Command::List {
             what: ListWhat::Tests,
-        } => commands::list_tests(),
+        } => cli::list_tests(),
         Command::List {
             what: ListWhat::Points,
-        } => commands::list_points(),
+        } => cli::list_points(),
         Command::Suite { name, runs, json } => {
             check_runs(runs);
-            commands::suite(&name, runs, json, &cli.kvm)
+            cli::suite(&name, runs, json, &cli.kvm)
         }
         Command::Soak {
             runs,
@@ -458,7 +449,7 @@ fn main() {
                     "--seeds takes 1 to {MAX_SEEDS} batches, not {seeds}"
                 ));
             }
-            commands::soak(&SoakOptions {
+            cli::soak(&SoakOptions {
                 tests,
                 runs,
                 seed,
@@ -477,7 +468,7 @@ fn main() {
             sizes,
             native_rounds,
             litmus_runs,
-        } => commands::bench(
+        } => cli::bench(
             &BenchOptions {
                 rounds: rounds.into(),
                 iters,
@@ -489,5 +480,5 @@ fn main() {
             json,
         ),
     };
-    std::process::exit(commands::finish(code));
+    std::process::exit(cli::finish(code));
 }

@@ -436,7 +436,7 @@ fn argument_errors_are_one_line_with_arguments_escaped() {
 
 /// Messages quoting an argument (a program name, a path) printed it raw:
 /// a newline in it made two lines, an escape sequence reached the
-/// terminal. `commands::error` now escapes whatever it prints.
+/// terminal. `cli::error` now escapes whatever it prints.
 #[test]
 fn errors_quoting_arguments_stay_one_line() {
     refused(
