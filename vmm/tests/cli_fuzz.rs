@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::sinks::{closed_pipe, dev_full};
 use common::Running;
 use cowlab::control::printable;
 use proptest::prelude::RngCore;
@@ -149,27 +150,6 @@ impl Sink {
             _ => Sink::Pipes,
         }
     }
-}
-
-fn dev_full() -> Stdio {
-    Stdio::from(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/full")
-            .expect("/dev/full"),
-    )
-}
-
-/// The write end of a pipe whose read end is closed.
-fn closed_pipe() -> Stdio {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut fds = [0; 2];
-    // SAFETY: pipe() fills two fresh descriptors, each owned once below.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: as above.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    drop(read);
-    Stdio::from(write)
 }
 
 /// Starts `cowlab ARGS` in `dir` with no stdin, its output to `sink`, and

@@ -6,11 +6,11 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::sinks::{closed_pipe, dev_full};
 use common::{cowlab_within, json_of, text};
 
 /// Every command here finishes in seconds; one still running after this
@@ -59,28 +59,6 @@ fn with_stdout(args: &[&str], stdout: Stdio) -> (Option<i32>, String) {
     };
     let status = child.wait().expect("wait for cowlab");
     (status.code(), text(&stderr))
-}
-
-/// A full disk: every write fails with ENOSPC.
-fn dev_full() -> Stdio {
-    Stdio::from(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/full")
-            .expect("/dev/full"),
-    )
-}
-
-/// The write end of a pipe whose reader is already gone (`| head` that
-/// has read enough): every write fails with EPIPE.
-fn closed_pipe() -> Stdio {
-    let mut fds = [0; 2];
-    // SAFETY: pipe() fills two fresh descriptors, each owned once below.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: as above.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    drop(read);
-    Stdio::from(write)
 }
 
 /// A temporary path for this test process.

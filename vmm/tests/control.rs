@@ -806,14 +806,10 @@ fn quit_as_the_first_request_stops_a_waiting_program() {
 fn ctl_says_when_it_cannot_print_the_answer() {
     let path = sock("ctl-full");
     let child = start(&path, &["run", "hello", "--wait"]);
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("/dev/full");
     let out = Running::new(
         bin()
             .args(["ctl", "--socket", path.to_str().unwrap(), "query-status"])
-            .stdout(Stdio::from(full))
+            .stdout(common::sinks::dev_full())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start cowlab ctl"),

@@ -8,6 +8,7 @@
 use std::process::{Command, Output};
 
 mod child;
+pub mod sinks;
 pub mod vm;
 #[allow(unused_imports)] // not every test file starts children
 pub use child::Running;

@@ -26,16 +26,7 @@ impl Parser<'_> {
     /// A register, a number, or a region name.
     pub(super) fn operand(&mut self) -> R<Operand> {
         let (w, pos) = self.word("a register, a number or a region")?;
-        if is_reg(&w) {
-            return parse_reg(&w, pos).map(Operand::Reg);
-        }
-        if w.as_bytes()[0].is_ascii_digit() {
-            return parse_number(&w).map(Operand::Imm).ok_or(ParseError {
-                pos,
-                msg: format!("expected a number, found '{w}'"),
-            });
-        }
-        Ok(Operand::Region(w, pos))
+        operand_of(w, pos)
     }
 
     /// `NAME[i]` after the name, or `*(rN + off)` from the '*'.
