@@ -1,7 +1,6 @@
 //! Litmus runs per second: a fresh VM per run, as `cowlab run` does.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{us, BenchOptions, Measurement, Stat};
 use crate::kvm::Error;
@@ -29,21 +28,8 @@ pub fn litmus_rates(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
         let policy = Policy::preset(&policy_name).unwrap_or(Policy::MAINLINE);
         let mut per_run = Vec::new();
         for _ in 0..opts.native_rounds.max(1) {
-            let run_opts = litmus::RunOptions {
-                runs: opts.litmus_runs.max(1),
-                policy_name: policy_name.clone(),
-                policy,
-                timeout: Duration::from_secs(30),
-                kvm_path: opts.kvm_path.clone(),
-                progress: false,
-                rules: Vec::new(),
-                schedule: None,
-                chaos: None,
-                control: None,
-                trace: None,
-                deadline: None,
-                until_witness: None,
-            };
+            let run_opts =
+                litmus::RunOptions::plain(opts.litmus_runs, &policy_name, policy, &opts.kvm_path);
             let r = litmus::run_test(&compiled, &run_opts)?;
             // A timing with runs in error is not a measurement.
             if let Some(msg) = r.errors.keys().next() {

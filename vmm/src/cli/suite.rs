@@ -2,7 +2,6 @@
 //! lines name, as a table or JSON.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::output::{error, out};
 use crate::kvm::{exit_code, Error};
@@ -43,18 +42,6 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
                 return exit_code::USAGE;
             };
             let run_opts = litmus::RunOptions {
-                runs: runs.or(compiled.test.runs).unwrap_or(10).max(1),
-                policy_name: expect.policy.clone(),
-                policy,
-                timeout: Duration::from_secs(30),
-                kvm_path: kvm_path.to_string(),
-                progress: false,
-                rules: Vec::new(),
-                schedule: None,
-                chaos: None,
-                control: None,
-                trace: None,
-                deadline: None,
                 // A free-running race is rare on a loaded machine: a cell
                 // expected `Sometimes` goes on until it has its witness
                 // (`runs N max M`), unless `--runs` says how many.
@@ -62,6 +49,12 @@ pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
                     (None, litmus::ast::Verdict::Sometimes) => compiled.test.max_runs,
                     _ => None,
                 },
+                ..litmus::RunOptions::plain(
+                    runs.or(compiled.test.runs).unwrap_or(10),
+                    &expect.policy,
+                    policy,
+                    kvm_path,
+                )
             };
             let result = match litmus::run_test(&compiled, &run_opts) {
                 Ok(r) => Ok(r),
@@ -187,6 +180,7 @@ mod tests {
 
     use super::*;
     use crate::litmus::ast::Verdict;
+    use std::time::Duration;
 
     /// A suite cell's result: `positive` witnesses, and `errors` runs in
     /// error, of 5 runs, expecting `Always`.

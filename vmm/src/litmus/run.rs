@@ -49,6 +49,29 @@ pub struct RunOptions {
     pub until_witness: Option<u64>,
 }
 
+impl RunOptions {
+    /// `runs` plain runs under `policy_name`: a 30 s watchdog, no progress
+    /// bar, no rules or schedule of the caller's, no chaos, socket, trace
+    /// or budget. Callers change what they need with `..`.
+    pub fn plain(runs: u64, policy_name: &str, policy: Policy, kvm_path: &str) -> RunOptions {
+        RunOptions {
+            runs: runs.max(1),
+            policy_name: policy_name.to_string(),
+            policy,
+            timeout: Duration::from_secs(30),
+            kvm_path: kvm_path.to_string(),
+            progress: false,
+            rules: Vec::new(),
+            schedule: None,
+            chaos: None,
+            control: None,
+            trace: None,
+            deadline: None,
+            until_witness: None,
+        }
+    }
+}
+
 /// One run's threads from the VM report.
 fn run_state(test: &Compiled, report: &RunReport) -> RunState {
     let mut state = RunState::new();
