@@ -9,6 +9,7 @@ use cowlab::bench::{self, BenchOptions};
 use cowlab::cli::{self, RunOptions, SoakOptions};
 use cowlab::control::printable;
 use cowlab::kvm::exit_code;
+use cowlab::litmus::explore::Strategy;
 
 /// A KVM micro-VM whose VMM is the memory manager of its guests.
 #[derive(Parser, Debug)]
@@ -168,6 +169,65 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Search a litmus test's interleavings for a witness of its `exists`
+    /// clause, without a schedule (docs/exploration.md); `explore merge`
+    /// combines the --json results of shards.
+    #[command(args_conflicts_with_subcommands = true)]
+    Explore {
+        #[command(subcommand)]
+        merge: Option<ExploreWhat>,
+        /// The test (a built-in name or a .litmus file).
+        #[arg(value_name = "TEST", required = true)]
+        test: Option<String>,
+        /// Kernel behaviour preset (see `cowlab list policies`).
+        #[arg(long, value_name = "NAME", default_value = "mainline")]
+        policy: String,
+        /// Override a knob of the preset (repeatable).
+        #[arg(long = "set", value_name = "KNOB=VALUE")]
+        set: Vec<String>,
+        /// dfs: every interleaving with at most --bound preemptions; pct:
+        /// random priorities with --depth - 1 change points per run.
+        #[arg(long, value_parser = ["dfs", "pct"], default_value = "pct")]
+        strategy: String,
+        /// dfs: the most preemptions per interleaving.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
+        bound: u32,
+        /// pct: the bug depth searched for (change points + 1).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+        depth: u32,
+        /// Runs in all, over every shard (default: pct 1000, dfs until the
+        /// space is exhausted).
+        #[arg(long, value_name = "RUNS", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        budget: Option<u64>,
+        /// Start no run after SECS seconds (0.001 to 1000000).
+        #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+        time: Option<String>,
+        /// pct: the seed of run 0 (run r's priorities come from SEED and r).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Only this part of the search: I/N, 0 <= I < N (merge the parts'
+        /// --json results with `cowlab explore merge`).
+        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        shard: String,
+        /// Watchdog per run in seconds, 0.001 to 1000000 (a run it ends
+        /// counts as stuck).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "10",
+            allow_negative_numbers = true
+        )]
+        timeout: String,
+        /// Go on after the first witness, counting them.
+        #[arg(long)]
+        keep_going: bool,
+        /// Print the witness's interleaving without minimizing it.
+        #[arg(long)]
+        no_minimize: bool,
+        /// One JSON object (mergeable) instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// List built-in things.
     #[command(arg_required_else_help = false)]
     List {
@@ -196,6 +256,18 @@ enum Command {
         /// Runs per round of each litmus test timed.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         litmus_runs: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ExploreWhat {
+    /// Combine the --json results of the shards of one search.
+    Merge {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// One JSON object instead of the report.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -239,6 +311,9 @@ fn check_runs(n: Option<u64>) {
         usage("--runs needs at least 1");
     }
 }
+
+/// Runs of `cowlab explore --strategy pct` without `--budget`.
+const DEFAULT_PCT_BUDGET: u64 = 1000;
 
 /// The most batches `cowlab soak --seeds K` makes.
 const MAX_SEEDS: u64 = 1_000_000;
@@ -458,6 +533,57 @@ fn main() {
                 timeout: positive("--timeout", &secs),
                 inject,
                 json,
+                kvm_path: cli.kvm,
+            })
+        }
+        Command::Explore {
+            merge: Some(ExploreWhat::Merge { files, json }),
+            ..
+        } => cli::explore_merge(&files, json),
+        Command::Explore {
+            merge: None,
+            test,
+            policy,
+            set,
+            strategy,
+            bound,
+            depth,
+            budget,
+            time,
+            seed,
+            shard,
+            timeout,
+            keep_going,
+            no_minimize,
+            json,
+        } => {
+            let strategy = match strategy.as_str() {
+                "dfs" => Strategy::Dfs { bound },
+                _ => Strategy::Pct { depth },
+            };
+            let budget = budget.or(match strategy {
+                Strategy::Pct { .. } => Some(DEFAULT_PCT_BUDGET),
+                Strategy::Dfs { .. } => None,
+            });
+            cli::explore(&cli::ExploreArgs {
+                test: test.unwrap_or_default(),
+                policy,
+                set,
+                strategy,
+                budget,
+                time: time.map(|t| {
+                    seconds("--time", &t, None)
+                        .unwrap_or_else(|e| usage(e))
+                        .unwrap_or(Duration::from_secs_f64(MAX_SECS))
+                }),
+                seed,
+                shard: cli::parse_shard(&shard).unwrap_or_else(|e| usage(e)),
+                timeout: seconds("--timeout", &timeout, None)
+                    .unwrap_or_else(|e| usage(e))
+                    .unwrap_or(Duration::from_secs_f64(MAX_SECS)),
+                json,
+                keep_going,
+                minimize: !no_minimize,
                 kvm_path: cli.kvm,
             })
         }

@@ -10,6 +10,7 @@
 //! - [`trace`]: `cowlab trace show|export`.
 //! - [`list`]: `cowlab list …`.
 //! - [`bench`]: `cowlab bench` and `cowlab native-baseline`.
+//! - [`explore`]: `cowlab explore` and `cowlab explore merge`.
 //!
 //! Errors: the layers below return their own typed errors, which a command
 //! prints and turns into an exit status; what the CLI itself refuses (an
@@ -20,6 +21,7 @@
 
 pub mod bench;
 mod error;
+pub mod explore;
 pub mod list;
 pub mod output;
 pub mod run;
@@ -29,6 +31,7 @@ pub mod trace;
 
 pub use bench::{bench, native_baseline};
 pub use error::{CliError, ReadError};
+pub use explore::{explore, merge as explore_merge, parse_shard, ExploreArgs};
 pub use list::{list_points, list_policies, list_programs, list_tests, program_names};
 pub use output::{error, finish, out, MAX_GUEST_ELF, MAX_LITMUS_FILE, MAX_TRACE_FILE};
 pub use run::{make_policy, run, RunOptions};

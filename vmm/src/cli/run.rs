@@ -163,6 +163,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         kvm_path: opts.kvm_path.clone(),
         trace: tracer.clone(),
         run: 1,
+        explore: None,
     };
     if let Some(ctl) = ctl {
         ctl.begin(&opts.program, &opts.policy, 1);
@@ -254,7 +255,7 @@ pub fn make_policy(name: &str, set: &[String]) -> Result<Policy, CliError> {
 }
 
 /// The source of litmus test `what`: a built-in name or a file.
-fn litmus_source(what: &str) -> Result<String, CliError> {
+pub(super) fn litmus_source(what: &str) -> Result<String, CliError> {
     if let Some(src) = builtin::source(what) {
         return Ok(src.to_string());
     }

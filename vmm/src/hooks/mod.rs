@@ -14,6 +14,8 @@
 //!   recorded order and [`witness_schedule`];
 //! - `park`: blocked and paused vCPUs, delays, the end of a run;
 //! - `chaos`: seeded random delays;
+//! - `explore`: exploration, where every point parks its vCPU and a
+//!   chooser decides who goes next;
 //! - this file: [`Hooks`] and [`Hooks::hit`], which applies all of them.
 
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 mod chaos;
+mod explore;
 mod park;
 mod points;
 mod rules;
@@ -31,6 +34,7 @@ mod spec;
 mod tests;
 mod threads;
 
+pub use explore::{Chooser, ChooserSlot, Decision, Parked, WordReader, AWAIT_HOOK, DECISION_LIMIT};
 pub use points::{is_point, Point, POINTS};
 pub use schedule::{witness_schedule, PointHit};
 
@@ -99,6 +103,10 @@ pub struct Hooks {
     observer: ObserverSlot,
     /// With [`Hooks::record_order`]: every hit by a vCPU, in order.
     order: Mutex<Option<Recording>>,
+    /// Exploration: the explorer's state, and its wake-ups (waited on with
+    /// `explore` held).
+    explore: Mutex<Option<explore::Explore>>,
+    explored: Condvar,
     /// The trace recorder, if the run is traced: every hit is an event.
     pub trace: crate::trace::TraceSlot,
     /// Which run of a litmus test this VM is (1-based; 0 is taken as 1),
@@ -118,7 +126,8 @@ impl Hooks {
     fn refresh_active(&self) {
         let active = !lock(&self.rules).is_empty()
             || !lock(&self.schedule).steps.is_empty()
-            || lock(&self.chaos).is_some();
+            || lock(&self.chaos).is_some()
+            || lock(&self.explore).is_some();
         self.active.store(active, Ordering::Release);
     }
 
@@ -205,6 +214,7 @@ impl Hooks {
             self.record(cpu, point, addr);
             self.schedule_step(cpu, point, addr);
             self.chaos_delay(cpu);
+            self.explore_step(cpu, point, addr);
         }
         result
     }

@@ -37,6 +37,7 @@ impl Hooks {
     /// Notes that vCPU `cpu`'s thread has ended.
     pub fn set_ended(&self, cpu: usize) {
         lock(&self.ended).insert(cpu);
+        self.explore_ended(cpu);
     }
 
     /// Whether `cpu` is stopped where nothing it does can race with others:
@@ -59,6 +60,8 @@ impl Hooks {
             Some(w) => b.insert(cpu, w),
             None => b.remove(&cpu),
         };
+        drop(b);
+        self.explore_poke();
     }
 
     /// Holds the calling thread for `d` (a `delay=` rule, chaos), or until
@@ -165,5 +168,7 @@ impl Hooks {
         self.unpaused.notify_all();
         drop(lock(&self.delaying));
         self.release.notify_all();
+        drop(lock(&self.explore));
+        self.explored.notify_all();
     }
 }

@@ -53,6 +53,9 @@ pub struct VmConfig {
     /// Which run (1-based) of a litmus test this is, for rules' `run=`
     /// filter.
     pub run: u64,
+    /// Explore: every point parks its vCPU and this chooser decides who
+    /// goes next (docs/exploration.md); replaces the schedule.
+    pub explore: Option<hooks::ChooserSlot>,
 }
 
 impl Default for VmConfig {
@@ -74,12 +77,14 @@ impl Default for VmConfig {
             kvm_path: "/dev/kvm".into(),
             trace: None,
             run: 1,
+            explore: None,
         }
     }
 }
 
-/// Installs the rules, schedule, chaos and observer of `config`.
-pub(super) fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
+/// Installs the rules, schedule, chaos, explorer and observer of
+/// `config`; the explorer reads litmus events through `words`.
+pub(super) fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig, words: hooks::WordReader) {
     hooks.set_run(config.run);
     if let Some(t) = &config.trace {
         hooks.trace.set(Arc::clone(t));
@@ -87,12 +92,20 @@ pub(super) fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig) {
     for rule in &config.rules {
         hooks.add_rule(rule.clone());
     }
-    if !config.schedule.is_empty() {
+    if let Some(chooser) = &config.explore {
+        let shared = config.plan.as_ref().map_or_else(Vec::new, |p| {
+            p.regions
+                .iter()
+                .map(|r| (r.addr, r.addr + r.pages * cowlab_abi::layout::PAGE_SIZE))
+                .collect()
+        });
+        hooks.set_explore(chooser.clone(), words, shared);
+    } else if !config.schedule.is_empty() {
         hooks.set_schedule(config.schedule.clone());
     }
     if let Some(seed) = config.chaos {
         hooks.set_chaos(seed, CHAOS_MAX_DELAY);
-        if config.schedule.is_empty() {
+        if config.schedule.is_empty() && config.explore.is_none() {
             // A witness found by chaos is replayed by its order of points.
             hooks.record_order();
         }

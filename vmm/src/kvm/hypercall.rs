@@ -87,12 +87,19 @@ impl Vcpu {
             Hypercall::Fork => self.fork(),
             Hypercall::Join => match self.shared.ctl(self.area.arg(0) as usize) {
                 // Stopped while waiting: the request loop ends the thread.
-                Some(ctl) if self.area.arg(0) as usize != self.id => ctl
-                    .wait_ended(|| {
-                        self.ctl.requests.load(Ordering::Acquire) & request::STOP != 0
-                            || self.shared.machine.stopping()
-                    })
-                    .unwrap_or(MmError::Interrupted.errno() as u64),
+                Some(ctl) if self.area.arg(0) as usize != self.id => {
+                    let hooks = &self.shared.machine.hooks;
+                    let why = format!("v{} waits for v{} to end", self.id, self.area.arg(0));
+                    hooks.set_blocked(self.id, Some(why));
+                    let status = ctl
+                        .wait_ended(|| {
+                            self.ctl.requests.load(Ordering::Acquire) & request::STOP != 0
+                                || self.shared.machine.stopping()
+                        })
+                        .unwrap_or(MmError::Interrupted.errno() as u64);
+                    hooks.set_blocked(self.id, None);
+                    status
+                }
                 _ => u64::MAX,
             },
             Hypercall::Mmap => {

@@ -34,6 +34,11 @@ pub struct RunReport {
     pub rule_counts: Vec<(String, u64, u64)>,
     /// With chaos and no schedule: every point hit by a vCPU, in order.
     pub hit_order: Option<Vec<hooks::PointHit>>,
+    /// When explored: the scheduling decisions, in order.
+    pub decisions: Option<Vec<hooks::Decision>>,
+    /// When explored: every vCPU waited with none able to go (where each
+    /// waited); the run was then stopped as by the watchdog.
+    pub deadlock: Option<String>,
 }
 
 /// Exit status of the CLI (docs/design.md §12).

@@ -118,6 +118,7 @@ impl Shared {
             program,
             parent,
         });
+        this.machine.hooks.vcpu_spawning(id);
         let ctl = Arc::new(VcpuCtl::default());
         // A vCPU forked while the VM is being stopped (a fork that a delay
         // held past the watchdog) is stopped before it first enters the

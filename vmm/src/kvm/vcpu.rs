@@ -273,6 +273,7 @@ impl Vcpu {
 
     /// One `KVM_RUN` (the ioctl), with the exit copied out.
     fn enter(&mut self) -> Result<Exit, VcpuError> {
+        self.shared.machine.hooks.entering_guest(self.id);
         let exit = Exit::decode(self.fd.run())?;
         self.fd.set_kvm_immediate_exit(0);
         Ok(exit)

@@ -11,7 +11,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::Kvm;
 
 use cowlab_abi::layout::{
-    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, USER_STACK_SIZE,
+    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, SHARED_PAGE_PHYS, USER_STACK_SIZE,
 };
 use cowlab_abi::Program;
 
@@ -182,7 +182,12 @@ impl Vm {
         }
         // Armed after the loader populated the regions: setup is not part
         // of any vCPU's run, so no rule or schedule step can match it.
-        arm_hooks(&machine.hooks, config);
+        let mem = Arc::clone(&vm.shared.mem);
+        let words: crate::hooks::WordReader = Arc::new(move |i| {
+            mem.read_obj::<u64>(SHARED_PAGE_PHYS + (i % 512) * 8)
+                .is_some_and(|w| w != 0)
+        });
+        arm_hooks(&machine.hooks, config, words);
         // The boot vCPUs are threads of one process that exists before any
         // of them runs: hold the mm (mm_users) while starting them, or a
         // first vCPU that ends before the next is spawned tears the address
@@ -302,6 +307,7 @@ impl Vm {
         let shared = Arc::clone(&self.shared);
         let hooks = &shared.machine.hooks;
         let mut unreachable = None;
+        let mut deadlock = None;
         let mut tick = Instant::now();
         while !self.live.is_empty() {
             // Time with vCPUs stopped from outside counts for neither the
@@ -333,6 +339,17 @@ impl Vm {
             }
             if unreachable.is_none() && !shared.held_from_outside() {
                 unreachable = hooks.check_schedule(self.live.len());
+            }
+            if timed_out.is_none() && deadlock.is_none() {
+                // Explored: nothing can move any more; end it as the
+                // watchdog would, without waiting for it.
+                deadlock = hooks.explore_deadlock();
+                if deadlock.is_some() {
+                    stuck = self.live.iter().copied().collect();
+                    shared.stop_all();
+                    deadline = Some(Instant::now() + STOP_GRACE);
+                    timed_out = Some(start.elapsed());
+                }
             }
         }
         if unreachable.is_none() && timed_out.is_none() {
@@ -368,6 +385,8 @@ impl Vm {
             unreachable,
             rule_counts: hooks.rule_counts(),
             hit_order: hooks.take_order(),
+            decisions: hooks.take_decisions(),
+            deadlock,
         }
     }
 

@@ -128,6 +128,31 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         include_str!("../../../tests/litmus/wp-copy-reuse-aba-free.litmus"),
         &["seeds"],
     ),
+    (
+        "fork-vma-lock-bare",
+        include_str!("../../../tests/litmus/fork-vma-lock-bare.litmus"),
+        &["bare"],
+    ),
+    (
+        "uffd-wp-cow-copy-bare",
+        include_str!("../../../tests/litmus/uffd-wp-cow-copy-bare.litmus"),
+        &["bare"],
+    ),
+    (
+        "fork-pinned-tearing-bare",
+        include_str!("../../../tests/litmus/fork-pinned-tearing-bare.litmus"),
+        &["bare"],
+    ),
+    (
+        "gup-read-wrong-side-bare",
+        include_str!("../../../tests/litmus/gup-read-wrong-side-bare.litmus"),
+        &["bare"],
+    ),
+    (
+        "wp-copy-reuse-aba-bare",
+        include_str!("../../../tests/litmus/wp-copy-reuse-aba-bare.litmus"),
+        &["bare"],
+    ),
 ];
 
 /// The source of built-in test `name`.

@@ -5,6 +5,7 @@
 pub mod ast;
 pub mod builtin;
 pub mod compile;
+pub mod explore;
 #[cfg(test)]
 pub(crate) mod hostile;
 pub mod parse;
@@ -13,7 +14,7 @@ pub mod run;
 pub mod soak;
 pub mod verdict;
 
-pub use compile::{compile, Compiled};
+pub use compile::{compile, compile_for_explore, Compiled};
 pub use parse::{parse, ParseError};
 pub use run::{run_test, LitmusResult, RunOptions};
 

@@ -73,7 +73,7 @@ impl RunOptions {
 }
 
 /// One run's threads from the VM report.
-fn run_state(test: &Compiled, report: &RunReport) -> RunState {
+pub(crate) fn run_state(test: &Compiled, report: &RunReport) -> RunState {
     let mut state = RunState::new();
     for v in &report.vcpus {
         let base = test
@@ -414,7 +414,7 @@ fn verified_order(
     best
 }
 
-fn join_steps(steps: &[Step]) -> String {
+pub(crate) fn join_steps(steps: &[Step]) -> String {
     steps
         .iter()
         .map(Step::to_string)

@@ -197,7 +197,15 @@ impl Vma {
                         &format!("faults in [{:#x}, {:#x})", self.start, self.end),
                     );
                 }
+                let cpu = crate::cpu::current();
+                if let Some(c) = cpu {
+                    let why = format!("v{c} waits for the faults under a VMA lock");
+                    mm.m.hooks.set_blocked(c, Some(why));
+                }
                 let g = self.vm_lock.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = cpu {
+                    mm.m.hooks.set_blocked(c, None);
+                }
                 if let Some(t) = trace {
                     t.emit(Kind::LockDone, &[LockKind::VmaLock.code()], "");
                 }

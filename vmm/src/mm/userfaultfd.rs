@@ -124,11 +124,21 @@ impl Mm {
         &self,
         events: MutexGuard<'a, VecDeque<u64>>,
     ) -> MutexGuard<'a, VecDeque<u64>> {
-        self.uffd
+        let cpu = crate::cpu::current();
+        if let Some(c) = cpu {
+            let why = format!("v{c} waits on the userfaultfd");
+            self.m.hooks.set_blocked(c, Some(why));
+        }
+        let events = self
+            .uffd
             .changed
             .wait_timeout(events, STOP_POLL)
             .unwrap_or_else(|e| e.into_inner())
-            .0
+            .0;
+        if let Some(c) = cpu {
+            self.m.hooks.set_blocked(c, None);
+        }
+        events
     }
 
     fn uffd_wp_pending(&self, page: u64) -> bool {

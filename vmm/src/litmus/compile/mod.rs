@@ -80,6 +80,9 @@ struct Compiler<'t> {
     /// the registers holding fork results by child name.
     next_hidden: u8,
     children: BTreeMap<String, u8>,
+    /// For exploration: a hook before every `await`, so the explorer knows
+    /// which event a waiting thread needs (hooks::AWAIT_HOOK).
+    await_hooks: bool,
 }
 
 impl<'t> Compiler<'t> {
@@ -118,6 +121,18 @@ impl<'t> Compiler<'t> {
             },
             Ok,
         )
+    }
+
+    /// The id of hook `name`, numbered in order of first use.
+    fn hook_id(&mut self, name: &str) -> u64 {
+        let id = match self.hooks.iter().position(|h| h == name) {
+            Some(i) => i,
+            None => {
+                self.hooks.push(name.to_string());
+                self.hooks.len() - 1
+            }
+        };
+        id as u64
     }
 
     fn event(&mut self, name: &str, pos: Pos) -> Result<u64, ParseError> {
@@ -275,6 +290,10 @@ impl<'t> Compiler<'t> {
             }
             StmtKind::Await(e) => {
                 let ev = self.event(e, pos)?;
+                if self.await_hooks {
+                    let id = self.hook_id(&format!("{}{ev}:{e}", crate::hooks::AWAIT_HOOK));
+                    self.emit(Op::Hook, 0, 0, 0, id);
+                }
                 self.emit(Op::Await, 0, 0, 0, ev);
             }
             StmtKind::Fill { region, value } => {
@@ -376,14 +395,8 @@ impl<'t> Compiler<'t> {
                 self.emit(Op::UffdResolve, dst.unwrap_or(SCRATCH), 0, 0, 0);
             }
             StmtKind::Hook(name) => {
-                let id = match self.hooks.iter().position(|h| h == name) {
-                    Some(i) => i,
-                    None => {
-                        self.hooks.push(name.clone());
-                        self.hooks.len() - 1
-                    }
-                };
-                self.emit(Op::Hook, 0, 0, 0, id as u64);
+                let id = self.hook_id(name);
+                self.emit(Op::Hook, 0, 0, 0, id);
             }
             StmtKind::Pause(n) => {
                 self.emit(Op::Pause, 0, 0, 0, *n);
@@ -440,6 +453,16 @@ fn place_regions(test: &Test) -> Result<BTreeMap<&str, PlacedRegion>, ParseError
 
 /// Compiles `test`.
 pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
+    compile_with(test, false)
+}
+
+/// Compiles `test` for `cowlab explore`: as [`compile`], with a guest hook
+/// `await:WORD:EVENT` before every `await` (docs/exploration.md).
+pub fn compile_for_explore(test: &Test) -> Result<Compiled, ParseError> {
+    compile_with(test, true)
+}
+
+fn compile_with(test: &Test, await_hooks: bool) -> Result<Compiled, ParseError> {
     let regions = place_regions(test)?;
     let mut c = Compiler {
         test,
@@ -450,6 +473,7 @@ pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
         fixups: Vec::new(),
         next_hidden: LOOP_COUNTERS,
         children: BTreeMap::new(),
+        await_hooks,
     };
     let mut starts = BTreeMap::new();
     for t in &test.threads {

@@ -59,13 +59,17 @@ pub(super) fn region_filter(
     let Some((p, rest)) = point.split_once('[') else {
         return Ok(point.to_string());
     };
-    let Some(name) = rest.strip_suffix(']') else {
+    // POINT[REGION] may be followed by filters: POINT[REGION]/hit=N.
+    let Some((name, filters)) = rest
+        .split_once(']')
+        .filter(|(_, f)| f.is_empty() || f.starts_with('/'))
+    else {
         return error(pos, format!("expected POINT[REGION], found '{point}'"));
     };
     match regions.get(name) {
         // No overflow: placed regions end below REGION_END.
         Some(r) => Ok(format!(
-            "{p}/addr={:#x}-{:#x}",
+            "{p}/addr={:#x}-{:#x}{filters}",
             r.addr,
             r.addr + r.pages * PAGE_SIZE
         )),
