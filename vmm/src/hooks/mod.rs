@@ -35,6 +35,7 @@ mod tests;
 mod threads;
 
 pub use explore::{Chooser, ChooserSlot, Decision, Parked, WordReader, AWAIT_HOOK, DECISION_LIMIT};
+pub use park::WAKE;
 pub use points::{is_point, Point, POINTS};
 pub use schedule::{witness_schedule, PointHit};
 

@@ -14,6 +14,10 @@ use crate::trace::LockKind;
 /// scheduler wakes the thread.
 pub(super) const SPIN_TAIL: Duration = Duration::from_millis(1);
 
+/// The explorer's scheduling point where a noted wait ended (not a point
+/// of rules or schedules).
+pub const WAKE: &str = "wake";
+
 /// Why a vCPU waits, noted by the vCPU's own thread before it sleeps.
 #[derive(Debug, Clone)]
 pub(super) struct Blocked {
@@ -56,12 +60,21 @@ impl Hooks {
 
     pub(super) fn note_blocked(&self, cpu: usize, blocked: Option<Blocked>) {
         let mut b = lock(&self.blocked);
-        match blocked {
-            Some(w) => b.insert(cpu, w),
-            None => b.remove(&cpu),
+        let woke = match blocked {
+            Some(w) => {
+                b.insert(cpu, w);
+                false
+            }
+            None => b.remove(&cpu).is_some_and(|w| w.step.is_none()),
         };
         drop(b);
         self.explore_poke();
+        if woke {
+            // Explored, a thread whose wait ended (a lock another released)
+            // parks before it goes on: the one that released it runs alone
+            // to its next point, and who goes next is the explorer's choice.
+            self.explore_step(cpu, WAKE, None);
+        }
     }
 
     /// Holds the calling thread for `d` (a `delay=` rule, chaos), or until

@@ -109,13 +109,16 @@ impl Mm {
         let mut events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
         events.push_back(page);
         self.uffd.changed.notify_all();
-        while self.uffd_wp_pending(page) {
-            if self.m.stopping() {
-                return Err(FaultError::Interrupted);
+        // The queue's lock is let go within the wait, before the note ends.
+        self.uffd_waiting("waits for a userfaultfd handler", move || {
+            while self.uffd_wp_pending(page) {
+                if self.m.stopping() {
+                    return Err(FaultError::Interrupted);
+                }
+                events = self.uffd_sleep(events);
             }
-            events = self.uffd_sleep(events);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// One interruptible sleep on the userfaultfd wait queue: wakes on an
@@ -124,21 +127,26 @@ impl Mm {
         &self,
         events: MutexGuard<'a, VecDeque<u64>>,
     ) -> MutexGuard<'a, VecDeque<u64>> {
-        let cpu = crate::cpu::current();
-        if let Some(c) = cpu {
-            let why = format!("v{c} waits on the userfaultfd");
-            self.m.hooks.set_blocked(c, Some(why));
-        }
-        let events = self
-            .uffd
+        self.uffd
             .changed
             .wait_timeout(events, STOP_POLL)
             .unwrap_or_else(|e| e.into_inner())
-            .0;
+            .0
+    }
+
+    /// Runs `wait` (a loop of [`Mm::uffd_sleep`]s) with a note that this
+    /// thread's vCPU waits on the userfaultfd (for `unreachable` reports
+    /// and the explorer).
+    fn uffd_waiting<T>(&self, what: &str, wait: impl FnOnce() -> T) -> T {
+        let cpu = crate::cpu::current();
+        if let Some(c) = cpu {
+            self.m.hooks.set_blocked(c, Some(format!("v{c} {what}")));
+        }
+        let r = wait();
         if let Some(c) = cpu {
             self.m.hooks.set_blocked(c, None);
         }
-        events
+        r
     }
 
     fn uffd_wp_pending(&self, page: u64) -> bool {
@@ -151,7 +159,10 @@ impl Mm {
     /// UFFD_PAGEFAULT_FLAG_WP).
     pub fn uffd_wait(&self) -> Option<u64> {
         let mut events = self.uffd.events.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        if let Some(page) = events.pop_front() {
+            return Some(page & !(PAGE_SIZE - 1));
+        }
+        self.uffd_waiting("waits for a userfaultfd event", move || loop {
             if let Some(page) = events.pop_front() {
                 return Some(page & !(PAGE_SIZE - 1));
             }
@@ -159,6 +170,6 @@ impl Mm {
                 return None;
             }
             events = self.uffd_sleep(events);
-        }
+        })
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::ExploreOptions;
-use crate::hooks::{parse_step, Decision, Step, AWAIT_HOOK};
+use crate::hooks::{parse_step, Decision, Step, AWAIT_HOOK, WAKE};
 use crate::litmus::compile::Compiled;
 use crate::litmus::run::{run_test, RunOptions};
 
@@ -31,11 +31,10 @@ const FINAL_REPLAYS: u64 = 10;
 /// At most this many candidate schedules are tried.
 const MAX_CANDIDATES: usize = 200;
 
-/// The interleaving of `decisions` as schedule steps: for each stretch of
-/// consecutive decisions that let one vCPU go, its first and last point and
-/// every guest hook in between, each named by region (or page) and hit
-/// number so no other hit can take its place. The hooks before `await`s
-/// (which only an explored build has) are left out.
+/// The interleaving of `decisions` as schedule steps, one per decision,
+/// each named by region (or page) and hit number so that no other hit can
+/// take its place. The hooks before `await`s (which only an explored build
+/// has) and the explorer's own wake-ups are left out.
 pub fn schedule_of(test: &Compiled, decisions: &[Decision]) -> Vec<SchedStep> {
     let boot = test
         .test
@@ -49,9 +48,10 @@ pub fn schedule_of(test: &Compiled, decisions: &[Decision]) -> Vec<SchedStep> {
         let Some(p) = d.enabled.iter().find(|p| p.cpu == d.chosen) else {
             continue;
         };
-        if p.point
-            .strip_prefix("guest:")
-            .is_some_and(|h| h.starts_with(AWAIT_HOOK))
+        if p.point == WAKE
+            || p.point
+                .strip_prefix("guest:")
+                .is_some_and(|h| h.starts_with(AWAIT_HOOK))
         {
             continue;
         }
@@ -94,10 +94,17 @@ pub fn schedule_of(test: &Compiled, decisions: &[Decision]) -> Vec<SchedStep> {
             in_region: p.addr.is_none() || region.is_some(),
         });
     }
+    all
+}
+
+/// `steps` with only the first and last step of each stretch of one vCPU,
+/// and every guest hook (the test put it there to bracket an access that
+/// no other point marks).
+pub fn stretches(steps: &[SchedStep]) -> Vec<SchedStep> {
     let mut keep = Vec::new();
-    for (i, s) in all.iter().enumerate() {
-        let first = i == 0 || all[i - 1].step.vcpu != s.step.vcpu;
-        let last = i + 1 == all.len() || all[i + 1].step.vcpu != s.step.vcpu;
+    for (i, s) in steps.iter().enumerate() {
+        let first = i == 0 || steps[i - 1].step.vcpu != s.step.vcpu;
+        let last = i + 1 == steps.len() || steps[i + 1].step.vcpu != s.step.vcpu;
         if first || last || s.step.point.starts_with("guest:") {
             keep.push(s.clone());
         }
@@ -126,19 +133,25 @@ fn replay(test: &Arc<Compiled>, opts: &ExploreOptions, steps: &[SchedStep], runs
 }
 
 /// Removes steps of `steps` while every one of [`TRIES`] replays still
-/// gives the witness: first every step outside the test's regions at once,
-/// then one step at a time from the end, until no step can go.
+/// gives the witness: starting from the [`stretches`] (or, if they do not
+/// reproduce it, every step), first every step outside the test's regions
+/// at once, then one step at a time from the end, until no step can go.
 pub fn minimize(test: &Arc<Compiled>, opts: &ExploreOptions, steps: Vec<SchedStep>) -> Minimized {
-    let holds = |s: &[SchedStep]| replay(test, opts, s, TRIES) == TRIES;
-    let mut tried = 1;
-    if !holds(&steps) {
+    // One replay at a time: most candidates fail at the first.
+    let holds = |s: &[SchedStep]| (0..TRIES).all(|_| replay(test, opts, s, 1) == 1);
+    let mut tried = 2;
+    let short = stretches(&steps);
+    let mut best = if holds(&short) {
+        short
+    } else if holds(&steps) {
+        steps
+    } else {
         return Minimized {
             steps: None,
             replays: 0,
             reproduced: 0,
         };
-    }
-    let mut best = steps;
+    };
     let inside: Vec<SchedStep> = best.iter().filter(|s| s.in_region).cloned().collect();
     if inside.len() < best.len() && holds(&inside) {
         best = inside;

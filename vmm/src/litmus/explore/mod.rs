@@ -421,10 +421,11 @@ pub fn explore(
     result.search_ms = start.elapsed().as_millis() as u64;
     if let Some((run, decisions, state)) = first {
         let schedule = minimize::schedule_of(test, &decisions);
+        let shown = minimize::stretches(&schedule);
         let mut witness = Witness {
             run,
             state,
-            schedule: schedule.iter().map(|s| s.text.clone()).collect(),
+            schedule: shown.iter().map(|s| s.text.clone()).collect(),
             minimized: None,
             replays: 0,
             reproduced: 0,

@@ -64,7 +64,11 @@ impl Pct {
     }
 
     fn choose(&mut self, log: &[Decision], enabled: &[Parked]) -> usize {
-        let step = log.len() as u64 + 1;
+        if enabled.len() < 2 {
+            return 0;
+        }
+        // Steps are counted as k is: the decisions with a choice.
+        let step = log.iter().filter(|d| d.enabled.len() > 1).count() as u64 + 1;
         let low = self.change_points.len() as u64 + 1;
         for (i, cp) in self.change_points.iter().enumerate() {
             if *cp == step {
