@@ -10,7 +10,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::error::CliError;
-use super::output::{error, out, read_input, MAX_TRACE_FILE};
+use super::output::{error, out, read_input, say, MAX_TRACE_FILE};
 use super::run::{litmus_source, make_policy};
 use crate::kvm::exit_code;
 use crate::litmus::explore::{self, ExploreOptions, ExploreResult, Strategy};
@@ -115,6 +115,12 @@ pub fn explore(args: &ExploreArgs) -> i32 {
             return e.exit_code();
         }
     };
+    if !normal.schedule.is_empty() && !args.json {
+        say(format_args!(
+            "note: {} has a schedule; explore ignores it and searches every interleaving",
+            args.test
+        ));
+    }
     let mut opts = ExploreOptions::new(args.strategy, &args.policy, policy, &args.kvm_path);
     opts.budget = args.budget;
     opts.time = args.time;

@@ -264,3 +264,140 @@ fn a_vcpu_whose_step_came_or_that_is_runnable_is_not_blocked() {
         std::thread::yield_now();
     }
 }
+
+/// A chooser that always lets the highest vCPU go.
+struct Highest;
+
+impl Chooser for Highest {
+    fn choose(&mut self, _: &[Decision], enabled: &[Parked]) -> usize {
+        enabled.len() - 1
+    }
+}
+
+/// Spawns explored "vCPU" threads running `body(cpu)` after registering as
+/// vCPUs would (`vcpu_spawning`, `thread_started`, `set_ended`).
+fn explored_threads(
+    hooks: &Arc<Hooks>,
+    n: usize,
+    body: impl Fn(&Hooks, usize) + Send + Sync + 'static,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let body = Arc::new(body);
+    (0..n)
+        .map(|cpu| {
+            hooks.vcpu_spawning(cpu);
+            let (h, body) = (Arc::clone(hooks), Arc::clone(&body));
+            std::thread::spawn(move || {
+                h.thread_started(cpu);
+                body(&h, cpu);
+                h.set_ended(cpu);
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn explored_threads_run_one_at_a_time_in_the_choosers_order() {
+    let hooks = Arc::new(Hooks::new());
+    let words: WordReader = Arc::new(|_| true);
+    hooks.set_explore(
+        ChooserSlot(Arc::new(Mutex::new(Highest))),
+        words,
+        Vec::new(),
+    );
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let o = Arc::clone(&order);
+    let threads = explored_threads(&hooks, 2, move |h, cpu| {
+        for step in ["a", "b"] {
+            h.hit(&format!("guest:{step}"), Some(cpu), None).unwrap();
+            // Between two points a thread runs alone: nobody else's entry
+            // can come between these two.
+            lock(&o).push(format!("{cpu}{step}"));
+            std::thread::yield_now();
+            lock(&o).push(format!("{cpu}{step}."));
+        }
+    });
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Both parked at `a` before the first decision; v1 (highest) goes
+    // first and on to its end, then v0.
+    assert_eq!(
+        *lock(&order),
+        ["1a", "1a.", "1b", "1b.", "0a", "0a.", "0b", "0b."]
+    );
+    let log = hooks.take_decisions().unwrap();
+    let chosen: Vec<(usize, &str)> = log
+        .iter()
+        .map(|d| {
+            let p = d.enabled.iter().find(|p| p.cpu == d.chosen).unwrap();
+            (d.chosen, p.point.as_str())
+        })
+        .collect();
+    assert_eq!(
+        chosen,
+        [
+            (1, "guest:a"),
+            (1, "guest:b"),
+            (0, "guest:a"),
+            (0, "guest:b")
+        ]
+    );
+    assert_eq!(log[0].enabled.len(), 2);
+}
+
+#[test]
+fn an_explored_await_waits_for_its_event_and_a_stuck_run_is_a_deadlock() {
+    let hooks = Arc::new(Hooks::new());
+    let signalled = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&signalled);
+    let words: WordReader = Arc::new(move |_| s.load(Ordering::Acquire));
+    hooks.set_explore(
+        ChooserSlot(Arc::new(Mutex::new(Highest))),
+        words,
+        Vec::new(),
+    );
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (o, s) = (Arc::clone(&order), Arc::clone(&signalled));
+    // v1 awaits event 0, which v0 signals: v1 is highest but may only go
+    // once v0 has signalled.
+    let threads = explored_threads(&hooks, 2, move |h, cpu| {
+        if cpu == 1 {
+            h.hit("guest:await:0:e", Some(1), None).unwrap();
+            lock(&o).push("v1 after await");
+        } else {
+            h.hit("guest:signal", Some(0), None).unwrap();
+            s.store(true, Ordering::Release);
+            lock(&o).push("v0 signalled");
+        }
+    });
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(*lock(&order), ["v0 signalled", "v1 after await"]);
+
+    // A thread awaiting an event nobody signals: a deadlock, said within a
+    // deadline, and the run's end lets it go.
+    let hooks = Arc::new(Hooks::new());
+    let words: WordReader = Arc::new(|_| false);
+    hooks.set_explore(
+        ChooserSlot(Arc::new(Mutex::new(Highest))),
+        words,
+        Vec::new(),
+    );
+    let t = explored_threads(&hooks, 1, |h, cpu| {
+        h.hit("guest:await:3:never", Some(cpu), None).unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let why = loop {
+        if let Some(why) = hooks.explore_deadlock() {
+            break why;
+        }
+        assert!(Instant::now() < deadline, "no deadlock reported");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(why.contains("v0 waits at guest:await:3:never"), "{why}");
+    hooks.release_all();
+    for t in t {
+        t.join().unwrap();
+    }
+}
