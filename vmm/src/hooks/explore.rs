@@ -75,6 +75,14 @@ impl std::fmt::Debug for ChooserSlot {
 /// Whether a shared word (a litmus event) is set: the VM reads guest memory.
 pub type WordReader = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// Whether a lock a parked vCPU waits for is free now (asked only while
+/// every vCPU is at rest, so trying it and letting it go disturbs nobody).
+pub type LockFree = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The prefix of the explorer's scheduling points where a vCPU waits for
+/// a lock (`lock:mmap_lock`, …): not points of rules or schedules.
+pub const LOCK_POINT: &str = "lock:";
+
 /// At most this many decisions per run; the rest runs free (a test that
 /// loops forever must still end by its watchdog, not fill memory).
 pub const DECISION_LIMIT: usize = 5_000;
@@ -104,6 +112,8 @@ pub(super) struct Explore {
     /// was seen asleep.
     cpu_at_decision: BTreeMap<usize, Duration>,
     asleep_since: BTreeMap<usize, Instant>,
+    /// The locks the vCPUs parked at a [`LOCK_POINT`] wait for.
+    locks: BTreeMap<usize, LockFree>,
     /// Past [`DECISION_LIMIT`]: everyone runs free.
     free: bool,
     /// Since when every vCPU has been at rest with none enabled.
@@ -138,9 +148,11 @@ const PAGE_POINTS: &[&str] = &[
 const DEADLOCK: Duration = Duration::from_millis(30);
 
 impl Explore {
-    /// Whether parked `p` may go: not waiting for an event still unset.
+    /// Whether parked `p` may go: not waiting for an event still unset or
+    /// a lock still held.
     fn enabled(&self, p: &Parked) -> bool {
         p.await_word().is_none_or(|w| (self.words)(w))
+            && self.locks.get(&p.cpu).is_none_or(|free| free())
     }
 
     /// Whether a hit at `point` about `addr` is a scheduling point.
@@ -174,6 +186,7 @@ impl Hooks {
             log: Vec::new(),
             cpu_at_decision: BTreeMap::new(),
             asleep_since: BTreeMap::new(),
+            locks: BTreeMap::new(),
             free: false,
             stuck_since: None,
         });
@@ -221,6 +234,32 @@ impl Hooks {
             e.parked.remove(&cpu);
         }
         self.explored.notify_all();
+    }
+
+    /// Explored, vCPU `cpu` found `what` held: it parks until the lock is
+    /// free and the explorer lets it go, so that who takes a lock next is
+    /// a decision, not a race between woken waiters. Returns `false` when
+    /// not exploring (any more): the caller then waits as usual.
+    pub fn explore_lock_wait(&self, cpu: usize, what: &str, free: LockFree) -> bool {
+        {
+            let mut guard = lock(&self.explore);
+            match guard.as_mut() {
+                Some(e) if !e.free && !self.released.load(Ordering::Acquire) => {
+                    e.locks.insert(cpu, free);
+                }
+                _ => return false,
+            }
+        }
+        self.explore_step(cpu, &format!("{LOCK_POINT}{what}"), None);
+        let mut guard = lock(&self.explore);
+        let going = guard
+            .as_mut()
+            .map(|e| {
+                e.locks.remove(&cpu);
+                !e.free
+            })
+            .unwrap_or(false);
+        going && !self.released.load(Ordering::Acquire)
     }
 
     /// Wakes a decider: a vCPU noted a wait.

@@ -34,8 +34,11 @@ mod spec;
 mod tests;
 mod threads;
 
-pub use explore::{Chooser, ChooserSlot, Decision, Parked, WordReader, AWAIT_HOOK, DECISION_LIMIT};
-pub use park::WAKE;
+pub use explore::{
+    Chooser, ChooserSlot, Decision, LockFree, Parked, WordReader, AWAIT_HOOK, DECISION_LIMIT,
+    LOCK_POINT,
+};
+pub use park::{START, WAKE};
 pub use points::{is_point, Point, POINTS};
 pub use schedule::{witness_schedule, PointHit};
 

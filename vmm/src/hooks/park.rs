@@ -18,6 +18,9 @@ pub(super) const SPIN_TAIL: Duration = Duration::from_millis(1);
 /// of rules or schedules).
 pub const WAKE: &str = "wake";
 
+/// The explorer's scheduling point before a vCPU first runs.
+pub const START: &str = "start";
+
 /// Why a vCPU waits, noted by the vCPU's own thread before it sleeps.
 #[derive(Debug, Clone)]
 pub(super) struct Blocked {
@@ -36,6 +39,9 @@ impl Hooks {
         if let Some(tid) = super::threads::current_tid() {
             lock(&self.tids).insert(cpu, tid);
         }
+        // Explored, a new vCPU parks before it first runs: from their
+        // start on, threads run one at a time.
+        self.explore_step(cpu, START, None);
     }
 
     /// Notes that vCPU `cpu`'s thread has ended.

@@ -282,9 +282,12 @@ fn explored_threads(
     body: impl Fn(&Hooks, usize) + Send + Sync + 'static,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let body = Arc::new(body);
+    // All announced before any starts, as the VM does for its boot vCPUs.
+    for cpu in 0..n {
+        hooks.vcpu_spawning(cpu);
+    }
     (0..n)
         .map(|cpu| {
-            hooks.vcpu_spawning(cpu);
             let (h, body) = (Arc::clone(hooks), Arc::clone(&body));
             std::thread::spawn(move || {
                 h.thread_started(cpu);
@@ -319,8 +322,8 @@ fn explored_threads_run_one_at_a_time_in_the_choosers_order() {
     for t in threads {
         t.join().unwrap();
     }
-    // Both parked at `a` before the first decision; v1 (highest) goes
-    // first and on to its end, then v0.
+    // Both parked at their start before the first decision; v1 (highest)
+    // goes first and on to its end, then v0.
     assert_eq!(
         *lock(&order),
         ["1a", "1a.", "1b", "1b.", "0a", "0a.", "0b", "0b."]
@@ -328,6 +331,7 @@ fn explored_threads_run_one_at_a_time_in_the_choosers_order() {
     let log = hooks.take_decisions().unwrap();
     let chosen: Vec<(usize, &str)> = log
         .iter()
+        .skip(1) // v1 from its start (both parked there first)
         .map(|d| {
             let p = d.enabled.iter().find(|p| p.cpu == d.chosen).unwrap();
             (d.chosen, p.point.as_str())
@@ -338,11 +342,13 @@ fn explored_threads_run_one_at_a_time_in_the_choosers_order() {
         [
             (1, "guest:a"),
             (1, "guest:b"),
+            (0, START),
             (0, "guest:a"),
             (0, "guest:b")
         ]
     );
     assert_eq!(log[0].enabled.len(), 2);
+    assert_eq!(log[0].enabled[0].point, START);
 }
 
 #[test]

@@ -188,6 +188,11 @@ impl Vm {
                 .is_some_and(|w| w != 0)
         });
         arm_hooks(&machine.hooks, config, words);
+        // Explored, no decision is made before every boot vCPU has reached
+        // its first point (they get ids 0, 1, … in order).
+        for id in 0..boot_vcpus {
+            machine.hooks.vcpu_spawning(id);
+        }
         // The boot vCPUs are threads of one process that exists before any
         // of them runs: hold the mm (mm_users) while starting them, or a
         // first vCPU that ends before the next is spawned tears the address

@@ -14,6 +14,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, TryLockError};
 
+use crate::hooks::LockFree;
+
 use super::sync::{
     AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, RwLock, RwLockReadGuard,
     RwLockWriteGuard,
@@ -121,7 +123,7 @@ pub struct Vma {
     pub prot: u32,
     /// `VM_UFFD_WP`: registered for userfaultfd write-protect faults.
     pub uffd_wp: bool,
-    vm_lock: RwLock<()>,
+    vm_lock: Arc<RwLock<()>>,
     /// `vma->vm_lock_seq`: equal to the mm's `mm_lock_seq` while the VMA is
     /// write-locked (until `mmap_lock` is released for write).
     vm_lock_seq: AtomicU64,
@@ -140,7 +142,7 @@ impl Vma {
             end,
             prot,
             uffd_wp,
-            vm_lock: RwLock::new(()),
+            vm_lock: Arc::new(RwLock::new(())),
             vm_lock_seq: AtomicU64::new(u64::MAX),
             detached: AtomicBool::new(false),
         })
@@ -183,13 +185,19 @@ impl Vma {
             return;
         }
         let trace = mm.trace();
-        let _drain = match self.vm_lock.try_write() {
-            Ok(g) => g,
+        let try_write = || match self.vm_lock.try_write() {
+            Ok(g) => Some(g),
             // A panic while the lock was held poisoned it: the guard is
             // ours (matching it with `Err(_)` would keep it alive across
             // the blocking write() below, which would wait for itself).
-            Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => {
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let vm_lock = Arc::clone(&self.vm_lock);
+        let free: LockFree = Arc::new(move || vm_lock.try_write().is_ok());
+        let _drain = match mm.explored_lock(LockKind::VmaLock, try_write, free) {
+            Some(g) => g,
+            None => {
                 if let Some(t) = trace {
                     t.emit(
                         Kind::LockWait,
@@ -251,12 +259,12 @@ pub struct Mm {
     pub(crate) m: Arc<Machine>,
     /// Root of the logical page table (`mm->pgd`).
     pub(crate) pgd: u64,
-    pub(crate) mmap_lock: RwLock<()>,
+    pub(crate) mmap_lock: Arc<RwLock<()>>,
     /// `mm->mm_lock_seq`: bumped when `mmap_lock` is released for write,
     /// which ends every VMA write lock taken under it.
     mm_lock_seq: AtomicU64,
     pub(crate) vmas: RwLock<BTreeMap<u64, Arc<Vma>>>,
-    ptl: Mutex<()>,
+    ptl: Arc<Mutex<()>>,
     /// `mm->tlb_flush_pending`: flushes promised but not done.
     pub(crate) tlb_flush_pending: AtomicU64,
     /// A fork is between its first write-protect and its final
@@ -332,10 +340,10 @@ impl Mm {
             id: m.next_mm_id.fetch_add(1, Ordering::Relaxed),
             m: Arc::clone(m),
             pgd,
-            mmap_lock: RwLock::new(()),
+            mmap_lock: Arc::new(RwLock::new(())),
             mm_lock_seq: AtomicU64::new(0),
             vmas: RwLock::new(BTreeMap::new()),
-            ptl: Mutex::new(()),
+            ptl: Arc::new(Mutex::new(())),
             tlb_flush_pending: AtomicU64::new(0),
             fork_flush_deferred: AtomicU64::new(0),
             cpumask: AtomicU64::new(0),
@@ -397,7 +405,7 @@ impl Mm {
     /// every writer of logical PTEs does, TLB fills only read them), so a
     /// load and a store are enough.
     pub(crate) fn set_pte(&self, ptl: &PtlGuard<'_>, va: u64, slot: &Word, new: u64) -> u64 {
-        debug_assert!(std::ptr::eq(ptl.lock, &self.ptl), "another mm's PTL");
+        debug_assert!(std::ptr::eq(ptl.lock, &*self.ptl), "another mm's PTL");
         // Other CPUs' walks and accesses do not take the PTL: under the
         // checker, they may run between two PTE changes.
         super::sync::preempt();
@@ -434,11 +442,48 @@ impl Mm {
         }
     }
 
+    /// Explored, a lock found held: parks at the explorer's lock point
+    /// until it is free and the explorer picks this vCPU, then takes it
+    /// with `try_lock` (threads run one at a time, so it is free). `None`
+    /// when not exploring: the caller waits as usual.
+    fn explored_lock<G>(
+        &self,
+        kind: LockKind,
+        try_lock: impl Fn() -> Option<G>,
+        free: LockFree,
+    ) -> Option<G> {
+        let cpu = crate::cpu::current()?;
+        if let Some(g) = try_lock() {
+            return Some(g);
+        }
+        while self
+            .m
+            .hooks
+            .explore_lock_wait(cpu, kind.label(), Arc::clone(&free))
+        {
+            if let Some(g) = try_lock() {
+                return Some(g);
+            }
+        }
+        None
+    }
+
     pub(crate) fn mmap_read_lock(&self) -> RwLockReadGuard<'_, ()> {
-        match self.mmap_lock.try_read() {
-            Ok(g) => return g,
-            Err(TryLockError::Poisoned(e)) => return e.into_inner(),
-            Err(TryLockError::WouldBlock) => {}
+        let try_read = || match self.mmap_lock.try_read() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(g) = try_read() {
+            return g;
+        }
+        let lock = Arc::clone(&self.mmap_lock);
+        if let Some(g) = self.explored_lock(
+            LockKind::MmapLock,
+            try_read,
+            Arc::new(move || lock.try_read().is_ok()),
+        ) {
+            return g;
         }
         self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
             self.mmap_lock.read().unwrap_or_else(|e| e.into_inner())
@@ -456,15 +501,20 @@ impl Mm {
 
     /// `mmap_lock` for write, noting who holds it and why.
     pub(crate) fn mmap_write_lock_for(&self, what: &'static str) -> MmapWriteGuard<'_> {
-        let guard = match self.mmap_lock.try_write() {
-            Ok(g) => g,
-            Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
-                    self.mmap_lock.write().unwrap_or_else(|e| e.into_inner())
-                })
-            }
+        let try_write = || match self.mmap_lock.try_write() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
         };
+        let lock = Arc::clone(&self.mmap_lock);
+        let free: LockFree = Arc::new(move || lock.try_write().is_ok());
+        let guard =
+            match try_write().or_else(|| self.explored_lock(LockKind::MmapLock, try_write, free)) {
+                Some(g) => g,
+                None => self.waiting(LockKind::MmapLock, &self.mmap_writer, || {
+                    self.mmap_lock.write().unwrap_or_else(|e| e.into_inner())
+                }),
+            };
         MmapWriteGuard {
             mm_lock_seq: &self.mm_lock_seq,
             _lock: self.hold(guard, &self.mmap_writer, what),
@@ -473,12 +523,23 @@ impl Mm {
 
     /// Takes the page-table lock. Models `pte_offset_map_lock()`'s lock.
     pub(crate) fn ptl(&self) -> PtlGuard<'_> {
-        let guard = match self.ptl.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => self.waiting(LockKind::Ptl, &self.ptl_holder, || {
-                self.ptl.lock().unwrap_or_else(|e| e.into_inner())
-            }),
+        let try_lock = || match self.ptl.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let guard = match try_lock() {
+            Some(g) => g,
+            None => {
+                let lock = Arc::clone(&self.ptl);
+                let free: LockFree = Arc::new(move || lock.try_lock().is_ok());
+                match self.explored_lock(LockKind::Ptl, try_lock, free) {
+                    Some(g) => g,
+                    None => self.waiting(LockKind::Ptl, &self.ptl_holder, || {
+                        self.ptl.lock().unwrap_or_else(|e| e.into_inner())
+                    }),
+                }
+            }
         };
         PtlGuard {
             lock: &self.ptl,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::ExploreOptions;
-use crate::hooks::{parse_step, Decision, Step, AWAIT_HOOK, WAKE};
+use crate::hooks::{parse_step, Decision, Step, AWAIT_HOOK, LOCK_POINT, START, WAKE};
 use crate::litmus::compile::Compiled;
 use crate::litmus::run::{run_test, RunOptions};
 
@@ -34,7 +34,8 @@ const MAX_CANDIDATES: usize = 200;
 /// The interleaving of `decisions` as schedule steps, one per decision,
 /// each named by region (or page) and hit number so that no other hit can
 /// take its place. The hooks before `await`s (which only an explored build
-/// has) and the explorer's own wake-ups are left out.
+/// has) and the explorer's own `start`, `wake` and `lock:` points are left
+/// out.
 pub fn schedule_of(test: &Compiled, decisions: &[Decision]) -> Vec<SchedStep> {
     let boot = test
         .test
@@ -49,6 +50,8 @@ pub fn schedule_of(test: &Compiled, decisions: &[Decision]) -> Vec<SchedStep> {
             continue;
         };
         if p.point == WAKE
+            || p.point == START
+            || p.point.starts_with(LOCK_POINT)
             || p.point
                 .strip_prefix("guest:")
                 .is_some_and(|h| h.starts_with(AWAIT_HOOK))

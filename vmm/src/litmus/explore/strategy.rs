@@ -266,6 +266,25 @@ impl Dfs {
         }
         if keep < prefix.len() {
             self.diverged += 1;
+            if std::env::var_os("COWLAB_EXPLORE_DEBUG").is_some() {
+                let show = |d: &Decision| {
+                    d.enabled
+                        .iter()
+                        .map(|p| format!("v{}@{}", p.cpu, p.point))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                let want = self
+                    .stack
+                    .get(keep)
+                    .map(|n| format!("{:?} chose v{}", n.enabled, n.chosen));
+                eprintln!(
+                    "diverged at {keep}/{}: wanted {want:?}, got [{}] chose v{}",
+                    prefix.len(),
+                    log.get(keep).map(show).unwrap_or_default(),
+                    log.get(keep).map_or(usize::MAX, |d| d.chosen)
+                );
+            }
         }
         self.stack.truncate(keep);
         if let (Some(k), true) = (keep.checked_sub(1), keep <= log.len()) {
