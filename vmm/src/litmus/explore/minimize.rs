@@ -23,7 +23,7 @@ pub struct SchedStep {
 
 /// Replays a candidate must reproduce the witness in, all of them, to be
 /// taken while minimizing.
-const TRIES: u64 = 3;
+const TRIES: u64 = 5;
 
 /// Replays of the final schedule, reported.
 const FINAL_REPLAYS: u64 = 10;
