@@ -380,12 +380,18 @@ impl Hooks {
         if !self.all_at_rest(e) {
             return false;
         }
-        let enabled: Vec<Parked> = e
+        let mut enabled: Vec<Parked> = e
             .parked
             .values()
             .filter(|p| e.enabled(p))
             .cloned()
             .collect();
+        // A vCPU's start — up to its first point it only sets itself up and
+        // touches its own stack — commutes with every other transition:
+        // starts go first, in id order, and are no choice.
+        if let Some(first) = enabled.iter().position(|p| p.point == super::START) {
+            enabled = vec![enabled.swap_remove(first)];
+        }
         if enabled.is_empty() {
             return false;
         }
