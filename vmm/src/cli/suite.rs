@@ -3,9 +3,9 @@
 //!
 //! A cell is one of two kinds ([`Outcome`]): the tests of the "bare" suite
 //! (the seed races with their schedules removed) are explored, their
-//! interleavings searched for a witness (`litmus::explore`,
-//! docs/exploration.md); every other test is run as written, forced by
-//! its schedule or free-running.
+//! interleavings searched for a witness (`litmus::explore`; docs/
+//! scenarios.md, "The bare variants"); every other test is run as
+//! written, forced by its schedule or free-running.
 
 use std::sync::Arc;
 
