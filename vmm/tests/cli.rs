@@ -460,6 +460,24 @@ fn bench_json_has_the_native_comparison_the_ratios_and_litmus_rates() {
         tests.contains(&"threads-counter") && tests.contains(&"fork-vma-lock"),
         "{tests:?}"
     );
+    // The search of fork-vma-lock-bare, in interleavings/s and against
+    // fork-vma-lock's forced runs/s.
+    let explore = v["litmus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["mode"] == "explore")
+        .unwrap_or_else(|| panic!("no explore timing: {v}"));
+    assert_eq!(explore["test"], "fork-vma-lock-bare", "{explore}");
+    assert_eq!(explore["policy"], "linux-6.4", "{explore}");
+    assert!(
+        explore["interleavings_per_s"].as_f64().unwrap() > 0.0,
+        "{explore}"
+    );
+    assert!(
+        explore["vs_forced_runs_per_s"].as_f64().unwrap() > 0.0,
+        "{explore}"
+    );
     let out = cowlab(&["bench", "--sizes", "x"]);
     assert_eq!(out.status.code(), Some(2));
 }

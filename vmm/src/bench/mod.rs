@@ -6,7 +6,8 @@
 //!
 //! - [`floors`]: the host's limits ([`host_limits`]).
 //! - [`native`]: cowlab against native Linux ([`versus_native`]).
-//! - [`litmus`]: litmus runs per second ([`litmus_rates`]).
+//! - [`litmus`]: litmus runs per second ([`litmus_rates`]) and
+//!   interleavings per second of a search ([`explore_rates`]).
 //! - here: the options, statistics, tables and the JSON report.
 
 use std::time::Duration;
@@ -20,7 +21,7 @@ pub mod litmus;
 pub mod native;
 
 pub use floors::host_limits;
-pub use litmus::litmus_rates;
+pub use litmus::{explore_rates, litmus_rates};
 pub use native::{versus_native, versus_table, Versus};
 
 /// How much to measure.
@@ -36,7 +37,8 @@ pub struct BenchOptions {
     pub sizes_mib: Vec<u64>,
     /// Rounds of that comparison (each a cowlab VM and a native process).
     pub native_rounds: usize,
-    /// Runs per round of each litmus test timed.
+    /// Runs per round of each litmus test timed, and the budget
+    /// (interleavings) per round of each search timed.
     pub litmus_runs: u64,
 }
 
@@ -151,6 +153,8 @@ pub struct Report {
     pub limits: Vec<Measurement>,
     pub versus: Vec<Versus>,
     pub litmus: Vec<Measurement>,
+    /// Time per interleaving of the searches of [`litmus::EXPLORED`].
+    pub explore: Vec<Measurement>,
 }
 
 impl Report {
@@ -159,6 +163,19 @@ impl Report {
             .iter()
             .find(|m| m.name == name)
             .map(|m| m.stat.median_us)
+    }
+
+    /// A search's interleavings/s over the forced runs/s of the test it
+    /// is the bare form of (`None` if either was not measured).
+    pub fn explore_vs_forced(&self, m: &Measurement) -> Option<f64> {
+        let (_, _, forced) = litmus::EXPLORED
+            .iter()
+            .find(|(name, _, _)| m.name == format!("explore {name}"))?;
+        let forced = self
+            .litmus
+            .iter()
+            .find(|l| l.name == format!("litmus {forced}"))?;
+        Some(forced.stat.median_us / m.stat.median_us)
     }
 
     /// cowlab's fault costs over the #PF forward round trip (the exit no
@@ -191,6 +208,11 @@ impl Report {
                 t / u,
             ));
         }
+        for m in &self.explore {
+            if let Some(r) = self.explore_vs_forced(m) {
+                out.push((format!("{} interleavings/s / forced runs/s", m.name), r));
+            }
+        }
         out
     }
 
@@ -206,6 +228,18 @@ impl Report {
         for m in &self.litmus {
             out += &format!(
                 "{:<36} {:>8.1} runs/s  ({:.0}–{:.0} µs per run)\n",
+                m.name,
+                1e6 / m.stat.median_us,
+                m.stat.min_us,
+                m.stat.max_us
+            );
+        }
+        for m in &self.explore {
+            let vs = self
+                .explore_vs_forced(m)
+                .map_or(String::new(), |r| format!("; {r:.2}× the forced runs/s"));
+            out += &format!(
+                "{:<36} {:>8.1} interleavings/s  ({:.0}–{:.0} µs per interleaving{vs})\n",
                 m.name,
                 1e6 / m.stat.median_us,
                 m.stat.min_us,
@@ -231,11 +265,26 @@ impl Report {
             .into_iter()
             .map(|(k, v)| (k, v.into()))
             .collect();
-        let litmus: Vec<serde_json::Value> = self
+        let mut litmus: Vec<serde_json::Value> = self
             .litmus
             .iter()
-            .map(|m| serde_json::json!({"test": m.name.trim_start_matches("litmus "), "runs_per_s": 1e6 / m.stat.median_us, "per_run": m.stat.json()}))
+            .map(|m| serde_json::json!({"test": m.name.trim_start_matches("litmus "), "mode": "runs", "runs_per_s": 1e6 / m.stat.median_us, "per_run": m.stat.json()}))
             .collect();
+        for m in &self.explore {
+            let test = m.name.trim_start_matches("explore ");
+            let policy = litmus::EXPLORED
+                .iter()
+                .find(|(name, _, _)| *name == test)
+                .map(|(_, policy, _)| *policy);
+            litmus.push(serde_json::json!({
+                "test": test, "mode": "explore", "policy": policy,
+                "search": litmus::EXPLORE_STRATEGY, "seed": litmus::EXPLORE_SEED,
+                "budget": opts.litmus_runs,
+                "interleavings_per_s": 1e6 / m.stat.median_us,
+                "per_interleaving": m.stat.json(),
+                "vs_forced_runs_per_s": self.explore_vs_forced(m),
+            }));
+        }
         serde_json::json!({
             "rounds": opts.rounds, "iters": opts.iters, "sizes_mib": opts.sizes_mib,
             "native_rounds": opts.native_rounds, "litmus_runs": opts.litmus_runs,
@@ -250,6 +299,7 @@ pub fn run_all(opts: &BenchOptions) -> Result<Report, Error> {
         limits: host_limits(opts)?,
         versus: versus_native(opts)?,
         litmus: litmus_rates(opts)?,
+        explore: explore_rates(opts)?,
     })
 }
 
@@ -265,5 +315,52 @@ mod tests {
             (2.5, 1.0, 10.0, 4)
         );
         assert_eq!(Stat::of(vec![]), None);
+    }
+
+    fn row(name: &str, median_us: f64) -> Measurement {
+        Measurement {
+            name: name.into(),
+            what: "",
+            stat: Stat::of(vec![median_us]).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_explore_rate_is_shown_against_the_forced_runs() {
+        let report = Report {
+            limits: Vec::new(),
+            versus: Vec::new(),
+            litmus: vec![row("litmus fork-vma-lock", 10_000.0)],
+            explore: vec![row("explore fork-vma-lock-bare", 20_000.0)],
+        };
+        let text = report.text();
+        assert!(
+            text.lines().any(|l| l.starts_with("explore fork-vma-lock-bare ")
+                && l.ends_with(" 50.0 interleavings/s  (20000–20000 µs per interleaving; 0.50× the forced runs/s)")),
+            "{text}"
+        );
+        let v = report.json(&BenchOptions::default());
+        let e = &v["litmus"][1];
+        assert_eq!(e["test"], "fork-vma-lock-bare", "{v}");
+        assert_eq!(e["mode"], "explore", "{v}");
+        assert_eq!(e["policy"], "linux-6.4", "{v}");
+        assert_eq!(e["search"]["strategy"], "pct", "{v}");
+        assert_eq!(e["search"]["depth"], 3, "{v}");
+        assert_eq!(e["interleavings_per_s"], 50.0, "{v}");
+        assert_eq!(e["vs_forced_runs_per_s"], 0.5, "{v}");
+        assert_eq!(v["litmus"][0]["mode"], "runs", "{v}");
+        assert_eq!(
+            v["ratios"]["explore fork-vma-lock-bare interleavings/s / forced runs/s"], 0.5,
+            "{v}"
+        );
+        // Without the forced timing there is no ratio.
+        let alone = Report {
+            litmus: Vec::new(),
+            ..report
+        };
+        assert_eq!(
+            alone.json(&BenchOptions::default())["litmus"][0]["vs_forced_runs_per_s"],
+            serde_json::Value::Null
+        );
     }
 }
