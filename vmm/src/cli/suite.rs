@@ -543,6 +543,7 @@ mod tests {
                 state: "P0:r1=1;".into(),
                 schedule: vec!["P0@guest:go".into()],
                 minimized: None,
+                minimize_tried: false,
                 replays: 0,
                 reproduced: 0,
             }),

@@ -111,6 +111,9 @@ pub struct Witness {
     pub schedule: Vec<String>,
     /// Minimized (steps removed while the witness persists), if asked.
     pub minimized: Option<Vec<String>>,
+    /// Minimizing was asked (and, with `minimized` empty, failed).
+    #[serde(default)]
+    pub minimize_tried: bool,
     /// Replays of the minimized schedule, and how many gave the witness.
     pub replays: u64,
     pub reproduced: u64,
@@ -195,7 +198,6 @@ pub enum ExploreError {
 struct Explored {
     report: RunReport,
     decisions: Vec<Decision>,
-    diverged: Option<usize>,
 }
 
 /// Boots one VM running `test` (compiled for exploration) with `guide`.
@@ -205,7 +207,7 @@ fn explored_run(
     guide: Guide,
     run: u64,
 ) -> Result<Explored, Error> {
-    let guide = Arc::new(Mutex::new(guide));
+    let guide: Arc<Mutex<dyn crate::hooks::Chooser>> = Arc::new(Mutex::new(guide));
     let config = VmConfig {
         program: Program::Litmus,
         policy: opts.policy,
@@ -221,12 +223,19 @@ fn explored_run(
     let report = vm.wait(Some(opts.timeout), |_| {});
     drop(vm);
     let decisions = report.decisions.clone().unwrap_or_default();
-    let diverged = guide.lock().unwrap_or_else(|e| e.into_inner()).diverged;
-    Ok(Explored {
-        report,
-        decisions,
-        diverged,
-    })
+    Ok(Explored { report, decisions })
+}
+
+/// Runs of the non-preemptive probe PCT takes its n and k from.
+const PROBES: u64 = 3;
+
+/// Counts a run whose VM could not start as an error.
+fn vm_error(result: &mut ExploreResult, e: &Error) {
+    *result
+        .errors
+        .entry(format!("cannot start the VM: {e}"))
+        .or_default() += 1;
+    *result.histogram.entry("error;".into()).or_default() += 1;
 }
 
 /// How one run ended, for the histogram.
@@ -273,19 +282,33 @@ pub fn explore(
     if probe.decisions.is_empty() {
         return Err(ExploreError::NoPoints(test.test.name.clone()));
     }
-    let threads = probe
-        .decisions
+    // PCT's n and k: the threads, and the decisions with a choice to make,
+    // of the non-preemptive run; the most of a few, as a thread that takes
+    // a lock a little later makes a run with fewer choices.
+    let mut probes = vec![probe.decisions.clone()];
+    if matches!(opts.strategy, Strategy::Pct { .. }) {
+        for i in 1..PROBES {
+            probes.extend(
+                explored_run(test, opts, Guide::new(Vec::new(), None), i).map(|p| p.decisions),
+            );
+        }
+    }
+    let threads = probes
         .iter()
-        .flat_map(|d| d.enabled.iter().map(|p| p.cpu))
-        .collect::<std::collections::BTreeSet<_>>()
-        .len() as u64;
-    // PCT's k: the decisions of the probe with a choice to make.
-    let steps = probe
-        .decisions
+        .map(|log| {
+            log.iter()
+                .flat_map(|d| d.enabled.iter().map(|p| p.cpu))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as u64
+        })
+        .max()
+        .unwrap_or(1);
+    let steps = probes
         .iter()
-        .filter(|d| d.enabled.len() > 1)
-        .count()
-        .max(1) as u64;
+        .map(|log| log.iter().filter(|d| d.enabled.len() > 1).count() as u64)
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut result = ExploreResult {
         test: test.test.name.clone(),
         policy: opts.policy_name.clone(),
@@ -295,7 +318,7 @@ pub fn explore(
         shard_count: shards,
         budget: opts.budget,
         runs: 0,
-        made: 1,
+        made: probes.len() as u64,
         histogram: BTreeMap::new(),
         witnesses: 0,
         stuck: 0,
@@ -341,7 +364,16 @@ pub fn explore(
                     Some(p) => p,
                     None => {
                         result.made += 1;
-                        explored_run(test, opts, Guide::new(prefix, None), result.made)?
+                        match explored_run(test, opts, Guide::new(prefix, None), result.made) {
+                            Ok(run) => run,
+                            Err(e) => {
+                                // Without its decisions the search cannot
+                                // go on from here: it ends, counted.
+                                result.runs += 1;
+                                vm_error(&mut result, &e);
+                                break;
+                            }
+                        }
                     }
                 };
                 dfs.record(&run.decisions);
@@ -355,9 +387,16 @@ pub fn explore(
                 pending = None;
                 let pct = Pct::new(opts.seed, r, depth, steps);
                 result.made += 1;
-                let run = explored_run(test, opts, Guide::new(Vec::new(), Some(pct)), r)?;
                 r += shards;
-                (r - shards, run)
+                match explored_run(test, opts, Guide::new(Vec::new(), Some(pct)), r - shards) {
+                    Ok(run) => (r - shards, run),
+                    Err(e) => {
+                        // This run's VM did not start: counted, the others go on.
+                        result.runs += 1;
+                        vm_error(&mut result, &e);
+                        continue;
+                    }
+                }
             }
             (None, Strategy::Dfs { .. }) => unreachable!("dfs has its stack"),
         };
@@ -385,7 +424,6 @@ pub fn explore(
         }
         result.runs += 1;
         result.max_decisions = result.max_decisions.max(run.decisions.len() as u64);
-        let _ = run.diverged;
         let state = match classify(test, &run.report) {
             RunEnd::Witness(k) => {
                 result.witnesses += 1;
@@ -427,6 +465,7 @@ pub fn explore(
             state,
             schedule: shown.iter().map(|s| s.text.clone()).collect(),
             minimized: None,
+            minimize_tried: opts.minimize,
             replays: 0,
             reproduced: 0,
         };

@@ -101,11 +101,12 @@ pub fn text(r: &ExploreResult) -> String {
                 out += &schedule_block(steps);
             }
             None => {
-                let _ = writeln!(
-                    out,
-                    "The interleaving ({} steps; as a forced schedule it did not reproduce the witness, so it was not minimized):",
-                    w.schedule.len()
-                );
+                let why = if w.minimize_tried {
+                    "as a forced schedule it did not reproduce the witness, so it was not minimized"
+                } else {
+                    "not minimized"
+                };
+                let _ = writeln!(out, "The interleaving ({} steps; {why}):", w.schedule.len());
                 out += &schedule_block(&w.schedule);
             }
         }
