@@ -85,7 +85,15 @@ fn progress_bar(args: &ExploreArgs) -> Option<(ProgressBar, explore::Progress)> 
     bar.set_style(style);
     bar.enable_steady_tick(Duration::from_millis(200));
     let b = bar.clone();
-    let update: explore::Progress = Arc::new(move |r: &ExploreResult| {
+    let minimize = args.minimize;
+    let update: explore::Progress = Arc::new(move |r: &ExploreResult, done: bool| {
+        if done {
+            b.finish_and_clear();
+            if r.witnesses > 0 && minimize {
+                say("minimizing the witness's schedule (replaying it as a forced schedule)…");
+            }
+            return;
+        }
         b.set_position(r.runs);
         b.set_message(format!(
             "{} witnesses, {} stuck, {} errors,",

@@ -40,8 +40,9 @@ pub enum Strategy {
     Pct { depth: u32 },
 }
 
-/// Called after every run with the result so far.
-pub type Progress = Arc<dyn Fn(&ExploreResult) + Send + Sync>;
+/// Called after every run with the result so far, and once more with
+/// `true` when the search is over (before a witness is minimized).
+pub type Progress = Arc<dyn Fn(&ExploreResult, bool) + Send + Sync>;
 
 /// What `cowlab explore` was asked.
 #[derive(Clone)]
@@ -450,13 +451,16 @@ pub fn explore(
         *result.histogram.entry(state).or_default() += 1;
         result.search_ms = start.elapsed().as_millis() as u64;
         if let Some(p) = &opts.progress {
-            p(&result);
+            p(&result, false);
         }
         if first.is_some() && !opts.keep_going {
             break;
         }
     }
     result.search_ms = start.elapsed().as_millis() as u64;
+    if let Some(p) = &opts.progress {
+        p(&result, true);
+    }
     if let Some((run, decisions, state)) = first {
         let schedule = minimize::schedule_of(test, &decisions);
         let shown = minimize::stretches(&schedule);
