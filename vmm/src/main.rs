@@ -203,11 +203,16 @@ enum Command {
         #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
         time: Option<String>,
         /// pct: the seed of run 0 (run r's priorities come from SEED and r).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
         seed: u64,
         /// Only this part of the search: I/N, 0 <= I < N (merge the parts'
         /// --json results with `cowlab explore merge`).
-        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        #[arg(
+            long,
+            value_name = "I/N",
+            default_value = "0/1",
+            allow_hyphen_values = true
+        )]
         shard: String,
         /// Watchdog per run in seconds, 0.001 to 1000000 (a run it ends
         /// counts as stuck).

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowlab_abi::program::PROGRAMS;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::error::CliError;
@@ -68,6 +69,21 @@ fn load_pair(name: &str) -> Result<Pair, CliError> {
     Ok((Arc::new(explored), Arc::new(normal)))
 }
 
+/// Why `cowlab explore WHAT` cannot take `what`: the message `cowlab run`
+/// gives lists the guest programs too, which explore does not run (and
+/// said "unknown" of `hello`, a name it listed).
+fn unknown_test(what: &str) -> String {
+    let tests = super::list::test_names();
+    if PROGRAMS.iter().any(|p| p.0 == what) {
+        format!(
+            "'{what}' is a guest program, not a litmus test: explore searches the \
+             interleavings of a test (tests: {tests}; or a .litmus file)"
+        )
+    } else {
+        format!("unknown litmus test '{what}' (tests: {tests}; or a .litmus file)")
+    }
+}
+
 /// A progress bar on stderr, if it is a terminal (indicatif draws nothing
 /// otherwise): runs done, witnesses, rate, and for a budget what is left.
 fn progress_bar(args: &ExploreArgs) -> Option<(ProgressBar, explore::Progress)> {
@@ -111,6 +127,10 @@ fn progress_bar(args: &ExploreArgs) -> Option<(ProgressBar, explore::Progress)> 
 pub fn explore(args: &ExploreArgs) -> i32 {
     let (test, normal) = match load_pair(&args.test) {
         Ok(p) => p,
+        Err(CliError::UnknownTest { what }) => {
+            error(unknown_test(&what));
+            return exit_code::USAGE;
+        }
         Err(e) => {
             error(&e);
             return e.exit_code();
@@ -186,6 +206,18 @@ pub fn merge(files: &[PathBuf], json: bool) -> i32 {
             }
         };
         match serde_json::from_slice::<ExploreResult>(&bytes) {
+            Ok(r) if r.shards.is_empty() || r.shards.iter().any(|s| *s >= r.shard_count) => {
+                // explore writes shard I of N with I < N; merge took shard 7
+                // of 2 and printed "shard 0,7/2".
+                error(format_args!(
+                    "{}: not a result of `cowlab explore --json` (shards {:?} of {}: \
+                     each must be below the count)",
+                    crate::control::printable(&f.display().to_string()),
+                    r.shards,
+                    r.shard_count
+                ));
+                return exit_code::USAGE;
+            }
             Ok(r) => parts.push(r),
             Err(e) => {
                 error(format_args!(
