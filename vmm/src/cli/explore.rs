@@ -168,7 +168,9 @@ pub fn explore(args: &ExploreArgs) -> i32 {
         Err(e) => {
             error(format_args!("explore {}: {e}", args.test));
             match e {
-                explore::ExploreError::NoPoints(_) => exit_code::USAGE,
+                explore::ExploreError::NoPoints(_) | explore::ExploreError::ProbeStuck(_) => {
+                    exit_code::USAGE
+                }
                 explore::ExploreError::Vm(_) => exit_code::VM_ERROR,
             }
         }

@@ -106,7 +106,9 @@ impl Prepared {
                 match explore::explore(explored, normal, &opts) {
                     Ok(r) => Ok(Outcome::Explored(r)),
                     Err(ExploreError::Vm(e)) => Err(e),
-                    Err(e @ ExploreError::NoPoints(_)) => Err(Error::Run(e.to_string())),
+                    Err(e @ (ExploreError::NoPoints(_) | ExploreError::ProbeStuck(_))) => {
+                        Err(Error::Run(e.to_string()))
+                    }
                 }
             }
         }
