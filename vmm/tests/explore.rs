@@ -507,3 +507,60 @@ fn bad_merges_exit_2_with_one_line_saying_why() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(v["shards"], serde_json::json!([0]), "{v}");
 }
+
+/// Whether process `pid` has a handler for SIGINT (its `SigCgt` mask in
+/// /proc), i.e. Ctrl-C will be caught rather than kill it.
+fn catches_sigint(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+}
+
+#[test]
+fn ctrl_c_ends_a_search_with_its_results_so_far() {
+    require_kvm();
+    // A search that would go on for minutes: dfs over a fixed preset.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cowlab"))
+        .args([
+            "explore",
+            "wp-copy-reuse-aba-bare",
+            "--policy",
+            "mainline",
+            "--strategy",
+            "dfs",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cowlab");
+    let pid = child.id();
+    let running = common::Running::new(child, "explore interrupted");
+    // The state to wait for: the handler is installed.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !catches_sigint(pid) {
+        assert!(std::time::Instant::now() < deadline, "no SIGINT handler");
+        std::thread::yield_now();
+    }
+    // Our own child, not yet waited for: its pid is not reused.
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    let out = running.output_within(LIMIT);
+    let v = json_of("interrupted explore", &out);
+    assert_eq!(v["interrupted"], true, "{v}");
+    assert_eq!(v["exhausted"], false, "{v}");
+    assert_eq!(v["witnesses"], 0, "{v}");
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        text(&out.stderr)
+    );
+}

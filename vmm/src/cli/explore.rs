@@ -4,6 +4,7 @@
 //! combine the JSON results of shards.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,6 +158,16 @@ pub fn explore(args: &ExploreArgs) -> i32 {
     opts.timeout = args.timeout;
     opts.keep_going = args.keep_going;
     opts.minimize = args.minimize;
+    // Ctrl-C ends the search after the run under way, with its results
+    // printed; a second one ends the process at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    opts.stop = Some(stop);
     let bar = progress_bar(args);
     opts.progress = bar.as_ref().map(|(_, p)| Arc::clone(p));
     let result = explore::explore(&test, &normal, &opts);

@@ -550,6 +550,7 @@ mod tests {
                 reproduced: 0,
             }),
             exhausted: false,
+            interrupted: false,
             diverged: 0,
             threads: 2,
             steps: 4,

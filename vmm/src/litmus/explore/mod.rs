@@ -66,6 +66,9 @@ pub struct ExploreOptions {
     pub minimize: bool,
     /// Called after every run with the result so far (a progress bar).
     pub progress: Option<Progress>,
+    /// Set from outside (Ctrl-C) to end the search after the current run,
+    /// as `time` does: the result so far is reported.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for ExploreOptions {
@@ -97,6 +100,7 @@ impl ExploreOptions {
             keep_going: false,
             minimize: true,
             progress: None,
+            stop: None,
         }
     }
 }
@@ -151,6 +155,9 @@ pub struct ExploreResult {
     pub witness: Option<Witness>,
     /// DFS: every interleaving within the bound was run.
     pub exhausted: bool,
+    /// Ended early by Ctrl-C.
+    #[serde(default)]
+    pub interrupted: bool,
     /// DFS: runs whose replay did not follow their prefix.
     pub diverged: u64,
     /// PCT: the threads (n) and decisions (k) of the probe run, for the
@@ -338,6 +345,7 @@ pub fn explore(
         errors: BTreeMap::new(),
         witness: None,
         exhausted: false,
+        interrupted: false,
         diverged: 0,
         threads,
         steps,
@@ -357,7 +365,15 @@ pub fn explore(
     // The probe is DFS's first run: recorded, and counted by its owner.
     let mut pending = Some(probe);
     loop {
-        if opts.time.is_some_and(|t| start.elapsed() >= t)
+        let stopped = opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
+        if stopped {
+            result.interrupted = true;
+        }
+        if stopped
+            || opts.time.is_some_and(|t| start.elapsed() >= t)
             || opts.budget.is_some_and(|b| match &dfs {
                 Some(_) => result.runs >= b.div_ceil(shards),
                 None => r >= b,
@@ -483,7 +499,7 @@ pub fn explore(
             replays: 0,
             reproduced: 0,
         };
-        if opts.minimize {
+        if opts.minimize && !result.interrupted {
             let m = minimize::minimize(replay, opts, schedule);
             witness.minimized = m.steps.map(|s| s.iter().map(|s| s.text.clone()).collect());
             witness.replays = m.replays;
@@ -583,6 +599,7 @@ pub fn merge(
         }
         m.diverged = m.diverged.saturating_add(p.diverged);
         m.exhausted &= p.exhausted;
+        m.interrupted |= p.interrupted;
         m.max_decisions = m.max_decisions.max(p.max_decisions);
         m.elapsed_ms = m.elapsed_ms.max(p.elapsed_ms);
         m.search_ms = m.search_ms.max(p.search_ms);

@@ -58,6 +58,12 @@ pub fn text(r: &ExploreResult) -> String {
             );
         }
     }
+    if r.interrupted {
+        let _ = writeln!(
+            out,
+            "Interrupted (Ctrl-C): the search ended early; these are its results so far"
+        );
+    }
     if r.diverged > 0 {
         let _ = writeln!(
             out,
