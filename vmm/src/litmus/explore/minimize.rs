@@ -136,29 +136,27 @@ fn replay(test: &Arc<Compiled>, opts: &ExploreOptions, steps: &[SchedStep], runs
 }
 
 /// Removes steps of `steps` while every one of [`TRIES`] replays still
-/// gives the witness: starting from the [`stretches`] (or, if they do not
-/// reproduce it, every step), first every step outside the test's regions
-/// at once, then one step at a time from the end, until no step can go.
+/// gives the witness: starting from the first that reproduces it of the
+/// [`stretches`] without the steps outside the test's regions, the
+/// stretches, every step without those, and every step; then one step at
+/// a time from the end, until no step can go.
 pub fn minimize(test: &Arc<Compiled>, opts: &ExploreOptions, steps: Vec<SchedStep>) -> Minimized {
     // One replay at a time: most candidates fail at the first.
     let holds = |s: &[SchedStep]| (0..TRIES).all(|_| replay(test, opts, s, 1) == 1);
-    let mut tried = 2;
+    let mut tried = 4;
+    // Steps on pages outside the regions (a thread's own stack, which a
+    // replay may not fault or flush the same way) are left out first.
+    let inside =
+        |s: &[SchedStep]| -> Vec<SchedStep> { s.iter().filter(|s| s.in_region).cloned().collect() };
     let short = stretches(&steps);
-    let mut best = if holds(&short) {
-        short
-    } else if holds(&steps) {
-        steps
-    } else {
+    let candidates = [inside(&short), short, inside(&steps), steps];
+    let Some(mut best) = candidates.into_iter().find(|c| holds(c)) else {
         return Minimized {
             steps: None,
             replays: 0,
             reproduced: 0,
         };
     };
-    let inside: Vec<SchedStep> = best.iter().filter(|s| s.in_region).cloned().collect();
-    if inside.len() < best.len() && holds(&inside) {
-        best = inside;
-    }
     let mut changed = true;
     while changed && tried < MAX_CANDIDATES {
         changed = false;
