@@ -190,6 +190,7 @@ impl Hooks {
             free: false,
             stuck_since: None,
         });
+        self.explore_armed.store(true, Ordering::Release);
         self.refresh_active();
     }
 
@@ -208,7 +209,7 @@ impl Hooks {
     /// vCPU `cpu` is being created (by its parent's thread, before its own
     /// starts): the explorer waits for it before deciding.
     pub fn vcpu_spawning(&self, cpu: usize) {
-        if !self.active() {
+        if !self.explore_armed.load(Ordering::Relaxed) {
             return;
         }
         if let Some(e) = lock(&self.explore).as_mut() {
@@ -218,7 +219,7 @@ impl Hooks {
 
     /// vCPU `cpu` is about to enter the guest.
     pub fn entering_guest(&self, cpu: usize) {
-        if !self.active() {
+        if !self.explore_armed.load(Ordering::Relaxed) {
             return;
         }
         if let Some(e) = lock(&self.explore).as_mut() {
@@ -241,6 +242,9 @@ impl Hooks {
     /// a decision, not a race between woken waiters. Returns `false` when
     /// not exploring (any more): the caller then waits as usual.
     pub fn explore_lock_wait(&self, cpu: usize, what: &str, free: LockFree) -> bool {
+        if !self.explore_armed.load(Ordering::Relaxed) {
+            return false;
+        }
         {
             let mut guard = lock(&self.explore);
             match guard.as_mut() {
@@ -269,6 +273,9 @@ impl Hooks {
 
     /// vCPU `cpu` reached `point`: parks it until the chooser lets it go.
     pub(super) fn explore_step(&self, cpu: usize, point: &str, addr: Option<u64>) {
+        if !self.explore_armed.load(Ordering::Relaxed) {
+            return;
+        }
         let mut guard = lock(&self.explore);
         match guard.as_mut() {
             Some(e) if !e.free && e.schedules(point, addr) => {

@@ -111,6 +111,10 @@ pub struct Hooks {
     /// `explore` held).
     explore: Mutex<Option<explore::Explore>>,
     explored: Condvar,
+    /// Whether `explore` is set: the vCPU entry, start, lock-wait and wake
+    /// paths look at this one relaxed load, not the mutex, when not
+    /// exploring (a run with rules or chaos is `active` too).
+    explore_armed: AtomicBool,
     /// The trace recorder, if the run is traced: every hit is an event.
     pub trace: crate::trace::TraceSlot,
     /// Which run of a litmus test this VM is (1-based; 0 is taken as 1),
