@@ -20,6 +20,10 @@ struct Cli {
     /// The KVM device to use.
     #[arg(long, global = true, env = "COWLAB_KVM", default_value = "/dev/kvm")]
     kvm: String,
+    /// A new KVM VM for every run, instead of resetting and reusing the
+    /// last run's (docs/performance.md, "VM reuse").
+    #[arg(long, global = true)]
+    fresh_vms: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -423,6 +427,7 @@ fn one_line(text: &str) -> String {
 fn main() {
     env_logger::init();
     let cli = Cli::try_parse().unwrap_or_else(|e| parse_error(e));
+    cli::fresh_vms(cli.fresh_vms);
     let code = match cli.command {
         Command::Run {
             program,

@@ -38,3 +38,9 @@ pub use run::{make_policy, run, RunOptions};
 pub use soak::{soak, SoakOptions};
 pub use suite::suite;
 pub use trace::{trace_export, trace_show};
+
+/// `--fresh-vms`: every run of this command boots a new KVM VM instead of
+/// reusing the previous run's, reset (docs/performance.md, "VM reuse").
+pub fn fresh_vms(fresh: bool) {
+    crate::kvm::set_reuse_by_default(!fresh);
+}

@@ -164,6 +164,7 @@ fn run_with(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         trace: tracer.clone(),
         run: 1,
         explore: None,
+        ..VmConfig::default()
     };
     if let Some(ctl) = ctl {
         ctl.begin(&opts.program, &opts.policy, 1);

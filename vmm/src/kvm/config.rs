@@ -56,6 +56,10 @@ pub struct VmConfig {
     /// Explore: every point parks its vCPU and this chooser decides who
     /// goes next (docs/exploration.md); replaces the schedule.
     pub explore: Option<hooks::ChooserSlot>,
+    /// Run on the VM an earlier run of this process left, reset, when
+    /// there is one of the same kind (`super::shell`); `false`: a new VM
+    /// (`--fresh-vms`).
+    pub reuse: bool,
 }
 
 impl Default for VmConfig {
@@ -78,6 +82,7 @@ impl Default for VmConfig {
             trace: None,
             run: 1,
             explore: None,
+            reuse: super::shell::reuse_by_default(),
         }
     }
 }

@@ -68,6 +68,29 @@ impl GuestMem {
         );
     }
 
+    /// Discards all of guest memory (`MADV_DONTNEED`): every page reads
+    /// as zero again, as in a fresh mapping, and its host memory is freed.
+    /// Only while no vCPU runs and no KVM memslot covers it (a reused VM
+    /// between two runs, `super::shell`).
+    pub(super) fn discard(&self) -> std::io::Result<()> {
+        // SAFETY: the range is exactly the private anonymous mapping owned
+        // by `mem`; discarding its pages only makes them read as zero.
+        // Nothing else accesses guest memory now: the run's vCPU threads
+        // have ended and the memslot is deleted.
+        let r = unsafe {
+            libc::madvise(
+                self.host.cast::<libc::c_void>(),
+                self.size as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// Write-protects `[pa, pa + len)` of the host mapping and unprotects
     /// it again: the MMU notifier makes KVM zap every shadow entry it built
     /// to those frames, in every vCPU.

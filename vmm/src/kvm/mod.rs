@@ -6,7 +6,8 @@
 //!
 //! - `vm`: creating a VM and waiting for its run; `config` what to boot;
 //!   `boot` its memory set up; `shared` the state its vCPU threads share;
-//!   `handle` the control socket's hold on it; `report` how runs end.
+//!   `handle` the control socket's hold on it; `report` how runs end;
+//!   `shell` what outlives a run when VMs are reused.
 //! - `vcpu`: one vCPU's thread and `KVM_RUN` loop; `exit` decoding an
 //!   exit and deciding what to do; `hypercall` the hypercall table;
 //!   `area` the per-vCPU area (mailbox); `arch` long-mode state.
@@ -30,6 +31,7 @@ mod memory;
 mod plan;
 mod report;
 mod shared;
+mod shell;
 mod shootdown;
 mod vcpu;
 mod vm;
@@ -42,6 +44,7 @@ pub use handle::{VcpuState, VmHandle};
 pub use memory::GuestMem;
 pub use plan::{BootPlan, PlanRegion};
 pub use report::{exit_code, vector_name, Outcome, RunReport, VcpuReport};
+pub use shell::{reuse_by_default, set_reuse_by_default};
 pub use shootdown::request;
 pub use vm::{Event, Vm};
 

@@ -9,8 +9,6 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
-use kvm_bindings::CpuId;
-use kvm_ioctls::VmFd;
 use vmm_sys_util::signal::Killable;
 
 use cowlab_abi::layout::MAX_VCPUS;
@@ -20,6 +18,7 @@ use super::error::SpawnError;
 use super::loader::Image;
 use super::memory::GuestMem;
 use super::report::{Outcome, VcpuReport};
+use super::shell::Shell;
 use super::shootdown::{request, VcpuCtl};
 use super::vcpu::{Start, Vcpu};
 use super::vm::Event;
@@ -33,8 +32,8 @@ pub(super) struct VcpuSlot {
 
 /// State shared by the VM and all its vCPU threads.
 pub(crate) struct Shared {
-    pub(crate) vm: VmFd,
-    pub(crate) cpuid: CpuId,
+    /// The KVM VM and its vCPU fds, which may outlive this run.
+    pub(crate) shell: Arc<Shell>,
     pub(crate) mem: Arc<GuestMem>,
     pub(crate) machine: Arc<Machine>,
     /// The address spaces (processes), alive until the run ends.
@@ -74,6 +73,11 @@ impl Shared {
 
     pub(super) fn slots(&self) -> MutexGuard<'_, Vec<VcpuSlot>> {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any vCPU thread panicked.
+    pub(super) fn any_panic(&self) -> bool {
+        !lock(&self.panics).is_empty()
     }
 
     /// Why vCPU `id`'s thread panicked, if it did.

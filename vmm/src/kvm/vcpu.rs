@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::kvm_fpu;
-use kvm_ioctls::VcpuFd;
 
 use cowlab_abi::layout::{kernel_va, user_stack_top, vcpu_area_phys, USER_STACK_SIZE};
 use cowlab_abi::{fault_result, Program, VcpuArea, FLUSH_VECTOR};
@@ -22,6 +21,7 @@ use super::error::VcpuError;
 use super::exit::{Action, Exit, ExitHandler};
 use super::report::{Outcome, VcpuReport};
 use super::shared::Shared;
+use super::shell::LeasedVcpu;
 use super::shootdown::{request, VcpuCtl};
 use super::vm::Event;
 use super::{arch, kick};
@@ -59,7 +59,7 @@ pub(super) enum Flow {
 pub(crate) struct Vcpu {
     pub(super) id: usize,
     pub(super) program: Program,
-    pub(super) fd: VcpuFd,
+    pub(super) fd: LeasedVcpu,
     pub(super) shared: Arc<Shared>,
     pub(super) mm: Arc<Mm>,
     pub(super) ctl: Arc<VcpuCtl>,
@@ -82,7 +82,8 @@ impl Vcpu {
     /// Creates vCPU `id` running `program(arg)` as a thread of `mm`, in long
     /// mode at the program's entry, with its stack mapped and its TLB empty.
     ///
-    /// Wraps `KVM_CREATE_VCPU`, `KVM_SET_CPUID2`, `KVM_GET_SREGS` /
+    /// Takes its fd from the VM's shell (`KVM_CREATE_VCPU` and
+    /// `KVM_SET_CPUID2` the first time, see [`super::shell`]); wraps
     /// `KVM_SET_SREGS`, `KVM_SET_REGS` and `KVM_SET_FPU`.
     pub(crate) fn new(
         shared: Arc<Shared>,
@@ -92,11 +93,7 @@ impl Vcpu {
         mm: Arc<Mm>,
         ctl: Arc<VcpuCtl>,
     ) -> Result<Self, VcpuError> {
-        let fd = shared
-            .vm
-            .create_vcpu(id as u64)
-            .map_err(VcpuError::CreateVcpu)?;
-        fd.set_cpuid2(&shared.cpuid).map_err(VcpuError::SetCpuid2)?;
+        let (fd, created_sregs) = shared.shell.vcpu(id)?;
         let area_pa = vcpu_area_phys(id);
         let area_va = kernel_va(area_pa);
         let machine = mm.machine();
@@ -125,8 +122,7 @@ impl Vcpu {
         let area = Mailbox::new(Arc::clone(&shared.mem), area_pa);
         area.init(id, shared.nr_vcpus, program, arg, &shared.boot_header)?;
 
-        let sregs = fd.get_sregs().map_err(VcpuError::GetSregs)?;
-        fd.set_sregs(&arch::sregs(sregs, area_va, root))
+        fd.set_sregs(&arch::sregs(created_sregs, area_va, root))
             .map_err(VcpuError::SetSregs)?;
         let regs = match start {
             Start::Program(_) | Start::Thread(_) => {

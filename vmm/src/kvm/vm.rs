@@ -7,22 +7,19 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::Kvm;
-
 use cowlab_abi::layout::{
     user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, SHARED_PAGE_PHYS, USER_STACK_SIZE,
 };
 use cowlab_abi::Program;
 
-use super::boot::{check_kvm, load_image, load_plan, read_boot_header, supported_cpuid};
+use super::boot::{load_image, load_plan, read_boot_header};
 use super::config::{arm_hooks, VmConfig, MIN_MEM_MIB};
 use super::error::{Error, MemoryError};
 use super::handle::VmHandle;
 use super::loader;
-use super::memory::GuestMem;
 use super::report::{Outcome, RunReport, VcpuReport};
 use super::shared::{install_panic_hook, Shared};
+use super::shell::Shell;
 use super::shootdown::{request, KvmFlusher};
 use super::vcpu::Start;
 use super::{arch, kick, GUEST_ELF};
@@ -71,11 +68,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, loads the guest and starts `config.vcpus` vCPUs (or
-    /// the boot plan's threads).
-    ///
-    /// Wraps `KVM_CREATE_VM` and `KVM_SET_USER_MEMORY_REGION` (one slot:
-    /// all of guest memory), after the device checks of `check_kvm`.
+    /// Creates the VM (or takes the one an earlier run left, reset, if
+    /// `config.reuse`: [`super::shell`]), loads the guest and starts
+    /// `config.vcpus` vCPUs (or the boot plan's threads).
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
         let created = Instant::now();
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -92,26 +87,11 @@ impl Vm {
         let image = loader::parse(config.guest_elf.as_deref().unwrap_or(GUEST_ELF))
             .map_err(Error::Image)?;
 
-        let path = std::ffi::CString::new(config.kvm_path.clone())
-            .map_err(|_| Error::Config("KVM device path contains a NUL byte".into()))?;
-        let kvm = Kvm::new_with_path(&path).map_err(|source| Error::KvmUnavailable {
-            path: config.kvm_path.clone(),
-            source,
-        })?;
-        check_kvm(&kvm, &config.kvm_path)?;
-        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
-        let size = config.mem_mib << 20;
-        let mem = Arc::new(GuestMem::new(size).map_err(Error::Memory)?);
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: mem.host_base(),
-            flags: 0,
-        };
-        // SAFETY: the region is the whole of `mem`, which lives in `Shared`
-        // as long as the VM fd and every vCPU using it.
-        unsafe { vm.set_user_memory_region(region) }.map_err(Error::SetUserMemoryRegion)?;
+        kick::install_handler()?;
+        install_panic_hook();
+        let shell = Shell::obtain(config)?;
+        let mem = Arc::clone(&shell.mem);
+        let size = mem.size();
         load_image(
             &mem,
             &image,
@@ -121,9 +101,6 @@ impl Vm {
         for (pa, v) in arch::kernel_table_writes() {
             mem.word(pa).store(v, Ordering::Relaxed);
         }
-        let cpuid = supported_cpuid(&kvm, &config.kvm_path)?;
-        kick::install_handler()?;
-        install_panic_hook();
 
         let phys: Arc<dyn PhysMem> = Arc::clone(&mem) as Arc<dyn PhysMem>;
         let machine = Machine::new(
@@ -138,8 +115,7 @@ impl Vm {
         let mm = Mm::new(&machine).map_err(|_| Error::Memory(MemoryError::NoPageTable))?;
         let (tx, rx) = channel();
         let shared = Arc::new(Shared {
-            vm,
-            cpuid,
+            shell,
             mem,
             machine: Arc::clone(&machine),
             processes: Mutex::new(vec![Arc::clone(&mm)]),
@@ -226,6 +202,11 @@ impl Vm {
     /// A handle the control socket keeps while the VM runs.
     pub fn handle(&self) -> VmHandle {
         VmHandle(Arc::downgrade(&self.shared))
+    }
+
+    /// Whether this VM ran an earlier run of this process (reset since).
+    pub fn reused(&self) -> bool {
+        self.shared.shell.reused()
     }
 
     /// When the VM was created.
@@ -441,11 +422,14 @@ impl Drop for Vm {
             self.next_event(Duration::from_millis(50));
         }
         let slots = std::mem::take(&mut *self.shared.slots());
+        let mut joined = true;
         for (id, slot) in slots.into_iter().enumerate() {
-            if !self.live.contains(&id) {
-                let _ = slot.thread.join();
-            }
+            joined &= !self.live.contains(&id) && slot.thread.join().is_ok();
         }
+        // Every vCPU thread is gone with its fd given back: the next run
+        // may use this VM, reset (a panic leaves it to be closed).
+        let clean = joined && !self.shared.any_panic();
+        Shell::recycle(Arc::clone(&self.shared.shell), clean);
         // An address space a panic left behind is torn down carefully,
         // whichever thread drops the VM's state last.
         self.shared.release_processes_if_panicked();
