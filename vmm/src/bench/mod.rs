@@ -4,7 +4,8 @@
 //! round trips. Each number comes from real vCPUs running the built-in
 //! benchmark programs.
 //!
-//! - [`floors`]: the host's limits ([`host_limits`]).
+//! - [`floors`]: the host's limits ([`host_limits`]); [`lifecycle`]: a
+//!   VM created against one reused ([`vm_lifecycle`]).
 //! - [`native`]: cowlab against native Linux ([`versus_native`]).
 //! - [`litmus`]: litmus runs per second ([`litmus_rates`]) and
 //!   interleavings per second of a search ([`explore_rates`]).
@@ -17,10 +18,12 @@ use cowlab_abi::Program;
 use crate::kvm::{Error, VmConfig};
 
 pub mod floors;
+pub mod lifecycle;
 pub mod litmus;
 pub mod native;
 
 pub use floors::host_limits;
+pub use lifecycle::vm_lifecycle;
 pub use litmus::{explore_rates, litmus_rates};
 pub use native::{versus_native, versus_table, Versus};
 
@@ -199,6 +202,14 @@ impl Report {
                 ));
             }
         }
+        for (new, reused) in [
+            ("vm_create_start", "vm_reuse_start"),
+            ("vm_create_run", "vm_reuse_run"),
+        ] {
+            if let (Some(n), Some(r)) = (self.limit(new), self.limit(reused)) {
+                out.push((format!("{reused} / {new}"), r / n));
+            }
+        }
         if let (Some(t), Some(u)) = (
             self.limit("first_touch_traced"),
             self.limit("first_touch_fault"),
@@ -296,7 +307,11 @@ impl Report {
 /// Runs every measurement.
 pub fn run_all(opts: &BenchOptions) -> Result<Report, Error> {
     Ok(Report {
-        limits: host_limits(opts)?,
+        limits: {
+            let mut limits = host_limits(opts)?;
+            limits.extend(vm_lifecycle(opts)?);
+            limits
+        },
         versus: versus_native(opts)?,
         litmus: litmus_rates(opts)?,
         explore: explore_rates(opts)?,
