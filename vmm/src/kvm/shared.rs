@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 
 use vmm_sys_util::signal::Killable;
 
@@ -17,7 +18,7 @@ use super::error::SpawnError;
 use super::loader::Image;
 use super::memory::GuestMem;
 use super::report::{Outcome, VcpuReport};
-use super::shell::{Shell, Worker};
+use super::shell::Shell;
 use super::shootdown::{request, VcpuCtl};
 use super::vcpu::{Start, Vcpu};
 use super::vm::Event;
@@ -26,10 +27,7 @@ use crate::mm::{Machine, Mm};
 
 pub(super) struct VcpuSlot {
     pub(super) ctl: Arc<VcpuCtl>,
-    /// The vCPU's host thread (kept with the VM, see [`Shell`]).
-    pub(super) worker: Arc<Worker>,
-    /// Gets `()` when this run's job on that thread has returned.
-    pub(super) done: Receiver<()>,
+    pub(super) thread: JoinHandle<()>,
 }
 
 /// State shared by the VM and all its vCPU threads.
@@ -143,49 +141,48 @@ impl Shared {
         let weak_mm = Arc::downgrade(&mm);
         let unspawned_mm = Arc::downgrade(&mm);
         let (shared, thread_ctl) = (Arc::clone(this), Arc::clone(&ctl));
-        let job = Box::new(move || {
-            VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
-            crate::cpu::set_current(Some(id));
-            shared.machine.hooks.thread_started(id);
-            let vcpu_ctl = Arc::clone(&thread_ctl);
-            let vcpu_shared = Arc::clone(&shared);
-            let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {
-                match Vcpu::new(vcpu_shared, id, program, start, mm, vcpu_ctl) {
-                    Ok(vcpu) => vcpu.run(),
-                    Err(e) => {
-                        if let Some(mm) = weak_mm.upgrade() {
-                            mm.mmput();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                VCPU_SHARED.with(|s| *s.borrow_mut() = Arc::downgrade(&shared));
+                crate::cpu::set_current(Some(id));
+                shared.machine.hooks.thread_started(id);
+                let vcpu_ctl = Arc::clone(&thread_ctl);
+                let vcpu_shared = Arc::clone(&shared);
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {
+                    match Vcpu::new(vcpu_shared, id, program, start, mm, vcpu_ctl) {
+                        Ok(vcpu) => vcpu.run(),
+                        Err(e) => {
+                            if let Some(mm) = weak_mm.upgrade() {
+                                mm.mmput();
+                            }
+                            VcpuReport::failed(id, program, Outcome::Error(e.to_string()))
                         }
-                        VcpuReport::failed(id, program, Outcome::Error(e.to_string()))
                     }
+                }));
+                // A panic (a bug in the VMM or the mm model, or a `panic`
+                // rule) ends this vCPU in an error, like any VMM error, and
+                // the process goes on. The locks it held were released as
+                // it unwound (poisoned), and its address space may be half
+                // changed: the VM is not torn down (see `teardown`).
+                let report = ran.unwrap_or_else(|payload| {
+                    thread_ctl.in_guest.store(false, Ordering::SeqCst);
+                    let why = shared
+                        .panic_of(id)
+                        .unwrap_or_else(|| payload_text(&*payload));
+                    VcpuReport::failed(id, program, Outcome::Error(format!("panicked: {why}")))
+                });
+                thread_ctl.mark_ended(report.join_status());
+                shared.machine.hooks.set_ended(id);
+                let _ = events.send(Event::Ended(Box::new(report)));
+            })
+            .map_err(|e| {
+                if let Some(mm) = unspawned_mm.upgrade() {
+                    mm.mmput();
                 }
-            }));
-            // A panic (a bug in the VMM or the mm model, or a `panic`
-            // rule) ends this vCPU in an error, like any VMM error, and
-            // the process goes on. The locks it held were released as
-            // it unwound (poisoned), and its address space may be half
-            // changed: the VM is not torn down (see `teardown`).
-            let report = ran.unwrap_or_else(|payload| {
-                thread_ctl.in_guest.store(false, Ordering::SeqCst);
-                let why = shared
-                    .panic_of(id)
-                    .unwrap_or_else(|| payload_text(&*payload));
-                VcpuReport::failed(id, program, Outcome::Error(format!("panicked: {why}")))
-            });
-            thread_ctl.mark_ended(report.join_status());
-            shared.machine.hooks.set_ended(id);
-            let _ = events.send(Event::Ended(Box::new(report)));
-            // The thread outlives this run: it keeps nothing of it.
-            crate::cpu::set_current(None);
-            VCPU_SHARED.with(|s| *s.borrow_mut() = Weak::new());
-        });
-        let (worker, done) = this.shell.run_on_vcpu_thread(id, job).map_err(|e| {
-            if let Some(mm) = unspawned_mm.upgrade() {
-                mm.mmput();
-            }
-            SpawnError::Thread(e)
-        })?;
-        slots.push(VcpuSlot { ctl, worker, done });
+                SpawnError::Thread(e)
+            })?;
+        slots.push(VcpuSlot { ctl, thread });
         Ok(id)
     }
 
@@ -235,9 +232,8 @@ impl Shared {
             return false;
         };
         slot.ctl.requests.fetch_or(bits, Ordering::AcqRel);
-        // A vCPU whose run ended leaves its thread idle: the signal finds
-        // no `KVM_RUN` to interrupt there and does nothing.
-        let _ = slot.worker.thread().kill(kick::kick_signal());
+        // A thread that already ended cannot be signalled; nothing to do then.
+        let _ = slot.thread.kill(kick::kick_signal());
         true
     }
 }

@@ -32,14 +32,25 @@
 //!   as new), then general, FPU and event state are set as for a new one
 //!   (no exception or interrupt pending).
 //!
+//! - **Threads**: each run starts new host threads for its vCPUs. Keeping
+//!   one thread per vCPU id across runs was tried (it would spare thread
+//!   creation, and on kernels before 6.11 the `synchronize_rcu` KVM does
+//!   when a vCPU is run by a new thread): on PVM it brought back runs in
+//!   which a vCPU and the VMM saw different memory for the same page
+//!   (`cowlab run wp-copy-reuse-aba --policy linux-5.8 --runs 200`: 97
+//!   runs `unreachable`, a fork child "faulting" at the program's entry
+//!   on a stack it never had, i.e. its mailbox read stale), memslot
+//!   deletion notwithstanding; with a new thread per run, 0 of 300 under
+//!   two CPU hogs. Not understood further (PVM appears to flush a vCPU's
+//!   hardware translations when it moves to another thread, and not all
+//!   of them otherwise).
+//!
 //! A shell is only reused if its run ended cleanly: every vCPU thread
 //! joined with its fd given back, no vCPU thread panicked, no reset
 //! failed. Anything else and it is closed like any VM.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, CpuId};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -90,39 +101,6 @@ impl Key {
     }
 }
 
-/// What a vCPU's thread runs for one run (`Shared::spawn`).
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
-
-/// The host thread of one vCPU id, kept with the shell: every `KVM_RUN`
-/// of a vCPU fd comes from the same thread, run after run. KVM notes the
-/// thread that runs a vCPU, and before Linux 6.11 a vCPU run from a new
-/// thread waited for an RCU grace period (`synchronize_rcu` in
-/// `kvm_vcpu_ioctl`'s `KVM_RUN`); a thread per run also costs its own
-/// creation. The thread takes jobs until its shell is gone.
-pub(crate) struct Worker {
-    jobs: Sender<Job>,
-    thread: JoinHandle<()>,
-}
-
-impl Worker {
-    fn start(id: usize) -> std::io::Result<Worker> {
-        let (jobs, rx) = channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                for job in rx {
-                    job();
-                }
-            })?;
-        Ok(Worker { jobs, thread })
-    }
-
-    /// The thread, to be signalled (the kick).
-    pub(crate) fn thread(&self) -> &JoinHandle<()> {
-        &self.thread
-    }
-}
-
 /// A vCPU of the shell: its fd while no run uses it, and the special
 /// registers KVM gave it when it was created.
 struct VcpuEntry {
@@ -139,8 +117,6 @@ pub(crate) struct Shell {
     pub(crate) cpuid: CpuId,
     /// By vCPU id; `None` for an id never created.
     vcpus: Mutex<Vec<Option<VcpuEntry>>>,
-    /// The vCPU threads, by id.
-    workers: Mutex<Vec<Option<Arc<Worker>>>>,
     /// Something went wrong that a reset may not undo: never reuse.
     spoiled: AtomicBool,
     /// This shell came from an earlier run (for the bench and tests).
@@ -190,46 +166,11 @@ impl Shell {
             mem,
             cpuid,
             vcpus: Mutex::new(Vec::new()),
-            workers: Mutex::new(Vec::new()),
             spoiled: AtomicBool::new(false),
             reused: false,
         };
         shell.set_slot(shell.mem.size())?;
         Ok(Arc::new(shell))
-    }
-
-    /// Runs `job` on vCPU `id`'s thread (started the first time). Returns
-    /// the thread and a receiver that gets `()` once the job has returned
-    /// (it is dropped unanswered if the thread died).
-    pub(crate) fn run_on_vcpu_thread(
-        &self,
-        id: usize,
-        job: Job,
-    ) -> std::io::Result<(Arc<Worker>, Receiver<()>)> {
-        let mut workers = lock(&self.workers);
-        if workers.len() <= id {
-            workers.resize_with(id + 1, || None);
-        }
-        let worker = match &workers[id] {
-            Some(w) => Arc::clone(w),
-            None => {
-                let w = Arc::new(Worker::start(id)?);
-                workers[id] = Some(Arc::clone(&w));
-                w
-            }
-        };
-        let (done_tx, done) = channel();
-        let job: Job = Box::new(move || {
-            job();
-            let _ = done_tx.send(());
-        });
-        if worker.jobs.send(job).is_err() {
-            // The thread is gone (it cannot be: jobs catch their panics).
-            workers[id] = None;
-            self.spoiled.store(true, Ordering::Relaxed);
-            return Err(std::io::Error::other("the vCPU thread is gone"));
-        }
-        Ok((worker, done))
     }
 
     /// Whether this shell ran an earlier run.

@@ -424,7 +424,7 @@ impl Drop for Vm {
         let slots = std::mem::take(&mut *self.shared.slots());
         let mut joined = true;
         for (id, slot) in slots.into_iter().enumerate() {
-            joined &= !self.live.contains(&id) && slot.done.recv().is_ok();
+            joined &= !self.live.contains(&id) && slot.thread.join().is_ok();
         }
         // Every vCPU thread is gone with its fd given back: the next run
         // may use this VM, reset (a panic leaves it to be closed).
