@@ -134,6 +134,35 @@ fn a_tiny_tlb_evicts_and_refaults_but_stays_correct() {
 }
 
 #[test]
+fn tlb_fault_around_fills_neighbours_and_mm_verify_stays_clean() {
+    // bench-fork: the parent touches 64 pages, forks (its TLB is flushed),
+    // then writes each page: every write is a COW fault. With fault-around,
+    // each fault's fill also caches the group's other present (read-only,
+    // shared) pages, so fills outnumber faults; without, they do not.
+    let pages = 64;
+    let fills_beyond_faults = |group| {
+        let policy = cowlab::policy::Policy {
+            tlb_fault_around: cowlab::policy::FaultAround::pages(group).unwrap(),
+            ..Default::default()
+        };
+        // `run` checks mm_verify (TLB entries against PTEs) at the end.
+        let report = run(VmConfig {
+            policy,
+            ..program(Program::BenchFork, pages)
+        });
+        assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+        let parent = &report.vcpus[0];
+        assert!(parent.faults >= 2 * pages, "faults: {}", parent.faults);
+        parent.fills as i64 - parent.faults as i64
+    };
+    let off = fills_beyond_faults(1);
+    assert!(off <= 0, "without fault-around, {off} fills beyond faults");
+    let on = fills_beyond_faults(8);
+    // 7 neighbours per group of 8 in the COW phase, less what was racing.
+    assert!(on >= 7 * (pages as i64 / 8) / 2, "with fault-around: {on}");
+}
+
+#[test]
 fn running_out_of_guest_frames_is_an_oom_outcome() {
     let frames = (cowlab::kvm::MIN_MEM_MIB << 20) / cowlab_abi::layout::PAGE_SIZE;
     let report = run(VmConfig {
