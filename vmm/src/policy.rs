@@ -249,8 +249,8 @@ knobs! {
     wp_copy_recheck_exclusive: bool, "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy";
     /// Most translations one TLB holds (None = unlimited).
     tlb_capacity: Option<usize>, "cowlab: a small TLB evicts random entries";
-    /// A TLB fill also caches the neighbours the logical table permits, in
-    /// the aligned group of this many pages (cowlab's TLB-caching model,
+    /// A TLB fill also caches the neighbours whose logical PTE permits the
+    /// faulting access, in the aligned group of this many pages (cowlab's TLB-caching model,
     /// see `Mm::tlb_fill`; not Linux's fault-around).
     tlb_fault_around: FaultAround, "cowlab: a fill caches the aligned group's valid neighbours (TLB model)";
 }

@@ -135,12 +135,12 @@ fn a_tiny_tlb_evicts_and_refaults_but_stays_correct() {
 
 #[test]
 fn tlb_fault_around_fills_neighbours_and_mm_verify_stays_clean() {
-    // bench-fork: the parent touches 64 pages, forks (its TLB is flushed),
-    // then writes each page: every write is a COW fault. With fault-around,
-    // each fault's fill also caches the group's other present (read-only,
-    // shared) pages, so fills outnumber faults; without, they do not.
-    let pages = 64;
-    let fills_beyond_faults = |group| {
+    // mm-threads: after joining its 2 workers, vCPU 0 reads the 16 pages
+    // they wrote, present in the page table but not in its TLB. With
+    // fault-around, each read fault's fill also caches the group's other
+    // present pages, so vCPU 0 fills more pages than it faults and faults
+    // less; without, every fault is one fill.
+    let faults_and_fills = |group| {
         let policy = cowlab::policy::Policy {
             tlb_fault_around: cowlab::policy::FaultAround::pages(group).unwrap(),
             ..Default::default()
@@ -148,18 +148,19 @@ fn tlb_fault_around_fills_neighbours_and_mm_verify_stays_clean() {
         // `run` checks mm_verify (TLB entries against PTEs) at the end.
         let report = run(VmConfig {
             policy,
-            ..program(Program::BenchFork, pages)
+            ..program(Program::MmThreads, 0)
         });
         assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
-        let parent = &report.vcpus[0];
-        assert!(parent.faults >= 2 * pages, "faults: {}", parent.faults);
-        parent.fills as i64 - parent.faults as i64
+        let v0 = &report.vcpus[0];
+        (v0.faults, v0.fills)
     };
-    let off = fills_beyond_faults(1);
-    assert!(off <= 0, "without fault-around, {off} fills beyond faults");
-    let on = fills_beyond_faults(8);
-    // 7 neighbours per group of 8 in the COW phase, less what was racing.
-    assert!(on >= 7 * (pages as i64 / 8) / 2, "with fault-around: {on}");
+    let (faults_off, fills_off) = faults_and_fills(1);
+    assert_eq!(fills_off, faults_off, "without fault-around");
+    let (faults_on, fills_on) = faults_and_fills(8);
+    assert!(
+        fills_on >= faults_on + 8 && faults_on + 8 <= faults_off,
+        "with fault-around: {faults_on} faults, {fills_on} fills; without: {faults_off} faults"
+    );
 }
 
 #[test]

@@ -92,7 +92,8 @@ impl Mm {
     /// respect to shootdowns, as a walk is within one instruction.
     ///
     /// With the `tlb_fault_around` knob above 1, the same walk also caches
-    /// the other pages of the aligned group the logical table has present
+    /// the other pages of the aligned group whose logical PTE permits
+    /// `access`
     /// ([`ShadowTlb::fill_around`](super::tlb::ShadowTlb::fill_around)):
     /// a TLB-caching model, not Linux's `do_fault_around()` (which maps
     /// page-cache pages of file VMAs; anonymous faults map one page). A
@@ -133,7 +134,12 @@ impl Mm {
             self.m.policy.tlb_fault_around.get(),
             self.m.policy.tlb_capacity,
             |n| {
-                let pte = pagetable::lookup(mem, self.pgd, n)?;
+                // Only neighbours the faulting access could use as they are:
+                // after a write fault, a read-only (say COW-shared)
+                // neighbour would mostly be replaced by its own write fault,
+                // and replacing an entry costs a revoke.
+                let pte =
+                    pagetable::lookup(mem, self.pgd, n).filter(|pte| pte_permits(*pte, access))?;
                 let frame = pte & bits::ADDR_MASK;
                 Some(user_pte(frame, pte & bits::WRITABLE != 0))
             },

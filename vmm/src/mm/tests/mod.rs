@@ -457,7 +457,14 @@ fn fault_around_fills_present_neighbours_and_shootdowns_still_reach_them() {
             access(&mm, 1, a + 5 * PAGE_SIZE, Some(9)),
             Err(FaultError::Segv)
         );
-        assert_clean(&mm, &[0, 1]);
+        // A write fault caches only neighbours it could write: not page 5,
+        // now read-only.
+        attach(&mm, 2);
+        access(&mm, 2, a + 4 * PAGE_SIZE, Some(40)).unwrap();
+        assert_eq!(held(2, 6), group > 1);
+        assert!(!held(2, 5));
+        assert_clean(&mm, &[0, 1, 2]);
+        detach(&mm, 2);
         detach(&mm, 0);
         detach(&mm, 1);
         drop(mm);
