@@ -127,7 +127,9 @@ impl Mm {
             self.m.policy.tlb_capacity,
         )?;
         let mem = &*self.m.mem;
-        let around = tlb.fill_around(
+        // The logical PTE of each neighbour cached, for the trace.
+        let mut around = Vec::new();
+        tlb.fill_around(
             mem,
             self.m.frames.pool(),
             page,
@@ -140,6 +142,7 @@ impl Mm {
                 // and replacing an entry costs a revoke.
                 let pte =
                     pagetable::lookup(mem, self.pgd, n).filter(|pte| pte_permits(*pte, access))?;
+                around.push((n, pte));
                 let frame = pte & bits::ADDR_MASK;
                 Some(user_pte(frame, pte & bits::WRITABLE != 0))
             },
@@ -150,8 +153,8 @@ impl Mm {
             for victim in evicted {
                 t.emit(Kind::Evict, &[victim], "");
             }
-            for (n, entry) in around {
-                t.emit(Kind::Fill, &[n, entry], "");
+            for (n, pte) in around {
+                t.emit(Kind::Fill, &[n, pte], "");
             }
         }
         let _ = self.m.hooks.at(Point::FaultFill, Some(cpu), Some(page));

@@ -143,7 +143,8 @@ impl ShadowTlb {
     /// Caches, besides `page` (just filled), the other pages of its
     /// naturally aligned group of `group` pages whose translation
     /// `translation` gives (a user PTE, or `None` if the logical table
-    /// does not permit caching one). Never replaces an
+    /// does not permit caching one; it is asked only about pages it then
+    /// caches). Never replaces an
     /// entry the TLB holds (a stale entry stays as stale as it was), never
     /// evicts: with `capacity`, it stops when the TLB is full. Returns each
     /// page cached with the entry installed.
