@@ -5,7 +5,7 @@ use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
+use cowlab_abi::layout::{DOORBELL_VA, PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use cowlab_abi::{prot, Hypercall, Program, MADV_DONTNEED, MPROTECT_DEFER_FLUSH};
 
 use crate::rt::{self, area_read, hypercall, println};
@@ -53,7 +53,15 @@ pub extern "C" fn _start() -> ! {
                 fault_with_fixup();
             }
         }),
-        Some(Program::BenchTouch) => {
+        Some(Program::BenchDoorbell) => bench(|| {
+            for _ in 0..arg {
+                // SAFETY: the doorbell page is mapped for the whole run; the
+                // write is an exit the VMM answers (a Nop) before we go on.
+                unsafe { write_volatile(DOORBELL_VA as *mut u32, Hypercall::Nop as u32) };
+            }
+        }),
+        // The VMM gave this program the minimal #PF stub (FloorStubs).
+        Some(Program::BenchTouch | Program::BenchTouchMinimal) => {
             let base = map(arg.max(1));
             bench(|| touch(base, arg))
         }

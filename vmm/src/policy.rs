@@ -119,6 +119,44 @@ impl KnobValue for Option<usize> {
     }
 }
 
+/// How many pages a TLB fill caches at once: the naturally aligned group
+/// of this many pages around the faulting page (1: the faulting page only).
+/// A power of two, at most 512 (one page table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultAround(u32);
+
+impl FaultAround {
+    /// The faulting page only.
+    pub const OFF: FaultAround = FaultAround(1);
+    /// The aligned group of 8: what PVM's own refault prefetches.
+    pub const GROUP_OF_8: FaultAround = FaultAround(8);
+
+    /// A group of `pages` pages, if it is a power of two of at most 512.
+    pub const fn pages(pages: u32) -> Option<FaultAround> {
+        if pages.is_power_of_two() && pages <= 512 {
+            Some(FaultAround(pages))
+        } else {
+            None
+        }
+    }
+
+    /// The group's size in pages.
+    pub fn get(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+impl KnobValue for FaultAround {
+    const VALUES: &'static str = "1|2|4|8|16|32|64|128|256|512";
+    const EXPECTED: &'static str = "a power of two from 1 (off) to 512";
+    fn parse(value: &str) -> Option<Self> {
+        FaultAround::pages(value.parse().ok()?)
+    }
+    fn show(&self) -> String {
+        self.0.to_string()
+    }
+}
+
 /// A `--set` that cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -211,6 +249,10 @@ knobs! {
     wp_copy_recheck_exclusive: bool, "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy";
     /// Most translations one TLB holds (None = unlimited).
     tlb_capacity: Option<usize>, "cowlab: a small TLB evicts random entries";
+    /// A TLB fill also caches the neighbours whose logical PTE permits the
+    /// faulting access, in the aligned group of this many pages (cowlab's TLB-caching model,
+    /// see `Mm::tlb_fill`; not Linux's fault-around).
+    tlb_fault_around: FaultAround, "cowlab: a fill caches the aligned group's valid neighbours (TLB model)";
 }
 
 /// The presets, newest first, with what each stands for.
@@ -252,6 +294,7 @@ impl Policy {
         uffd_wp_flush_before_copy: true,
         wp_copy_recheck_exclusive: false,
         tlb_capacity: None,
+        tlb_fault_around: FaultAround::GROUP_OF_8,
     };
 
     /// The preset `name`, if there is one.

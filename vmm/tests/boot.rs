@@ -117,7 +117,17 @@ fn every_touched_page_is_forwarded_exactly_once() {
             v.id
         );
         assert_eq!(v.faults as usize, v.fault_addrs.len());
-        assert_eq!(v.fills, v.faults, "every fault here ends in a fill");
+        // Every fault here ends in a fill; fault-around (tlb_fault_around,
+        // default 8) adds the present pages of an aligned group this
+        // thread shares with the other one's pages (the two mmaps are
+        // neighbours): at most 7 for each of the region's two ends.
+        assert!(
+            v.fills >= v.faults && v.fills - v.faults <= 14,
+            "vcpu {}: {} fills for {} faults",
+            v.id,
+            v.fills,
+            v.faults
+        );
     }
     // exit_mmap() at the last thread's exit freed every page.
     assert_eq!(report.user_pages, 0);

@@ -134,6 +134,36 @@ fn a_tiny_tlb_evicts_and_refaults_but_stays_correct() {
 }
 
 #[test]
+fn tlb_fault_around_fills_neighbours_and_mm_verify_stays_clean() {
+    // mm-threads: after joining its 2 workers, vCPU 0 reads the 16 pages
+    // they wrote, present in the page table but not in its TLB. With
+    // fault-around, each read fault's fill also caches the group's other
+    // present pages, so vCPU 0 fills more pages than it faults and faults
+    // less; without, every fault is one fill.
+    let faults_and_fills = |group| {
+        let policy = cowlab::policy::Policy {
+            tlb_fault_around: cowlab::policy::FaultAround::pages(group).unwrap(),
+            ..Default::default()
+        };
+        // `run` checks mm_verify (TLB entries against PTEs) at the end.
+        let report = run(VmConfig {
+            policy,
+            ..program(Program::MmThreads, 0)
+        });
+        assert_eq!(report.exit_code(), exit_code::OK, "{:?}", report.problems());
+        let v0 = &report.vcpus[0];
+        (v0.faults, v0.fills)
+    };
+    let (faults_off, fills_off) = faults_and_fills(1);
+    assert_eq!(fills_off, faults_off, "without fault-around");
+    let (faults_on, fills_on) = faults_and_fills(8);
+    assert!(
+        fills_on >= faults_on + 8 && faults_on + 8 <= faults_off,
+        "with fault-around: {faults_on} faults, {fills_on} fills; without: {faults_off} faults"
+    );
+}
+
+#[test]
 fn running_out_of_guest_frames_is_an_oom_outcome() {
     let frames = (cowlab::kvm::MIN_MEM_MIB << 20) / cowlab_abi::layout::PAGE_SIZE;
     let report = run(VmConfig {

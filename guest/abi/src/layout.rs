@@ -74,6 +74,10 @@ pub mod area {
     pub const BOOT_STACK_TOP: u64 = 0x8000;
     /// Tops of the interrupt stacks, indexed by IST number - 1.
     pub const IST_TOPS: [u64; 4] = [0xc000, 0x1_0000, 0x1_4000, 0x1_8000];
+    /// The #PF stub's exception frame while it waits in its exit: error
+    /// code, RIP, CS, RFLAGS, RSP, SS, pushed by the CPU at the top of the
+    /// #PF IST stack (16-byte aligned, so at a fixed place).
+    pub const PF_FRAME: u64 = IST_TOPS[super::ist::PAGE_FAULT as usize - 1] - 6 * 8;
 }
 
 /// IST numbers (1-based, as in the IDT gate) of the interrupt stacks. Every

@@ -7,7 +7,8 @@
 //!
 //! A hypercall is one exit carrying `Hypercall as u32`; its arguments and
 //! result travel through the calling vCPU's [`VcpuArea`]. The CPL-0 stubs
-//! exit with `out dx, eax` to [`HYPERCALL_PORT`]; the program, at CPL 3,
+//! exit with `out dx, eax` to [`HYPERCALL_PORT`] (the #PF stub with a bare
+//! `out` to [`FAULT_PORT`]); the program, at CPL 3,
 //! writes the number to the doorbell page ([`layout::DOORBELL_VA`], an
 //! MMIO page): on this host (PVM) port I/O from CPL 3 raises #GP in the
 //! guest instead of exiting, while an MMIO write exits directly.
@@ -21,6 +22,12 @@ pub use program::Program;
 
 /// The I/O port the CPL-0 stubs write a hypercall number to.
 pub const HYPERCALL_PORT: u16 = 0x0c0;
+
+/// The I/O port of the #PF stub's exit ([`Hypercall::PageFault`]): any
+/// `out` to it, whatever its size and data (the stub does `out imm8, al`,
+/// which needs no register of its own). Below 0x100 so the immediate form
+/// reaches it.
+pub const FAULT_PORT: u16 = 0x0c1;
 
 /// Interrupt vector of the TLB-flush IPI (docs/design.md §4). Its handler reloads
 /// CR3 and acknowledges with [`Hypercall::FlushAck`].
@@ -36,8 +43,12 @@ pub enum Hypercall {
     Console = 2,
     /// The thread ends with status `hcall.args[0]` (0 = success).
     Exit = 3,
-    /// A #PF: `fault.cr2`, `fault.error_code`, `fault.rip` are valid; the VMM
-    /// answers in `fault.result`.
+    /// A #PF, forwarded by the #PF stub's `out` to [`FAULT_PORT`] (never
+    /// through the doorbell): the VMM reads CR2 from the vCPU's special
+    /// registers, which `KVM_RUN` copies out with every exit
+    /// (`KVM_SYNC_X86_SREGS`), and the error code and RIP from the
+    /// exception frame on the #PF IST stack
+    /// ([`layout::area::PF_FRAME`]); it answers in `fault.result`.
     PageFault = 4,
     /// An exception the runtime does not handle: `crash` is valid. Never resumed.
     Crash = 5,
@@ -166,8 +177,13 @@ pub mod pf_error {
 }
 
 /// `fault.result` values: what the #PF stub does when the VMM returns.
+/// Only 0 (a plain retry) takes the stub's fast path (`add rsp, 8; iretq`);
+/// anything else takes its slow path.
 pub mod fault_result {
-    /// The translation was installed: `invlpg` the address and retry.
+    /// The translation was installed: retry the access. No `invlpg`: a #PF
+    /// already invalidates the faulting address's TLB entries (Intel SDM
+    /// vol. 3 §4.10.4.1), and the VMM's removals revoke the host's copies
+    /// (docs/architecture.md §4).
     pub const RETRY: u64 = 0;
     /// Unresolvable, and the guest armed `fixup_rip`: resume there instead
     /// (a one-entry exception table, like Linux's `fixup_exception`).
@@ -204,6 +220,24 @@ pub struct BootHeader {
 /// "COWLAB01": identifies a [`BootHeader`] of this ABI version.
 pub const BOOT_HEADER_MAGIC: u64 = u64::from_le_bytes(*b"COWLAB01");
 
+/// Stubs only the floor benchmarks use, right after the [`BootHeader`] in
+/// the image (`IMAGE_PHYS + size_of::<BootHeader>()`), identified by
+/// [`FLOOR_STUBS_MAGIC`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FloorStubs {
+    /// [`FLOOR_STUBS_MAGIC`].
+    pub magic: u64,
+    /// The smallest #PF stub that forwards a fault and retries the access:
+    /// `out` to [`FAULT_PORT`]; `add rsp, 8`; `iretq`. It ignores
+    /// `fault.result` (no fixup, kill or piggybacked flush), so only
+    /// [`Program::BenchTouchMinimal`] runs with it.
+    pub page_fault_minimal: u64,
+}
+
+/// "COWFLOOR": identifies [`FloorStubs`].
+pub const FLOOR_STUBS_MAGIC: u64 = u64::from_le_bytes(*b"COWFLOOR");
+
 /// Software-interrupt vector, callable from CPL 3, that makes the vCPU
 /// triple-fault (for the `triple-fault` program).
 pub const TRIPLE_FAULT_VECTOR: u8 = 0x81;
@@ -216,13 +250,12 @@ pub struct HcallBox {
     pub ret: u64,
 }
 
-/// Page-fault mailbox, written by the #PF stub only.
+/// Page-fault mailbox: the VMM's answer to a forwarded #PF. (The stub
+/// writes nothing: CR2 comes with the exit's registers, the error code and
+/// RIP from its exception frame.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FaultBox {
-    pub cr2: u64,
-    pub error_code: u64,
-    pub rip: u64,
     /// One of [`fault_result`], written by the VMM.
     pub result: u64,
 }
@@ -288,9 +321,6 @@ pub mod area_offset {
     pub const FLUSH_AGAIN: usize = offset_of!(VcpuArea, flush_again);
     pub const KILL_RIP: usize = offset_of!(VcpuArea, kill_rip);
     pub const KILL_RSP: usize = offset_of!(VcpuArea, kill_rsp);
-    pub const FAULT_CR2: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, cr2);
-    pub const FAULT_ERROR: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, error_code);
-    pub const FAULT_RIP: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, rip);
     pub const FAULT_RESULT: usize = offset_of!(VcpuArea, fault) + offset_of!(FaultBox, result);
     pub const CRASH_VECTOR: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, vector);
     pub const CRASH_ERROR: usize = offset_of!(VcpuArea, crash) + offset_of!(CrashBox, error_code);

@@ -76,6 +76,12 @@ pub enum Program {
     /// that much memory), then writes each page once between marks 3 and
     /// 4 while the child waits (copy-on-write faults in the parent).
     BenchFork = 26,
+    /// `arg` bare doorbell writes (the MMIO write alone: no arguments, no
+    /// result) between two marks: the floor of `BenchPio`.
+    BenchDoorbell = 27,
+    /// `BenchTouch` with the minimal #PF stub (`FloorStubs`): the floor of
+    /// a forwarded fault that installs a page.
+    BenchTouchMinimal = 28,
 }
 
 /// Name, program and one-line description of every built-in program.
@@ -201,6 +207,16 @@ pub const PROGRAMS: &[(&str, Program, &str)] = &[
         "bench-fork",
         Program::BenchFork,
         "fork of a process with ARG touched pages, then ARG COW faults",
+    ),
+    (
+        "bench-doorbell",
+        Program::BenchDoorbell,
+        "ARG bare doorbell writes (hypercall floor)",
+    ),
+    (
+        "bench-touch-minimal",
+        Program::BenchTouchMinimal,
+        "ARG first-touch faults through the minimal #PF stub (fault floor)",
     ),
 ];
 

@@ -1,7 +1,10 @@
 //! The host's limits: VM start, exit and #PF forward round trips, first
 //! touch (with and without a trace), TLB fill, mprotect with shootdowns,
 //! native stores, kick and IPI round trips, each from real vCPUs running
-//! the built-in benchmark programs.
+//! the built-in benchmark programs; and the floors two of them are
+//! compared with in the same run: the bare doorbell (`bench-doorbell`) for
+//! the hypercall, the minimal-stub fault forward (`bench-touch-minimal`)
+//! for the first-touch fault.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -124,11 +127,19 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
         }
         Ok(v)
     };
-    let pio = per_op(Program::BenchPio)?;
-    let fault = per_op(Program::BenchFault)?;
-    // First-touch faults without and with a trace recorded, alternating.
-    let (mut touch, mut traced) = (Vec::new(), Vec::new());
+    // Each figure and its floor alternate, round by round, so both see the
+    // same load.
+    let (mut pio, mut doorbell) = (Vec::new(), Vec::new());
     for _ in 0..opts.rounds {
+        doorbell.push(marked_round(opts, Program::BenchDoorbell)?.0);
+        pio.push(marked_round(opts, Program::BenchPio)?.0);
+    }
+    let fault = per_op(Program::BenchFault)?;
+    // First-touch faults through the minimal stub, through cowlab's stub,
+    // and through cowlab's stub with a trace recorded, alternating.
+    let (mut minimal, mut touch, mut traced) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..opts.rounds {
+        minimal.push(marked_round(opts, Program::BenchTouchMinimal)?.0);
         touch.push(marked_round(opts, Program::BenchTouch)?.0);
         // Recorded as for a file, the bytes then thrown away.
         let recorder = crate::trace::Recorder::discarding();
@@ -180,6 +191,11 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             boot,
         ),
         (
+            "doorbell_floor",
+            "floor of a hypercall: the doorbell MMIO write alone (no arguments, no result) → VMM → program",
+            doorbell,
+        ),
+        (
             "exit_round_trip",
             "hypercall round trip from the program (doorbell MMIO write → VMM → program)",
             pio,
@@ -188,6 +204,11 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             "pf_forward_round_trip",
             "#PF → stub → exit → VMM decision → iretq (no mapping)",
             fault,
+        ),
+        (
+            "pf_minimal_forward",
+            "floor of a fault: first touch through the minimal #PF stub (out; add rsp,8; iretq) + demand-zero frame + shadow fill",
+            minimal,
         ),
         (
             "first_touch_fault",

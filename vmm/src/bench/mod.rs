@@ -150,6 +150,13 @@ pub fn table(rows: &[Measurement]) -> String {
     out
 }
 
+/// Figures and the floors `cowlab bench` measures them against (issue 17:
+/// each within 1.1× of its floor; reported, never asserted).
+pub const FLOORS: [(&str, &str); 2] = [
+    ("exit_round_trip", "doorbell_floor"),
+    ("first_touch_fault", "pf_minimal_forward"),
+];
+
 /// Everything one `cowlab bench` measured.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -181,10 +188,17 @@ impl Report {
         Some(forced.stat.median_us / m.stat.median_us)
     }
 
-    /// cowlab's fault costs over the #PF forward round trip (the exit no
-    /// fault can avoid), and the trace's cost over the untraced fault.
+    /// Each figure over its floor measured in the same run (the targets:
+    /// ≤ 1.1×), cowlab's fault costs over the #PF forward round trip (the
+    /// exit no fault can avoid), and the trace's cost over the untraced
+    /// fault.
     pub fn ratios(&self) -> Vec<(String, f64)> {
         let mut out = Vec::new();
+        for (figure, floor) in FLOORS {
+            if let (Some(x), Some(f)) = (self.limit(figure), self.limit(floor)) {
+                out.push((format!("{figure} / {floor} (target ≤ 1.1×)"), x / f));
+            }
+        }
         if let Some(fwd) = self.limit("pf_forward_round_trip") {
             for name in ["first_touch_fault", "tlb_fill_fault"] {
                 if let Some(x) = self.limit(name) {
@@ -338,6 +352,43 @@ mod tests {
             what: "",
             stat: Stat::of(vec![median_us]).unwrap(),
         }
+    }
+
+    #[test]
+    fn figures_are_shown_as_ratios_to_their_floors() {
+        let report = Report {
+            limits: vec![
+                row("doorbell_floor", 50.0),
+                row("exit_round_trip", 55.0),
+                row("pf_minimal_forward", 80.0),
+                row("first_touch_fault", 100.0),
+            ],
+            versus: Vec::new(),
+            litmus: Vec::new(),
+            explore: Vec::new(),
+        };
+        let ratios = report.ratios();
+        let get = |name: &str| ratios.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
+        assert_eq!(
+            get("exit_round_trip / doorbell_floor (target ≤ 1.1×)"),
+            Some(1.1)
+        );
+        assert_eq!(
+            get("first_touch_fault / pf_minimal_forward (target ≤ 1.1×)"),
+            Some(1.25)
+        );
+        let text = report.text();
+        assert!(
+            text.contains("first_touch_fault / pf_minimal_forward (target ≤ 1.1×)")
+                && text.contains("1.25×"),
+            "{text}"
+        );
+        // Without its floor a figure gets no ratio.
+        let alone = Report {
+            limits: vec![row("exit_round_trip", 55.0)],
+            ..report
+        };
+        assert!(alone.ratios().is_empty(), "{:?}", alone.ratios());
     }
 
     #[test]

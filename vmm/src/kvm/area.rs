@@ -7,8 +7,10 @@ use std::mem::offset_of;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use cowlab_abi::layout::{area, kernel_va, user_stack_top, VCPU_AREA_SIZE};
-use cowlab_abi::{BootHeader, Program, VcpuArea, CONSOLE_LEN};
+use cowlab_abi::layout::{
+    area, kernel_va, user_stack_top, IMAGE_PHYS, VCPU_AREAS_PHYS, VCPU_AREA_SIZE,
+};
+use cowlab_abi::{BootHeader, FloorStubs, Program, VcpuArea, CONSOLE_LEN, FLOOR_STUBS_MAGIC};
 
 use super::arch;
 use super::error::VcpuError;
@@ -61,12 +63,14 @@ impl Mailbox {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// The #PF the stub forwarded (`PageFault`).
-    pub(crate) fn fault(&self) -> ForwardedFault {
+    /// The #PF the stub forwarded (`PageFault`) at `cr2` (from the exit's
+    /// special registers): the error code and RIP are in the exception
+    /// frame the CPU pushed on the #PF IST stack, where the stub waits.
+    pub(crate) fn fault(&self, cr2: u64) -> ForwardedFault {
         ForwardedFault {
-            addr: self.read(offset_of!(VcpuArea, fault.cr2)),
-            error_code: self.read(offset_of!(VcpuArea, fault.error_code)),
-            rip: self.read(offset_of!(VcpuArea, fault.rip)),
+            addr: cr2,
+            error_code: self.read(area::PF_FRAME as usize),
+            rip: self.read(area::PF_FRAME as usize + 8),
         }
     }
 
@@ -124,7 +128,11 @@ impl Mailbox {
             mem.word(area_pa + area::GDT + i as u64 * 8)
                 .store(*e, Ordering::Relaxed);
         }
-        for (i, [low, high]) in arch::idt(boot_header).into_iter().enumerate() {
+        let mut header = *boot_header;
+        if program == Program::BenchTouchMinimal {
+            header.page_fault = self.minimal_pf_stub()?;
+        }
+        for (i, [low, high]) in arch::idt(&header).into_iter().enumerate() {
             mem.word(area_pa + area::IDT + i as u64 * 16)
                 .store(low, Ordering::Relaxed);
             mem.word(area_pa + area::IDT + i as u64 * 16 + 8)
@@ -133,6 +141,23 @@ impl Mailbox {
         mem.write(area_pa + area::TSS, &arch::tss(area_va))
             .ok_or(VcpuError::TssOutsideMemory)?;
         Ok(())
+    }
+
+    /// The minimal #PF stub of the image's [`FloorStubs`] (right after its
+    /// boot header), for the fault-floor benchmark; it must lie in the
+    /// image's part of the kernel region.
+    fn minimal_pf_stub(&self) -> Result<u64, VcpuError> {
+        let at = IMAGE_PHYS + size_of::<BootHeader>() as u64;
+        let word = |i: u64| self.mem.word(at + i * 8).load(Ordering::Relaxed);
+        let stubs = FloorStubs {
+            magic: word(0),
+            page_fault_minimal: word(1),
+        };
+        let image = kernel_va(IMAGE_PHYS)..kernel_va(VCPU_AREAS_PHYS);
+        if stubs.magic != FLOOR_STUBS_MAGIC || !image.contains(&stubs.page_fault_minimal) {
+            return Err(VcpuError::NoFloorStubs);
+        }
+        Ok(stubs.page_fault_minimal)
     }
 }
 
@@ -170,10 +195,16 @@ mod tests {
                 ..
             }
         ));
-        m.write(offset_of!(VcpuArea, fault.cr2), 0x1234);
-        m.write(offset_of!(VcpuArea, fault.error_code), 7);
-        assert_eq!(m.fault().addr, 0x1234);
-        assert_eq!(m.fault().error_code, 7);
+        m.write(area::PF_FRAME as usize, 7);
+        m.write(area::PF_FRAME as usize + 8, 0x40_1000);
+        assert_eq!(
+            m.fault(0x1234),
+            ForwardedFault {
+                addr: 0x1234,
+                error_code: 7,
+                rip: 0x40_1000
+            }
+        );
         assert!(!m.fixup_armed());
         m.write(offset_of!(VcpuArea, fixup_rip), 0x4000);
         assert!(m.fixup_armed());

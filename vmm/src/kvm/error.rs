@@ -171,4 +171,6 @@ pub enum VcpuError {
     AreaOutsideMemory,
     #[error("TSS outside memory")]
     TssOutsideMemory,
+    #[error("the guest image has no minimal #PF stub (FloorStubs)")]
+    NoFloorStubs,
 }

@@ -3,7 +3,7 @@
 //! so unit tests can feed them fabricated exits without booting a guest.
 
 use cowlab_abi::layout::DOORBELL_PHYS;
-use cowlab_abi::{Hypercall, HYPERCALL_PORT};
+use cowlab_abi::{Hypercall, FAULT_PORT, HYPERCALL_PORT};
 use kvm_ioctls::VcpuExit;
 
 use super::error::VcpuError;
@@ -18,6 +18,9 @@ pub(super) enum Exit {
     /// A doorbell ring: a 4-byte `out` to [`HYPERCALL_PORT`] or a 4-byte
     /// MMIO write to [`DOORBELL_PHYS`], carrying the hypercall number.
     Hypercall(u32),
+    /// The #PF stub's exit: an `out` of any size to [`FAULT_PORT`]; the
+    /// fault is in CR2 and the stub's exception frame.
+    PageFault,
     /// Any other port I/O (`KVM_EXIT_IO`).
     PortIo(u16),
     /// Any other MMIO (`KVM_EXIT_MMIO`).
@@ -53,6 +56,7 @@ impl Exit {
             Ok(VcpuExit::MmioWrite(DOORBELL_PHYS, data)) if doorbell(data).is_some() => {
                 Exit::Hypercall(doorbell(data).unwrap_or_default())
             }
+            Ok(VcpuExit::IoOut(FAULT_PORT, _)) => Exit::PageFault,
             Ok(VcpuExit::IoOut(port, _)) | Ok(VcpuExit::IoIn(port, _)) => Exit::PortIo(port),
             Ok(VcpuExit::MmioWrite(addr, _)) | Ok(VcpuExit::MmioRead(addr, _)) => Exit::Mmio(addr),
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
@@ -74,6 +78,7 @@ impl Exit {
     pub(super) fn trace_code(&self) -> (ExitReason, u64) {
         match self {
             Exit::Hypercall(nr) => (ExitReason::Hypercall, *nr as u64),
+            Exit::PageFault => (ExitReason::Hypercall, Hypercall::PageFault as u64),
             Exit::IrqWindowOpen | Exit::Interrupted => (ExitReason::Interrupted, 0),
             Exit::Revoked => (ExitReason::Revoked, 0),
             _ => (ExitReason::Other, 0),
@@ -115,7 +120,12 @@ impl ExitHandler {
             self.revoked_streak = 0;
         }
         match exit {
+            Exit::PageFault => Action::Hypercall(Hypercall::PageFault),
             Exit::Hypercall(nr) => match Hypercall::from_u32(*nr) {
+                // Its data (CR2, the frame) exist only in the #PF stub's exit.
+                Some(Hypercall::PageFault) => {
+                    Action::Fail(format!("hypercall {nr} (PageFault) outside the #PF stub"))
+                }
                 Some(call) => Action::Hypercall(call),
                 None => Action::Fail(format!("unknown hypercall {nr}")),
             },
@@ -159,6 +169,9 @@ mod tests {
         for nr in 0..64u32 {
             let data = nr.to_le_bytes();
             let want = match Hypercall::from_u32(nr) {
+                Some(Hypercall::PageFault) => {
+                    Action::Fail(format!("hypercall {nr} (PageFault) outside the #PF stub"))
+                }
                 Some(call) => Action::Hypercall(call),
                 None => Action::Fail(format!("unknown hypercall {nr}")),
             };
@@ -171,6 +184,29 @@ mod tests {
         }
         let exit = Exit::decode(Ok(VcpuExit::MmioWrite(DOORBELL_PHYS, &3u32.to_le_bytes())));
         assert_eq!(exit.unwrap(), Exit::Hypercall(3));
+    }
+
+    #[test]
+    fn any_out_to_the_fault_port_is_the_page_fault_stubs_exit() {
+        // The stub's `out imm8, al` carries one byte of whatever `al` held.
+        for data in [&[0x5au8][..], &[0; 2], &u32::MAX.to_le_bytes()] {
+            let exit = Exit::decode(Ok(VcpuExit::IoOut(FAULT_PORT, data))).unwrap();
+            assert_eq!(exit, Exit::PageFault);
+            assert_eq!(
+                ExitHandler::default().decide(&exit),
+                Action::Hypercall(Hypercall::PageFault)
+            );
+            assert_eq!(
+                exit.trace_code(),
+                (ExitReason::Hypercall, Hypercall::PageFault as u64)
+            );
+        }
+        // A read from it is no fault.
+        let mut buf = [0u8; 1];
+        assert!(matches!(
+            decide(Ok(VcpuExit::IoIn(FAULT_PORT, &mut buf))),
+            Action::Fail(_)
+        ));
     }
 
     #[test]

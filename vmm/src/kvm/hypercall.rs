@@ -216,7 +216,9 @@ impl Vcpu {
     /// A forwarded #PF: the memory manager resolves it and fills this
     /// CPU's TLB, or the thread ends (SIGSEGV, OOM).
     fn page_fault(&mut self) -> Flow {
-        let fault = self.area.fault();
+        // CR2 as `KVM_RUN` copied it out with this exit (`KVM_SYNC_X86_SREGS`,
+        // see `Vcpu::run_loop`): no `KVM_GET_SREGS` on the fault path.
+        let fault = self.area.fault(self.fd.sync_regs().sregs.cr2);
         let access = Access::from_error_code(fault.error_code);
         let addr = fault.addr;
         self.faults += 1;

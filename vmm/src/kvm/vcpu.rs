@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::kvm_fpu;
+use kvm_ioctls::SyncReg;
 
 use cowlab_abi::layout::{kernel_va, user_stack_top, vcpu_area_phys, USER_STACK_SIZE};
 use cowlab_abi::{fault_result, Program, VcpuArea, FLUSH_VECTOR};
@@ -211,6 +212,9 @@ impl Vcpu {
 
     fn run_loop(&mut self) -> Outcome {
         let mut handler = ExitHandler::default();
+        // Every exit brings the special registers: a forwarded #PF reads
+        // CR2 from them instead of costing a KVM_GET_SREGS.
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         loop {
             if let Flow::End(outcome) = self.service_requests() {
                 return outcome;

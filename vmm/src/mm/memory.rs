@@ -91,6 +91,17 @@ impl Mm {
     /// install happen under the CPU's TLB lock, so they are atomic with
     /// respect to shootdowns, as a walk is within one instruction.
     ///
+    /// With the `tlb_fault_around` knob above 1, the same walk also caches
+    /// the other pages of the aligned group whose logical PTE permits
+    /// `access`
+    /// ([`ShadowTlb::fill_around`](super::tlb::ShadowTlb::fill_around)):
+    /// a TLB-caching model, not Linux's `do_fault_around()` (which maps
+    /// page-cache pages of file VMAs; anonymous faults map one page). A
+    /// neighbour is cached with the logical PTE's permission as it is at
+    /// the fill, under the same lock, so the shootdown rule below holds
+    /// for it too; but a CPU can now hold, and later use stale, a
+    /// translation of a page it never touched.
+    ///
     /// Lock contract: takes only the CPU's TLB lock, never the PTL (the
     /// hardware walker does not take it); every PTE change that removes a
     /// permission is followed by a flush, which takes the TLB lock, so a
@@ -115,11 +126,35 @@ impl Mm {
             user_pte(frame, pte & bits::WRITABLE != 0),
             self.m.policy.tlb_capacity,
         )?;
+        let mem = &*self.m.mem;
+        // The logical PTE of each neighbour cached, for the trace.
+        let mut around = Vec::new();
+        tlb.fill_around(
+            mem,
+            self.m.frames.pool(),
+            page,
+            self.m.policy.tlb_fault_around.get(),
+            self.m.policy.tlb_capacity,
+            |n| {
+                // Only neighbours the faulting access could use as they are:
+                // after a write fault, a read-only (say COW-shared)
+                // neighbour would mostly be replaced by its own write fault,
+                // and replacing an entry costs a revoke.
+                let pte =
+                    pagetable::lookup(mem, self.pgd, n).filter(|pte| pte_permits(*pte, access))?;
+                around.push((n, pte));
+                let frame = pte & bits::ADDR_MASK;
+                Some(user_pte(frame, pte & bits::WRITABLE != 0))
+            },
+        )?;
         drop(tlb);
         if let Some(t) = self.trace() {
             t.emit(Kind::Fill, &[page, pte], "");
             for victim in evicted {
                 t.emit(Kind::Evict, &[victim], "");
+            }
+            for (n, pte) in around {
+                t.emit(Kind::Fill, &[n, pte], "");
             }
         }
         let _ = self.m.hooks.at(Point::FaultFill, Some(cpu), Some(page));

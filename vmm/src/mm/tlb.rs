@@ -140,6 +140,60 @@ impl ShadowTlb {
         Ok(evicted)
     }
 
+    /// Caches, besides `page` (just filled), the other pages of its
+    /// naturally aligned group of `group` pages whose translation
+    /// `translation` gives (a user PTE, or `None` if the logical table
+    /// does not permit caching one; it is asked only about pages it then
+    /// caches). Never replaces an
+    /// entry the TLB holds (a stale entry stays as stale as it was), never
+    /// evicts: with `capacity`, it stops when the TLB is full. Returns each
+    /// page cached with the entry installed.
+    ///
+    /// A TLB may cache any translation the page tables permit, touched or
+    /// not; this models that caching, as PVM's own refault prefetches the
+    /// aligned group of 8 around a fault (/work/shared/HOST-FLOORS.md). It
+    /// is not Linux's fault-around (`do_fault_around()` /
+    /// `filemap_map_pages()`, `fault_around_bytes`), which maps page-cache
+    /// pages into the *page table* on file faults; for anonymous memory
+    /// Linux faults around nothing.
+    pub fn fill_around<M: PhysMem + ?Sized>(
+        &mut self,
+        mem: &M,
+        frames: &FrameAllocator,
+        page: u64,
+        group: u64,
+        capacity: Option<usize>,
+        mut translation: impl FnMut(u64) -> Option<u64>,
+    ) -> Result<Vec<(u64, u64)>, OutOfFrames> {
+        let mut filled = Vec::new();
+        if group <= 1 {
+            return Ok(filled);
+        }
+        let first = page & !(group * PAGE_SIZE - 1);
+        for n in (0..group).map(|i| first + i * PAGE_SIZE) {
+            if capacity.is_some_and(|cap| self.entries.len() >= cap.max(1)) {
+                break;
+            }
+            if n == page || self.entries.contains(&n) {
+                continue;
+            }
+            let Some(pte) = translation(n) else {
+                continue;
+            };
+            let slot = pagetable::leaf_slot(mem, frames, self.root, n)?;
+            let old = slot.swap(pte, Ordering::AcqRel);
+            if old & bits::PRESENT != 0 {
+                // Not in `entries` yet present: cannot happen, but a
+                // translation replaced is a translation removed.
+                mem.revoke(old & bits::ADDR_MASK);
+            }
+            self.entries.insert(n);
+            self.fills += 1;
+            filled.push((n, pte));
+        }
+        Ok(filled)
+    }
+
     fn random_entry_except(&mut self, keep: u64) -> u64 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;

@@ -401,6 +401,77 @@ fn madvise_dontneed_and_tlb_capacity() {
     assert_clean(&mm, &[0]);
 }
 
+/// A machine whose TLB fills cache the aligned group of `group` pages.
+fn machine_with_fault_around(group: u32) -> Arc<Machine> {
+    let mem: Arc<dyn PhysMem> = Arc::new(VecMem::new(MEM));
+    let kernel = [0u64; (ENTRIES - KERNEL_PML4_START) as usize];
+    let policy = Policy {
+        tlb_fault_around: crate::policy::FaultAround::pages(group).unwrap(),
+        ..Policy::MAINLINE
+    };
+    Arc::new(Machine::new(mem, 0x10_0000, MEM, kernel, policy).unwrap())
+}
+
+#[test]
+fn fault_around_fills_present_neighbours_and_shootdowns_still_reach_them() {
+    for (group, want) in [(1u32, 1usize), (8, 7)] {
+        let m = machine_with_fault_around(group);
+        let mm = Mm::new(&m).unwrap();
+        attach(&mm, 0);
+        attach(&mm, 1);
+        // 8-page aligned, so the group is pages 0..8 of the mapping.
+        let a = mm.mmap(None, 24 * PAGE_SIZE, RW).unwrap();
+        let a = (a + 8 * PAGE_SIZE - 1) & !(8 * PAGE_SIZE - 1);
+        // CPU 0 writes pages 0..7 (page 7 stays not present). A first
+        // touch has no present neighbours to cache beyond those written.
+        for p in 0..7 {
+            access(&mm, 0, a + p * PAGE_SIZE, Some(p + 1)).unwrap();
+        }
+        let fills = |cpu| tlb::lock(&m.tlbs.get(cpu).unwrap()).fills();
+        let held = |cpu, p: u64| {
+            tlb::lock(&m.tlbs.get(cpu).unwrap())
+                .lookup(&*m.mem, a + p * PAGE_SIZE)
+                .is_some()
+        };
+        // CPU 1 reads page 3: one fill, and with fault-around the other
+        // present pages of the group, writable as their PTEs are.
+        let before = fills(1);
+        assert_eq!(access(&mm, 1, a + 3 * PAGE_SIZE, None), Ok(4));
+        assert_eq!((fills(1) - before) as usize, want, "group {group}");
+        assert_eq!(held(1, 6), group > 1);
+        assert!(!held(1, 7), "page 7 is not present");
+        // Every entry CPU 1 holds matches its PTE.
+        assert_clean(&mm, &[0, 1]);
+        // Its neighbours need no fault: a write through a cached writable
+        // entry lands without one.
+        let before = fills(1);
+        access(&mm, 1, a + 6 * PAGE_SIZE, Some(70)).unwrap();
+        assert_eq!(fills(1) - before, u64::from(group == 1));
+        // A write-protect of page 5, which CPU 1 never touched, must still
+        // reach CPU 1's cached entry.
+        assert_eq!(held(1, 5), group > 1);
+        mm.mprotect(a + 5 * PAGE_SIZE, PAGE_SIZE, prot::READ, false, Some(0))
+            .unwrap();
+        assert!(!held(1, 5));
+        assert_eq!(
+            access(&mm, 1, a + 5 * PAGE_SIZE, Some(9)),
+            Err(FaultError::Segv)
+        );
+        // A write fault caches only neighbours it could write: not page 5,
+        // now read-only.
+        attach(&mm, 2);
+        access(&mm, 2, a + 4 * PAGE_SIZE, Some(40)).unwrap();
+        assert_eq!(held(2, 6), group > 1);
+        assert!(!held(2, 5));
+        assert_clean(&mm, &[0, 1, 2]);
+        detach(&mm, 2);
+        detach(&mm, 0);
+        detach(&mm, 1);
+        drop(mm);
+        assert_eq!(verify_no_leaks(&m), vec![]);
+    }
+}
+
 #[test]
 fn dup_mmap_write_protects_both_sides_and_counts_the_sharing() {
     let m = machine();

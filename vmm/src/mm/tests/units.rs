@@ -172,6 +172,56 @@ mod tlb_unit {
     }
 
     #[test]
+    fn fill_around_caches_the_aligned_groups_valid_neighbours_and_keeps_held_entries() {
+        let (mem, frames, mut tlb) = setup();
+        let base = 0x40_0000; // 8-page aligned
+        let at = |i: u64| base + i * PAGE_SIZE;
+        tlb.fill(&mem, &frames, at(5), user_pte(0x9000, true), None)
+            .unwrap();
+        // An entry the TLB already holds (perhaps stale) is not replaced.
+        tlb.fill(&mem, &frames, at(1), user_pte(0xa000, true), None)
+            .unwrap();
+        // The logical table has every page but 2 present, read-only.
+        let around = tlb
+            .fill_around(&mem, &frames, at(5), 8, None, |n| {
+                (n != at(2)).then_some(user_pte(0xb000, false))
+            })
+            .unwrap();
+        let pages: Vec<u64> = around.iter().map(|(n, _)| (n - base) / PAGE_SIZE).collect();
+        assert_eq!(pages, [0, 3, 4, 6, 7]);
+        assert_eq!(tlb.lookup(&mem, at(1)), Some(user_pte(0xa000, true)));
+        assert_eq!(tlb.lookup(&mem, at(5)), Some(user_pte(0x9000, true)));
+        assert_eq!(tlb.lookup(&mem, at(6)), Some(user_pte(0xb000, false)));
+        assert_eq!(tlb.lookup(&mem, at(2)), None);
+        assert_eq!(tlb.lookup(&mem, at(8)), None, "outside the group");
+        assert_eq!((tlb.fills(), tlb.len()), (7, 7));
+        // A group of 1 is the faulting page only.
+        let none = tlb
+            .fill_around(&mem, &frames, at(9), 1, None, |_| {
+                Some(user_pte(0xb000, false))
+            })
+            .unwrap();
+        assert!(none.is_empty());
+        assert_eq!(tlb.flush_all(&mem), 7);
+    }
+
+    #[test]
+    fn fill_around_stops_at_capacity_and_never_evicts() {
+        let (mem, frames, mut tlb) = setup();
+        let page = 0x40_0000 + 3 * PAGE_SIZE;
+        tlb.fill(&mem, &frames, page, user_pte(0x9000, true), Some(3))
+            .unwrap();
+        let around = tlb
+            .fill_around(&mem, &frames, page, 16, Some(3), |_| {
+                Some(user_pte(0xb000, true))
+            })
+            .unwrap();
+        assert_eq!(around.len(), 2);
+        assert_eq!((tlb.len(), tlb.evictions()), (3, 0));
+        assert!(tlb.lookup(&mem, page).is_some());
+    }
+
+    #[test]
     fn capacity_evicts_others_and_keeps_the_new_entry() {
         let (mem, frames, mut tlb) = setup();
         for i in 0..20u64 {
