@@ -92,10 +92,15 @@ impl VcpuCtl {
             .is_some()
     }
 
-    /// Acknowledges flushes up to `generation` and wakes their initiators.
+    /// Acknowledges flushes up to `generation` and wakes their initiators,
+    /// if that acknowledges anything new. A vCPU's own (local) flush
+    /// acknowledges nothing new: waking then only woke this vCPU's joiners
+    /// (they share the condition variable), about 15 µs of every COW fault
+    /// while another thread waited in `join` for this one.
     pub(crate) fn ack(&self, generation: u64) {
-        self.flush_ack.fetch_max(generation, Ordering::AcqRel);
-        self.notify();
+        if self.flush_ack.fetch_max(generation, Ordering::AcqRel) < generation {
+            self.notify();
+        }
     }
 
     /// Waits for the acknowledgement of flush `generation`, acknowledging

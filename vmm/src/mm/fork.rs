@@ -60,16 +60,31 @@ impl Mm {
         result.map(|()| child)
     }
 
-    /// Copies the PTEs of `vma` into `child`, taking both PTLs for each
-    /// PTE (Linux drops them every batch of PTEs; here every PTE, so other
-    /// threads' faults can run between two copies, as they can there).
+    /// Copies the PTEs of `vma` into `child` under both PTLs, held across
+    /// a batch of PTEs as Linux holds them: within one leaf table, and
+    /// dropped whenever 32 units of progress are done (a present PTE counts
+    /// 8, as in Linux, where the locks may be dropped there if someone
+    /// waits; here they always are, so other threads' faults can run
+    /// wherever they can run in Linux). The child's leaf table is looked
+    /// up (or allocated) once per table, not once per PTE. While hooks are
+    /// armed (a schedule, rules, chaos, exploration), the PTLs are taken
+    /// around each PTE instead, so `fork:after_wrprotect` is reached with
+    /// none held and faults can be placed between any two copies.
     /// Models mm/memory.c:copy_page_range() → copy_pte_range().
     ///
     /// Lock contract: called with the parent's `mmap_lock` held for write;
-    /// takes the parent's then the child's PTL around each PTE's copy.
+    /// takes the parent's then the child's PTL around each batch of PTEs
+    /// (each PTE while hooks are armed) and drops both before returning.
     fn copy_page_range(&self, child: &Mm, vma: &Vma, cpu: Option<usize>) -> Result<(), FaultError> {
+        /// copy_pte_range()'s `progress` threshold and a present PTE's share.
+        const PROGRESS_BREAK: u32 = 32;
+        const PROGRESS_PER_PTE: u32 = 8;
         let m = &self.m;
         let mut result = Ok(());
+        let mut held: Option<(PtlGuard<'_>, PtlGuard<'_>)> = None;
+        let mut progress = 0;
+        // The child's leaf table for the 2 MiB at `.0` (va >> 21), if known.
+        let mut dst_table: Option<(u64, u64)> = None;
         pagetable::for_each_leaf(
             &*m.mem,
             self.pgd,
@@ -81,16 +96,32 @@ impl Mm {
                 {
                     return;
                 }
-                let wrprotected = {
-                    let src_ptl = self.ptl();
-                    let dst_ptl = child.ptl();
-                    let ptls = (&src_ptl, &dst_ptl);
-                    let was = src.load(Ordering::Acquire);
-                    result = pagetable::leaf_slot(&*m.mem, m.frames.pool(), child.pgd, va)
-                        .map_err(FaultError::from)
-                        .and_then(|dst| self.copy_present_pte(ptls, child, vma, va, src, dst, cpu));
-                    was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0
+                let table_of_va = va >> 21;
+                if progress >= PROGRESS_BREAK || dst_table.is_some_and(|(t, _)| t != table_of_va) {
+                    // The end of a batch, or of the leaf table
+                    // (copy_pmd_range() calls copy_pte_range() per table).
+                    held = None;
+                    progress = 0;
+                }
+                let ptls = held.get_or_insert_with(|| (self.ptl(), child.ptl()));
+                let ptls = (&ptls.0, &ptls.1);
+                let was = src.load(Ordering::Acquire);
+                let dst = match dst_table {
+                    Some((t, table)) if t == table_of_va => Ok(table),
+                    _ => pagetable::leaf_table(&*m.mem, m.frames.pool(), child.pgd, va)
+                        .inspect(|table| dst_table = Some((table_of_va, *table))),
                 };
+                result = dst
+                    .map(|table| pagetable::leaf_table_slot(&*m.mem, table, va))
+                    .map_err(FaultError::from)
+                    .and_then(|dst| self.copy_present_pte(ptls, child, vma, va, src, dst, cpu));
+                let wrprotected =
+                    was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0;
+                progress += PROGRESS_PER_PTE;
+                if m.hooks.active() {
+                    held = None;
+                    progress = 0;
+                }
                 if wrprotected {
                     let _ = m.hooks.at(Point::ForkAfterWrprotect, cpu, Some(va));
                 }

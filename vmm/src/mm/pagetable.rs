@@ -109,6 +109,18 @@ pub fn leaf_slot<'m, M: PhysMem + ?Sized>(
     root: u64,
     va: u64,
 ) -> Result<&'m AtomicU64, OutOfFrames> {
+    Ok(slot(mem, leaf_table(mem, frames, root, va)?, va, 1))
+}
+
+/// The leaf table (PT) covering `va` under `root`, allocating (zeroed)
+/// intermediate tables on the way down: its slot for any `va'` in the
+/// same 2 MiB is `leaf_table_slot(mem, table, va')`.
+pub fn leaf_table<M: PhysMem + ?Sized>(
+    mem: &M,
+    frames: &FrameAllocator,
+    root: u64,
+    va: u64,
+) -> Result<u64, OutOfFrames> {
     let mut table = root;
     for level in (2..=4).rev() {
         let entry = slot(mem, table, va, level);
@@ -122,7 +134,12 @@ pub fn leaf_slot<'m, M: PhysMem + ?Sized>(
             new
         };
     }
-    Ok(slot(mem, table, va, 1))
+    Ok(table)
+}
+
+/// The slot for `va` in the leaf table at `table` (from [`leaf_table`]).
+pub fn leaf_table_slot<M: PhysMem + ?Sized>(mem: &M, table: u64, va: u64) -> &AtomicU64 {
+    slot(mem, table, va, 1)
 }
 
 /// Frees every user-part table below `root`, clears its user-part slots and

@@ -518,6 +518,53 @@ fn dup_mmap_write_protects_both_sides_and_counts_the_sharing() {
     assert_eq!(verify_no_leaks(&m), vec![]);
 }
 
+/// fork copies PTEs in batches and caches the child's leaf table: across
+/// leaf-table boundaries, with holes and zero-page entries, every child
+/// PTE is the parent's (same frame, read-only), at the same address.
+#[test]
+fn dup_mmap_copies_every_pte_across_leaf_tables() {
+    let m = machine();
+    let parent = Mm::new(&m).unwrap();
+    attach(&parent, 0);
+    let pages = 1100; // more than two leaf tables, from wherever mmap puts it
+    let a = parent.mmap(None, pages * PAGE_SIZE, RW).unwrap();
+    for p in 0..pages {
+        let va = a + p * PAGE_SIZE;
+        if p % 3 == 0 {
+            access(&parent, 0, va, Some(p)).unwrap();
+        } else if p % 7 == 0 {
+            access(&parent, 0, va, None).unwrap();
+        }
+    }
+    let child = parent.dup_mmap(Some(0)).unwrap();
+    for p in 0..pages {
+        let va = a + p * PAGE_SIZE;
+        let (pp, cp) = (
+            pagetable::lookup(&*m.mem, parent.pgd, va),
+            pagetable::lookup(&*m.mem, child.pgd, va),
+        );
+        assert_eq!(pp, cp, "page {p}: the child's PTE is the parent's");
+        match pp {
+            Some(pte) if p % 3 == 0 => {
+                assert_eq!(pte & bits::WRITABLE, 0, "page {p}: write-protected");
+                let page = m.frames.page(pte & bits::ADDR_MASK);
+                assert_eq!((page.refcount(), page.mapcount()), (2, 2), "page {p}");
+            }
+            Some(pte) => assert_eq!(pte & bits::ADDR_MASK, m.frames.zero_page(), "page {p}"),
+            None => assert!(p % 3 != 0 && p % 7 != 0, "page {p} lost"),
+        }
+    }
+    attach(&child, 1);
+    assert_eq!(access(&child, 1, a + 999 * PAGE_SIZE, None), Ok(999));
+    let v = verify_pages(&m, &[&parent, &child]);
+    assert!(v.is_empty(), "{v:#?}");
+    detach(&child, 1);
+    child.exit_mmap();
+    detach(&parent, 0);
+    drop((parent, child));
+    assert_eq!(verify_no_leaks(&m), vec![]);
+}
+
 /// PTE writes take a `&PtlGuard`; one of another mm's PTL is caught.
 #[test]
 #[cfg(debug_assertions)]

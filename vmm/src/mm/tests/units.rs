@@ -171,6 +171,100 @@ mod tlb_unit {
         assert_eq!(frames.free_count(), start);
     }
 
+    /// [`VecMem`] that records every frame revoked.
+    struct RevokeLog(VecMem, std::sync::Mutex<Vec<u64>>);
+
+    impl PhysMem for RevokeLog {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn word(&self, pa: u64) -> &std::sync::atomic::AtomicU64 {
+            self.0.word(pa)
+        }
+        fn zero_frame(&self, pa: u64) {
+            self.0.zero_frame(pa)
+        }
+        fn copy_frame(&self, dst: u64, src: u64) {
+            self.0.copy_frame(dst, src)
+        }
+        fn read(&self, pa: u64, buf: &mut [u8]) -> Option<()> {
+            self.0.read(pa, buf)
+        }
+        fn write(&self, pa: u64, buf: &[u8]) -> Option<()> {
+            self.0.write(pa, buf)
+        }
+        fn revoke(&self, frame: u64) {
+            self.1.lock().unwrap().push(frame);
+        }
+    }
+
+    /// Each way `flush_range` removes entries (a few of many, most of
+    /// them, all) drops exactly the range's translations, keeps the
+    /// others (below and above it), and revokes exactly the frames the
+    /// dropped entries mapped.
+    #[test]
+    fn flush_range_drops_exactly_the_range_and_revokes_its_frames() {
+        let mem = RevokeLog(VecMem::new(1 << 22), Default::default());
+        let frames = FrameAllocator::new(0x1000, 1 << 20);
+        let kernel = [0u64; (ENTRIES - KERNEL_PML4_START) as usize];
+        let mut tlb = ShadowTlb::new(&mem, &frames, &kernel, 1).unwrap();
+        let base = 0x40_0000u64;
+        // 64 pages, page i → frame 0x10_0000 + i pages; one far above.
+        let frame_of = |i: u64| 0x10_0000 + i * PAGE_SIZE;
+        for i in 0..64 {
+            tlb.fill(
+                &mem,
+                &frames,
+                base + i * PAGE_SIZE,
+                user_pte(frame_of(i), true),
+                None,
+            )
+            .unwrap();
+        }
+        let stack = 0x7eff_ffff_f000;
+        tlb.fill(&mem, &frames, stack, user_pte(0x30_0000, true), None)
+            .unwrap();
+        let held = |tlb: &ShadowTlb, i: u64| tlb.lookup(&mem, base + i * PAGE_SIZE).is_some();
+        let take_log = || std::mem::take(&mut *mem.1.lock().unwrap());
+
+        // A few of many: one page in the middle.
+        assert_eq!(
+            tlb.flush_range(&mem, base + 10 * PAGE_SIZE, base + 11 * PAGE_SIZE),
+            1
+        );
+        assert_eq!(take_log(), vec![frame_of(10)]);
+        assert!((0..64).all(|i| held(&tlb, i) == (i != 10)));
+        assert_eq!(tlb.len(), 64);
+
+        // Most of them: pages 0..48 (10 already gone).
+        assert_eq!(tlb.flush_range(&mem, base, base + 48 * PAGE_SIZE), 47);
+        let mut log = take_log();
+        log.sort_unstable();
+        let want: Vec<u64> = (0..48).filter(|i| *i != 10).map(frame_of).collect();
+        assert_eq!(log, want);
+        assert!((0..64).all(|i| held(&tlb, i) == (i >= 48)));
+        assert!(tlb.lookup(&mem, stack).is_some());
+        assert_eq!(tlb.len(), 17);
+
+        // An empty or reversed range drops nothing.
+        assert_eq!(
+            tlb.flush_range(&mem, base + 50 * PAGE_SIZE, base + 50 * PAGE_SIZE),
+            0
+        );
+        assert_eq!(tlb.flush_range(&mem, stack, base), 0);
+        assert!(take_log().is_empty());
+
+        // All of them.
+        assert_eq!(tlb.flush_all(&mem), 17);
+        let mut log = take_log();
+        log.sort_unstable();
+        let mut want: Vec<u64> = (48..64).map(frame_of).collect();
+        want.push(0x30_0000);
+        assert_eq!(log, want);
+        assert!(tlb.is_empty() && tlb.lookup(&mem, stack).is_none());
+        assert!((0..64).all(|i| !held(&tlb, i)));
+    }
+
     #[test]
     fn fill_around_caches_the_aligned_groups_valid_neighbours_and_keeps_held_entries() {
         let (mem, frames, mut tlb) = setup();
