@@ -187,7 +187,7 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
     let rows = [
         (
             "vm_start",
-            "VM creation to the program's first exit (Booted hypercall)",
+            "Vm::new to the program's first exit (Booted hypercall) of the benchmark programs: the VM reused from the run before (vm_create_start: a new one)",
             boot,
         ),
         (
