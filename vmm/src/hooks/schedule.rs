@@ -26,6 +26,11 @@ pub(super) struct Schedule {
     /// Since when every live vCPU has been blocked (a deadlock, if it lasts).
     pub(super) all_blocked_since: Option<Instant>,
     pub(super) unreachable: Option<String>,
+    /// Says whether a litmus event word is set (guest memory).
+    pub(super) words: Option<Words>,
+    /// vCPUs whose last point was the hook before an `await`, with the
+    /// event word they wait for (tests compiled with await hooks).
+    pub(super) awaiting: BTreeMap<usize, u64>,
 }
 
 /// A hit by a vCPU, as recorded for [`witness_schedule`].
@@ -111,9 +116,20 @@ pub fn witness_schedule(hits: &[PointHit]) -> Option<Vec<Step>> {
 impl Hooks {
     /// Sets the schedule to enforce.
     pub fn set_schedule(&self, steps: Vec<Step>) {
+        self.set_schedule_with_words(steps, None);
+    }
+
+    /// [`Hooks::set_schedule`] for a test compiled with a hook before
+    /// every `await` (`litmus::compile_for_explore`): `words` says
+    /// whether an event is set, and a vCPU spinning in an `await` whose
+    /// event is not set counts as at rest when the next step settles
+    /// (it touches nothing but that word), instead of being given
+    /// [`SETTLE`] of CPU time to come to rest first.
+    pub fn set_schedule_with_words(&self, steps: Vec<Step>, words: Option<super::WordReader>) {
         *lock(&self.schedule) = Schedule {
             counts: vec![0; steps.len()],
             steps,
+            words: words.map(Words),
             ..Schedule::default()
         };
         self.refresh_active();
@@ -153,6 +169,17 @@ impl Hooks {
         let mut s = lock(&self.schedule);
         if s.aborted || s.next >= s.steps.len() {
             return;
+        }
+        if s.words.is_some() {
+            let parked = super::Parked {
+                cpu,
+                point: point.to_string(),
+                addr,
+            };
+            match parked.await_word() {
+                Some(w) => s.awaiting.insert(cpu, w),
+                None => s.awaiting.remove(&cpu),
+            };
         }
         // Count the hit for every pending step it matches; it takes the first
         // whose hit number (if any) it is.
@@ -243,6 +270,7 @@ impl Hooks {
             && !s.aborted
             && !self.released.load(Ordering::Acquire)
             && !self.at_rest(prev)
+            && !awaits_unset(&s, prev)
         {
             let mut poll = Duration::from_micros(20);
             if start.elapsed() >= SETTLE {
@@ -387,5 +415,23 @@ impl Hooks {
     pub fn schedule_done(&self) -> bool {
         let s = lock(&self.schedule);
         s.next >= s.steps.len()
+    }
+}
+
+/// Whether vCPU `cpu` is spinning in an `await` whose event is not set:
+/// it touches nothing but that word until another thread sets it.
+pub(super) fn awaits_unset(s: &Schedule, cpu: usize) -> bool {
+    match (&s.words, s.awaiting.get(&cpu)) {
+        (Some(words), Some(w)) => !(words.0)(*w),
+        _ => false,
+    }
+}
+
+/// A [`super::WordReader`] in a [`Schedule`].
+pub(super) struct Words(super::WordReader);
+
+impl std::fmt::Debug for Words {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Words")
     }
 }

@@ -407,3 +407,24 @@ fn an_explored_await_waits_for_its_event_and_a_stuck_run_is_a_deadlock() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn a_vcpu_in_an_unsatisfied_await_counts_as_at_rest_between_steps() {
+    let hooks = Hooks::new();
+    let set = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&set);
+    let words: WordReader = Arc::new(move |w| w == 3 && s.load(Ordering::Acquire));
+    hooks.set_schedule_with_words(
+        parse_schedule("v1@guest:b < v0@guest:a").unwrap(),
+        Some(words),
+    );
+    // v0 goes on from its step to the hook before `await e` (word 3).
+    hooks.hit("guest:await:3:e", Some(0), None).unwrap();
+    let awaits = |h: &Hooks| schedule::awaits_unset(&lock(&h.schedule), 0);
+    assert!(awaits(&hooks), "spinning on an unset event: at rest");
+    set.store(true, Ordering::Release);
+    assert!(!awaits(&hooks), "its event is set: it runs on");
+    set.store(false, Ordering::Release);
+    hooks.hit("guest:other", Some(0), None).unwrap();
+    assert!(!awaits(&hooks), "past its await: it runs on");
+}

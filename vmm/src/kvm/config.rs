@@ -106,7 +106,9 @@ pub(super) fn arm_hooks(hooks: &hooks::Hooks, config: &VmConfig, words: hooks::W
         });
         hooks.set_explore(chooser.clone(), words, shared);
     } else if !config.schedule.is_empty() {
-        hooks.set_schedule(config.schedule.clone());
+        // With a plan compiled with await hooks, a vCPU spinning in an
+        // unsatisfied `await` counts as at rest between steps.
+        hooks.set_schedule_with_words(config.schedule.clone(), Some(words));
     }
     if let Some(seed) = config.chaos {
         hooks.set_chaos(seed, CHAOS_MAX_DELAY);

@@ -135,6 +135,20 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         .schedule
         .clone()
         .unwrap_or_else(|| test.schedule.clone());
+    // Forced, the test runs with a hook before every `await`, so that a
+    // thread spinning in an unsatisfied `await` counts as at rest between
+    // steps (hooks::Hooks::set_schedule_with_words) rather than being
+    // given a settle time of CPU first.
+    let with_await_hooks;
+    let test = if schedule.is_empty() {
+        test
+    } else {
+        with_await_hooks = Arc::new(
+            super::compile_for_explore(&test.test)
+                .map_err(|e| Error::Config(format!("cannot compile {}: {e}", test.test.name)))?,
+        );
+        &with_await_hooks
+    };
     let rules: Vec<Rule> = test.rules.iter().chain(&opts.rules).cloned().collect();
     let mut done = 0;
     let mut rule_totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
