@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cowlab_abi::Program;
 
-use super::{config, us, BenchOptions, Measurement, Stat};
+use super::{config, us, BenchOptions, Measurement};
 use crate::kvm::{Error, Event, Vm, VmConfig};
 
 /// Runs `program(iters)` and returns the time between its marks 1 and 2
@@ -256,14 +256,5 @@ pub fn host_limits(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             ipi,
         ),
     ];
-    Ok(rows
-        .into_iter()
-        .filter_map(|(name, what, samples)| {
-            Stat::of(samples).map(|stat| Measurement {
-                name: name.to_string(),
-                what,
-                stat,
-            })
-        })
-        .collect())
+    Ok(super::measurements(rows))
 }

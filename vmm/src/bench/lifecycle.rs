@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cowlab_abi::Program;
 
-use super::{config, us, BenchOptions, Measurement, Stat};
+use super::{config, us, BenchOptions, Measurement};
 use crate::kvm::{Error, Vm, VmConfig};
 
 /// Boots per round and kind.
@@ -83,14 +83,5 @@ pub fn vm_lifecycle(opts: &BenchOptions) -> Result<Vec<Measurement>, Error> {
             reuse_run,
         ),
     ];
-    Ok(named
-        .into_iter()
-        .filter_map(|(name, what, samples)| {
-            Stat::of(samples).map(|stat| Measurement {
-                name: name.to_string(),
-                what,
-                stat,
-            })
-        })
-        .collect())
+    Ok(super::measurements(named))
 }

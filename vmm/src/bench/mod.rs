@@ -108,6 +108,19 @@ pub struct Measurement {
     pub stat: Stat,
 }
 
+/// Named sample sets as measurements (a set without samples is left out).
+fn measurements<const N: usize>(rows: [(&str, &'static str, Vec<f64>); N]) -> Vec<Measurement> {
+    rows.into_iter()
+        .filter_map(|(name, what, samples)| {
+            Stat::of(samples).map(|stat| Measurement {
+                name: name.to_string(),
+                what,
+                stat,
+            })
+        })
+        .collect()
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
