@@ -18,7 +18,7 @@ use crate::mm::{Mm, PhysMem};
 
 /// Whether the device opened at `path` is a KVM cowlab can use: it
 /// answers `KVM_GET_API_VERSION` with the stable API (12) and has
-/// `KVM_CAP_IMMEDIATE_EXIT`. Anything else (`/dev/null`, a file) is
+/// `KVM_CAP_IMMEDIATE_EXIT` and `KVM_CAP_SYNC_REGS`. Anything else (`/dev/null`, a file) is
 /// [`Error::KvmUnusable`], naming the path and what failed.
 pub(super) fn check_kvm(kvm: &Kvm, path: &str) -> Result<(), Error> {
     let unusable = |why: String| Error::KvmUnusable {
@@ -38,6 +38,11 @@ pub(super) fn check_kvm(kvm: &Kvm, path: &str) -> Result<(), Error> {
     }
     if !kvm.check_extension(Cap::ImmediateExit) {
         return Err(unusable("it lacks KVM_CAP_IMMEDIATE_EXIT".into()));
+    }
+    // The fault path reads CR2 from the registers KVM copies out on every
+    // exit (`kvm_run.s.regs.sregs`) instead of asking with an ioctl.
+    if !kvm.check_extension(Cap::SyncRegs) {
+        return Err(unusable("it lacks KVM_CAP_SYNC_REGS".into()));
     }
     Ok(())
 }
