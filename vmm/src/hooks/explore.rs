@@ -35,12 +35,15 @@ pub struct Parked {
 impl Parked {
     /// The shared word a vCPU parked before an `await` waits for.
     pub fn await_word(&self) -> Option<u64> {
-        let rest = self
-            .point
-            .strip_prefix("guest:")?
-            .strip_prefix(AWAIT_HOOK)?;
-        rest.split(':').next()?.parse().ok()
+        await_word(&self.point)
     }
+}
+
+/// The shared word the hook `point` before an `await` names, if it is one
+/// (`guest:await:WORD:EVENT`).
+pub fn await_word(point: &str) -> Option<u64> {
+    let rest = point.strip_prefix("guest:")?.strip_prefix(AWAIT_HOOK)?;
+    rest.split(':').next()?.parse().ok()
 }
 
 /// One scheduling decision of a run.

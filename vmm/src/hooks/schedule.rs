@@ -171,12 +171,7 @@ impl Hooks {
             return;
         }
         if s.words.is_some() {
-            let parked = super::Parked {
-                cpu,
-                point: point.to_string(),
-                addr,
-            };
-            match parked.await_word() {
+            match super::explore::await_word(point) {
                 Some(w) => s.awaiting.insert(cpu, w),
                 None => s.awaiting.remove(&cpu),
             };

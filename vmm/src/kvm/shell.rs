@@ -84,7 +84,7 @@ static IDLE: Mutex<Vec<Arc<Shell>>> = Mutex::new(Vec::new());
 const IDLE_SHELLS: usize = 4;
 
 /// What makes two VMs interchangeable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct Key {
     kvm_path: String,
     mem_mib: u64,
@@ -98,6 +98,14 @@ impl Key {
             mem_mib: config.mem_mib,
             guest_elf: config.guest_elf.clone(),
         }
+    }
+
+    /// Whether a VM made for this key fits `config` (no copy of a custom
+    /// guest image is made to ask).
+    fn fits(&self, config: &VmConfig) -> bool {
+        self.kvm_path == config.kvm_path
+            && self.mem_mib == config.mem_mib
+            && self.guest_elf == config.guest_elf
     }
 }
 
@@ -130,14 +138,13 @@ impl Shell {
     /// Wraps `KVM_CREATE_VM` and `KVM_SET_USER_MEMORY_REGION` (one slot:
     /// all of guest memory), after the device checks of `check_kvm`.
     pub(crate) fn obtain(config: &VmConfig) -> Result<Arc<Shell>, Error> {
-        let key = Key::of(config);
         if config.reuse {
             let mut idle = lock(&IDLE);
             // The newest of its kind that nothing else holds any more (the
             // last run's state may still be letting go of it).
             let found = idle
                 .iter()
-                .rposition(|s| s.key == key && Arc::strong_count(s) == 1);
+                .rposition(|s| s.key.fits(config) && Arc::strong_count(s) == 1);
             if let Some(mut shell) = found.map(|i| idle.remove(i)) {
                 drop(idle);
                 if let Some(s) = Arc::get_mut(&mut shell) {
@@ -146,7 +153,7 @@ impl Shell {
                 }
             }
         }
-        Shell::create(key)
+        Shell::create(Key::of(config))
     }
 
     fn create(key: Key) -> Result<Arc<Shell>, Error> {
