@@ -6,7 +6,7 @@ use core::sync::atomic::Ordering;
 
 use cowlab_abi::bytecode::{Header, Insn, Op, MAGIC, NR_REGS};
 use cowlab_abi::layout::{kernel_va, LITMUS_PHYS, PAGE_SIZE};
-use cowlab_abi::{gup, prot, Program, MADV_DONTNEED};
+use cowlab_abi::{gup, prot, Program, MADV_BY_CODE};
 
 use crate::rt::{self, area};
 
@@ -114,7 +114,10 @@ pub fn run(start: u64) -> ! {
             Op::Mmap => regs[a] = res(rt::mmap(imm * PAGE_SIZE, prot_of(c))),
             Op::Munmap => regs[b] = res(rt::munmap(regs[a], imm * PAGE_SIZE)),
             Op::Mprotect => regs[b] = res(rt::mprotect(regs[a], imm * PAGE_SIZE, prot_of(c), 0)),
-            Op::Madvise => regs[b] = res(rt::madvise(regs[a], imm * PAGE_SIZE, MADV_DONTNEED)),
+            Op::Madvise => {
+                let advice = MADV_BY_CODE.get(c).copied().unwrap_or(u64::MAX);
+                regs[b] = res(rt::madvise(regs[a], imm * PAGE_SIZE, advice));
+            }
             Op::Fork => match rt::fork() {
                 Ok(0) => {
                     regs[a] = 0;

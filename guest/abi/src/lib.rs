@@ -160,6 +160,16 @@ pub mod gup {
 
 /// `MADV_DONTNEED` for [`Hypercall::Madvise`].
 pub const MADV_DONTNEED: u64 = 4;
+/// `MADV_DONTFORK` for [`Hypercall::Madvise`] (Linux's uapi number).
+pub const MADV_DONTFORK: u64 = 10;
+/// `MADV_DOFORK` for [`Hypercall::Madvise`].
+pub const MADV_DOFORK: u64 = 11;
+/// `MADV_PAGEOUT` for [`Hypercall::Madvise`].
+pub const MADV_PAGEOUT: u64 = 21;
+
+/// The `MADV_*` advice a litmus `madvise` names, by the small code the
+/// bytecode carries in its `c` field (a register-sized field, 4 bits).
+pub const MADV_BY_CODE: [u64; 4] = [MADV_DONTNEED, MADV_PAGEOUT, MADV_DONTFORK, MADV_DOFORK];
 
 /// [`Hypercall::Mprotect`] flag: change the PTEs but leave the TLB flush
 /// pending (until [`Hypercall::FlushTlb`]): the deferred flush of uffd-wp

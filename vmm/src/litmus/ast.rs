@@ -43,6 +43,35 @@ pub struct Region {
     pub pos: Pos,
 }
 
+/// The advice of `madvise A PAGES [ADVICE]` (default `dontneed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Advice {
+    /// `MADV_DONTNEED`: drop the pages; they read back as zero.
+    #[default]
+    DontNeed,
+    /// `MADV_PAGEOUT`: reclaim the pages (to swap, for anonymous memory).
+    PageOut,
+    /// `MADV_DONTFORK`: a child does not inherit the range.
+    DontFork,
+    /// `MADV_DOFORK`: undo `MADV_DONTFORK`.
+    DoFork,
+}
+
+impl Advice {
+    /// The word a litmus test writes for it.
+    pub const NAMES: [(&'static str, Advice); 4] = [
+        ("dontneed", Advice::DontNeed),
+        ("pageout", Advice::PageOut),
+        ("dontfork", Advice::DontFork),
+        ("dofork", Advice::DoFork),
+    ];
+
+    /// Its index in `cowlab_abi::MADV_BY_CODE` (the bytecode's `c` field).
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
 /// A value: a register, a number, or a region's base address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operand {
@@ -151,6 +180,7 @@ pub enum StmtKind {
     Madvise {
         addr: Operand,
         pages: u64,
+        advice: Advice,
     },
     Fork {
         dst: Option<u8>,

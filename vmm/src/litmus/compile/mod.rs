@@ -319,9 +319,13 @@ impl<'t> Compiler<'t> {
                 let a = self.operand(addr, SCRATCH)?;
                 self.emit(Op::Mprotect, a, SCRATCH, prot.bits() as u8, *pages);
             }
-            StmtKind::Madvise { addr, pages } => {
+            StmtKind::Madvise {
+                addr,
+                pages,
+                advice,
+            } => {
                 let a = self.operand(addr, SCRATCH)?;
-                self.emit(Op::Madvise, a, SCRATCH, 0, *pages);
+                self.emit(Op::Madvise, a, SCRATCH, advice.code(), *pages);
             }
             StmtKind::Fork { dst, child } => {
                 if !child.starts_with('C') {

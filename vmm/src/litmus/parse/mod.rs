@@ -285,6 +285,27 @@ mod tests {
     use crate::litmus::ast::*;
 
     #[test]
+    fn madvise_takes_an_optional_advice_word() {
+        let t = parse(
+            "cowlab adv\n{ region buf 2 rw }\n\
+             P0 {\n  madvise buf 2\n  madvise buf 1 pageout\n  madvise buf 2 dontfork\n\
+             madvise buf 2 dofork\n  madvise buf 1 dontneed\n}\n\
+             exists (P0:r1 = 1)\n",
+        )
+        .unwrap();
+        let advice: Vec<_> = t.threads[0]
+            .body
+            .iter()
+            .map(|s| match &s.kind {
+                StmtKind::Madvise { advice, .. } => *advice,
+                k => panic!("not a madvise: {k:?}"),
+            })
+            .collect();
+        use Advice::*;
+        assert_eq!(advice, [DontNeed, PageOut, DontFork, DoFork, DontNeed]);
+    }
+
+    #[test]
     fn a_test_reads_into_its_regions_threads_and_items() {
         let t = parse(
             "cowlab two \"About.\"\n{ region buf 2 rw populate; region ro 1 r }\n\

@@ -23,6 +23,23 @@ impl Parser<'_> {
         }
     }
 
+    /// The optional advice word after `madvise A PAGES` (else `dontneed`).
+    fn advice(&mut self) -> Advice {
+        let found = self.peek_word().and_then(|w| {
+            Advice::NAMES
+                .iter()
+                .find(|(name, _)| *name == w)
+                .map(|(_, a)| *a)
+        });
+        match found {
+            Some(a) => {
+                let _ = self.word("an advice");
+                a
+            }
+            None => Advice::DontNeed,
+        }
+    }
+
     /// A register, a number, or a region name.
     pub(super) fn operand(&mut self) -> R<Operand> {
         let (w, pos) = self.word("a register, a number or a region")?;
@@ -297,7 +314,11 @@ impl Parser<'_> {
                 if w == "munmap" {
                     StmtKind::Munmap { addr, pages }
                 } else {
-                    StmtKind::Madvise { addr, pages }
+                    StmtKind::Madvise {
+                        addr,
+                        pages,
+                        advice: self.advice(),
+                    }
                 }
             }
             "mprotect" => {
