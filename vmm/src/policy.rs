@@ -44,6 +44,20 @@ pub enum GupReadCow {
     Unshare,
 }
 
+/// How `do_swap_page()` decides that a swapped-in page is ours alone and
+/// may be mapped writable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapinReuse {
+    /// On a write fault, `reuse_swap_page()`: the page's mapcount plus its
+    /// slot's swap count (the faulting PTE's included) is 1. Blind to GUP
+    /// references, as mapcount COW reuse was (before v5.18).
+    Swapcount,
+    /// The swap PTE's exclusive bit (with `anon_exclusive`), or refcount 1
+    /// after trying to drop the swap cache on a write fault (c145e0b47c77
+    /// "mm: streamline COW logic in do_swap_page()", v5.18).
+    Refcount,
+}
+
 /// A knob's type: how `--set` spells its values and how they print.
 pub trait KnobValue: Sized {
     /// The values, as `cowlab list policies` lists them (`mmap|vma`).
@@ -84,6 +98,10 @@ macro_rules! join_bar {
 
 choices!(FaultLock { Mmap = "mmap", Vma = "vma" }, "mmap or vma");
 choices!(CowReuse { Mapcount = "mapcount", Refcount = "refcount" }, "mapcount or refcount");
+choices!(
+    SwapinReuse { Swapcount = "swapcount", Refcount = "refcount" },
+    "swapcount or refcount"
+);
 choices!(
     GupReadCow { None = "none", Break = "break", Unshare = "unshare" },
     "none, break or unshare"
@@ -247,6 +265,24 @@ knobs! {
     /// `wp_page_copy()` rechecks, under the PTL, that the page is still
     /// shared before installing the copy (suggested in seed 004, not merged).
     wp_copy_recheck_exclusive: bool, "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy";
+    /// How `do_swap_page()` decides reuse: `reuse_swap_page()`'s mapcount
+    /// + swap count, or the exclusive bit / refcount (c145e0b47c77 "mm:
+    /// streamline COW logic in do_swap_page()", v5.18; the swap PTE's
+    /// exclusive bit, 1493a1913e34, v5.19, is used with `anon_exclusive`).
+    swapin_reuse: SwapinReuse, "c145e0b47c77 (v5.18): do_swap_page reuses by refcount, not reuse_swap_page()";
+    /// `do_swap_page()` maps an exclusive page writable on a read fault too
+    /// (c18160dba5ff "mm: swap: reuse exclusive folio directly instead of
+    /// wp page faults", v6.11).
+    swapin_map_writable: bool, "c18160dba5ff (v6.11): swap-in maps exclusive pages writable on read faults";
+    /// `do_wp_page()` drops the swap cache's reference before deciding
+    /// reuse by refcount (53a05ad9f21d "mm: optimize do_wp_page() for
+    /// exclusive pages in the swapcache", v5.18); before, a page in the
+    /// swap cache was always copied.
+    cow_free_swapcache: bool, "53a05ad9f21d (v5.18): do_wp_page frees the swap cache before reuse";
+    /// Reclaim does not add a maybe-pinned anonymous page to the swap
+    /// cache (feb889fb40fa "mm: don't put pinned pages into the swap
+    /// cache", v5.11).
+    pageout_skip_pinned: bool, "feb889fb40fa (v5.11): reclaim leaves maybe-pinned anon pages alone";
     /// Most translations one TLB holds (None = unlimited).
     tlb_capacity: Option<usize>, "cowlab: a small TLB evicts random entries";
     /// A TLB fill also caches the neighbours whose logical PTE permits the
@@ -293,6 +329,10 @@ impl Policy {
         fork_wrprotect_pinned: false,
         uffd_wp_flush_before_copy: true,
         wp_copy_recheck_exclusive: false,
+        swapin_reuse: SwapinReuse::Refcount,
+        swapin_map_writable: true,
+        cow_free_swapcache: true,
+        pageout_skip_pinned: true,
         tlb_capacity: None,
         tlb_fault_around: FaultAround::GROUP_OF_8,
     };
@@ -306,17 +346,23 @@ impl Policy {
             anon_exclusive: false,
             gup_read_cow: GupReadCow::None,
             uffd_wp_flush_before_copy: false,
+            swapin_reuse: SwapinReuse::Swapcount,
+            swapin_map_writable: false,
+            cow_free_swapcache: false,
+            pageout_skip_pinned: false,
             ..m
         };
         Some(match name {
             "mainline" => m,
             "linux-6.4" => Policy {
                 fork_lock_vmas: false,
+                swapin_map_writable: false,
                 ..m
             },
             "linux-6.3" => Policy {
                 fault_lock: FaultLock::Mmap,
                 fork_lock_vmas: false,
+                swapin_map_writable: false,
                 ..m
             },
             "linux-5.10" => v5_10,
@@ -404,6 +450,9 @@ mod tests {
         assert_eq!(p("linux-5.7").gup_read_cow, GupReadCow::None);
         assert!(!p("linux-5.10").uffd_wp_flush_before_copy);
         assert!(p("proposal-fork-coherent").fork_wrprotect_pinned);
+        assert_eq!(p("linux-5.10").swapin_reuse, SwapinReuse::Swapcount);
+        assert_eq!(p("linux-6.3").swapin_reuse, SwapinReuse::Refcount);
+        assert!(p("mainline").swapin_map_writable && !p("linux-6.4").swapin_map_writable);
         assert_eq!(Policy::preset("linux-2.6"), None);
     }
 

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use cowlab_abi::layout::USER_END;
 use cowlab_abi::{
-    fault_result, gup, Hypercall, Program, VcpuArea, MADV_DONTNEED, MPROTECT_DEFER_FLUSH,
+    fault_result, gup, Hypercall, Program, VcpuArea, MADV_DONTNEED, MADV_PAGEOUT,
+    MPROTECT_DEFER_FLUSH,
 };
 
 use super::report::Outcome;
@@ -128,6 +129,11 @@ impl Vcpu {
             Hypercall::Madvise if self.area.arg(2) == MADV_DONTNEED => errno(
                 self.mm
                     .madvise_dontneed(self.area.arg(0), self.area.arg(1), Some(self.id))
+                    .map(|_| 0),
+            ),
+            Hypercall::Madvise if self.area.arg(2) == MADV_PAGEOUT => errno(
+                self.mm
+                    .madvise_pageout(self.area.arg(0), self.area.arg(1), Some(self.id))
                     .map(|_| 0),
             ),
             Hypercall::Madvise => MmError::Inval.errno() as u64,

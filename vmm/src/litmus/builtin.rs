@@ -84,6 +84,61 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["cow"],
     ),
     (
+        "cow-swap-fork-basic",
+        include_str!("../../../tests/litmus/cow-swap-fork-basic.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-fork-mprotect",
+        include_str!("../../../tests/litmus/cow-swap-fork-mprotect.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-vmsplice-unmap",
+        include_str!("../../../tests/litmus/cow-swap-vmsplice-unmap.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-vmsplice-unmap-mprotect",
+        include_str!("../../../tests/litmus/cow-swap-vmsplice-unmap-mprotect.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-vmsplice-before-fork",
+        include_str!("../../../tests/litmus/cow-swap-vmsplice-before-fork.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-vmsplice-parent-unmap",
+        include_str!("../../../tests/litmus/cow-swap-vmsplice-parent-unmap.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-iouring-ro-mapping",
+        include_str!("../../../tests/litmus/cow-swap-iouring-ro-mapping.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-iouring-fork",
+        include_str!("../../../tests/litmus/cow-swap-iouring-fork.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-ro-pin-shared",
+        include_str!("../../../tests/litmus/cow-swap-ro-pin-shared.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-ro-pin-previously-shared",
+        include_str!("../../../tests/litmus/cow-swap-ro-pin-previously-shared.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-ro-pin-exclusive",
+        include_str!("../../../tests/litmus/cow-swap-ro-pin-exclusive.litmus"),
+        &["cow", "swap"],
+    ),
+    (
         "fork-vma-lock-free",
         include_str!("../../../tests/litmus/fork-vma-lock-free.litmus"),
         &["seeds"],

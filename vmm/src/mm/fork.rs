@@ -13,6 +13,7 @@ use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::page::GUP_PIN_COUNTING_BIAS;
 use super::pagetable::{self, bits};
 use super::phys::Word;
+use super::swapfile::{is_swap_pte, swp_offset, PTE_SWP_EXCLUSIVE, PTE_SWP_UFFD_WP};
 use super::tlb::user_pte;
 use crate::hooks::Point;
 
@@ -91,8 +92,9 @@ impl Mm {
             vma.start,
             vma.end.min(USER_END),
             &mut |va, src| {
+                let pte = src.load(Ordering::Acquire);
                 if result.is_err()
-                    || src.load(Ordering::Acquire) & (bits::PRESENT | PTE_PROTNONE) == 0
+                    || (pte & (bits::PRESENT | PTE_PROTNONE) == 0 && !is_swap_pte(pte))
                 {
                     return;
                 }
@@ -114,7 +116,14 @@ impl Mm {
                 result = dst
                     .map(|table| pagetable::leaf_table_slot(&*m.mem, table, va))
                     .map_err(FaultError::from)
-                    .and_then(|dst| self.copy_present_pte(ptls, child, vma, va, src, dst, cpu));
+                    .and_then(|dst| {
+                        if is_swap_pte(was) {
+                            self.copy_nonpresent_pte(ptls, child, va, src, dst);
+                            Ok(())
+                        } else {
+                            self.copy_present_pte(ptls, child, vma, va, src, dst, cpu)
+                        }
+                    });
                 let wrprotected =
                     was & bits::WRITABLE != 0 && src.load(Ordering::Acquire) & bits::WRITABLE == 0;
                 progress += PROGRESS_PER_PTE;
@@ -178,6 +187,32 @@ impl Mm {
         }
         child.set_pte(ptls.1, va, dst, shared);
         Ok(())
+    }
+
+    /// Copies a swap PTE: one more swap count on its slot
+    /// (`swap_duplicate()`), and the exclusive bit cleared in both, since
+    /// the page will be shared once swapped in (1493a1913e34, v5.19).
+    /// Models mm/memory.c:copy_nonpresent_pte() for a swap entry.
+    ///
+    /// Lock contract: called with both PTLs held (`ptls`: the parent's,
+    /// the child's; returns with them held), so the parent's swap PTE, which
+    /// holds the slot, cannot be zapped or swapped in meanwhile.
+    fn copy_nonpresent_pte(
+        &self,
+        ptls: (&PtlGuard<'_>, &PtlGuard<'_>),
+        child: &Mm,
+        va: u64,
+        src: &Word,
+        dst: &Word,
+    ) {
+        let pte = src.load(Ordering::Acquire);
+        self.m.swap.swap_duplicate(swp_offset(pte));
+        let shared = pte & !PTE_SWP_EXCLUSIVE;
+        if pte != shared {
+            self.set_pte(ptls.0, va, src, shared);
+        }
+        // The child does not inherit uffd-wp registration: no marker.
+        child.set_pte(ptls.1, va, dst, shared & !PTE_SWP_UFFD_WP);
     }
 
     /// Gives the child its own copy of a maybe-pinned exclusive page, with a

@@ -10,6 +10,7 @@ use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use super::fault::{Access, FaultError, FaultFlags, VmFault};
 use super::mm_struct::{Mm, PtlGuard, Vma};
 use super::pagetable::{self, bits};
+use super::swapfile::{is_swap_pte, swp_offset};
 use super::tlb::{self, user_pte};
 use crate::hooks::Point;
 use crate::policy::{CowReuse, FaultLock};
@@ -168,7 +169,12 @@ impl Mm {
     ///
     /// Lock contract: called without the PTL (an allocation may sleep);
     /// a copy's source is kept alive by the caller's reference on it.
-    fn alloc_data_page(&self, cpu: usize, addr: u64, from: Option<u64>) -> Result<u64, FaultError> {
+    pub(super) fn alloc_data_page(
+        &self,
+        cpu: usize,
+        addr: u64,
+        from: Option<u64>,
+    ) -> Result<u64, FaultError> {
         let m = &self.m;
         if m.hooks.at(Point::AllocPage, Some(cpu), Some(addr)).is_err() {
             return Err(FaultError::Oom);
@@ -269,7 +275,8 @@ impl Mm {
         })
     }
 
-    /// Dispatches on the PTE read without the lock: none → first touch,
+    /// Dispatches on the PTE read without the lock: a swap entry → swap-in,
+    /// none → first touch,
     /// present but read-only for a write or an unshare → COW. Models
     /// mm/memory.c:handle_pte_fault().
     ///
@@ -277,6 +284,9 @@ impl Mm {
     /// `vmf.orig_pte` may already be stale: each handler rechecks it under
     /// the PTL); returns with the PTL released.
     fn handle_pte_fault(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
+        if is_swap_pte(vmf.orig_pte) {
+            return self.do_swap_page(vmf);
+        }
         if vmf.orig_pte & (bits::PRESENT | PTE_PROTNONE) == 0 {
             return self.do_anonymous_page(vmf);
         }
@@ -330,7 +340,7 @@ impl Mm {
     /// the PTL held), which is then released before wp_page_copy() (Linux:
     /// folio_get() before pte_unmap_unlock()). Returns with the PTL
     /// released.
-    fn do_wp_page(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
+    pub(super) fn do_wp_page(&self, vmf: &VmFault<'_>) -> Result<(), FaultError> {
         let m = &self.m;
         let policy = &m.policy;
         let (page, unshare) = (vmf.address, vmf.flags.unshare);
@@ -401,16 +411,27 @@ impl Mm {
     }
 
     /// Whether a shared-looking page is in fact only ours: by refcount
-    /// (v5.9+, `wp_can_reuse_anon_folio()`) or by mapcount (before,
-    /// `reuse_swap_page()`, blind to GUP references).
+    /// (v5.9+, `wp_can_reuse_anon_folio()`; a page in the swap cache
+    /// leaves it first if `cow_free_swapcache`) or by mapcount plus swap
+    /// count (before, `reuse_swap_page()`, blind to GUP references).
     ///
     /// Lock contract: called with the PTL held by do_wp_page(), so the
     /// counts are those of a page the PTE still maps.
     fn can_reuse(&self, frame: u64) -> bool {
         let p = self.m.frames.page(frame);
         match self.m.policy.cow_reuse {
-            CowReuse::Refcount => p.refcount() == 1,
-            CowReuse::Mapcount => p.mapcount() == 1,
+            CowReuse::Refcount => {
+                // 53a05ad9f21d: the swap cache's own reference need not
+                // force a copy; drop it if no swap PTE needs the page.
+                if self.m.policy.cow_free_swapcache && p.swapcache().is_some() && p.refcount() <= 2
+                {
+                    self.m.swap.folio_free_swap(&self.m.frames, frame);
+                }
+                p.refcount() == 1
+            }
+            // reuse_swap_page(): mapcount + swap count, which is the
+            // mapcount alone for a page outside the swap cache.
+            CowReuse::Mapcount => self.reuse_swap_page(frame),
         }
     }
 
@@ -517,6 +538,8 @@ impl Mm {
         // wp_page_copy() about another process reusing the page).
         if old != m.frames.zero_page() {
             m.frames.remove_rmap(old);
+            // free_swap_cache(): unmapped now, it need not stay cached.
+            m.swap.free_swap_cache(&m.frames, old);
             m.frames.put_page(old);
         }
         drop(ptl);
@@ -529,7 +552,8 @@ impl Mm {
 
     /// Unmaps `[start, end)`: clears the PTEs under the PTL, flushes the
     /// range from every CPU, then drops the pages (after the flush, as
-    /// mmu_gather does). Models mm/memory.c:zap_page_range_single() +
+    /// mmu_gather does). A swap entry gives back its swap count
+    /// (`free_swap_and_cache()`). Models mm/memory.c:zap_page_range_single() +
     /// tlb_finish_mmu().
     ///
     /// Lock contract: called with `mmap_lock` held (for write: munmap,
@@ -546,6 +570,10 @@ impl Mm {
             let ptl = self.ptl();
             pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
                 let pte = self.set_pte(&ptl, va, slot, 0);
+                if is_swap_pte(pte) {
+                    m.swap.free_swap_and_cache(&m.frames, swp_offset(pte));
+                    return;
+                }
                 let frame = pte & bits::ADDR_MASK;
                 if m.frames.is_normal(frame) {
                     m.frames.remove_rmap(frame);
@@ -559,6 +587,8 @@ impl Mm {
         self.flush_tlb_range(start, end, initiator);
         self.dec_tlb_flush_pending();
         for frame in freed {
+            // free_pages_and_swap_cache(): an unmapped page leaves the swap cache.
+            m.swap.free_swap_cache(&m.frames, frame);
             m.frames.put_page(frame);
         }
     }

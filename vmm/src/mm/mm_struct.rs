@@ -28,6 +28,7 @@ use super::gup::Pins;
 use super::page::Frames;
 use super::pagetable::{ENTRIES, KERNEL_PML4_START};
 use super::phys::{PhysMem, Word};
+use super::swapfile::SwapInfo;
 use super::tlb::{CpuFlusher, NoHardware, Tlbs};
 use super::userfaultfd::Uffd;
 use crate::hooks::{Hooks, Point};
@@ -49,6 +50,8 @@ pub struct Machine {
     pub tlbs: Tlbs,
     /// Pins and references held by the guests (get_user_pages).
     pub pins: Pins,
+    /// The swap device, its swap counts and swap cache (MADV_PAGEOUT).
+    pub swap: SwapInfo,
     /// Injection points, rules, schedules, chaos.
     pub hooks: Hooks,
     flusher: OnceLock<Arc<dyn CpuFlusher>>,
@@ -84,6 +87,7 @@ impl Machine {
             frames,
             tlbs: Tlbs::new(),
             pins: Pins::default(),
+            swap: SwapInfo::default(),
             hooks: Hooks::new(),
             flusher: OnceLock::new(),
             policy,

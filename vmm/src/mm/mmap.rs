@@ -10,6 +10,7 @@ use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use super::memory::{PTE_PROTNONE, PTE_UFFD_WP};
 use super::mm_struct::{prot, Mm, Vma};
 use super::pagetable::{self, bits};
+use super::swapfile::is_swap_pte;
 use crate::hooks::Point;
 
 /// Why a call failed, as the errno Linux returns.
@@ -222,6 +223,10 @@ impl Mm {
         let ptl = self.ptl();
         pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
             let old = slot.load(Ordering::Acquire);
+            if is_swap_pte(old) {
+                // change_pte_range() leaves a plain swap entry alone.
+                return;
+            }
             let mut new = if accessible {
                 (old & !PTE_PROTNONE) | bits::PRESENT
             } else {

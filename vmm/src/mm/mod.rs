@@ -15,6 +15,8 @@ pub mod mmap;
 pub mod page;
 pub mod pagetable;
 pub mod phys;
+pub mod swap;
+pub mod swapfile;
 pub mod sync;
 pub mod tlb;
 pub mod userfaultfd;

@@ -8,7 +8,7 @@
 //! exactly in `pincount` for `mm_verify`. The shared zero page is never counted (`vm_normal_page()`
 //! returns NULL for it).
 
-use super::sync::{AtomicBool, AtomicI64, Ordering};
+use super::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use cowlab_abi::layout::PAGE_SIZE;
 
@@ -28,6 +28,10 @@ pub struct Page {
     /// `PageAnonExclusive`: this anonymous page is mapped by one process
     /// only and may be written without copying (6c287605fd56, v5.19).
     anon_exclusive: AtomicBool,
+    /// The swap slot whose swap cache holds this page (`folio->swap` with
+    /// `PG_swapcache`); 0 when it is in no swap cache (slot 0 is never
+    /// handed out, as Linux's swap header page).
+    swap: AtomicU64,
 }
 
 impl Page {
@@ -42,6 +46,16 @@ impl Page {
     }
     pub fn anon_exclusive(&self) -> bool {
         self.anon_exclusive.load(Ordering::Acquire)
+    }
+    /// The swap slot whose swap cache holds this page, if any. Models
+    /// folio_test_swapcache() + `folio->swap`.
+    pub fn swapcache(&self) -> Option<u64> {
+        Some(self.swap.load(Ordering::Acquire)).filter(|s| *s != 0)
+    }
+    /// Enters (`Some`) or leaves (`None`) the swap cache of a slot; only
+    /// the swap device calls this, under its lock.
+    pub(crate) fn set_swapcache(&self, slot: Option<u64>) {
+        self.swap.store(slot.unwrap_or(0), Ordering::Release)
     }
     /// Models include/linux/page-flags.h:SetPageAnonExclusive().
     pub fn set_anon_exclusive(&self) {
@@ -117,6 +131,7 @@ impl Frames {
         page.mapcount.store(0, Ordering::Release);
         page.pincount.store(0, Ordering::Release);
         page.anon_exclusive.store(false, Ordering::Release);
+        page.swap.store(0, Ordering::Release);
         Ok(pa)
     }
 

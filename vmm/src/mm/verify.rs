@@ -9,6 +9,7 @@ use super::memory::PTE_PROTNONE;
 use super::mm_struct::{Machine, Mm};
 use super::page::GUP_PIN_COUNTING_BIAS;
 use super::pagetable::{self, bits};
+use super::swapfile::{is_swap_pte, swp_offset};
 use super::tlb;
 
 /// One broken invariant.
@@ -26,7 +27,10 @@ impl std::fmt::Display for Violation {
 /// - each page's mapcount is the number of PTEs mapping it, and its
 ///   refcount that plus its pins;
 /// - a writable PTE maps an exclusive anonymous page;
-/// - no page is in use without a mapping or a pin (a leak);
+/// - no page is in use without a mapping or a pin (a leak), or a swap PTE
+///   holding the slot whose swap cache it is in; its refcount counts the
+///   swap cache's reference;
+/// - swap counts match the swap PTEs, and the swap cache is consistent;
 /// - unless a flush is pending, no CPU's TLB entry is more permissive than
 ///   the logical PTE (after a completed flush no stale entry remains).
 pub fn mm_verify(m: &Machine, mms: &[&Mm], cpus: &[(usize, &Mm)]) -> Vec<Violation> {
@@ -39,9 +43,18 @@ pub fn mm_verify(m: &Machine, mms: &[&Mm], cpus: &[(usize, &Mm)]) -> Vec<Violati
 pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut mappings: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
+    // Swap PTEs by slot.
+    let mut swap_ptes: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
     for mm in mms {
         pagetable::for_each_leaf(&*m.mem, mm.pgd, 0, u64::MAX, &mut |va, slot| {
             let pte = slot.load(Ordering::Acquire);
+            if is_swap_pte(pte) {
+                swap_ptes
+                    .entry(swp_offset(pte))
+                    .or_default()
+                    .push((mm.id, va));
+                return;
+            }
             if pte & (bits::PRESENT | PTE_PROTNONE) == 0 {
                 return;
             }
@@ -90,16 +103,23 @@ pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
                 maps.len()
             )));
         }
-        let expected = maps.len() as i64 + page.pincount() * GUP_PIN_COUNTING_BIAS + gets;
+        let cached = i64::from(page.swapcache().is_some());
+        let expected = maps.len() as i64 + page.pincount() * GUP_PIN_COUNTING_BIAS + gets + cached;
         if page.refcount() != expected {
             out.push(Violation(format!(
-                "frame {frame:#x}: refcount {} but {} mappings, {} pins and {gets} references [{where_}]",
+                "frame {frame:#x}: refcount {} but {} mappings, {} pins, {gets} references and {cached} swap cache [{where_}]",
                 page.refcount(),
                 maps.len(),
                 page.pincount()
             )));
         }
-        if maps.is_empty() && page.pincount() == 0 && gets == 0 {
+        // A page in the swap cache belongs to its slot while a swap PTE
+        // holds the slot; unmapped and unreferenced otherwise, it should
+        // have left the cache (free_swap_cache(), free_swap_and_cache()).
+        let held_by_slot = page
+            .swapcache()
+            .is_some_and(|s| swap_ptes.get(&s).is_some_and(|v| !v.is_empty()));
+        if maps.is_empty() && page.pincount() == 0 && gets == 0 && !held_by_slot {
             out.push(Violation(format!(
                 "frame {frame:#x}: in use (refcount {}) but unmapped: leaked",
                 page.refcount()
@@ -109,6 +129,54 @@ pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
     for (frame, maps) in mappings {
         out.push(Violation(format!(
             "frame {frame:#x}: mapped at {maps:x?} but free"
+        )));
+    }
+    out.extend(verify_swap(m, swap_ptes));
+    out
+}
+
+/// The swap invariants of [`mm_verify`]: each slot's swap count is the
+/// number of swap PTEs that name it; a slot in use has a count or a page
+/// in the swap cache, and its contents somewhere (written, or cached); the
+/// swap cache and the pages agree on which page caches which slot.
+fn verify_swap(m: &Machine, mut swap_ptes: BTreeMap<u64, Vec<(usize, u64)>>) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for s in m.swap.snapshot() {
+        let ptes = swap_ptes.remove(&s.offset).unwrap_or_default();
+        if s.count as usize != ptes.len() {
+            out.push(Violation(format!(
+                "swap slot {}: swap count {} but {} swap PTEs name it {ptes:x?}",
+                s.offset,
+                s.count,
+                ptes.len()
+            )));
+        }
+        if s.count == 0 && s.cache.is_none() {
+            out.push(Violation(format!(
+                "swap slot {}: in use with no count and no swap cache page",
+                s.offset
+            )));
+        }
+        if s.count > 0 && s.cache.is_none() && !s.written {
+            out.push(Violation(format!(
+                "swap slot {}: {} swap PTEs but neither written nor cached",
+                s.offset, s.count
+            )));
+        }
+        if let Some(pa) = s.cache {
+            let back = m.frames.page(pa).swapcache();
+            if m.frames.page(pa).refcount() == 0 || back != Some(s.offset) {
+                out.push(Violation(format!(
+                    "swap slot {}: caches frame {pa:#x}, which says {back:?} (refcount {})",
+                    s.offset,
+                    m.frames.page(pa).refcount()
+                )));
+            }
+        }
+    }
+    for (offset, ptes) in swap_ptes {
+        out.push(Violation(format!(
+            "swap slot {offset}: free but swap PTEs name it {ptes:x?}"
         )));
     }
     out
@@ -161,6 +229,13 @@ pub fn verify_no_leaks(m: &Machine) -> Vec<Violation> {
     if let (n @ 1.., Some(pa)) = m.frames.pool().double_frees() {
         out.push(Violation(format!(
             "{n} frees of frames that were free already (first {pa:#x}): a reference count went wrong"
+        )));
+    }
+    let slots = m.swap.snapshot();
+    if let Some(s) = slots.first() {
+        out.push(Violation(format!(
+            "{} swap slots still in use after every address space exited (first {s:?})",
+            slots.len()
         )));
     }
     // Every frame but the zero page should be free again.

@@ -96,6 +96,8 @@ codes! {
         Unshare = 6, "unshare";
         /// A uffd-wp page: the fault waits for the handler.
         Userfault = 7, "userfault";
+        /// do_swap_page() mapped the page of a swap entry.
+        SwapIn = 8, "swap-in";
     }
 
     /// `LockWait`'s and `LockDone`'s word: what is waited for.
@@ -118,7 +120,7 @@ mod tests {
     #[test]
     fn codes_match_the_documented_format() {
         let doc = include_str!("../../../docs/trace-format.md");
-        let resolve = "1 fill 2 anon 3 zero page 4 reuse 5 copy 6 unshare 7 userfault";
+        let resolve = "1 fill 2 anon 3 zero page 4 reuse 5 copy 6 unshare 7 userfault 8 swap-in";
         let listed: Vec<String> = Resolution::ALL
             .iter()
             .map(|r| format!("{} {}", r.code(), r.label()))

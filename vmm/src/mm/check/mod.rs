@@ -37,6 +37,10 @@ pub mod page;
 pub mod pagetable;
 #[path = "../phys.rs"]
 pub mod phys;
+#[path = "../swap.rs"]
+pub mod swap;
+#[path = "../swapfile.rs"]
+pub mod swapfile;
 #[path = "../tlb.rs"]
 pub mod tlb;
 #[path = "../userfaultfd.rs"]
