@@ -423,15 +423,31 @@ impl Mm {
             CowReuse::Refcount => {
                 // 53a05ad9f21d: the swap cache's own reference need not
                 // force a copy; drop it if no swap PTE needs the page.
-                if self.m.policy.cow_free_swapcache && p.swapcache().is_some() && p.refcount() <= 2
+                // (wp_can_reuse_anon_folio(): only with the page lock,
+                // else copy.)
+                if self.m.policy.cow_free_swapcache
+                    && p.swapcache().is_some()
+                    && p.refcount() <= 2
+                    && p.trylock()
                 {
                     self.m.swap.folio_free_swap(&self.m.frames, frame);
+                    p.unlock();
                 }
                 p.refcount() == 1
             }
             // reuse_swap_page(): mapcount + swap count, which is the
-            // mapcount alone for a page outside the swap cache.
-            CowReuse::Mapcount => self.reuse_swap_page(frame),
+            // mapcount alone for a page outside the swap cache. A cached
+            // page needs its lock (Linux waits for it; here a page that
+            // reclaim holds is copied).
+            CowReuse::Mapcount if p.swapcache().is_none() => p.mapcount() == 1,
+            CowReuse::Mapcount => {
+                if !p.trylock() {
+                    return false;
+                }
+                let reuse = self.reuse_swap_page(frame);
+                p.unlock();
+                reuse
+            }
         }
     }
 

@@ -32,6 +32,12 @@ pub struct Page {
     /// `PG_swapcache`); 0 when it is in no swap cache (slot 0 is never
     /// handed out, as Linux's swap header page).
     swap: AtomicU64,
+    /// Taken off the LRU by reclaim (`!PG_lru` after folio_isolate_lru()):
+    /// one reclaimer at a time.
+    isolated: AtomicBool,
+    /// `PG_locked`: held by reclaim from add_to_swap() to the page's
+    /// removal, and by whoever adds it to or removes it from the swap cache.
+    locked: AtomicBool,
 }
 
 impl Page {
@@ -56,6 +62,27 @@ impl Page {
     /// the swap device calls this, under its lock.
     pub(crate) fn set_swapcache(&self, slot: Option<u64>) {
         self.swap.store(slot.unwrap_or(0), Ordering::Release)
+    }
+    /// Takes the page for reclaim; false if another reclaimer has it.
+    /// Models mm/vmscan.c:folio_isolate_lru().
+    pub fn isolate_lru(&self) -> bool {
+        self.isolated
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+    /// Locks the page unless it is locked. Models folio_trylock().
+    pub fn trylock(&self) -> bool {
+        self.locked
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+    /// Models folio_unlock().
+    pub fn unlock(&self) {
+        self.locked.store(false, Ordering::Release)
+    }
+    /// Gives the page back after reclaim. Models folio_putback_lru().
+    pub fn putback_lru(&self) {
+        self.isolated.store(false, Ordering::Release)
     }
     /// Models include/linux/page-flags.h:SetPageAnonExclusive().
     pub fn set_anon_exclusive(&self) {
@@ -132,6 +159,8 @@ impl Frames {
         page.pincount.store(0, Ordering::Release);
         page.anon_exclusive.store(false, Ordering::Release);
         page.swap.store(0, Ordering::Release);
+        page.isolated.store(false, Ordering::Release);
+        page.locked.store(false, Ordering::Release);
         Ok(pa)
     }
 

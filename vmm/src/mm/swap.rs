@@ -46,6 +46,7 @@ impl Mm {
                 if pte & bits::PRESENT == 0
                     || !m.frames.is_normal(frame)
                     || m.frames.page(frame).mapcount() != 1
+                    || !m.frames.page(frame).isolate_lru()
                 {
                     return;
                 }
@@ -56,6 +57,7 @@ impl Mm {
         }
         for (va, frame) in isolated {
             self.shrink_folio(va, frame, cpu);
+            m.frames.page(frame).putback_lru();
             m.frames.put_page(frame);
         }
         Ok(())
@@ -68,8 +70,23 @@ impl Mm {
     /// and __remove_mapping() if nobody else holds it.
     ///
     /// Lock contract: called with `mmap_lock` held for read and the
-    /// caller's isolation reference on `frame`, without the PTL.
+    /// caller's isolation reference on `frame`, without the PTL; holds the
+    /// page lock (trylock: a locked page is skipped) across add_to_swap(),
+    /// try_to_unmap() and pageout(), as Linux does, so no fault or zap can
+    /// take the page out of the swap cache in between.
     fn shrink_folio(&self, va: u64, frame: u64, cpu: Option<usize>) {
+        let page = self.m.frames.page(frame);
+        // folio_trylock(): the swap cache may change only under the lock.
+        if !page.trylock() {
+            return;
+        }
+        self.shrink_locked_folio(va, frame, cpu);
+        page.unlock();
+    }
+
+    /// [`Mm::shrink_folio`] with the page locked: nobody else can take it
+    /// out of the swap cache, so its slot stays its own.
+    fn shrink_locked_folio(&self, va: u64, frame: u64, cpu: Option<usize>) {
         let m = &self.m;
         let page = m.frames.page(frame);
         let offset = match page.swapcache() {
@@ -84,10 +101,16 @@ impl Mm {
                 offset
             }
         };
-        if !self.try_to_unmap_one(va, frame, offset, cpu) {
-            return;
+        self.try_to_unmap_one(va, frame, offset, cpu);
+        // Unmapped (by us, or by a zap meanwhile): write it out and free it.
+        if page.mapcount() == 0 && !m.swap.pageout(&*m.mem, &m.frames, frame) {
+            // Someone else still holds it (a pin, a pipe, a zap about to
+            // drop its reference): it stays, unwritten, in the swap cache
+            // for its swap PTE. If no swap PTE names the slot (a zap took
+            // the mapping meanwhile), Linux leaves it for a later reclaim
+            // pass; the model has none, so it leaves the cache now.
+            m.swap.folio_free_swap(&m.frames, frame);
         }
-        m.swap.pageout(&*m.mem, &m.frames, frame);
     }
 
     /// Replaces the PTE at `va` that maps `frame` by a swap entry for slot
@@ -133,7 +156,7 @@ impl Mm {
     /// do_swap_page() until c145e0b47c77 (v5.18) and by do_wp_page()
     /// before 09854ba94c6a (v5.9).
     ///
-    /// Lock contract: called with the PTL held (Linux: and the page lock).
+    /// Lock contract: called with the PTL and the page lock held.
     pub(super) fn reuse_swap_page(&self, frame: u64) -> bool {
         let m = &self.m;
         let page = m.frames.page(frame);
@@ -191,6 +214,14 @@ impl Mm {
             return Ok(());
         };
         let page = m.frames.page(frame);
+        // folio_lock_or_retry(): a page reclaim holds is waited for by
+        // faulting again.
+        if !page.trylock() {
+            drop(ptl);
+            m.frames.put_page(frame);
+            super::sync::yield_now();
+            return Ok(());
+        }
         let uffd_wp = entry & PTE_SWP_UFFD_WP != 0 && vmf.vma.uffd_wp();
         let (exclusive, mut writable) = match policy.swapin_reuse {
             SwapinReuse::Swapcount => {
@@ -229,6 +260,7 @@ impl Mm {
             pte |= PTE_UFFD_WP;
         }
         self.set_pte(&ptl, vmf.address, vmf.pte, pte);
+        page.unlock();
         if let Some(t) = self.trace() {
             t.emit(Kind::Resolve, &[vmf.address, Resolution::SwapIn.code()], "");
         }

@@ -56,7 +56,7 @@ pub fn pte_swp_exclusive(pte: u64) -> bool {
 /// The swap PTE for `offset`. Models swp_entry_to_pte() (+ pte_swp_mkexclusive(),
 /// pte_swp_mkuffd_wp()).
 pub fn swp_entry_to_pte(offset: u64, exclusive: bool, uffd_wp: bool) -> u64 {
-    let mut pte = offset * PAGE_SIZE | PTE_SWAP;
+    let mut pte = (offset * PAGE_SIZE) | PTE_SWAP;
     if exclusive {
         pte |= PTE_SWP_EXCLUSIVE;
     }
@@ -154,6 +154,10 @@ impl SwapInfo {
     /// add_to_swap_cache()).
     pub fn add_to_swap(&self, frames: &Frames, pa: u64) -> Option<u64> {
         let mut st = self.lock();
+        if let Some(offset) = frames.page(pa).swapcache() {
+            // Already there (the caller's check raced with another add).
+            return Some(offset);
+        }
         let offset = match st.free.pop() {
             Some(o) => o,
             None if (st.slots.len() as u64) < SWAP_SLOTS => {
@@ -244,7 +248,7 @@ impl SwapInfo {
     }
 
     /// Removes `pa` from the swap cache and drops the cache's reference
-    /// (the page stays alive while its caller holds one). Models
+    /// (the caller holds the page lock and a reference). Models
     /// mm/swap_state.c:delete_from_swap_cache().
     pub fn delete_from_swap_cache(&self, frames: &Frames, pa: u64) {
         let mut st = self.lock();
@@ -269,7 +273,8 @@ impl SwapInfo {
 
     /// Removes `pa` from the swap cache if no swap PTE holds its slot any
     /// more; true if it did. Models mm/swapfile.c:folio_free_swap()
-    /// (try_to_free_swap() before v6.1).
+    /// (try_to_free_swap() before v6.1). The caller holds the page lock
+    /// and a reference besides the cache's.
     pub fn folio_free_swap(&self, frames: &Frames, pa: u64) -> bool {
         let mut st = self.lock();
         let Some(offset) = frames.page(pa).swapcache() else {
@@ -288,9 +293,17 @@ impl SwapInfo {
     /// cache if it is unmapped everywhere and no swap PTE holds it. Models
     /// mm/swap_state.c:free_swap_cache() (from free_pages_and_swap_cache()
     /// and wp_page_copy()).
+    ///
+    /// The caller holds a reference (the page outlives the call); the page
+    /// lock is tried, and a locked page (reclaim has it) is left alone.
     pub fn free_swap_cache(&self, frames: &Frames, pa: u64) {
-        if frames.is_normal(pa) && frames.page(pa).mapcount() == 0 {
+        if !frames.is_normal(pa) {
+            return;
+        }
+        let page = frames.page(pa);
+        if page.swapcache().is_some() && page.mapcount() == 0 && page.trylock() {
             self.folio_free_swap(frames, pa);
+            page.unlock();
         }
     }
 
@@ -304,9 +317,15 @@ impl SwapInfo {
         debug_assert!(s.count > 0, "zap of slot {offset} with count 0");
         s.count = s.count.saturating_sub(1);
         let (count, cache) = (s.count, s.cache);
-        if count == 0 && cache != 0 && frames.page(cache).mapcount() == 0 {
+        // __try_to_reclaim_swap(): folio_trylock(), else leave it to reclaim.
+        if count == 0
+            && cache != 0
+            && frames.page(cache).mapcount() == 0
+            && frames.page(cache).trylock()
+        {
             self.remove_from_cache(&mut st, frames, cache);
             drop(st);
+            frames.page(cache).unlock();
             frames.put_page(cache);
             return;
         }

@@ -3,6 +3,7 @@
 //! mm/userfaultfd.c (mwriteprotect_range) and fs/userfaultfd.c
 //! (handle_userfault, the read() of events).
 
+use super::swapfile::{is_swap_pte, PTE_SWP_UFFD_WP};
 use super::sync::{Condvar, Mutex, MutexGuard, Ordering};
 use std::collections::VecDeque;
 
@@ -68,6 +69,17 @@ impl Mm {
             let ptl = self.ptl();
             pagetable::for_each_leaf(&*m.mem, self.pgd, start, end, &mut |va, slot| {
                 let pte = slot.load(Ordering::Acquire);
+                if is_swap_pte(pte) {
+                    // The marker travels with the swap entry
+                    // (pte_swp_mkuffd_wp()), restored at swap-in.
+                    let new = if protect {
+                        pte | PTE_SWP_UFFD_WP
+                    } else {
+                        pte & !PTE_SWP_UFFD_WP
+                    };
+                    self.set_pte(&ptl, va, slot, new);
+                    return;
+                }
                 if pte & bits::PRESENT == 0 {
                     return;
                 }

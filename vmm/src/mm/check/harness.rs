@@ -63,6 +63,8 @@ pub(super) enum Op {
     Unpin,
     UffdWp,
     Flush,
+    /// MADV_PAGEOUT of the page: the contents must survive the round trip.
+    Pageout,
 }
 
 /// Mixes of operations (weights), one drawn per execution: every kind
@@ -81,6 +83,7 @@ pub(super) const MIXES: &[&[(Op, u32)]] = &[
         (Op::Unpin, 6),
         (Op::UffdWp, 7),
         (Op::Flush, 6),
+        (Op::Pageout, 5),
     ],
     &[(Op::Store, 55), (Op::Load, 20), (Op::Fork, 25)],
     &[
@@ -103,6 +106,14 @@ pub(super) const MIXES: &[&[(Op, u32)]] = &[
         (Op::Fork, 15),
         (Op::DontNeed, 15),
         (Op::Munmap, 10),
+    ],
+    &[
+        (Op::Store, 35),
+        (Op::Load, 20),
+        (Op::Fork, 15),
+        (Op::Pageout, 20),
+        (Op::Gup, 10),
+        (Op::Unpin, 5),
     ],
 ];
 
@@ -382,6 +393,9 @@ impl World {
                 }
                 Op::UffdWp => {}
                 Op::Flush => mm.flush_tlb_mm(Some(cpu)),
+                Op::Pageout => {
+                    let _ = mm.madvise_pageout(page, PAGE_SIZE, Some(cpu));
+                }
             }
         }
         for h in handles {
