@@ -159,6 +159,34 @@ fn the_cow_matrix_passes_under_mainline_and_fails_where_linux_did() {
 }
 
 #[test]
+fn the_swapped_out_cow_matrix_passes_under_mainline_and_fails_where_reuse_swap_page_did() {
+    let (_, cells) = suite("swap");
+    let tests: Vec<&String> = cells.keys().map(|(t, _)| t).collect();
+    assert_eq!(
+        tests.iter().filter(|t| t.starts_with("cow-swap-")).count(),
+        11 * 6,
+        "{tests:?}"
+    );
+    for t in &tests {
+        assert_eq!(cell(&cells, t, "mainline")["observation"], "Never", "{t}");
+    }
+    // do_swap_page()'s reuse_swap_page() (before c145e0b47c77, v5.18) is
+    // blind to the pipe's reference: 5.10 fails where the base page passes.
+    for t in [
+        "cow-swap-vmsplice-unmap",
+        "cow-swap-vmsplice-unmap-mprotect",
+        "cow-swap-vmsplice-parent-unmap",
+    ] {
+        assert_eq!(
+            cell(&cells, t, "linux-5.10")["observation"],
+            "Always",
+            "{t}"
+        );
+        assert_eq!(cell(&cells, t, "linux-5.8")["observation"], "Never", "{t}");
+    }
+}
+
+#[test]
 fn no_false_positives_under_chaos_for_the_fixed_presets() {
     // The benchmark-style check (docs/scenarios.md) makes 10 000 runs of
     // each; CI makes 60, free-running with chaos delays at every point.
