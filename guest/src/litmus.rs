@@ -132,7 +132,7 @@ pub fn run(start: u64) -> ! {
             Op::Pin => {
                 regs[a] = res(rt::pin(
                     regs[b],
-                    c as u64 & (gup::WRITE | gup::PIN | gup::LONGTERM),
+                    c as u64 & (gup::WRITE | gup::PIN | gup::LONGTERM | gup::FAST),
                 ))
             }
             Op::Unpin => {

@@ -232,6 +232,11 @@ knobs! {
     /// c89357e27f20, v5.19).
     anon_exclusive: bool, "6c287605fd56, c89357e27f20 (v5.19): PageAnonExclusive, unshare faults";
     gup_read_cow: GupReadCow, "17839856fd58 (v5.8) break; a308c71bf1e6 (v5.9) none; v5.19 unshare";
+    /// GUP-fast's FOLL_PIN path samples `mm->write_protect_seq` before its
+    /// lockless walk and gives up (unpins, falls back to the slow path) if
+    /// a fork's `copy_page_range()` ran meanwhile (57efa1fe5957 "mm/gup:
+    /// prevent gup_fast from racing with COW during fork", v5.11).
+    gup_fast_fork_seqcount: bool, "57efa1fe5957 (v5.11): GUP-fast pins retry on fork's write_protect_seq";
     /// fork copies maybe-pinned exclusive pages at once instead of sharing
     /// them (70e806e4e645 "mm: Do early cow for pinned pages during fork()
     /// for ptes").
@@ -289,6 +294,7 @@ impl Policy {
         cow_reuse: CowReuse::Refcount,
         anon_exclusive: true,
         gup_read_cow: GupReadCow::Unshare,
+        gup_fast_fork_seqcount: true,
         fork_copy_pinned: true,
         fork_wrprotect_pinned: false,
         uffd_wp_flush_before_copy: true,
@@ -305,6 +311,7 @@ impl Policy {
             fork_lock_vmas: false,
             anon_exclusive: false,
             gup_read_cow: GupReadCow::None,
+            gup_fast_fork_seqcount: false,
             uffd_wp_flush_before_copy: false,
             ..m
         };
@@ -403,6 +410,8 @@ mod tests {
         assert_eq!(p("linux-5.8").gup_read_cow, GupReadCow::Break);
         assert_eq!(p("linux-5.7").gup_read_cow, GupReadCow::None);
         assert!(!p("linux-5.10").uffd_wp_flush_before_copy);
+        assert!(p("linux-6.3").gup_fast_fork_seqcount && !p("linux-5.10").gup_fast_fork_seqcount);
+        assert!(!p("linux-5.8").gup_fast_fork_seqcount && !p("linux-5.7").gup_fast_fork_seqcount);
         assert!(p("proposal-fork-coherent").fork_wrprotect_pinned);
         assert_eq!(Policy::preset("linux-2.6"), None);
     }

@@ -156,6 +156,10 @@ pub mod gup {
     pub const PIN: u64 = 2;
     /// FOLL_LONGTERM.
     pub const LONGTERM: u64 = 4;
+    /// GUP-fast first: get_user_pages_fast() / pin_user_pages_fast() (the
+    /// lockless walk, falling back to the slow path), else
+    /// get_user_pages() / pin_user_pages().
+    pub const FAST: u64 = 8;
 }
 
 /// `MADV_DONTNEED` for [`Hypercall::Madvise`].

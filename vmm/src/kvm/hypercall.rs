@@ -138,7 +138,13 @@ impl Vcpu {
                     pin: f & gup::PIN != 0,
                     longterm: f & gup::LONGTERM != 0,
                 };
-                match self.mm.get_user_page(self.area.arg(0), flags, self.id) {
+                let r = if f & gup::FAST != 0 {
+                    self.mm
+                        .get_user_pages_fast(self.area.arg(0), flags, self.id)
+                } else {
+                    self.mm.get_user_page(self.area.arg(0), flags, self.id)
+                };
+                match r {
                     Ok(handle) => handle,
                     Err(FaultError::Oom) => MmError::NoMem.errno() as u64,
                     Err(_) => -14i64 as u64, // EFAULT

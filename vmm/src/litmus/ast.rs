@@ -125,6 +125,9 @@ pub struct PinFlags {
     pub longterm: bool,
     /// FOLL_GET instead of FOLL_PIN (`get` instead of `pin`).
     pub get: bool,
+    /// GUP-fast first (`fast`): get_user_pages_fast() /
+    /// pin_user_pages_fast() instead of the slow path alone.
+    pub fast: bool,
 }
 
 /// One statement, with where it starts.

@@ -84,6 +84,21 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["cow"],
     ),
     (
+        "cow-ro-fast-pin-shared",
+        include_str!("../../../tests/litmus/cow-ro-fast-pin-shared.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-fast-pin-previously-shared",
+        include_str!("../../../tests/litmus/cow-ro-fast-pin-previously-shared.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-fast-pin-exclusive",
+        include_str!("../../../tests/litmus/cow-ro-fast-pin-exclusive.litmus"),
+        &["cow"],
+    ),
+    (
         "fork-vma-lock-free",
         include_str!("../../../tests/litmus/fork-vma-lock-free.litmus"),
         &["seeds"],
@@ -126,6 +141,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
     (
         "wp-copy-reuse-aba-free",
         include_str!("../../../tests/litmus/wp-copy-reuse-aba-free.litmus"),
+        &["seeds"],
+    ),
+    (
+        "gup-fast-fork",
+        include_str!("../../../tests/litmus/gup-fast-fork.litmus"),
         &["seeds"],
     ),
     (

@@ -80,6 +80,15 @@ impl Mm {
         const PROGRESS_BREAK: u32 = 32;
         const PROGRESS_PER_PTE: u32 = 8;
         let m = &self.m;
+        // raw_write_seqcount_begin(&src_mm->write_protect_seq) for a COW
+        // mapping (every VMA here is private anonymous): a GUP-fast pin
+        // that overlaps this copy sees the count change and backs off
+        // (57efa1fe5957). Write-locking the parent's `mmap_lock`
+        // serializes the writers.
+        let seq = m
+            .policy
+            .gup_fast_fork_seqcount
+            .then(|| WriteProtectSeq::begin(self));
         let mut result = Ok(());
         let mut held: Option<(PtlGuard<'_>, PtlGuard<'_>)> = None;
         let mut progress = 0;
@@ -127,6 +136,8 @@ impl Mm {
                 }
             },
         );
+        drop(held);
+        drop(seq);
         result
     }
 
@@ -174,6 +185,10 @@ impl Mm {
         // A private writable mapping: write-protect both sides (COW).
         let shared = pte & !bits::WRITABLE;
         if pte & bits::WRITABLE != 0 {
+            // The page was found not maybe-pinned and is now shared; a
+            // GUP-fast pin taken from here to the write-protect below is
+            // what write_protect_seq catches.
+            let _ = m.hooks.at(Point::ForkBeforeWrprotect, cpu, Some(va));
             self.set_pte(ptls.0, va, src, shared);
         }
         child.set_pte(ptls.1, va, dst, shared);
@@ -222,6 +237,25 @@ impl Mm {
         m.frames.add_new_anon_rmap(new);
         child.set_pte(ptls.1, va, dst, user_pte(new, vma.writable()));
         Ok(())
+    }
+}
+
+/// `raw_write_seqcount_begin()` .. `raw_write_seqcount_end()` on
+/// `mm->write_protect_seq`: odd while held. Models the seqcount_t writer.
+struct WriteProtectSeq<'a>(&'a super::sync::AtomicU64);
+
+impl<'a> WriteProtectSeq<'a> {
+    fn begin(mm: &'a Mm) -> Self {
+        // SeqCst: the increment is ordered before fork's reads of the
+        // refcounts, as GUP-fast's grab is before its re-read of the count.
+        mm.write_protect_seq.fetch_add(1, Ordering::SeqCst);
+        WriteProtectSeq(&mm.write_protect_seq)
+    }
+}
+
+impl Drop for WriteProtectSeq<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -280,6 +280,10 @@ pub struct Mm {
     users: AtomicUsize,
     /// `MMF_HAS_PINNED`: a page of this mm was ever FOLL_PIN-ned.
     pub(crate) has_pinned: AtomicBool,
+    /// `mm->write_protect_seq`: odd while a fork's `copy_page_range()`
+    /// may be write-protecting this mm's PTEs (when
+    /// `gup_fast_fork_seqcount`); GUP-fast pins retry on a change.
+    pub(crate) write_protect_seq: AtomicU64,
     /// The userfaultfd of this mm (one per mm here).
     pub(crate) uffd: Uffd,
     /// Who holds `mmap_lock` for write and the PTL, for wait reports.
@@ -350,6 +354,7 @@ impl Mm {
             mmap_base: AtomicU64::new(MMAP_BASE),
             users: AtomicUsize::new(0),
             has_pinned: AtomicBool::new(false),
+            write_protect_seq: AtomicU64::new(0),
             uffd: Uffd::default(),
             mmap_writer: Mutex::new(None),
             ptl_holder: Mutex::new(None),
@@ -640,7 +645,8 @@ impl Mm {
         let cpus: Vec<usize> = self.cpus().collect();
         for cpu in &cpus {
             if let Some(tlb) = self.m.tlbs.get(*cpu) {
-                super::tlb::lock(&tlb).flush_range(&*self.m.mem, start, end);
+                self.shootdown_lock(&tlb, *cpu)
+                    .flush_range(&*self.m.mem, start, end);
             }
         }
         let _ = self.m.hooks.at(Point::TlbBeforeIpi, initiator, Some(start));
@@ -652,6 +658,55 @@ impl Mm {
         if let Some(t) = self.trace() {
             t.emit(Kind::FlushEnd, &[start], "");
         }
+    }
+
+    /// CPU `target`'s TLB lock, for a shootdown. The target holds it only
+    /// for a TLB fill or a GUP-fast walk (`Mm::gup_fast`, its interrupts
+    /// off): the shootdown waits for either to end, as the IPI waits for
+    /// the target to enable interrupts. Explored, a held lock is a lock
+    /// point, so whether the walk ends first is the explorer's decision;
+    /// under a schedule the wait is noted for `unreachable` reports.
+    ///
+    /// Lock contract: may be called with `mmap_lock` or the PTL held
+    /// (neither is taken under a TLB lock).
+    fn shootdown_lock<'t>(
+        &self,
+        tlb: &'t Arc<Mutex<super::tlb::ShadowTlb>>,
+        target: usize,
+    ) -> MutexGuard<'t, super::tlb::ShadowTlb> {
+        let try_lock = || match tlb.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(g) = try_lock() {
+            return g;
+        }
+        let cpu = crate::cpu::current();
+        if let Some(c) = cpu {
+            let held = Arc::clone(tlb);
+            let free: LockFree = Arc::new(move || held.try_lock().is_ok());
+            while self
+                .m
+                .hooks
+                .explore_lock_wait(c, "irqs_off", Arc::clone(&free))
+            {
+                if let Some(g) = try_lock() {
+                    return g;
+                }
+            }
+            self.m.hooks.set_blocked(
+                c,
+                Some(format!(
+                    "v{c} waits for v{target} to enable interrupts (a TLB shootdown)"
+                )),
+            );
+        }
+        let g = super::tlb::lock(tlb);
+        if let Some(c) = cpu {
+            self.m.hooks.set_blocked(c, None);
+        }
+        g
     }
 
     /// Models include/linux/mm.h:flush_tlb_page().

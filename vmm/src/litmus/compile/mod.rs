@@ -375,6 +375,9 @@ impl<'t> Compiler<'t> {
                 if flags.longterm {
                     f |= gup::LONGTERM;
                 }
+                if flags.fast {
+                    f |= gup::FAST;
+                }
                 self.emit(Op::Pin, *dst, a, f as u8, 0);
             }
             StmtKind::Unpin(r) => {

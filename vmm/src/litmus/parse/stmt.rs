@@ -193,14 +193,32 @@ impl Parser<'_> {
             "pin" | "get" => {
                 let (w, _) = self.word("pin")?;
                 let addr = self.operand()?;
+                // `get` is vmsplice's get_user_pages_fast() unless `slow`;
+                // `pin` is pin_user_pages() unless `fast`.
                 let mut flags = PinFlags {
                     get: w == "get",
+                    fast: w == "get",
                     ..Default::default()
                 };
+                let mut path: Option<&str> = None;
                 while let Some(f) = self.peek_word() {
                     match f.as_str() {
                         "write" => flags.write = true,
                         "longterm" => flags.longterm = true,
+                        "fast" | "slow" => {
+                            let (f, fpos) = self.word("a flag")?;
+                            if let Some(other) = path.filter(|p| *p != f) {
+                                return Err(ParseError {
+                                    pos: fpos,
+                                    msg: format!(
+                                        "'{f}' contradicts '{other}': a {w} takes one path"
+                                    ),
+                                });
+                            }
+                            flags.fast = f == "fast";
+                            path = Some(if flags.fast { "fast" } else { "slow" });
+                            continue;
+                        }
                         _ => break,
                     }
                     self.word("a flag")?;

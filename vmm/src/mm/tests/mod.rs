@@ -579,4 +579,5 @@ fn a_pte_write_needs_its_own_mms_ptl() {
 }
 
 mod fork_gup;
+mod gup_fast;
 mod units;
