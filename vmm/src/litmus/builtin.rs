@@ -169,6 +169,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["bare"],
     ),
     (
+        "gup-fast-fork-bare",
+        include_str!("../../../tests/litmus/gup-fast-fork-bare.litmus"),
+        &["bare"],
+    ),
+    (
         "wp-copy-reuse-aba-bare",
         include_str!("../../../tests/litmus/wp-copy-reuse-aba-bare.litmus"),
         &["bare"],
