@@ -306,6 +306,37 @@ mod tests {
     }
 
     #[test]
+    fn pin_and_get_take_their_gup_path_fast_or_slow() {
+        let t = parse(
+            "cowlab gup\n{ region buf 1 rw }\n\
+             P0 {\n  r1 = pin buf\n  r2 = pin buf write fast longterm\n\
+             r3 = get buf\n  r4 = get buf slow write\n}\n\
+             exists (P0:r1 = 1)\n",
+        )
+        .unwrap();
+        let flags: Vec<_> = t.threads[0]
+            .body
+            .iter()
+            .map(|s| match &s.kind {
+                StmtKind::Pin { flags, .. } => (flags.get, flags.write, flags.fast),
+                k => panic!("not a pin: {k:?}"),
+            })
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                (false, false, false),
+                (false, true, true),
+                (true, false, true),
+                (true, true, false)
+            ]
+        );
+        let e = parse("cowlab t\nP0 {\n  r1 = get 0 slow fast\n}\nexists (true)\n").unwrap_err();
+        assert_eq!((e.pos.line, e.pos.col), (3, 19), "{e}");
+        assert_eq!(e.msg, "'fast' contradicts 'slow': a get takes one path");
+    }
+
+    #[test]
     fn a_test_reads_into_its_regions_threads_and_items() {
         let t = parse(
             "cowlab two \"About.\"\n{ region buf 2 rw populate; region ro 1 r }\n\

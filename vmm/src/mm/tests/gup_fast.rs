@@ -223,3 +223,53 @@ fn write_protect_seq_makes_a_racing_fast_pin_retry_after_fork() {
         assert_eq!(verify_no_leaks(&m), vec![], "seqcount={seqcount}");
     }
 }
+
+/// A write-protect between the walk and the grab is not the race: the
+/// re-read after the grab sees the changed PTE and gives the page back.
+/// The write-protect's shootdown reaches the walking CPU only after the
+/// walk ends (its TLB lock stands for interrupts off), so mprotect cannot
+/// return while the walk is held.
+#[test]
+fn a_pte_changed_under_the_walk_is_caught_by_the_reread_and_its_shootdown_waits() {
+    let m = machine_with(Policy::MAINLINE);
+    let mm = Mm::new(&m).unwrap();
+    attach(&mm, 0);
+    attach(&mm, 1);
+    let a = mm.mmap(None, PAGE_SIZE, RW).unwrap();
+    access(&mm, 0, a, Some(1)).unwrap();
+    m.hooks
+        .add_rule(parse_rule("pause@gup_fast:after_walk/v0").unwrap());
+    let pinner = {
+        let mm = Arc::clone(&mm);
+        thread::spawn(move || mm.get_user_pages_fast(a, W_PIN, 0))
+    };
+    until_paused(&m, 0, "gup_fast:after_walk");
+    let protector = {
+        let mm = Arc::clone(&mm);
+        thread::spawn(move || mm.mprotect(a, PAGE_SIZE, prot::READ, false, Some(1)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pte_of(&mm, a) & bits::WRITABLE != 0 {
+        assert!(Instant::now() < deadline, "mprotect never changed the PTE");
+        thread::yield_now();
+    }
+    assert!(
+        !protector.is_finished(),
+        "mprotect's shootdown went past a CPU with interrupts off"
+    );
+    m.hooks.remove_rules(None);
+    m.hooks.resume(Some(0));
+    protector.join().unwrap().unwrap();
+    // The grab saw a R/O PTE on its re-read: the slow path refuses a
+    // write pin of a read-only VMA.
+    assert_eq!(pinner.join().unwrap(), Err(FaultError::Segv));
+    let frame = pte_of(&mm, a) & bits::ADDR_MASK;
+    assert_eq!(
+        m.frames.page(frame).pincount(),
+        0,
+        "the grab was given back"
+    );
+    assert_clean(&mm, &[0, 1]);
+    detach(&mm, 0);
+    detach(&mm, 1);
+}
