@@ -75,6 +75,9 @@ impl Mm {
     /// Lock contract: called with the parent's `mmap_lock` held for write;
     /// takes the parent's then the child's PTL around each batch of PTEs
     /// (each PTE while hooks are armed) and drops both before returning.
+    /// With `gup_fast_fork_seqcount`, the parent's `write_protect_seq` is
+    /// odd for the whole copy (GUP-fast, which takes neither lock, reads
+    /// it instead).
     fn copy_page_range(&self, child: &Mm, vma: &Vma, cpu: Option<usize>) -> Result<(), FaultError> {
         /// copy_pte_range()'s `progress` threshold and a present PTE's share.
         const PROGRESS_BREAK: u32 = 32;

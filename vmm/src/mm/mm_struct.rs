@@ -698,7 +698,7 @@ impl Mm {
             self.m.hooks.set_blocked(
                 c,
                 Some(format!(
-                    "v{c} waits for v{target} to enable interrupts (a TLB shootdown)"
+                    "v{c} waits for v{target}'s TLB (a fill, or a GUP-fast walk with interrupts off)"
                 )),
             );
         }
