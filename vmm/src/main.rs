@@ -120,7 +120,12 @@ enum Command {
         #[arg(long)]
         runs: Option<u64>,
         /// Watchdog per run in seconds (0.001 to 1000000, or 0 for none).
-        #[arg(long, value_name = "SECS", default_value = "30", allow_negative_numbers = true)]
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "30",
+            allow_negative_numbers = true
+        )]
         timeout: String,
         /// One JSON object instead of the table.
         #[arg(long)]
@@ -165,7 +170,12 @@ enum Command {
         #[arg(long)]
         native: bool,
         /// With --native: watchdog per run in seconds (0 for none).
-        #[arg(long, value_name = "SECS", default_value = "30", allow_negative_numbers = true)]
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "30",
+            allow_negative_numbers = true
+        )]
         timeout: String,
     },
     /// Soak every built-in `*-free` litmus test (or the --test ones) under
@@ -564,8 +574,8 @@ fn main() {
         } => {
             check_runs(runs);
             if native {
-                let timeout = seconds("--timeout", &secs, Some("no watchdog"))
-                    .unwrap_or_else(|e| usage(e));
+                let timeout =
+                    seconds("--timeout", &secs, Some("no watchdog")).unwrap_or_else(|e| usage(e));
                 cli::native::suite(&name, runs, timeout, json)
             } else {
                 cli::suite(&name, runs, json, &cli.kvm)

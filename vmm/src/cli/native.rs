@@ -26,7 +26,11 @@ const DEFAULT_RUNS: u64 = 10;
 pub fn native_text(r: &LitmusResult) -> String {
     let label = &r.policy_name;
     r.text()
-        .replacen(&format!("(policy {label})"), &format!("(native, {label})"), 1)
+        .replacen(
+            &format!("(policy {label})"),
+            &format!("(native, {label})"),
+            1,
+        )
         .replacen(
             &format!("Expect {label} "),
             &format!("Expect {MODEL_POLICY} (on the {label} kernel) "),
@@ -242,7 +246,13 @@ fn cell(r: &LitmusResult) -> String {
 /// `cowlab diff TEST|SUITE`: the `mainline` model and the host kernel,
 /// side by side. Exit 1 on a disagreement, 3 if a side could not run, 0
 /// otherwise; tests that cannot run natively are listed with the reason.
-pub fn diff(what: &str, runs: Option<u64>, timeout: Option<Duration>, json: bool, kvm_path: &str) -> i32 {
+pub fn diff(
+    what: &str,
+    runs: Option<u64>,
+    timeout: Option<Duration>,
+    json: bool,
+    kvm_path: &str,
+) -> i32 {
     let tests = match targets(what) {
         Ok(t) => t,
         Err(code) => return code,
@@ -286,7 +296,9 @@ pub fn diff(what: &str, runs: Option<u64>, timeout: Option<Duration>, json: bool
             native,
         });
     }
-    let disagree = rows.iter().any(|r| r.agreement() == Some(Agreement::Disagree));
+    let disagree = rows
+        .iter()
+        .any(|r| r.agreement() == Some(Agreement::Disagree));
     let failed = rows.iter().any(DiffRow::failed);
     let code = if failed {
         exit_code::VM_ERROR
@@ -353,7 +365,10 @@ pub fn diff(what: &str, runs: Option<u64>, timeout: Option<Duration>, json: bool
             text += &format!("{}: {note}\n", r.test);
         }
         if r.agreement() == Some(Agreement::Disagree) {
-            for (side, res) in [("model", r.model.as_ref().and_then(|m| m.as_ref().ok())), ("native", r.native.as_ref().ok())] {
+            for (side, res) in [
+                ("model", r.model.as_ref().and_then(|m| m.as_ref().ok())),
+                ("native", r.native.as_ref().ok()),
+            ] {
                 if let Some(res) = res {
                     for (state, (n, w)) in &res.histogram {
                         text += &format!(
@@ -407,7 +422,9 @@ pub fn suite(name: &str, runs: Option<u64>, timeout: Option<Duration>, json: boo
         Ok(r) => r.errored() > 0,
         Err(e) => matches!(e, NativeError::Start { .. }),
     });
-    let all_met = cells.iter().all(|(_, r)| r.as_ref().map_or(true, LitmusResult::met));
+    let all_met = cells
+        .iter()
+        .all(|(_, r)| r.as_ref().map_or(true, LitmusResult::met));
     let code = if failed {
         exit_code::VM_ERROR
     } else if all_met {
@@ -436,14 +453,7 @@ pub fn suite(name: &str, runs: Option<u64>, timeout: Option<Duration>, json: boo
     }
     let mut text = format!(
         "{:<30} {:<24} {:<10} {:<10} {:>9} {:>9} {:>7}  {}\n",
-        "test",
-        "kernel",
-        "observed",
-        MODEL_POLICY,
-        "positive",
-        "negative",
-        "errors",
-        ""
+        "test", "kernel", "observed", MODEL_POLICY, "positive", "negative", "errors", ""
     );
     for (t, r) in &cells {
         match r {

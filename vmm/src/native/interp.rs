@@ -117,7 +117,8 @@ pub fn run_process() -> ! {
                 run_thread(ctx, slot, block, [0; NR_REGS]);
             });
         if let Err(e) = started {
-            area.error.set(&format!("cannot start thread {}: {e}", t.name));
+            area.error
+                .set(&format!("cannot start thread {}: {e}", t.name));
             sys::exit_process(3)
         }
     }
@@ -146,10 +147,19 @@ fn setup(map: &'static AreaMap) -> Result<(), String> {
     for r in &compiled.regions {
         let flags = libc::MAP_FIXED_NOREPLACE | if r.populate { libc::MAP_POPULATE } else { 0 };
         let len = r.pages * PAGE_SIZE;
-        let got = sys::mmap_anon(r.addr, len, r.prot.bits(), flags)
-            .map_err(|e| format!("cannot map region {} at {:#x}: errno {}", r.name, r.addr, -(e as i64)))?;
+        let got = sys::mmap_anon(r.addr, len, r.prot.bits(), flags).map_err(|e| {
+            format!(
+                "cannot map region {} at {:#x}: errno {}",
+                r.name,
+                r.addr,
+                -(e as i64)
+            )
+        })?;
         if got != r.addr {
-            return Err(format!("region {} landed at {got:#x}, not {:#x}", r.name, r.addr));
+            return Err(format!(
+                "region {} landed at {got:#x}, not {:#x}",
+                r.name, r.addr
+            ));
         }
         regions.insert(r.name.clone(), (r.addr, r.pages));
     }
@@ -500,10 +510,9 @@ fn madvise(ctx: &Ctx, addr: u64, pages: u64, advice: Advice) {
     let r = sys::madvise(addr, len, code);
     let after = sys::pagemap(addr, pages).unwrap_or_default();
     if r != 0 {
-        ctx.area().not_run.set(&format!(
-            "MADV_PAGEOUT failed (errno {})",
-            -(r as i64)
-        ));
+        ctx.area()
+            .not_run
+            .set(&format!("MADV_PAGEOUT failed (errno {})", -(r as i64)));
         return;
     }
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
@@ -570,7 +579,9 @@ fn spawn(ctx: &'static Ctx, thread: &str) -> u64 {
     match started {
         Ok(_) => slot as u64 + 1,
         Err(_) => {
-            area.slots[slot].state.store(shared::NEVER, Ordering::Release);
+            area.slots[slot]
+                .state
+                .store(shared::NEVER, Ordering::Release);
             neg(libc::EAGAIN)
         }
     }
@@ -598,7 +609,10 @@ fn wait(area: &Area, h: u64) -> u64 {
     while s.state.load(Ordering::Acquire) == shared::RUNNING {
         backoff(&mut spins);
     }
-    match (s.state.load(Ordering::Acquire), s.status.load(Ordering::Acquire)) {
+    match (
+        s.state.load(Ordering::Acquire),
+        s.status.load(Ordering::Acquire),
+    ) {
         (shared::DONE, shared::OK) => s.code.load(Ordering::Acquire),
         _ => u64::MAX,
     }

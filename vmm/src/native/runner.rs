@@ -138,11 +138,14 @@ pub fn run_native(
         done += 1;
         if let Some(e) = run.error {
             *errors.entry(e).or_insert(0u64) += 1;
-            histogram.entry("error;".to_string()).or_insert((0, false)).0 += 1;
+            histogram
+                .entry("error;".to_string())
+                .or_insert((0, false))
+                .0 += 1;
             continue;
         }
         if let Some(why) = run.not_run {
-            *not_run.entry(format!("not run: {why}")).or_insert(0u64) += 1;
+            *not_run.entry(why).or_insert(0u64) += 1;
             done -= 1;
             continue;
         }

@@ -136,9 +136,7 @@ impl Area {
     pub fn all_done(&self, pid: Option<i32>) -> bool {
         self.slots[..self.used()].iter().all(|s| {
             let st = s.state.load(Ordering::Acquire);
-            st == DONE
-                || st == NEVER
-                || pid.is_some_and(|p| s.pid.load(Ordering::Acquire) != p)
+            st == DONE || st == NEVER || pid.is_some_and(|p| s.pid.load(Ordering::Acquire) != p)
         })
     }
 }

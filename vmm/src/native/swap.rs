@@ -25,7 +25,8 @@ pub struct SwapFile {
 
 /// Whether /proc/swaps lists an area.
 pub fn host_has_swap() -> bool {
-    std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
+    std::fs::read_to_string("/proc/swaps")
+        .is_ok_and(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
 }
 
 impl SwapFile {

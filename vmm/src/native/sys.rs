@@ -17,7 +17,9 @@ pub const PAGE_SIZE: u64 = 4096;
 
 /// `-errno` of the last failed call, as a litmus register holds it.
 fn neg_errno() -> u64 {
-    (-(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL) as i64)) as u64
+    (-(io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EINVAL) as i64)) as u64
 }
 
 fn check(r: libc::c_long) -> Result<libc::c_long, u64> {
@@ -229,7 +231,8 @@ pub fn install_segv_handler() -> io::Result<()> {
 
 /// `memfd_create(name)` sized `len`.
 pub fn memfd(name: &str, len: u64) -> io::Result<File> {
-    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: a plain system call with a valid C string.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -286,14 +289,7 @@ impl SplicedPage {
             return u64::MAX;
         };
         // SAFETY: plain system calls on descriptors we own.
-        let n = unsafe {
-            libc::tee(
-                self.read.as_raw_fd(),
-                sw.as_raw_fd(),
-                PAGE_SIZE as usize,
-                0,
-            )
-        };
+        let n = unsafe { libc::tee(self.read.as_raw_fd(), sw.as_raw_fd(), PAGE_SIZE as usize, 0) };
         if n as u64 != PAGE_SIZE {
             return u64::MAX;
         }
@@ -400,7 +396,11 @@ impl FixedBuffer {
         if offset.checked_add(8).is_none_or(|end| end > PAGE_SIZE) {
             return (-(libc::EINVAL as i64)) as u64;
         }
-        if self.file.write_all_at(&value.to_ne_bytes(), offset).is_err() {
+        if self
+            .file
+            .write_all_at(&value.to_ne_bytes(), offset)
+            .is_err()
+        {
             return (-(libc::EIO as i64)) as u64;
         }
         let r = self.fixed(false, offset, 8);
