@@ -42,7 +42,7 @@ static GO: AtomicBool = AtomicBool::new(false);
 /// A pin or reference a thread took (`pin`, `get`).
 enum Handle {
     Spliced(SplicedPage),
-    Fixed(FixedBuffer),
+    Fixed(Box<FixedBuffer>),
 }
 
 /// What one process owns: its userfaultfd and its handles. Its lock is
@@ -229,9 +229,19 @@ fn run_thread(ctx: &'static Ctx, slot: usize, block: usize, regs: Regs) {
         regs,
         children: BTreeMap::new(),
     };
-    let code = match exec(ctx, &ctx.test.threads[block].body, &mut t) {
-        Flow::Next => 0,
-        Flow::Exit(n) => n,
+    let body = &ctx.test.threads[block].body;
+    let flow = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec(ctx, body, &mut t)));
+    let code = match flow {
+        Ok(Flow::Next) => 0,
+        Ok(Flow::Exit(n)) => n,
+        Err(_) => {
+            // A bug of cowlab's, not an outcome of the test: the run is
+            // in error (the panic message is on stderr).
+            ctx.area().error.set("a native test thread panicked");
+            s.status.store(shared::CRASHED, Ordering::Relaxed);
+            s.state.store(shared::DONE, Ordering::Release);
+            return;
+        }
     };
     for (w, v) in s.regs.iter().zip(t.regs) {
         w.store(v, Ordering::Relaxed);
@@ -398,7 +408,7 @@ fn stmt(ctx: &'static Ctx, s: &Stmt, t: &mut Thread) -> Flow {
             let taken = if flags.get {
                 SplicedPage::new(page).map(Handle::Spliced)
             } else {
-                FixedBuffer::new(page).map(Handle::Fixed)
+                FixedBuffer::new(page).map(|f| Handle::Fixed(Box::new(f)))
             };
             t.regs[*dst as usize] = match taken {
                 Ok(h) => {

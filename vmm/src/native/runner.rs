@@ -7,7 +7,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::refuse;
@@ -76,6 +76,9 @@ pub fn refusal(test: &crate::litmus::ast::Test) -> Option<String> {
 
 /// The process group of the run in progress, for the Ctrl-C handler.
 static RUNNING_GROUP: AtomicI32 = AtomicI32::new(0);
+/// Set by the Ctrl-C handler: the run it killed is no outcome, and cowlab
+/// is about to exit.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// On Ctrl-C: the run in progress is killed, the swap file (if cowlab
 /// made one) removed, and cowlab exits 130.
@@ -85,6 +88,7 @@ fn handle_interrupts() {
         // Another command's handler may be installed already: then the
         // group dies with its session leader's terminal anyway.
         let _ = ctrlc::set_handler(|| {
+            INTERRUPTED.store(true, Ordering::Release);
             sys::kill_group(RUNNING_GROUP.load(Ordering::Acquire));
             super::swap::cleanup_on_interrupt();
             std::process::exit(130);
@@ -241,6 +245,11 @@ fn one_run(
     sys::kill_group(pgid);
     let status = child.wait();
     RUNNING_GROUP.store(0, Ordering::Release);
+    while INTERRUPTED.load(Ordering::Acquire) {
+        // The handler cleans up and exits the process: nothing of this
+        // run is reported.
+        std::thread::park();
+    }
     let area = map.area();
     let error = area.error.get().or_else(|| match status {
         Ok(s) if ended && !s.success() && s.code() != Some(0) => {

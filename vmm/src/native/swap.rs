@@ -92,6 +92,7 @@ impl SwapFile {
 
 impl Drop for SwapFile {
     fn drop(&mut self) {
+        // Under the lock, so that a Ctrl-C meanwhile waits for this.
         let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
         if active.take().is_some() {
             if let Err(e) = sys::swapon(&self.file, false) {
@@ -109,13 +110,16 @@ impl Drop for SwapFile {
 }
 
 /// On Ctrl-C: the swap file in use, if any, is turned off and deleted.
+/// The lock stays held: the process exits next, and nothing else may
+/// start a swap file meanwhile.
 pub fn cleanup_on_interrupt() {
-    let taken = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(f) = taken {
+    let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = active.take() {
         let _ = sys::swapon(&f, false);
         let _ = std::fs::remove_file(&f);
         if let Some(d) = f.parent() {
             let _ = std::fs::remove_dir(d);
         }
     }
+    std::mem::forget(active);
 }
