@@ -510,3 +510,26 @@ pub fn suite(name: &str, runs: Option<u64>, timeout: Option<Duration>, json: boo
     out(text);
     code
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Agreement;
+    use crate::litmus::ast::Verdict::*;
+
+    #[test]
+    fn agreement_is_the_verdict_class_and_a_sometimes_is_never_refuted_by_absence() {
+        assert_eq!(Agreement::of(Never, Never), Agreement::Agree);
+        assert_eq!(Agreement::of(Always, Always), Agreement::Agree);
+        assert_eq!(Agreement::of(Sometimes, Sometimes), Agreement::Agree);
+        assert_eq!(Agreement::of(Sometimes, Always), Agreement::Agree);
+        assert_eq!(Agreement::of(Sometimes, Never), Agreement::Unconfirmed);
+        for (m, n) in [
+            (Never, Sometimes),
+            (Never, Always),
+            (Always, Never),
+            (Always, Sometimes),
+        ] {
+            assert_eq!(Agreement::of(m, n), Agreement::Disagree, "{m:?} {n:?}");
+        }
+    }
+}

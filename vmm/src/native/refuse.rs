@@ -88,3 +88,72 @@ pub fn pin_way(flags: PinFlags) -> Result<&'static str, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::litmus::builtin;
+
+    fn check_builtin(name: &str) -> Result<Needs, String> {
+        let src = builtin::source(name).unwrap_or_else(|| panic!("{name}"));
+        check(&crate::litmus::parse(src).unwrap_or_else(|e| panic!("{name}: {e}")))
+    }
+
+    #[test]
+    fn schedules_injections_and_pins_without_a_user_interface_are_refused() {
+        for (name, why) in [
+            ("fork-vma-lock", "it has a schedule"),
+            ("gup-read-wrong-side-free", "it injects"),
+            ("cow-ro-pin-exclusive", "R/O FOLL_PIN | FOLL_LONGTERM"),
+            ("fork-pinned-tearing-bare", "short-term FOLL_PIN"),
+        ] {
+            let e = check_builtin(name).expect_err(name);
+            assert!(e.contains(why), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn plain_tests_hooks_gets_and_io_uring_pins_run() {
+        for name in [
+            "cow-fork-basic",
+            "cow-vmsplice-unmap",
+            "cow-iouring-fork",
+            "uffd-wp-handler",
+            "gup-read-wrong-side-bare",
+            "wp-copy-reuse-aba-bare",
+        ] {
+            assert_eq!(check_builtin(name), Ok(Needs::default()), "{name}");
+        }
+    }
+
+    #[test]
+    fn pageout_needs_swap() {
+        let t = crate::litmus::parse(
+            "cowlab t\n{ region buf 1 rw }\nP0 {\n  loop 2 { madvise buf 1 pageout }\n}\nexists (P0:ok)\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(check(&t), Ok(Needs { swap: true }));
+    }
+
+    #[test]
+    fn every_pin_kind_has_a_way_or_a_reason() {
+        for get in [false, true] {
+            for write in [false, true] {
+                for longterm in [false, true] {
+                    let f = PinFlags {
+                        get,
+                        write,
+                        longterm,
+                    };
+                    match pin_way(f) {
+                        Ok(way) => assert!(
+                            (get && !write) || (!get && write && longterm),
+                            "{f:?}: {way}"
+                        ),
+                        Err(why) => assert!(why.contains("gup_test"), "{f:?}: {why}"),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -458,19 +458,23 @@ struct UffdioWriteprotect {
 }
 
 /// A userfaultfd with write-protect faults (and, where the kernel has it,
-/// write-protection of pages not yet faulted in).
+/// write-protection of pages not yet faulted in). It handles faults from
+/// the kernel too (a GUP of a protected page), as a program's own
+/// userfaultfd does; where only root may have that
+/// (vm.unprivileged_userfaultfd = 0), user-mode faults only.
 pub fn userfaultfd() -> Result<OwnedFd, u64> {
-    open_uffd(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED)
-        .or_else(|_| open_uffd(UFFD_FEATURE_PAGEFAULT_FLAG_WP))
+    let wp = UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+    open_uffd(wp | UFFD_FEATURE_WP_UNPOPULATED, 0)
+        .or_else(|_| open_uffd(wp, 0))
+        .or_else(|_| open_uffd(wp | UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY))
+        .or_else(|_| open_uffd(wp, UFFD_USER_MODE_ONLY))
 }
 
 /// A new userfaultfd with `features` (a failed UFFDIO_API leaves a
 /// descriptor unusable, so each try opens its own).
-fn open_uffd(features: u64) -> Result<OwnedFd, u64> {
+fn open_uffd(features: u64, mode: libc::c_int) -> Result<OwnedFd, u64> {
     // SAFETY: a plain system call.
-    let fd = check(unsafe {
-        libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY)
-    })?;
+    let fd = check(unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | mode) })?;
     // SAFETY: a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let mut api = UffdioApi {
