@@ -306,3 +306,39 @@ fn suite_native_lists_refusals_with_reasons() {
         assert!(!r["reason"].as_str().unwrap_or_default().is_empty(), "{r}");
     }
 }
+
+#[test]
+fn a_disagreement_exits_1_and_prints_both_histograms() {
+    // The model's first mmap lands just under its MMAP_BASE (below
+    // 0x7e00_0000_0000); the host's, with or without ASLR, above it.
+    let src = "cowlab native-mmap-address
+{ region buf 1 rw }
+P0 {
+  r1 = mmap 1 rw
+  r2 = r1 < 0x7e0000000000
+}
+exists (P0:r2 = 1)
+";
+    let path = std::env::temp_dir().join(format!(
+        "cowlab-{}-native-mmap-address.litmus",
+        std::process::id()
+    ));
+    std::fs::write(&path, src).unwrap();
+    let out = cowlab_within(
+        &["diff", path.to_str().unwrap(), "--runs", "2"],
+        Duration::from_secs(120),
+    );
+    let _ = std::fs::remove_file(&path);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout} {}", text(&out.stderr));
+    assert!(
+        stdout.contains("Always 2/2") && stdout.contains("Never 0/2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("NO"), "{stdout}");
+    assert!(
+        stdout.contains("native-mmap-address: model 2     *>P0:r2=1;")
+            && stdout.contains("native-mmap-address: native 2     :>P0:r2=0;"),
+        "{stdout}"
+    );
+}
