@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use cowlab_abi::bytecode::NR_REGS;
 
 use super::shared::{self, Area};
-use super::sys::{self, AreaMap, FixedBuffer, SplicedPage, PAGE_SIZE};
+use super::sys::{self, AreaMap, FixedBuffer, Refused, SplicedPage, PAGE_SIZE};
 use crate::litmus::ast::*;
 
 type Regs = [u64; NR_REGS];
@@ -416,7 +416,11 @@ fn stmt(ctx: &'static Ctx, s: &Stmt, t: &mut Thread) -> Flow {
                     p.handles.push(Some(h));
                     p.handles.len() as u64
                 }
-                Err(e) => e,
+                Err(Refused::Errno(e)) => e,
+                Err(Refused::Unavailable(why)) => {
+                    area.error.set(&why);
+                    u64::MAX
+                }
             };
         }
         StmtKind::Unpin(r) => {
@@ -450,7 +454,11 @@ fn stmt(ctx: &'static Ctx, s: &Stmt, t: &mut Thread) -> Flow {
             let a = operand(ctx, t, addr);
             let mut p = proc_state();
             if p.uffd.is_none() {
-                p.uffd = sys::userfaultfd().ok();
+                match sys::userfaultfd() {
+                    Ok(fd) => p.uffd = Some(fd),
+                    Err(Refused::Unavailable(why)) => area.error.set(&why),
+                    Err(Refused::Errno(_)) => {}
+                }
             }
             if let Some(fd) = &p.uffd {
                 sys::uffd_register(fd.as_raw_fd(), a, pages.saturating_mul(PAGE_SIZE));

@@ -15,6 +15,22 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub const PAGE_SIZE: u64 = 4096;
 
+/// Why a pin, a reference or a userfaultfd was not taken.
+#[derive(Debug)]
+pub enum Refused {
+    /// The kernel refused this page (EFAULT, ENOMEM, …): `-errno`, a
+    /// result the test sees in its register, as in the model.
+    Errno(u64),
+    /// The mechanism itself is not available (io_uring disabled, no
+    /// userfaultfd, out of descriptors): no outcome of the test, the run
+    /// is in error.
+    Unavailable(String),
+}
+
+fn unavailable(what: &str) -> impl Fn(io::Error) -> Refused + '_ {
+    move |e| Refused::Unavailable(format!("{what}: {e}"))
+}
+
 /// `-errno` of the last failed call, as a litmus register holds it.
 fn neg_errno() -> u64 {
     (-(io::Error::last_os_error()
@@ -263,17 +279,19 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), u64> {
 impl SplicedPage {
     /// vmsplice(2) of the page at `page`: the handle, or `-errno`
     /// (EFAULT for an unmapped page).
-    pub fn new(page: u64) -> Result<SplicedPage, u64> {
-        let (read, write) = pipe()?;
+    pub fn new(page: u64) -> Result<SplicedPage, Refused> {
+        let (read, write) = pipe()
+            .map_err(|_| Refused::Unavailable(format!("pipe2: {}", io::Error::last_os_error())))?;
         let iov = libc::iovec {
             iov_base: page as *mut libc::c_void,
             iov_len: PAGE_SIZE as usize,
         };
         // SAFETY: the kernel reads the iovec; the page is the test's and
         // the kernel checks it (EFAULT).
-        let n = check(unsafe { libc::vmsplice(write.as_raw_fd(), &iov, 1, 0) } as libc::c_long)?;
+        let n = check(unsafe { libc::vmsplice(write.as_raw_fd(), &iov, 1, 0) } as libc::c_long)
+            .map_err(Refused::Errno)?;
         if n as u64 != PAGE_SIZE {
-            return Err((-(libc::EFAULT as i64)) as u64);
+            return Err(Refused::Errno((-(libc::EFAULT as i64)) as u64));
         }
         Ok(SplicedPage {
             read,
@@ -333,9 +351,10 @@ pub struct FixedBuffer {
 
 impl FixedBuffer {
     /// Registers the page at `page`: the handle, or `-errno`.
-    pub fn new(page: u64) -> Result<FixedBuffer, u64> {
-        let errno = |e: io::Error| (-(e.raw_os_error().unwrap_or(libc::EIO) as i64)) as u64;
-        let ring = io_uring::IoUring::new(4).map_err(errno)?;
+    pub fn new(page: u64) -> Result<FixedBuffer, Refused> {
+        let errno =
+            |e: io::Error| Refused::Errno((-(e.raw_os_error().unwrap_or(libc::EIO) as i64)) as u64);
+        let ring = io_uring::IoUring::new(4).map_err(unavailable("io_uring_setup"))?;
         let iov = libc::iovec {
             iov_base: page as *mut libc::c_void,
             iov_len: PAGE_SIZE as usize,
@@ -343,7 +362,7 @@ impl FixedBuffer {
         // SAFETY: the kernel pins the page behind the iovec (checking it);
         // it stays registered until `Drop` unregisters it.
         unsafe { ring.submitter().register_buffers(&[iov]) }.map_err(errno)?;
-        let file = memfd("cowlab-dma", PAGE_SIZE).map_err(errno)?;
+        let file = memfd("cowlab-dma", PAGE_SIZE).map_err(unavailable("memfd_create"))?;
         Ok(FixedBuffer { ring, page, file })
     }
 
@@ -462,12 +481,18 @@ struct UffdioWriteprotect {
 /// the kernel too (a GUP of a protected page), as a program's own
 /// userfaultfd does; where only root may have that
 /// (vm.unprivileged_userfaultfd = 0), user-mode faults only.
-pub fn userfaultfd() -> Result<OwnedFd, u64> {
+pub fn userfaultfd() -> Result<OwnedFd, Refused> {
     let wp = UFFD_FEATURE_PAGEFAULT_FLAG_WP;
     open_uffd(wp | UFFD_FEATURE_WP_UNPOPULATED, 0)
         .or_else(|_| open_uffd(wp, 0))
         .or_else(|_| open_uffd(wp | UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY))
         .or_else(|_| open_uffd(wp, UFFD_USER_MODE_ONLY))
+        .map_err(|e| {
+            Refused::Unavailable(format!(
+                "userfaultfd with write-protect faults: errno {}",
+                -(e as i64)
+            ))
+        })
 }
 
 /// A new userfaultfd with `features` (a failed UFFDIO_API leaves a
