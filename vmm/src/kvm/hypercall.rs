@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use cowlab_abi::layout::USER_END;
 use cowlab_abi::{
-    fault_result, gup, Hypercall, Program, VcpuArea, MADV_DONTNEED, MPROTECT_DEFER_FLUSH,
+    fault_result, gup, Hypercall, Program, VcpuArea, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED,
+    MPROTECT_DEFER_FLUSH,
 };
 
 use super::report::Outcome;
@@ -130,6 +131,14 @@ impl Vcpu {
                     .madvise_dontneed(self.area.arg(0), self.area.arg(1), Some(self.id))
                     .map(|_| 0),
             ),
+            Hypercall::Madvise if matches!(self.area.arg(2), MADV_DONTFORK | MADV_DOFORK) => {
+                let dontfork = self.area.arg(2) == MADV_DONTFORK;
+                errno(
+                    self.mm
+                        .madvise_dontfork(self.area.arg(0), self.area.arg(1), dontfork)
+                        .map(|_| 0),
+                )
+            }
             Hypercall::Madvise => MmError::Inval.errno() as u64,
             Hypercall::Pin => {
                 let f = self.area.arg(1);

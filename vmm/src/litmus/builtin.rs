@@ -29,6 +29,16 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic"],
     ),
     (
+        "madvise-dontfork",
+        include_str!("../../../tests/litmus/madvise-dontfork.litmus"),
+        &["basic", "madvise"],
+    ),
+    (
+        "dontfork-pinned",
+        include_str!("../../../tests/litmus/dontfork-pinned.litmus"),
+        &["basic", "madvise"],
+    ),
+    (
         "fork-vma-lock",
         include_str!("../../../tests/litmus/fork-vma-lock.litmus"),
         &["seeds"],

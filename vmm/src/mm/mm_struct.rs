@@ -123,6 +123,9 @@ pub struct Vma {
     pub prot: u32,
     /// `VM_UFFD_WP`: registered for userfaultfd write-protect faults.
     pub uffd_wp: bool,
+    /// `VM_DONTCOPY` (`madvise(MADV_DONTFORK)`): fork leaves this VMA out
+    /// of the child (kernel/fork.c:dup_mmap()).
+    pub dontcopy: bool,
     vm_lock: Arc<RwLock<()>>,
     /// `vma->vm_lock_seq`: equal to the mm's `mm_lock_seq` while the VMA is
     /// write-locked (until `mmap_lock` is released for write).
@@ -137,15 +140,39 @@ impl Vma {
 
     /// A VMA with the uffd-wp registration `uffd_wp`.
     pub fn with_flags(start: u64, end: u64, prot: u32, uffd_wp: bool) -> Arc<Vma> {
+        Vma::build(start, end, prot, uffd_wp, false)
+    }
+
+    /// A VMA with every flag given.
+    pub(crate) fn build(
+        start: u64,
+        end: u64,
+        prot: u32,
+        uffd_wp: bool,
+        dontcopy: bool,
+    ) -> Arc<Vma> {
         Arc::new(Vma {
             start,
             end,
             prot,
             uffd_wp,
+            dontcopy,
             vm_lock: Arc::new(RwLock::new(())),
             vm_lock_seq: AtomicU64::new(u64::MAX),
             detached: AtomicBool::new(false),
         })
+    }
+
+    /// A VMA over `[start, end)` with this one's flags (protection,
+    /// `VM_UFFD_WP`, `VM_DONTCOPY`): a piece of it after a split, or its
+    /// copy at another place. Models mm/vma.c:vm_area_dup() (flags only).
+    pub fn dup_at(&self, start: u64, end: u64) -> Arc<Vma> {
+        self.with_dontcopy_at(start, end, self.dontcopy)
+    }
+
+    /// [`Vma::dup_at`] with `VM_DONTCOPY` set to `dontcopy`.
+    pub fn with_dontcopy_at(&self, start: u64, end: u64, dontcopy: bool) -> Arc<Vma> {
+        Vma::build(start, end, self.prot, self.uffd_wp, dontcopy)
     }
 
     /// Models include/linux/userfaultfd_k.h:userfaultfd_wp().
