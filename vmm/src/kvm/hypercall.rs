@@ -140,6 +140,18 @@ impl Vcpu {
                 )
             }
             Hypercall::Madvise => MmError::Inval.errno() as u64,
+            Hypercall::Mremap => {
+                let packed = self.area.arg(3);
+                let page_mask = cowlab_abi::layout::PAGE_SIZE - 1;
+                errno(self.mm.mremap(
+                    self.area.arg(0),
+                    self.area.arg(1),
+                    self.area.arg(2),
+                    packed & page_mask,
+                    packed & !page_mask,
+                    Some(self.id),
+                ))
+            }
             Hypercall::Pin => {
                 let f = self.area.arg(1);
                 let flags = GupFlags {

@@ -39,6 +39,16 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic", "madvise"],
     ),
     (
+        "mremap-move",
+        include_str!("../../../tests/litmus/mremap-move.litmus"),
+        &["basic", "mremap"],
+    ),
+    (
+        "mremap-resize",
+        include_str!("../../../tests/litmus/mremap-resize.litmus"),
+        &["basic", "mremap"],
+    ),
+    (
         "fork-vma-lock",
         include_str!("../../../tests/litmus/fork-vma-lock.litmus"),
         &["seeds"],

@@ -24,6 +24,9 @@ pub enum MmError {
     /// EINTR: a wait was ended by the VM stopping the thread.
     #[error("interrupted")]
     Interrupted,
+    /// EFAULT: no VMA where one is needed (mremap's old range).
+    #[error("bad address")]
+    Fault,
 }
 
 impl MmError {
@@ -33,6 +36,7 @@ impl MmError {
             MmError::Inval => -22,
             MmError::NoMem => -12,
             MmError::Interrupted => -4,
+            MmError::Fault => -14,
         }
     }
 }
@@ -89,7 +93,7 @@ impl Mm {
 
     /// A free range of `len` bytes below the lowest top-down mapping.
     /// Models mm/mmap.c:get_unmapped_area() (top-down, no reuse of holes).
-    fn get_unmapped_area(&self, len: u64) -> Result<u64, MmError> {
+    pub(crate) fn get_unmapped_area(&self, len: u64) -> Result<u64, MmError> {
         let base = self.mmap_base.load(Ordering::Acquire);
         let start = base
             .checked_sub(len)
