@@ -574,6 +574,12 @@ impl Mm {
         }
     }
 
+    /// Whether someone holds the page-table lock (tests of lock ordering).
+    #[cfg(test)]
+    pub(crate) fn ptl_is_locked(&self) -> bool {
+        self.ptl.try_lock().is_err()
+    }
+
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
     pub(crate) fn vma_lookup(&self, addr: u64) -> Option<Arc<Vma>> {
         let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
