@@ -49,6 +49,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic", "mremap"],
     ),
     (
+        "mremap-stale-tlb",
+        include_str!("../../../tests/litmus/mremap-stale-tlb.litmus"),
+        &["mremap"],
+    ),
+    (
         "fork-vma-lock",
         include_str!("../../../tests/litmus/fork-vma-lock.litmus"),
         &["seeds"],

@@ -299,6 +299,12 @@ pub struct Mm {
     /// dup_mmap() without raising `tlb_flush_pending`, so stale writable
     /// entries are expected meanwhile. Bookkeeping for `mm_verify` only.
     pub(crate) fork_flush_deferred: AtomicU64,
+    /// An mremap moved present PTEs and dropped the PTLs with the old
+    /// range's flush still owed (`mremap_flush_under_ptl` off: kernels
+    /// before eb66ae030829), without raising `tlb_flush_pending`: stale
+    /// entries are what that kernel leaves meanwhile. Bookkeeping for
+    /// `mm_verify` only.
+    pub(crate) mremap_flush_deferred: AtomicU64,
     /// `mm_cpumask(mm)`: CPUs that may hold translations of this mm.
     pub(crate) cpumask: AtomicU64,
     /// Where the next `mmap` without a hint goes (top-down); under `mmap_lock`.
@@ -373,6 +379,7 @@ impl Mm {
             ptl: Arc::new(Mutex::new(())),
             tlb_flush_pending: AtomicU64::new(0),
             fork_flush_deferred: AtomicU64::new(0),
+            mremap_flush_deferred: AtomicU64::new(0),
             cpumask: AtomicU64::new(0),
             mmap_base: AtomicU64::new(MMAP_BASE),
             users: AtomicUsize::new(0),
@@ -655,7 +662,9 @@ impl Mm {
     /// Whether a CPU may legitimately hold entries more permissive than the
     /// PTEs: a flush is pending or a fork has deferred its flush.
     pub fn tlb_may_be_stale(&self) -> bool {
-        self.mm_tlb_flush_pending() || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+        self.mm_tlb_flush_pending()
+            || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+            || self.mremap_flush_deferred.load(Ordering::Acquire) > 0
     }
 
     /// Flushes `[start, end)` from every CPU in `mm_cpumask`: their shadow

@@ -3,6 +3,7 @@
 //! `mremap_to()`, `mremap_at()`, `move_vma()`, `move_page_tables()`,
 //! `move_ptes()`).
 
+use super::sync::Ordering;
 use cowlab_abi::layout::{PAGE_SIZE, USER_END, USER_MIN_ADDR};
 use cowlab_abi::mremap as flags;
 
@@ -234,18 +235,20 @@ impl Mm {
         cpu: Option<usize>,
     ) {
         let mut moved = 0;
-        let mut need_flush = false;
+        // Extents whose flush is owed (`need_flush`).
+        let mut owed = 0;
         while moved < len {
             let (old, new) = (old_addr + moved, new_addr + moved);
             // get_extent(): up to the next 2 MiB boundary on either side.
             let extent = (len - moved)
                 .min(PMD_SIZE - (old & (PMD_SIZE - 1)))
                 .min(PMD_SIZE - (new & (PMD_SIZE - 1)));
-            need_flush |= self.move_ptes(vma, old, new, extent, cpu);
+            owed += u64::from(self.move_ptes(vma, old, new, extent, cpu));
             moved += extent;
         }
-        if need_flush && !self.m.policy.mremap_flush_under_ptl {
+        if owed > 0 {
             self.flush_tlb_range(old_addr, old_addr + len, cpu);
+            self.mremap_flush_deferred.fetch_sub(owed, Ordering::AcqRel);
         }
     }
 
@@ -261,7 +264,8 @@ impl Mm {
     /// and a CPU's stale entry for the old address would then reach a
     /// page that is no longer this mapping's. Returns whether a flush is
     /// still owed (a present PTE moved and the flush is left to
-    /// [`Mm::move_page_tables`]). The injection point
+    /// [`Mm::move_page_tables`]); it is noted in `mremap_flush_deferred`
+    /// before the PTLs are dropped, for `mm_verify`. The injection point
     /// `mremap:after_move_ptes` is hit after the locks are dropped: with
     /// the knob off, inside the window. Models mm/mremap.c:move_ptes().
     ///
@@ -304,6 +308,8 @@ impl Mm {
             });
             if force_flush && m.policy.mremap_flush_under_ptl {
                 self.flush_tlb_range(old_addr, old_end, cpu);
+            } else if force_flush {
+                self.mremap_flush_deferred.fetch_add(1, Ordering::AcqRel);
             }
         }
         let _ = m.hooks.at(Point::MremapAfterMovePtes, cpu, Some(old_addr));
