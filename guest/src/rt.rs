@@ -266,7 +266,7 @@ pub fn mremap(
 ) -> Result<u64, i64> {
     const EINVAL: i64 = -22;
     use cowlab_abi::layout::PAGE_SIZE;
-    if flags & cowlab_abi::mremap::FIXED != 0 && new_addr % PAGE_SIZE != 0 {
+    if flags & cowlab_abi::mremap::FIXED != 0 && !new_addr.is_multiple_of(PAGE_SIZE) {
         return Err(EINVAL);
     }
     let packed = (new_addr & !(PAGE_SIZE - 1)) | (flags & (PAGE_SIZE - 1));
