@@ -354,3 +354,58 @@ fn mremap_flushes_the_old_range_before_dropping_the_ptl_unless_the_knob_is_off()
         assert_eq!(verify_no_leaks(&m), vec![]);
     }
 }
+
+#[test]
+fn no_store_is_lost_when_mremap_moves_the_page_under_a_writer() {
+    use cowlab_abi::mremap::MAYMOVE;
+    for (round, under_ptl) in (0..20).zip([true, false].into_iter().cycle()) {
+        let m = machine_with(Policy {
+            mremap_flush_under_ptl: under_ptl,
+            ..Policy::MAINLINE
+        });
+        let mm = Mm::new(&m).unwrap();
+        attach(&mm, 0);
+        attach(&mm, 1);
+        let _blocker = mm.mmap(None, PAGE_SIZE, RW).unwrap();
+        let a = mm.mmap(None, PAGE_SIZE, RW).unwrap();
+        let progress = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (mm, progress) = (Arc::clone(&mm), Arc::clone(&progress));
+            // Stores 1, 2, … until the move's unmap reaches it; returns
+            // the last store that succeeded.
+            thread::spawn(move || {
+                let mut last = 0;
+                loop {
+                    match access(&mm, 1, a, Some(last + 1)) {
+                        Ok(_) => last += 1,
+                        Err(FaultError::Segv) => return last,
+                        Err(e) => panic!("{e}"),
+                    }
+                    progress.store(last, Ordering::Relaxed);
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while progress.load(Ordering::Relaxed) < 1 + round * 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer did not start"
+            );
+            thread::yield_now();
+        }
+        let new = mm
+            .mremap(a, PAGE_SIZE, 3 * PAGE_SIZE, MAYMOVE, 0, Some(0))
+            .unwrap();
+        let last = writer.join().unwrap();
+        assert_eq!(
+            access(&mm, 0, new, None),
+            Ok(last),
+            "round {round}: a store through the old address was lost"
+        );
+        assert_clean(&mm, &[0, 1]);
+        detach(&mm, 0);
+        detach(&mm, 1);
+        drop(mm);
+        assert_eq!(verify_no_leaks(&m), vec![]);
+    }
+}
