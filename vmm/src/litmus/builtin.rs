@@ -49,6 +49,16 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic", "mremap"],
     ),
     (
+        "mremap-fixed",
+        include_str!("../../../tests/litmus/mremap-fixed.litmus"),
+        &["mremap"],
+    ),
+    (
+        "mremap-pinned",
+        include_str!("../../../tests/litmus/mremap-pinned.litmus"),
+        &["mremap"],
+    ),
+    (
         "mremap-stale-tlb",
         include_str!("../../../tests/litmus/mremap-stale-tlb.litmus"),
         &["mremap"],
