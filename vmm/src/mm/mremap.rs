@@ -149,9 +149,9 @@ impl Mm {
                 && r.new_addr
                     .checked_add(r.new_len)
                     .is_some_and(|e| e <= USER_END);
-            // vrm_overlaps()
-            let overlaps = r.addr < r.new_addr + r.new_len && r.new_addr < r.addr + r.old_len;
-            if !fits || overlaps {
+            // vrm_overlaps() (its sums cannot overflow once `fits`)
+            let overlaps = || r.addr < r.new_addr + r.new_len && r.new_addr < r.addr + r.old_len;
+            if !fits || overlaps() {
                 return Err(MmError::Inval);
             }
             self.unmap_locked(r.new_addr, r.new_addr + r.new_len, cpu);

@@ -264,6 +264,11 @@ fn mremap_resizes_in_place_or_moves_and_refuses_bad_arguments() {
         e(mm.mremap(moved, 2 * p, 2 * p, MAYMOVE | FIXED, moved + p, None)),
         MmError::Inval
     );
+    let far = u64::MAX & !(p - 1);
+    assert_eq!(
+        e(mm.mremap(moved, p, p, MAYMOVE | FIXED, far, None)),
+        MmError::Inval
+    );
     assert_eq!(e(mm.mremap(a, p, p, 0, 0, None)), MmError::Fault);
     assert_eq!(
         e(mm.mremap(moved, 65 * p, 65 * p, 0, 0, None)),
