@@ -252,6 +252,12 @@ knobs! {
     /// `wp_page_copy()` rechecks, under the PTL, that the page is still
     /// shared before installing the copy (suggested in seed 004, not merged).
     wp_copy_recheck_exclusive: bool, "seed 004 suggestion (not merged): recheck exclusivity in wp_page_copy";
+    /// `move_ptes()` flushes the old range's TLB entries before it drops
+    /// the page-table locks (eb66ae030829 "mremap: properly flush TLB
+    /// before releasing the page", CVE-2018-18281, v4.19); off: after
+    /// dropping them, as `move_page_tables()` did before (only clean PTEs
+    /// from 5d1904204c99, v4.9; every PTE before that).
+    mremap_flush_under_ptl: bool, "eb66ae030829 (v4.19): move_ptes flushes before dropping the PTLs";
     /// Most translations one TLB holds (None = unlimited).
     tlb_capacity: Option<usize>, "cowlab: a small TLB evicts random entries";
     /// A TLB fill also caches the neighbours whose logical PTE permits the
@@ -299,6 +305,7 @@ impl Policy {
         fork_wrprotect_pinned: false,
         uffd_wp_flush_before_copy: true,
         wp_copy_recheck_exclusive: false,
+        mremap_flush_under_ptl: true,
         tlb_capacity: None,
         tlb_fault_around: FaultAround::GROUP_OF_8,
     };
@@ -413,6 +420,9 @@ mod tests {
         assert!(p("linux-6.3").gup_fast_fork_seqcount && !p("linux-5.10").gup_fast_fork_seqcount);
         assert!(!p("linux-5.8").gup_fast_fork_seqcount && !p("linux-5.7").gup_fast_fork_seqcount);
         assert!(p("proposal-fork-coherent").fork_wrprotect_pinned);
+        for (name, _) in PRESETS {
+            assert!(p(name).mremap_flush_under_ptl, "{name} is after v4.19");
+        }
         assert_eq!(Policy::preset("linux-2.6"), None);
     }
 

@@ -318,3 +318,33 @@ fn the_bare_suite_explores_every_cell() {
     assert_eq!(all_met, met_all, "{v}");
     assert!(early > 0, "no early witness: {v}");
 }
+
+#[test]
+fn mremap_and_madvise_suites_meet_their_expectations_and_the_old_mremap_flush_shows_its_window() {
+    let (_, cells) = suite("mremap");
+    for policy in ["mainline", "linux-5.7"] {
+        assert_eq!(cell(&cells, "mremap-move", policy)["observation"], "Always");
+        assert_eq!(
+            cell(&cells, "mremap-stale-tlb", policy)["observation"],
+            "Never"
+        );
+    }
+    let (_, cells) = suite("madvise");
+    assert_eq!(
+        cell(&cells, "dontfork-pinned", "linux-5.7")["observation"],
+        "Never"
+    );
+    // Before eb66ae030829 (no preset is that old): the forced window.
+    let args = [
+        "run",
+        "mremap-stale-tlb",
+        "--set",
+        "mremap_flush_under_ptl=off",
+        "--runs",
+        "3",
+        "--check",
+    ];
+    let (code, v) = cowlab_json(&args);
+    assert_eq!(code, Some(1), "mainline expects Never: {v}");
+    assert_eq!(v["observation"], "Always", "{v}");
+}

@@ -63,6 +63,7 @@ points! {
     UffdAfterWrprotect = "uffd:after_wrprotect", "mwriteprotect_range changed the PTEs, before its flush";
     MprotectAfterChange = "mprotect:after_change", "mprotect changed the PTEs, before its flush";
     MunmapAfterZap = "munmap:after_zap", "zap_page_range cleared the PTEs, before its flush";
+    MremapAfterMovePtes = "mremap:after_move_ptes", "move_ptes moved the PTEs and dropped the PTLs (the old range is flushed only if mremap_flush_under_ptl)";
     AllocPage = "alloc_page", "a data page is allocated (a 'fail' rule makes it fail)";
 }
 

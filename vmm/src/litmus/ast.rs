@@ -185,6 +185,17 @@ pub enum StmtKind {
         pages: u64,
         advice: Advice,
     },
+    /// `rN = mremap A OLD NEW [maymove] [fixed B] [dontunmap]`.
+    Mremap {
+        dst: u8,
+        addr: Operand,
+        old_pages: u64,
+        new_pages: u64,
+        maymove: bool,
+        /// MREMAP_FIXED's `new_addr`.
+        fixed: Option<Operand>,
+        dontunmap: bool,
+    },
     Fork {
         dst: Option<u8>,
         child: String,

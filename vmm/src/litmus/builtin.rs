@@ -29,6 +29,41 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic"],
     ),
     (
+        "madvise-dontfork",
+        include_str!("../../../tests/litmus/madvise-dontfork.litmus"),
+        &["basic", "madvise"],
+    ),
+    (
+        "dontfork-pinned",
+        include_str!("../../../tests/litmus/dontfork-pinned.litmus"),
+        &["basic", "madvise"],
+    ),
+    (
+        "mremap-move",
+        include_str!("../../../tests/litmus/mremap-move.litmus"),
+        &["basic", "mremap"],
+    ),
+    (
+        "mremap-resize",
+        include_str!("../../../tests/litmus/mremap-resize.litmus"),
+        &["basic", "mremap"],
+    ),
+    (
+        "mremap-fixed",
+        include_str!("../../../tests/litmus/mremap-fixed.litmus"),
+        &["mremap"],
+    ),
+    (
+        "mremap-pinned",
+        include_str!("../../../tests/litmus/mremap-pinned.litmus"),
+        &["mremap"],
+    ),
+    (
+        "mremap-stale-tlb",
+        include_str!("../../../tests/litmus/mremap-stale-tlb.litmus"),
+        &["mremap"],
+    ),
+    (
         "fork-vma-lock",
         include_str!("../../../tests/litmus/fork-vma-lock.litmus"),
         &["seeds"],

@@ -17,7 +17,8 @@ use super::tlb::user_pte;
 use crate::hooks::Point;
 
 impl Mm {
-    /// A new address space for a child of this one: every VMA copied, every
+    /// A new address space for a child of this one: every VMA copied
+    /// except those with `VM_DONTCOPY` (`madvise(MADV_DONTFORK)`), every
     /// private anonymous page shared copy-on-write (write-protected in both)
     /// or, if it may be pinned, copied now. The parent's VMAs are
     /// write-locked for the whole copy when `fork_lock_vmas` (fb49c455323f,
@@ -42,7 +43,11 @@ impl Mm {
         }
         let _ = self.m.hooks.at(Point::ForkEnter, cpu, None);
         self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);
-        let result = vmas.iter().try_for_each(|vma| {
+        // VM_DONTCOPY (MADV_DONTFORK): the child gets nothing there, so
+        // its accesses fault SIGSEGV, and the parent's PTEs, pages and
+        // pins are left alone.
+        let copied = vmas.iter().filter(|vma| !vma.dontcopy);
+        let result = copied.clone().try_for_each(|vma| {
             child
                 .vmas
                 .write()

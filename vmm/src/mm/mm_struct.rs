@@ -123,6 +123,9 @@ pub struct Vma {
     pub prot: u32,
     /// `VM_UFFD_WP`: registered for userfaultfd write-protect faults.
     pub uffd_wp: bool,
+    /// `VM_DONTCOPY` (`madvise(MADV_DONTFORK)`): fork leaves this VMA out
+    /// of the child (kernel/fork.c:dup_mmap()).
+    pub dontcopy: bool,
     vm_lock: Arc<RwLock<()>>,
     /// `vma->vm_lock_seq`: equal to the mm's `mm_lock_seq` while the VMA is
     /// write-locked (until `mmap_lock` is released for write).
@@ -137,15 +140,39 @@ impl Vma {
 
     /// A VMA with the uffd-wp registration `uffd_wp`.
     pub fn with_flags(start: u64, end: u64, prot: u32, uffd_wp: bool) -> Arc<Vma> {
+        Vma::build(start, end, prot, uffd_wp, false)
+    }
+
+    /// A VMA with every flag given.
+    pub(crate) fn build(
+        start: u64,
+        end: u64,
+        prot: u32,
+        uffd_wp: bool,
+        dontcopy: bool,
+    ) -> Arc<Vma> {
         Arc::new(Vma {
             start,
             end,
             prot,
             uffd_wp,
+            dontcopy,
             vm_lock: Arc::new(RwLock::new(())),
             vm_lock_seq: AtomicU64::new(u64::MAX),
             detached: AtomicBool::new(false),
         })
+    }
+
+    /// A VMA over `[start, end)` with this one's flags (protection,
+    /// `VM_UFFD_WP`, `VM_DONTCOPY`): a piece of it after a split, or its
+    /// copy at another place. Models mm/vma.c:vm_area_dup() (flags only).
+    pub fn dup_at(&self, start: u64, end: u64) -> Arc<Vma> {
+        self.with_dontcopy_at(start, end, self.dontcopy)
+    }
+
+    /// [`Vma::dup_at`] with `VM_DONTCOPY` set to `dontcopy`.
+    pub fn with_dontcopy_at(&self, start: u64, end: u64, dontcopy: bool) -> Arc<Vma> {
+        Vma::build(start, end, self.prot, self.uffd_wp, dontcopy)
     }
 
     /// Models include/linux/userfaultfd_k.h:userfaultfd_wp().
@@ -272,6 +299,12 @@ pub struct Mm {
     /// dup_mmap() without raising `tlb_flush_pending`, so stale writable
     /// entries are expected meanwhile. Bookkeeping for `mm_verify` only.
     pub(crate) fork_flush_deferred: AtomicU64,
+    /// An mremap moved present PTEs and dropped the PTLs with the old
+    /// range's flush still owed (`mremap_flush_under_ptl` off: kernels
+    /// before eb66ae030829), without raising `tlb_flush_pending`: stale
+    /// entries are what that kernel leaves meanwhile. Bookkeeping for
+    /// `mm_verify` only.
+    pub(crate) mremap_flush_deferred: AtomicU64,
     /// `mm_cpumask(mm)`: CPUs that may hold translations of this mm.
     pub(crate) cpumask: AtomicU64,
     /// Where the next `mmap` without a hint goes (top-down); under `mmap_lock`.
@@ -350,6 +383,7 @@ impl Mm {
             ptl: Arc::new(Mutex::new(())),
             tlb_flush_pending: AtomicU64::new(0),
             fork_flush_deferred: AtomicU64::new(0),
+            mremap_flush_deferred: AtomicU64::new(0),
             cpumask: AtomicU64::new(0),
             mmap_base: AtomicU64::new(MMAP_BASE),
             users: AtomicUsize::new(0),
@@ -552,6 +586,12 @@ impl Mm {
         }
     }
 
+    /// Whether someone holds the page-table lock (tests of lock ordering).
+    #[cfg(test)]
+    pub(crate) fn ptl_is_locked(&self) -> bool {
+        self.ptl.try_lock().is_err()
+    }
+
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
     pub(crate) fn vma_lookup(&self, addr: u64) -> Option<Arc<Vma>> {
         let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
@@ -627,7 +667,9 @@ impl Mm {
     /// Whether a CPU may legitimately hold entries more permissive than the
     /// PTEs: a flush is pending or a fork has deferred its flush.
     pub fn tlb_may_be_stale(&self) -> bool {
-        self.mm_tlb_flush_pending() || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+        self.mm_tlb_flush_pending()
+            || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+            || self.mremap_flush_deferred.load(Ordering::Acquire) > 0
     }
 
     /// Flushes `[start, end)` from every CPU in `mm_cpumask`: their shadow

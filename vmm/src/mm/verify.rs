@@ -115,7 +115,7 @@ pub fn verify_pages(m: &Machine, mms: &[&Mm]) -> Vec<Violation> {
 }
 
 /// The TLB invariant of [`mm_verify`]: unless a flush is pending (or a
-/// fork deferred its flush), no entry
+/// fork, or an mremap before eb66ae030829, deferred its flush), no entry
 /// of `cpu`'s TLB is more permissive than its logical PTE in `mm`.
 pub fn verify_tlbs(m: &Machine, cpus: &[(usize, &Mm)]) -> Vec<Violation> {
     let mut out = Vec::new();

@@ -285,3 +285,60 @@ fn the_gup_fast_fork_race_is_found_without_the_seqcount() {
         .unwrap_or_default();
     assert!(msg.contains("diverged"), "another failure: {msg}");
 }
+
+/// mremap moves the page under a writer on another CPU: every store that
+/// succeeded through the old address, stale TLB entry or not, is in the
+/// moved page; none is lost, nothing leaks, `mm_verify` is clean (the
+/// window of `mremap_flush_under_ptl` off included).
+fn mremap_write_race(policy: Policy) {
+    use cowlab_abi::mremap::{FIXED, MAYMOVE};
+    let (world, mm) = one_page_world(policy, 2, false);
+    let target = mm
+        .mmap(None, PAGE_SIZE, prot::READ | prot::WRITE)
+        .expect("the target");
+    let region = world.region;
+    let writer = {
+        let (w, mm) = (Arc::clone(&world), Arc::clone(&mm));
+        shuttle::thread::spawn(move || {
+            let mut last = 0;
+            for v in 1..=3 {
+                match w.access(&mm, 1, region, Some(v)) {
+                    Ok(_) => last = v,
+                    Err(_) => break,
+                }
+            }
+            last
+        })
+    };
+    let moved = mm.mremap(
+        region,
+        PAGE_SIZE,
+        PAGE_SIZE,
+        MAYMOVE | FIXED,
+        target,
+        Some(0),
+    );
+    assert_eq!(moved, Ok(target));
+    let last = writer.join().expect("the writer");
+    assert_eq!(
+        world.access(&mm, 0, target, None),
+        Ok(last),
+        "a store through the old address was lost"
+    );
+    finish(world, mm, 2);
+}
+
+#[test]
+fn random_schedules_of_the_mremap_write_race() {
+    for under_ptl in [true, false] {
+        let policy = Policy {
+            mremap_flush_under_ptl: under_ptl,
+            ..Policy::MAINLINE
+        };
+        eprintln!(
+            "shuttle random, mremap/write race, mremap_flush_under_ptl={under_ptl}: {} schedules",
+            budget()
+        );
+        shuttle::check_random(move || mremap_write_race(policy), budget());
+    }
+}
