@@ -118,6 +118,11 @@ pub fn run(start: u64) -> ! {
                 let advice = MADV_BY_CODE.get(c).copied().unwrap_or(u64::MAX);
                 regs[b] = res(rt::madvise(regs[a], imm * PAGE_SIZE, advice));
             }
+            Op::Mremap => {
+                let (old, new, flags) = cowlab_abi::bytecode::mremap_imm::unpack(imm);
+                let r = rt::mremap(regs[a], old * PAGE_SIZE, new * PAGE_SIZE, flags, regs[c]);
+                regs[b] = res(r);
+            }
             Op::Fork => match rt::fork() {
                 Ok(0) => {
                     regs[a] = 0;
@@ -132,7 +137,7 @@ pub fn run(start: u64) -> ! {
             Op::Pin => {
                 regs[a] = res(rt::pin(
                     regs[b],
-                    c as u64 & (gup::WRITE | gup::PIN | gup::LONGTERM),
+                    c as u64 & (gup::WRITE | gup::PIN | gup::LONGTERM | gup::FAST),
                 ))
             }
             Op::Unpin => {

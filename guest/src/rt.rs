@@ -254,6 +254,28 @@ pub fn madvise(addr: u64, len: u64, advice: u64) -> Result<u64, i64> {
     result(hypercall(Hypercall::Madvise, [addr, len, advice, 0]))
 }
 
+/// `mremap(addr, old_len, new_len, flags, new_addr)`. A `new_addr` that is
+/// not page-aligned is EINVAL, as in Linux, checked here because the
+/// hypercall carries the flags in its low bits.
+pub fn mremap(
+    addr: u64,
+    old_len: u64,
+    new_len: u64,
+    flags: u64,
+    new_addr: u64,
+) -> Result<u64, i64> {
+    const EINVAL: i64 = -22;
+    use cowlab_abi::layout::PAGE_SIZE;
+    if flags & cowlab_abi::mremap::FIXED != 0 && !new_addr.is_multiple_of(PAGE_SIZE) {
+        return Err(EINVAL);
+    }
+    let packed = (new_addr & !(PAGE_SIZE - 1)) | (flags & (PAGE_SIZE - 1));
+    result(hypercall(
+        Hypercall::Mremap,
+        [addr, old_len, new_len, packed],
+    ))
+}
+
 /// Performs a TLB flush a deferred `mprotect` left pending.
 pub fn flush_tlb(addr: u64, len: u64) -> Result<u64, i64> {
     result(hypercall(Hypercall::FlushTlb, [addr, len, 0, 0]))

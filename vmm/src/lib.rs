@@ -15,5 +15,6 @@ pub mod hooks;
 pub mod kvm;
 pub mod litmus;
 pub mod mm;
+pub mod native;
 pub mod policy;
 pub mod trace;

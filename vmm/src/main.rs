@@ -99,6 +99,37 @@ enum Command {
         /// Litmus: keep only the runs that satisfied `exists` in the trace.
         #[arg(long, requires = "trace")]
         trace_witnesses_only: bool,
+        /// Litmus: run the test as real threads and processes on the host
+        /// kernel instead of the model (docs/native.md).
+        #[arg(long)]
+        native: bool,
+    },
+    /// One native run of the test on stdin (started by --native; docs/native.md).
+    #[command(name = "__native-run", hide = true)]
+    NativeRun,
+    /// Run a test or suite under the `mainline` model and natively on the
+    /// host kernel, side by side; exit 1 if a verdict disagrees
+    /// (docs/native.md).
+    Diff {
+        /// A test (built-in name or .litmus file) or a suite ("all", or see
+        /// `cowlab list tests`).
+        #[arg(value_name = "TEST|SUITE")]
+        what: String,
+        /// Runs on each side, at least 1 (default: the test's own `runs`
+        /// line, else 10).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Watchdog per run in seconds (0.001 to 1000000, or 0 for none).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "30",
+            allow_negative_numbers = true
+        )]
+        timeout: String,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// The native-Linux baseline of `cowlab bench` (tools/), in this
     /// fresh process: prints one JSON object.
@@ -134,6 +165,18 @@ enum Command {
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Run each test once on the host kernel instead of under each
+        /// policy in the model (docs/native.md).
+        #[arg(long)]
+        native: bool,
+        /// With --native: watchdog per run in seconds (0 for none).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value = "30",
+            allow_negative_numbers = true
+        )]
+        timeout: String,
     },
     /// Soak every built-in `*-free` litmus test (or the --test ones) under
     /// each preset its `expect` lines say `Never` for, with chaos: a row
@@ -449,6 +492,7 @@ fn main() {
             wait,
             trace,
             trace_witnesses_only,
+            native,
         } => {
             let timeout =
                 seconds("--timeout", &secs, Some("no watchdog")).unwrap_or_else(|e| usage(e));
@@ -474,7 +518,20 @@ fn main() {
                 wait,
                 trace,
                 trace_witnesses_only,
+                native,
             })
+        }
+        Command::NativeRun => cowlab::native::run_process(),
+        Command::Diff {
+            what,
+            runs,
+            timeout: secs,
+            json,
+        } => {
+            let timeout =
+                seconds("--timeout", &secs, Some("no watchdog")).unwrap_or_else(|e| usage(e));
+            check_runs(runs);
+            cli::diff(&what, runs, timeout, json, &cli.kvm)
         }
         Command::NativeBaseline { mib } => {
             if mib > cowlab_tools::MAX_MIB {
@@ -508,9 +565,21 @@ fn main() {
         Command::List {
             what: ListWhat::Points,
         } => cli::list_points(),
-        Command::Suite { name, runs, json } => {
+        Command::Suite {
+            name,
+            runs,
+            json,
+            native,
+            timeout: secs,
+        } => {
             check_runs(runs);
-            cli::suite(&name, runs, json, &cli.kvm)
+            if native {
+                let timeout =
+                    seconds("--timeout", &secs, Some("no watchdog")).unwrap_or_else(|e| usage(e));
+                cli::native::suite(&name, runs, timeout, json)
+            } else {
+                cli::suite(&name, runs, json, &cli.kvm)
+            }
         }
         Command::Soak {
             runs,

@@ -250,6 +250,11 @@ knobs! {
     /// c89357e27f20, v5.19).
     anon_exclusive: bool, "6c287605fd56, c89357e27f20 (v5.19): PageAnonExclusive, unshare faults";
     gup_read_cow: GupReadCow, "17839856fd58 (v5.8) break; a308c71bf1e6 (v5.9) none; v5.19 unshare";
+    /// GUP-fast's FOLL_PIN path samples `mm->write_protect_seq` before its
+    /// lockless walk and gives up (unpins, falls back to the slow path) if
+    /// a fork's `copy_page_range()` ran meanwhile (57efa1fe5957 "mm/gup:
+    /// prevent gup_fast from racing with COW during fork", v5.11).
+    gup_fast_fork_seqcount: bool, "57efa1fe5957 (v5.11): GUP-fast pins retry on fork's write_protect_seq";
     /// fork copies maybe-pinned exclusive pages at once instead of sharing
     /// them (70e806e4e645 "mm: Do early cow for pinned pages during fork()
     /// for ptes").
@@ -283,6 +288,12 @@ knobs! {
     /// cache (feb889fb40fa "mm: don't put pinned pages into the swap
     /// cache", v5.11).
     pageout_skip_pinned: bool, "feb889fb40fa (v5.11): reclaim leaves maybe-pinned anon pages alone";
+    /// `move_ptes()` flushes the old range's TLB entries before it drops
+    /// the page-table locks (eb66ae030829 "mremap: properly flush TLB
+    /// before releasing the page", CVE-2018-18281, v4.19); off: after
+    /// dropping them, as `move_page_tables()` did before (only clean PTEs
+    /// from 5d1904204c99, v4.9; every PTE before that).
+    mremap_flush_under_ptl: bool, "eb66ae030829 (v4.19): move_ptes flushes before dropping the PTLs";
     /// Most translations one TLB holds (None = unlimited).
     tlb_capacity: Option<usize>, "cowlab: a small TLB evicts random entries";
     /// A TLB fill also caches the neighbours whose logical PTE permits the
@@ -325,6 +336,7 @@ impl Policy {
         cow_reuse: CowReuse::Refcount,
         anon_exclusive: true,
         gup_read_cow: GupReadCow::Unshare,
+        gup_fast_fork_seqcount: true,
         fork_copy_pinned: true,
         fork_wrprotect_pinned: false,
         uffd_wp_flush_before_copy: true,
@@ -333,6 +345,7 @@ impl Policy {
         swapin_map_writable: true,
         cow_free_swapcache: true,
         pageout_skip_pinned: true,
+        mremap_flush_under_ptl: true,
         tlb_capacity: None,
         tlb_fault_around: FaultAround::GROUP_OF_8,
     };
@@ -345,6 +358,7 @@ impl Policy {
             fork_lock_vmas: false,
             anon_exclusive: false,
             gup_read_cow: GupReadCow::None,
+            gup_fast_fork_seqcount: false,
             uffd_wp_flush_before_copy: false,
             swapin_reuse: SwapinReuse::Swapcount,
             swapin_map_writable: false,
@@ -449,10 +463,15 @@ mod tests {
         assert_eq!(p("linux-5.8").gup_read_cow, GupReadCow::Break);
         assert_eq!(p("linux-5.7").gup_read_cow, GupReadCow::None);
         assert!(!p("linux-5.10").uffd_wp_flush_before_copy);
+        assert!(p("linux-6.3").gup_fast_fork_seqcount && !p("linux-5.10").gup_fast_fork_seqcount);
+        assert!(!p("linux-5.8").gup_fast_fork_seqcount && !p("linux-5.7").gup_fast_fork_seqcount);
         assert!(p("proposal-fork-coherent").fork_wrprotect_pinned);
         assert_eq!(p("linux-5.10").swapin_reuse, SwapinReuse::Swapcount);
         assert_eq!(p("linux-6.3").swapin_reuse, SwapinReuse::Refcount);
         assert!(p("mainline").swapin_map_writable && !p("linux-6.4").swapin_map_writable);
+        for (name, _) in PRESETS {
+            assert!(p(name).mremap_flush_under_ptl, "{name} is after v4.19");
+        }
         assert_eq!(Policy::preset("linux-2.6"), None);
     }
 

@@ -366,7 +366,7 @@ fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
 #[test]
 fn argument_errors_are_one_line_with_arguments_escaped() {
     for (args, want) in [
-        (&[][..], "'cowlab' requires a subcommand but one was not provided [subcommands: run, trace, ctl, suite, soak, explore, list, bench, help] (usage: cowlab [OPTIONS] <COMMAND>)"),
+        (&[][..], "'cowlab' requires a subcommand but one was not provided [subcommands: run, diff, trace, ctl, suite, soak, explore, list, bench, help] (usage: cowlab [OPTIONS] <COMMAND>)"),
         (&["list"], "'cowlab list' requires a subcommand"),
         (&["trace"], "[subcommands: show, export, help]"),
         (&["run"], "the following required arguments were not provided: <TEST|PROGRAM> (usage: cowlab run <TEST|PROGRAM>)"),

@@ -78,6 +78,24 @@ fn the_seed_races_reproduce_under_the_buggy_presets_and_not_under_the_fixed_ones
             }
         }
     }
+    // GUP-fast vs fork has a forced test and a bare one, no free-running
+    // variant: the schedule is satisfied under the fixed presets too.
+    for (p, positive) in [
+        ("linux-5.10", true),
+        ("linux-5.7", true),
+        ("mainline", false),
+        ("linux-6.3", false),
+    ] {
+        let c = cell(&cells, "gup-fast-fork", p);
+        let runs = c["runs"].as_u64().unwrap();
+        let expected = if positive { runs } else { 0 };
+        assert_eq!(
+            c["positive"].as_u64(),
+            Some(expected),
+            "gup-fast-fork under {p}: {c}"
+        );
+        assert!(c["unreachable"].as_array().unwrap().is_empty(), "{c}");
+    }
     // Where the fixed preset makes the forced interleaving impossible, the
     // reason names who waits for whom.
     let why = &cell(&cells, "fork-vma-lock", "mainline")["unreachable"];
@@ -142,6 +160,9 @@ fn the_cow_matrix_passes_under_mainline_and_fails_where_linux_did() {
         "cow-ro-pin-shared",
         "cow-ro-pin-previously-shared",
         "cow-ro-pin-exclusive",
+        "cow-ro-fast-pin-shared",
+        "cow-ro-fast-pin-previously-shared",
+        "cow-ro-fast-pin-exclusive",
     ] {
         assert!(tests.iter().any(|x| *x == t), "{t} missing");
         assert_eq!(cell(&cells, t, "mainline")["observation"], "Never", "{t}");
@@ -153,6 +174,8 @@ fn the_cow_matrix_passes_under_mainline_and_fails_where_linux_did() {
         ("cow-iouring-fork", "linux-5.8"),
         ("cow-ro-pin-shared", "linux-5.10"),
         ("cow-iouring-ro-mapping", "linux-5.10"),
+        ("cow-ro-fast-pin-shared", "linux-5.10"),
+        ("cow-ro-fast-pin-shared", "linux-5.7"),
     ] {
         assert_eq!(cell(&cells, t, p)["observation"], "Always", "{t} × {p}");
     }
@@ -245,7 +268,7 @@ fn the_bare_suite_explores_every_cell() {
     assert_eq!(v["errors"], 0, "{v}");
     assert_eq!(v["failed"].as_array().unwrap().len(), 0, "{v}");
     // The cells are the bare tests' expect lines: (test, preset, verdict).
-    let expected: [(&str, &str, &str); 14] = [
+    let expected: [(&str, &str, &str); 17] = [
         ("fork-vma-lock-bare", "linux-6.4", "Sometimes"),
         ("fork-vma-lock-bare", "mainline", "Never"),
         ("uffd-wp-cow-copy-bare", "linux-5.10", "Sometimes"),
@@ -261,6 +284,9 @@ fn the_bare_suite_explores_every_cell() {
         ("gup-read-wrong-side-bare", "linux-5.8", "Never"),
         ("gup-read-wrong-side-bare", "linux-5.10", "Never"),
         ("gup-read-wrong-side-bare", "mainline", "Never"),
+        ("gup-fast-fork-bare", "mainline", "Never"),
+        ("gup-fast-fork-bare", "linux-5.10", "Sometimes"),
+        ("gup-fast-fork-bare", "linux-5.7", "Sometimes"),
         ("wp-copy-reuse-aba-bare", "linux-5.8", "Sometimes"),
         ("wp-copy-reuse-aba-bare", "linux-5.10", "Never"),
         ("wp-copy-reuse-aba-bare", "mainline", "Never"),
@@ -319,4 +345,34 @@ fn the_bare_suite_explores_every_cell() {
     }
     assert_eq!(all_met, met_all, "{v}");
     assert!(early > 0, "no early witness: {v}");
+}
+
+#[test]
+fn mremap_and_madvise_suites_meet_their_expectations_and_the_old_mremap_flush_shows_its_window() {
+    let (_, cells) = suite("mremap");
+    for policy in ["mainline", "linux-5.7"] {
+        assert_eq!(cell(&cells, "mremap-move", policy)["observation"], "Always");
+        assert_eq!(
+            cell(&cells, "mremap-stale-tlb", policy)["observation"],
+            "Never"
+        );
+    }
+    let (_, cells) = suite("madvise");
+    assert_eq!(
+        cell(&cells, "dontfork-pinned", "linux-5.7")["observation"],
+        "Never"
+    );
+    // Before eb66ae030829 (no preset is that old): the forced window.
+    let args = [
+        "run",
+        "mremap-stale-tlb",
+        "--set",
+        "mremap_flush_under_ptl=off",
+        "--runs",
+        "3",
+        "--check",
+    ];
+    let (code, v) = cowlab_json(&args);
+    assert_eq!(code, Some(1), "mainline expects Never: {v}");
+    assert_eq!(v["observation"], "Always", "{v}");
 }

@@ -144,6 +144,32 @@ pub enum Op {
     Rem = 40,
     /// Pause: spin-loop hint, imm times.
     Pause = 41,
+    /// rb = mremap(ra, old pages, new pages, flags, new_addr = rc): the
+    /// pages and flags are packed in imm ([`mremap_imm`]).
+    Mremap = 42,
+}
+
+/// Bits of [`Op::Mremap`]'s immediate: old pages in bits 0–29, new pages
+/// in bits 30–59, `MREMAP_*` flags (`crate::mremap`) from bit 60.
+pub mod mremap_imm {
+    /// Most pages either length may have.
+    pub const MAX_PAGES: u64 = (1 << 30) - 1;
+    pub const NEW_SHIFT: u32 = 30;
+    pub const FLAGS_SHIFT: u32 = 60;
+
+    /// Packs the operands.
+    pub const fn pack(old_pages: u64, new_pages: u64, flags: u64) -> u64 {
+        (old_pages & MAX_PAGES) | (new_pages & MAX_PAGES) << NEW_SHIFT | flags << FLAGS_SHIFT
+    }
+
+    /// `(old pages, new pages, flags)`.
+    pub const fn unpack(imm: u64) -> (u64, u64, u64) {
+        (
+            imm & MAX_PAGES,
+            imm >> NEW_SHIFT & MAX_PAGES,
+            imm >> FLAGS_SHIFT,
+        )
+    }
 }
 
 impl Op {
@@ -166,7 +192,7 @@ const _: () = {
     }
 };
 
-const OPS: [Op; 42] = [
+const OPS: [Op; 43] = [
     Op::Halt,
     Op::Li,
     Op::Mov,
@@ -209,4 +235,5 @@ const OPS: [Op; 42] = [
     Op::Div,
     Op::Rem,
     Op::Pause,
+    Op::Mremap,
 ];

@@ -97,6 +97,11 @@ pub enum Hypercall {
     UffdWait = 25,
     /// A guest hook point (`hook NAME` in a litmus test) with id `args[0]`.
     Hook = 26,
+    /// `mremap(args[0], args[1] old bytes, args[2] new bytes, flags,
+    /// new_addr)` with `args[3]` = `new_addr | flags` ([`mremap`] flags in
+    /// the low 12 bits: `new_addr` is page-aligned, the guest checks);
+    /// `ret` = the mapping's address or a negative errno.
+    Mremap = 27,
     /// Waits until vCPU `args[0]` has ended; `ret` = its exit status, or
     /// `u64::MAX` if it did not exit normally (crash, SIGSEGV, OOM).
     Join = 16,
@@ -136,6 +141,7 @@ impl Hypercall {
             24 => Self::UffdWp,
             25 => Self::UffdWait,
             26 => Self::Hook,
+            27 => Self::Mremap,
             _ => return None,
         })
     }
@@ -156,6 +162,10 @@ pub mod gup {
     pub const PIN: u64 = 2;
     /// FOLL_LONGTERM.
     pub const LONGTERM: u64 = 4;
+    /// GUP-fast first: get_user_pages_fast() / pin_user_pages_fast() (the
+    /// lockless walk, falling back to the slow path), else
+    /// get_user_pages() / pin_user_pages().
+    pub const FAST: u64 = 8;
 }
 
 /// `MADV_DONTNEED` for [`Hypercall::Madvise`].
@@ -170,6 +180,18 @@ pub const MADV_PAGEOUT: u64 = 21;
 /// The `MADV_*` advice a litmus `madvise` names, by the small code the
 /// bytecode carries in its `c` field (a register-sized field, 4 bits).
 pub const MADV_BY_CODE: [u64; 4] = [MADV_DONTNEED, MADV_PAGEOUT, MADV_DONTFORK, MADV_DOFORK];
+
+/// `MREMAP_*` flags of [`Hypercall::Mremap`] (Linux's uapi values).
+pub mod mremap {
+    /// MREMAP_MAYMOVE: the mapping may move to a new address.
+    pub const MAYMOVE: u64 = 1;
+    /// MREMAP_FIXED: move to exactly `new_addr` (unmapping what is there).
+    pub const FIXED: u64 = 2;
+    /// MREMAP_DONTUNMAP: move the pages but leave the old VMA mapped, empty.
+    pub const DONTUNMAP: u64 = 4;
+    /// Every flag.
+    pub const ALL: u64 = MAYMOVE | FIXED | DONTUNMAP;
+}
 
 /// [`Hypercall::Mprotect`] flag: change the PTEs but leave the TLB flush
 /// pending (until [`Hypercall::FlushTlb`]): the deferred flush of uffd-wp

@@ -11,6 +11,8 @@
 //! - [`list`]: `cowlab list …`.
 //! - [`bench`]: `cowlab bench` and `cowlab native-baseline`.
 //! - [`explore`]: `cowlab explore` and `cowlab explore merge`.
+//! - [`native`]: `cowlab run --native`, `cowlab suite --native`, `cowlab
+//!   diff`: litmus tests on the host kernel (docs/native.md).
 //!
 //! Errors: the layers below return their own typed errors, which a command
 //! prints and turns into an exit status; what the CLI itself refuses (an
@@ -23,6 +25,7 @@ pub mod bench;
 mod error;
 pub mod explore;
 pub mod list;
+pub mod native;
 pub mod output;
 pub mod run;
 pub mod soak;
@@ -33,6 +36,7 @@ pub use bench::{bench, native_baseline};
 pub use error::{CliError, ReadError};
 pub use explore::{explore, merge as explore_merge, parse_shard, ExploreArgs};
 pub use list::{list_points, list_policies, list_programs, list_tests, program_names};
+pub use native::diff;
 pub use output::{error, finish, out, MAX_GUEST_ELF, MAX_LITMUS_FILE, MAX_TRACE_FILE};
 pub use run::{make_policy, run, RunOptions};
 pub use soak::{soak, SoakOptions};

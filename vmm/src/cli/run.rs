@@ -50,6 +50,8 @@ pub struct RunOptions {
     /// `--trace FILE`, `--trace-witnesses-only`.
     pub trace: Option<std::path::PathBuf>,
     pub trace_witnesses_only: bool,
+    /// `--native`: on the host kernel instead of the model (docs/native.md).
+    pub native: bool,
 }
 
 /// The path of `--trace`, to name it in messages.
@@ -91,6 +93,9 @@ fn policy_and_injection(opts: &RunOptions) -> Result<Setup, CliError> {
 /// `cowlab run WHAT`: a built-in program, a built-in litmus test, or a
 /// litmus file; with `--control`, a control socket serves it meanwhile.
 pub fn run(opts: &RunOptions) -> i32 {
+    if opts.native {
+        return super::native::run(opts);
+    }
     let Some(path) = &opts.control else {
         if opts.wait {
             error("--wait needs --control PATH (something must send cont)");

@@ -48,6 +48,7 @@ points! {
     WpPageCopyAfterClearFlush = "wp_page_copy:after_clear_flush", "the old PTE cleared and flushed, before the new one";
     WpPageCopyInstalled = "wp_page_copy:installed", "the copy is mapped, the old rmap dropped";
     ForkEnter = "fork:enter", "dup_mmap holds mmap_lock (and the VMA locks, per policy)";
+    ForkBeforeWrprotect = "fork:before_wrprotect", "copy_present_pte shares a writable PTE's page, not yet write-protected";
     ForkAfterWrprotect = "fork:after_wrprotect", "copy_present_pte write-protected a parent PTE";
     ForkBeforeCopyPage = "fork:before_copy_page", "copy_present_page is about to copy a pinned page";
     ForkAfterCopyPage = "fork:after_copy_page", "copy_present_page copied the page, before the child's PTE";
@@ -57,9 +58,12 @@ points! {
     TlbBeforeIpi = "tlb:before_ipi", "the shadow entries are gone, the IPIs not yet sent";
     TlbAfterAck = "tlb:after_ack", "flush_tlb_range finished: every CPU acknowledged";
     GupAfterGrab = "gup:after_grab", "get_user_pages took its reference or pin";
+    GupFastAfterWalk = "gup_fast:after_walk", "GUP-fast read a usable PTE locklessly (IRQs off), nothing grabbed";
+    GupFastBeforeRecheck = "gup_fast:before_recheck", "GUP-fast grabbed the page, the PTE not yet re-read (IRQs off)";
     UffdAfterWrprotect = "uffd:after_wrprotect", "mwriteprotect_range changed the PTEs, before its flush";
     MprotectAfterChange = "mprotect:after_change", "mprotect changed the PTEs, before its flush";
     MunmapAfterZap = "munmap:after_zap", "zap_page_range cleared the PTEs, before its flush";
+    MremapAfterMovePtes = "mremap:after_move_ptes", "move_ptes moved the PTEs and dropped the PTLs (the old range is flushed only if mremap_flush_under_ptl)";
     AllocPage = "alloc_page", "a data page is allocated (a 'fail' rule makes it fail)";
 }
 

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use cowlab_abi::layout::USER_END;
 use cowlab_abi::{
-    fault_result, gup, Hypercall, Program, VcpuArea, MADV_DONTNEED, MADV_PAGEOUT,
+    fault_result, gup, Hypercall, Program, VcpuArea, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED,
+    MADV_PAGEOUT,
     MPROTECT_DEFER_FLUSH,
 };
 
@@ -136,7 +137,27 @@ impl Vcpu {
                     .madvise_pageout(self.area.arg(0), self.area.arg(1), Some(self.id))
                     .map(|_| 0),
             ),
+            Hypercall::Madvise if matches!(self.area.arg(2), MADV_DONTFORK | MADV_DOFORK) => {
+                let dontfork = self.area.arg(2) == MADV_DONTFORK;
+                errno(
+                    self.mm
+                        .madvise_dontfork(self.area.arg(0), self.area.arg(1), dontfork)
+                        .map(|_| 0),
+                )
+            }
             Hypercall::Madvise => MmError::Inval.errno() as u64,
+            Hypercall::Mremap => {
+                let packed = self.area.arg(3);
+                let page_mask = cowlab_abi::layout::PAGE_SIZE - 1;
+                errno(self.mm.mremap(
+                    self.area.arg(0),
+                    self.area.arg(1),
+                    self.area.arg(2),
+                    packed & page_mask,
+                    packed & !page_mask,
+                    Some(self.id),
+                ))
+            }
             Hypercall::Pin => {
                 let f = self.area.arg(1);
                 let flags = GupFlags {
@@ -144,7 +165,13 @@ impl Vcpu {
                     pin: f & gup::PIN != 0,
                     longterm: f & gup::LONGTERM != 0,
                 };
-                match self.mm.get_user_page(self.area.arg(0), flags, self.id) {
+                let r = if f & gup::FAST != 0 {
+                    self.mm
+                        .get_user_pages_fast(self.area.arg(0), flags, self.id)
+                } else {
+                    self.mm.get_user_page(self.area.arg(0), flags, self.id)
+                };
+                match r {
                     Ok(handle) => handle,
                     Err(FaultError::Oom) => MmError::NoMem.errno() as u64,
                     Err(_) => -14i64 as u64, // EFAULT

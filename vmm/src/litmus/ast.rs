@@ -125,6 +125,9 @@ pub struct PinFlags {
     pub longterm: bool,
     /// FOLL_GET instead of FOLL_PIN (`get` instead of `pin`).
     pub get: bool,
+    /// GUP-fast first (`fast`): get_user_pages_fast() /
+    /// pin_user_pages_fast() instead of the slow path alone.
+    pub fast: bool,
 }
 
 /// One statement, with where it starts.
@@ -181,6 +184,17 @@ pub enum StmtKind {
         addr: Operand,
         pages: u64,
         advice: Advice,
+    },
+    /// `rN = mremap A OLD NEW [maymove] [fixed B] [dontunmap]`.
+    Mremap {
+        dst: u8,
+        addr: Operand,
+        old_pages: u64,
+        new_pages: u64,
+        maymove: bool,
+        /// MREMAP_FIXED's `new_addr`.
+        fixed: Option<Operand>,
+        dontunmap: bool,
     },
     Fork {
         dst: Option<u8>,

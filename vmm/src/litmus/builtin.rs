@@ -29,6 +29,41 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["basic"],
     ),
     (
+        "madvise-dontfork",
+        include_str!("../../../tests/litmus/madvise-dontfork.litmus"),
+        &["basic", "madvise"],
+    ),
+    (
+        "dontfork-pinned",
+        include_str!("../../../tests/litmus/dontfork-pinned.litmus"),
+        &["basic", "madvise"],
+    ),
+    (
+        "mremap-move",
+        include_str!("../../../tests/litmus/mremap-move.litmus"),
+        &["basic", "mremap"],
+    ),
+    (
+        "mremap-resize",
+        include_str!("../../../tests/litmus/mremap-resize.litmus"),
+        &["basic", "mremap"],
+    ),
+    (
+        "mremap-fixed",
+        include_str!("../../../tests/litmus/mremap-fixed.litmus"),
+        &["mremap"],
+    ),
+    (
+        "mremap-pinned",
+        include_str!("../../../tests/litmus/mremap-pinned.litmus"),
+        &["mremap"],
+    ),
+    (
+        "mremap-stale-tlb",
+        include_str!("../../../tests/litmus/mremap-stale-tlb.litmus"),
+        &["mremap"],
+    ),
+    (
         "fork-vma-lock",
         include_str!("../../../tests/litmus/fork-vma-lock.litmus"),
         &["seeds"],
@@ -139,6 +174,21 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["cow", "swap"],
     ),
     (
+        "cow-ro-fast-pin-shared",
+        include_str!("../../../tests/litmus/cow-ro-fast-pin-shared.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-fast-pin-previously-shared",
+        include_str!("../../../tests/litmus/cow-ro-fast-pin-previously-shared.litmus"),
+        &["cow"],
+    ),
+    (
+        "cow-ro-fast-pin-exclusive",
+        include_str!("../../../tests/litmus/cow-ro-fast-pin-exclusive.litmus"),
+        &["cow"],
+    ),
+    (
         "fork-vma-lock-free",
         include_str!("../../../tests/litmus/fork-vma-lock-free.litmus"),
         &["seeds"],
@@ -184,6 +234,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["seeds"],
     ),
     (
+        "gup-fast-fork",
+        include_str!("../../../tests/litmus/gup-fast-fork.litmus"),
+        &["seeds"],
+    ),
+    (
         "fork-vma-lock-bare",
         include_str!("../../../tests/litmus/fork-vma-lock-bare.litmus"),
         &["bare"],
@@ -201,6 +256,11 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
     (
         "gup-read-wrong-side-bare",
         include_str!("../../../tests/litmus/gup-read-wrong-side-bare.litmus"),
+        &["bare"],
+    ),
+    (
+        "gup-fast-fork-bare",
+        include_str!("../../../tests/litmus/gup-fast-fork-bare.litmus"),
         &["bare"],
     ),
     (

@@ -87,7 +87,7 @@ fn named(cond: &Cond, regs: &mut Vec<(String, u8)>, threads: &mut Vec<String>) {
 
 /// The histogram key of a state: the named registers, or the way a
 /// named thread ended if it did not finish.
-pub(super) fn key(cond: &Cond, state: &RunState) -> String {
+pub fn key(cond: &Cond, state: &RunState) -> String {
     let (mut regs, mut threads) = (Vec::new(), Vec::new());
     named(cond, &mut regs, &mut threads);
     let mut parts = Vec::new();

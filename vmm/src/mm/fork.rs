@@ -18,7 +18,8 @@ use super::tlb::user_pte;
 use crate::hooks::Point;
 
 impl Mm {
-    /// A new address space for a child of this one: every VMA copied, every
+    /// A new address space for a child of this one: every VMA copied
+    /// except those with `VM_DONTCOPY` (`madvise(MADV_DONTFORK)`), every
     /// private anonymous page shared copy-on-write (write-protected in both)
     /// or, if it may be pinned, copied now. The parent's VMAs are
     /// write-locked for the whole copy when `fork_lock_vmas` (fb49c455323f,
@@ -43,7 +44,11 @@ impl Mm {
         }
         let _ = self.m.hooks.at(Point::ForkEnter, cpu, None);
         self.fork_flush_deferred.fetch_add(1, Ordering::AcqRel);
-        let result = vmas.iter().try_for_each(|vma| {
+        // VM_DONTCOPY (MADV_DONTFORK): the child gets nothing there, so
+        // its accesses fault SIGSEGV, and the parent's PTEs, pages and
+        // pins are left alone.
+        let copied = vmas.iter().filter(|vma| !vma.dontcopy);
+        let result = copied.clone().try_for_each(|vma| {
             child
                 .vmas
                 .write()
@@ -76,11 +81,23 @@ impl Mm {
     /// Lock contract: called with the parent's `mmap_lock` held for write;
     /// takes the parent's then the child's PTL around each batch of PTEs
     /// (each PTE while hooks are armed) and drops both before returning.
+    /// With `gup_fast_fork_seqcount`, the parent's `write_protect_seq` is
+    /// odd for the whole copy (GUP-fast, which takes neither lock, reads
+    /// it instead).
     fn copy_page_range(&self, child: &Mm, vma: &Vma, cpu: Option<usize>) -> Result<(), FaultError> {
         /// copy_pte_range()'s `progress` threshold and a present PTE's share.
         const PROGRESS_BREAK: u32 = 32;
         const PROGRESS_PER_PTE: u32 = 8;
         let m = &self.m;
+        // raw_write_seqcount_begin(&src_mm->write_protect_seq) for a COW
+        // mapping (every VMA here is private anonymous): a GUP-fast pin
+        // that overlaps this copy sees the count change and backs off
+        // (57efa1fe5957). Write-locking the parent's `mmap_lock`
+        // serializes the writers.
+        let seq = m
+            .policy
+            .gup_fast_fork_seqcount
+            .then(|| WriteProtectSeq::begin(self));
         let mut result = Ok(());
         let mut held: Option<(PtlGuard<'_>, PtlGuard<'_>)> = None;
         let mut progress = 0;
@@ -136,6 +153,8 @@ impl Mm {
                 }
             },
         );
+        drop(held);
+        drop(seq);
         result
     }
 
@@ -183,6 +202,10 @@ impl Mm {
         // A private writable mapping: write-protect both sides (COW).
         let shared = pte & !bits::WRITABLE;
         if pte & bits::WRITABLE != 0 {
+            // The page was found not maybe-pinned and is now shared; a
+            // GUP-fast pin taken from here to the write-protect below is
+            // what write_protect_seq catches.
+            let _ = m.hooks.at(Point::ForkBeforeWrprotect, cpu, Some(va));
             self.set_pte(ptls.0, va, src, shared);
         }
         child.set_pte(ptls.1, va, dst, shared);
@@ -257,6 +280,25 @@ impl Mm {
         m.frames.add_new_anon_rmap(new);
         child.set_pte(ptls.1, va, dst, user_pte(new, vma.writable()));
         Ok(())
+    }
+}
+
+/// `raw_write_seqcount_begin()` .. `raw_write_seqcount_end()` on
+/// `mm->write_protect_seq`: odd while held. Models the seqcount_t writer.
+struct WriteProtectSeq<'a>(&'a super::sync::AtomicU64);
+
+impl<'a> WriteProtectSeq<'a> {
+    fn begin(mm: &'a Mm) -> Self {
+        // SeqCst: the increment is ordered before fork's reads of the
+        // refcounts, as GUP-fast's grab is before its re-read of the count.
+        mm.write_protect_seq.fetch_add(1, Ordering::SeqCst);
+        WriteProtectSeq(&mm.write_protect_seq)
+    }
+}
+
+impl Drop for WriteProtectSeq<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -127,6 +127,9 @@ pub struct Vma {
     pub prot: u32,
     /// `VM_UFFD_WP`: registered for userfaultfd write-protect faults.
     pub uffd_wp: bool,
+    /// `VM_DONTCOPY` (`madvise(MADV_DONTFORK)`): fork leaves this VMA out
+    /// of the child (kernel/fork.c:dup_mmap()).
+    pub dontcopy: bool,
     vm_lock: Arc<RwLock<()>>,
     /// `vma->vm_lock_seq`: equal to the mm's `mm_lock_seq` while the VMA is
     /// write-locked (until `mmap_lock` is released for write).
@@ -141,15 +144,39 @@ impl Vma {
 
     /// A VMA with the uffd-wp registration `uffd_wp`.
     pub fn with_flags(start: u64, end: u64, prot: u32, uffd_wp: bool) -> Arc<Vma> {
+        Vma::build(start, end, prot, uffd_wp, false)
+    }
+
+    /// A VMA with every flag given.
+    pub(crate) fn build(
+        start: u64,
+        end: u64,
+        prot: u32,
+        uffd_wp: bool,
+        dontcopy: bool,
+    ) -> Arc<Vma> {
         Arc::new(Vma {
             start,
             end,
             prot,
             uffd_wp,
+            dontcopy,
             vm_lock: Arc::new(RwLock::new(())),
             vm_lock_seq: AtomicU64::new(u64::MAX),
             detached: AtomicBool::new(false),
         })
+    }
+
+    /// A VMA over `[start, end)` with this one's flags (protection,
+    /// `VM_UFFD_WP`, `VM_DONTCOPY`): a piece of it after a split, or its
+    /// copy at another place. Models mm/vma.c:vm_area_dup() (flags only).
+    pub fn dup_at(&self, start: u64, end: u64) -> Arc<Vma> {
+        self.with_dontcopy_at(start, end, self.dontcopy)
+    }
+
+    /// [`Vma::dup_at`] with `VM_DONTCOPY` set to `dontcopy`.
+    pub fn with_dontcopy_at(&self, start: u64, end: u64, dontcopy: bool) -> Arc<Vma> {
+        Vma::build(start, end, self.prot, self.uffd_wp, dontcopy)
     }
 
     /// Models include/linux/userfaultfd_k.h:userfaultfd_wp().
@@ -276,6 +303,12 @@ pub struct Mm {
     /// dup_mmap() without raising `tlb_flush_pending`, so stale writable
     /// entries are expected meanwhile. Bookkeeping for `mm_verify` only.
     pub(crate) fork_flush_deferred: AtomicU64,
+    /// An mremap moved present PTEs and dropped the PTLs with the old
+    /// range's flush still owed (`mremap_flush_under_ptl` off: kernels
+    /// before eb66ae030829), without raising `tlb_flush_pending`: stale
+    /// entries are what that kernel leaves meanwhile. Bookkeeping for
+    /// `mm_verify` only.
+    pub(crate) mremap_flush_deferred: AtomicU64,
     /// `mm_cpumask(mm)`: CPUs that may hold translations of this mm.
     pub(crate) cpumask: AtomicU64,
     /// Where the next `mmap` without a hint goes (top-down); under `mmap_lock`.
@@ -284,6 +317,10 @@ pub struct Mm {
     users: AtomicUsize,
     /// `MMF_HAS_PINNED`: a page of this mm was ever FOLL_PIN-ned.
     pub(crate) has_pinned: AtomicBool,
+    /// `mm->write_protect_seq`: odd while a fork's `copy_page_range()`
+    /// may be write-protecting this mm's PTEs (when
+    /// `gup_fast_fork_seqcount`); GUP-fast pins retry on a change.
+    pub(crate) write_protect_seq: AtomicU64,
     /// The userfaultfd of this mm (one per mm here).
     pub(crate) uffd: Uffd,
     /// Who holds `mmap_lock` for write and the PTL, for wait reports.
@@ -350,10 +387,12 @@ impl Mm {
             ptl: Arc::new(Mutex::new(())),
             tlb_flush_pending: AtomicU64::new(0),
             fork_flush_deferred: AtomicU64::new(0),
+            mremap_flush_deferred: AtomicU64::new(0),
             cpumask: AtomicU64::new(0),
             mmap_base: AtomicU64::new(MMAP_BASE),
             users: AtomicUsize::new(0),
             has_pinned: AtomicBool::new(false),
+            write_protect_seq: AtomicU64::new(0),
             uffd: Uffd::default(),
             mmap_writer: Mutex::new(None),
             ptl_holder: Mutex::new(None),
@@ -551,6 +590,12 @@ impl Mm {
         }
     }
 
+    /// Whether someone holds the page-table lock (tests of lock ordering).
+    #[cfg(test)]
+    pub(crate) fn ptl_is_locked(&self) -> bool {
+        self.ptl.try_lock().is_err()
+    }
+
     /// The VMA containing `addr`. Models mm/mmap.c:vma_lookup().
     pub(crate) fn vma_lookup(&self, addr: u64) -> Option<Arc<Vma>> {
         let vmas = self.vmas.read().unwrap_or_else(|e| e.into_inner());
@@ -626,7 +671,9 @@ impl Mm {
     /// Whether a CPU may legitimately hold entries more permissive than the
     /// PTEs: a flush is pending or a fork has deferred its flush.
     pub fn tlb_may_be_stale(&self) -> bool {
-        self.mm_tlb_flush_pending() || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+        self.mm_tlb_flush_pending()
+            || self.fork_flush_deferred.load(Ordering::Acquire) > 0
+            || self.mremap_flush_deferred.load(Ordering::Acquire) > 0
     }
 
     /// Flushes `[start, end)` from every CPU in `mm_cpumask`: their shadow
@@ -644,7 +691,8 @@ impl Mm {
         let cpus: Vec<usize> = self.cpus().collect();
         for cpu in &cpus {
             if let Some(tlb) = self.m.tlbs.get(*cpu) {
-                super::tlb::lock(&tlb).flush_range(&*self.m.mem, start, end);
+                self.shootdown_lock(&tlb, *cpu)
+                    .flush_range(&*self.m.mem, start, end);
             }
         }
         let _ = self.m.hooks.at(Point::TlbBeforeIpi, initiator, Some(start));
@@ -656,6 +704,55 @@ impl Mm {
         if let Some(t) = self.trace() {
             t.emit(Kind::FlushEnd, &[start], "");
         }
+    }
+
+    /// CPU `target`'s TLB lock, for a shootdown. The target holds it only
+    /// for a TLB fill or a GUP-fast walk (`Mm::gup_fast`, its interrupts
+    /// off): the shootdown waits for either to end, as the IPI waits for
+    /// the target to enable interrupts. Explored, a held lock is a lock
+    /// point, so whether the walk ends first is the explorer's decision;
+    /// under a schedule the wait is noted for `unreachable` reports.
+    ///
+    /// Lock contract: may be called with `mmap_lock` or the PTL held
+    /// (neither is taken under a TLB lock).
+    fn shootdown_lock<'t>(
+        &self,
+        tlb: &'t Arc<Mutex<super::tlb::ShadowTlb>>,
+        target: usize,
+    ) -> MutexGuard<'t, super::tlb::ShadowTlb> {
+        let try_lock = || match tlb.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(g) = try_lock() {
+            return g;
+        }
+        let cpu = crate::cpu::current();
+        if let Some(c) = cpu {
+            let held = Arc::clone(tlb);
+            let free: LockFree = Arc::new(move || held.try_lock().is_ok());
+            while self
+                .m
+                .hooks
+                .explore_lock_wait(c, "irqs_off", Arc::clone(&free))
+            {
+                if let Some(g) = try_lock() {
+                    return g;
+                }
+            }
+            self.m.hooks.set_blocked(
+                c,
+                Some(format!(
+                    "v{c} waits for v{target}'s TLB (a fill, or a GUP-fast walk with interrupts off)"
+                )),
+            );
+        }
+        let g = super::tlb::lock(tlb);
+        if let Some(c) = cpu {
+            self.m.hooks.set_blocked(c, None);
+        }
+        g
     }
 
     /// Models include/linux/mm.h:flush_tlb_page().

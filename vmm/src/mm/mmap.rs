@@ -25,6 +25,9 @@ pub enum MmError {
     /// EINTR: a wait was ended by the VM stopping the thread.
     #[error("interrupted")]
     Interrupted,
+    /// EFAULT: no VMA where one is needed (mremap's old range).
+    #[error("bad address")]
+    Fault,
 }
 
 impl MmError {
@@ -34,6 +37,7 @@ impl MmError {
             MmError::Inval => -22,
             MmError::NoMem => -12,
             MmError::Interrupted => -4,
+            MmError::Fault => -14,
         }
     }
 }
@@ -90,7 +94,7 @@ impl Mm {
 
     /// A free range of `len` bytes below the lowest top-down mapping.
     /// Models mm/mmap.c:get_unmapped_area() (top-down, no reuse of holes).
-    fn get_unmapped_area(&self, len: u64) -> Result<u64, MmError> {
+    pub(crate) fn get_unmapped_area(&self, len: u64) -> Result<u64, MmError> {
         let base = self.mmap_base.load(Ordering::Acquire);
         let start = base
             .checked_sub(len)
@@ -119,6 +123,21 @@ impl Mm {
         end: u64,
         f: impl Fn(&Vma) -> Option<(u32, bool)>,
     ) {
+        self.replace_vmas_with(start, end, |v, lo, hi| {
+            f(v).map(|(p, uffd_wp)| Vma::build(lo, hi, p, uffd_wp, v.dontcopy))
+        });
+    }
+
+    /// [`Mm::replace_vmas`] with `f` building the piece of each old VMA
+    /// inside `[start, end)` (given the old VMA and the piece's bounds),
+    /// so any flag may change. The pieces outside keep every flag.
+    /// Lock contract: caller holds `mmap_lock` for write.
+    pub(crate) fn replace_vmas_with(
+        &self,
+        start: u64,
+        end: u64,
+        f: impl Fn(&Vma, u64, u64) -> Option<Arc<Vma>>,
+    ) {
         let old = self.vmas_in(start, end);
         for vma in &old {
             vma.start_write_and_detach(self);
@@ -127,19 +146,16 @@ impl Mm {
         for vma in old {
             tree.remove(&vma.start);
             if vma.start < start {
-                let piece = Vma::with_flags(vma.start, start, vma.prot, vma.uffd_wp);
+                let piece = vma.dup_at(vma.start, start);
                 tree.insert(vma.start, piece.born_write_locked(self));
             }
             if vma.end > end {
-                let piece = Vma::with_flags(end, vma.end, vma.prot, vma.uffd_wp);
+                let piece = vma.dup_at(end, vma.end);
                 tree.insert(end, piece.born_write_locked(self));
             }
             let (lo, hi) = (vma.start.max(start), vma.end.min(end));
-            if let Some((p, uffd_wp)) = f(&vma) {
-                tree.insert(
-                    lo,
-                    Vma::with_flags(lo, hi, p, uffd_wp).born_write_locked(self),
-                );
+            if let Some(piece) = f(&vma, lo, hi) {
+                tree.insert(lo, piece.born_write_locked(self));
             }
         }
     }
@@ -286,6 +302,34 @@ impl Mm {
         }
         self.zap_page_range(start, end, cpu);
         Ok(())
+    }
+
+    /// `madvise(MADV_DONTFORK)` (`dontfork`) or `madvise(MADV_DOFORK)`:
+    /// sets or clears `VM_DONTCOPY` on the VMAs of `[addr, addr + len)`,
+    /// splitting them at the range's ends; fork then leaves the range out
+    /// of the child (see [`Mm::dup_mmap`]). PTEs and TLBs are untouched.
+    /// As Linux, the mapped parts of a range with holes are changed and
+    /// the call still fails with ENOMEM. Models mm/madvise.c:
+    /// madvise_walk_vmas() → madvise_vma_behavior() → madvise_update_vma().
+    ///
+    /// Lock contract: takes `mmap_lock` for write (madvise_need_mmap_write()
+    /// is true for both advices: the VMA flags change); the new VMAs stay
+    /// write-locked until it is released.
+    pub fn madvise_dontfork(&self, addr: u64, len: u64, dontfork: bool) -> Result<(), MmError> {
+        let (start, end) = page_range(addr, len)?;
+        let _mmap = self.mmap_write_lock();
+        let covered = self.covered(start, end);
+        if self.vmas_in(start, end).is_empty() {
+            return Err(MmError::NoMem);
+        }
+        self.replace_vmas_with(start, end, |v, lo, hi| {
+            Some(v.with_dontcopy_at(lo, hi, dontfork))
+        });
+        if covered {
+            Ok(())
+        } else {
+            Err(MmError::NoMem)
+        }
     }
 
     /// Faults in every page of `[addr, addr + len)` for writing, as

@@ -12,6 +12,7 @@ pub mod gup;
 pub mod memory;
 pub mod mm_struct;
 pub mod mmap;
+pub mod mremap;
 pub mod page;
 pub mod pagetable;
 pub mod phys;

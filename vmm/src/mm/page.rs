@@ -194,6 +194,36 @@ impl Frames {
         page.pincount.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Takes a reference (FOLL_GET) or a pin (FOLL_PIN) on a page found
+    /// without any lock, which may be on its way to being freed: fails,
+    /// taking nothing, once its refcount has fallen to 0. SeqCst, a full
+    /// barrier as the atomic add is on x86, before GUP-fast re-reads the
+    /// PTE and `write_protect_seq`. Models mm/gup.c:try_grab_folio_fast()
+    /// (try_get_folio(): folio_ref_try_add()).
+    pub fn try_grab_page(&self, pa: u64, pin: bool) -> bool {
+        let page = self.page(pa);
+        let add = if pin { GUP_PIN_COUNTING_BIAS } else { 1 };
+        let mut old = page.refcount.load(Ordering::Acquire);
+        loop {
+            if old <= 0 {
+                return false;
+            }
+            match page.refcount.compare_exchange_weak(
+                old,
+                old + add,
+                Ordering::SeqCst,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
+        }
+        if pin {
+            page.pincount.fetch_add(1, Ordering::AcqRel);
+        }
+        true
+    }
+
     /// Drops a pin; frees the page when nothing else holds it. Models
     /// mm/gup.c:unpin_user_page().
     pub fn unpin_page(&self, pa: u64) {

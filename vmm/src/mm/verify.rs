@@ -183,7 +183,7 @@ fn verify_swap(m: &Machine, mut swap_ptes: BTreeMap<u64, Vec<(usize, u64)>>) -> 
 }
 
 /// The TLB invariant of [`mm_verify`]: unless a flush is pending (or a
-/// fork deferred its flush), no entry
+/// fork, or an mremap before eb66ae030829, deferred its flush), no entry
 /// of `cpu`'s TLB is more permissive than its logical PTE in `mm`.
 pub fn verify_tlbs(m: &Machine, cpus: &[(usize, &Mm)]) -> Vec<Violation> {
     let mut out = Vec::new();

@@ -327,6 +327,35 @@ impl<'t> Compiler<'t> {
                 let a = self.operand(addr, SCRATCH)?;
                 self.emit(Op::Madvise, a, SCRATCH, advice.code(), *pages);
             }
+            StmtKind::Mremap {
+                dst,
+                addr,
+                old_pages,
+                new_pages,
+                maymove,
+                fixed,
+                dontunmap,
+            } => {
+                use cowlab_abi::bytecode::mremap_imm;
+                use cowlab_abi::mremap as f;
+                if *old_pages > mremap_imm::MAX_PAGES || *new_pages > mremap_imm::MAX_PAGES {
+                    return error(
+                        pos,
+                        format!("mremap takes at most {} pages", mremap_imm::MAX_PAGES),
+                    );
+                }
+                let new_addr = match fixed {
+                    Some(b) => self.temp(b, pos)?,
+                    None => 0,
+                };
+                let a = self.operand(addr, SCRATCH)?;
+                let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+                let flags = flag(*maymove, f::MAYMOVE)
+                    | flag(fixed.is_some(), f::FIXED)
+                    | flag(*dontunmap, f::DONTUNMAP);
+                let imm = mremap_imm::pack(*old_pages, *new_pages, flags);
+                self.emit(Op::Mremap, a, *dst, new_addr, imm);
+            }
             StmtKind::Fork { dst, child } => {
                 if !child.starts_with('C') {
                     return error(pos, format!("fork starts a C block, not '{child}'"));
@@ -374,6 +403,9 @@ impl<'t> Compiler<'t> {
                 }
                 if flags.longterm {
                     f |= gup::LONGTERM;
+                }
+                if flags.fast {
+                    f |= gup::FAST;
                 }
                 self.emit(Op::Pin, *dst, a, f as u8, 0);
             }

@@ -75,3 +75,33 @@ fn what_the_parser_cannot_see_is_refused_with_its_place() {
         assert!(e.to_string().contains(want), "{src:?}: {e}");
     }
 }
+
+#[test]
+fn mremap_packs_its_lengths_and_flags_and_keeps_both_addresses() {
+    use cowlab_abi::bytecode::{mremap_imm, Op};
+    use cowlab_abi::mremap::{FIXED, MAYMOVE};
+    let c = load(
+        "cowlab m\n{ region a 1 rw; region b 2 rw }\n\
+         P0 { r1 = mremap a 1 2 maymove fixed b }\nexists (P0:r1 = 1)\n",
+    )
+    .unwrap();
+    let at = c
+        .code
+        .iter()
+        .position(|i| i.op() == Op::Mremap as u8)
+        .unwrap();
+    let insn = c.code[at];
+    assert_eq!(mremap_imm::unpack(insn.imm), (1, 2, MAYMOVE | FIXED));
+    assert_eq!(insn.b(), 1, "the result goes to r1");
+    // a in the scratch register, b in another, both loaded just before.
+    let loaded: Vec<_> = c.code[at - 2..at].iter().map(|i| (i.a(), i.imm)).collect();
+    let base = super::REGION_BASE;
+    assert!(loaded.contains(&(insn.a(), base)), "{loaded:?}");
+    assert!(loaded.contains(&(insn.c(), base + 2 * 4096)), "{loaded:?}");
+    assert_ne!(insn.a(), insn.c());
+    let e = load(
+        "cowlab m\n{ region a 1 rw }\nP0 { r1 = mremap a 1 2000000000 }\nexists (P0:r1 = 1)\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("mremap takes at most"), "{e}");
+}

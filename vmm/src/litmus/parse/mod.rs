@@ -306,6 +306,82 @@ mod tests {
     }
 
     #[test]
+    fn pin_and_get_take_their_gup_path_fast_or_slow() {
+        let t = parse(
+            "cowlab gup\n{ region buf 1 rw }\n\
+             P0 {\n  r1 = pin buf\n  r2 = pin buf write fast longterm\n\
+             r3 = get buf\n  r4 = get buf slow write\n}\n\
+             exists (P0:r1 = 1)\n",
+        )
+        .unwrap();
+        let flags: Vec<_> = t.threads[0]
+            .body
+            .iter()
+            .map(|s| match &s.kind {
+                StmtKind::Pin { flags, .. } => (flags.get, flags.write, flags.fast),
+                k => panic!("not a pin: {k:?}"),
+            })
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                (false, false, false),
+                (false, true, true),
+                (true, false, true),
+                (true, true, false)
+            ]
+        );
+        let e = parse("cowlab t\nP0 {\n  r1 = get 0 slow fast\n}\nexists (true)\n").unwrap_err();
+        assert_eq!((e.pos.line, e.pos.col), (3, 19), "{e}");
+        assert_eq!(e.msg, "'fast' contradicts 'slow': a get takes one path");
+    }
+
+    #[test]
+    fn mremap_takes_lengths_and_flags_in_any_order_each_once() {
+        let src = |body: &str| {
+            format!("cowlab m\n{{ region a 1 rw; region b 2 rw }}\nP0 {{\n  {body}\n}}\nexists (P0:r1 = 1)\n")
+        };
+        let t = parse(&src(
+            "r1 = mremap a 1 2 fixed b maymove\n  r2 = mremap r1 2 1",
+        ))
+        .unwrap();
+        let kinds: Vec<_> = t.threads[0].body.iter().map(|s| s.kind.clone()).collect();
+        assert_eq!(
+            kinds[0],
+            StmtKind::Mremap {
+                dst: 1,
+                addr: Operand::Region("a".into(), Pos { line: 4, col: 15 }),
+                old_pages: 1,
+                new_pages: 2,
+                maymove: true,
+                fixed: Some(Operand::Region("b".into(), Pos { line: 4, col: 27 })),
+                dontunmap: false,
+            }
+        );
+        assert!(matches!(
+            kinds[1],
+            StmtKind::Mremap {
+                dst: 2,
+                addr: Operand::Reg(1),
+                maymove: false,
+                fixed: None,
+                dontunmap: false,
+                ..
+            }
+        ));
+        let e = parse(&src("r1 = mremap a 1 1 maymove dontunmap maymove")).unwrap_err();
+        assert_eq!(e.to_string(), "4:39: 'maymove' given twice");
+        let e = parse(&src("r1 = mremap a 1")).unwrap_err();
+        assert!(e.to_string().contains("expected a number of pages"), "{e}");
+        let e = parse(&src("r1 = mremap a 1 1 fixed")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected a register, a number or a region"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_test_reads_into_its_regions_threads_and_items() {
         let t = parse(
             "cowlab two \"About.\"\n{ region buf 2 rw populate; region ro 1 r }\n\

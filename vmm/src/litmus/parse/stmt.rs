@@ -40,6 +40,41 @@ impl Parser<'_> {
         }
     }
 
+    /// `A OLD NEW [maymove] [fixed B] [dontunmap]` after `rN = mremap`:
+    /// the options in any order, each at most once.
+    fn mremap(&mut self, dst: u8) -> R<StmtKind> {
+        let addr = self.operand()?;
+        let old_pages = self.number("a number of pages")?;
+        let new_pages = self.number("a number of pages")?;
+        let (mut maymove, mut fixed, mut dontunmap) = (false, None, false);
+        while let Some(w) = self
+            .peek_word()
+            .filter(|w| ["maymove", "fixed", "dontunmap"].contains(&w.as_str()))
+        {
+            let (_, pos) = self.word("an mremap flag")?;
+            let again = match w.as_str() {
+                "maymove" => std::mem::replace(&mut maymove, true),
+                "dontunmap" => std::mem::replace(&mut dontunmap, true),
+                _ => fixed.replace(self.operand()?).is_some(),
+            };
+            if again {
+                return Err(ParseError {
+                    pos,
+                    msg: format!("'{w}' given twice"),
+                });
+            }
+        }
+        Ok(StmtKind::Mremap {
+            dst,
+            addr,
+            old_pages,
+            new_pages,
+            maymove,
+            fixed,
+            dontunmap,
+        })
+    }
+
     /// A register, a number, or a region name.
     pub(super) fn operand(&mut self) -> R<Operand> {
         let (w, pos) = self.word("a register, a number or a region")?;
@@ -169,6 +204,10 @@ impl Parser<'_> {
                     prot: self.prot()?,
                 }
             }
+            "mremap" => {
+                self.word("mremap")?;
+                self.mremap(dst)?
+            }
             "fork" => {
                 self.word("fork")?;
                 StmtKind::Fork {
@@ -193,14 +232,32 @@ impl Parser<'_> {
             "pin" | "get" => {
                 let (w, _) = self.word("pin")?;
                 let addr = self.operand()?;
+                // `get` is vmsplice's get_user_pages_fast() unless `slow`;
+                // `pin` is pin_user_pages() unless `fast`.
                 let mut flags = PinFlags {
                     get: w == "get",
+                    fast: w == "get",
                     ..Default::default()
                 };
+                let mut path: Option<&str> = None;
                 while let Some(f) = self.peek_word() {
                     match f.as_str() {
                         "write" => flags.write = true,
                         "longterm" => flags.longterm = true,
+                        "fast" | "slow" => {
+                            let (f, fpos) = self.word("a flag")?;
+                            if let Some(other) = path.filter(|p| *p != f) {
+                                return Err(ParseError {
+                                    pos: fpos,
+                                    msg: format!(
+                                        "'{f}' contradicts '{other}': a {w} takes one path"
+                                    ),
+                                });
+                            }
+                            flags.fast = f == "fast";
+                            path = Some(if flags.fast { "fast" } else { "slow" });
+                            continue;
+                        }
                         _ => break,
                     }
                     self.word("a flag")?;

@@ -1,7 +1,7 @@
 //! The checker's harness: 2–3 CPUs of one process and the children they
 //! fork do random sequences of loads and stores, fork, munmap,
 //! MADV_DONTNEED, mprotect (with and without a deferred flush), FOLL_PIN
-//! and FOLL_GET references with "DMA", userfaultfd write-protect and
+//! and FOLL_GET references (through GUP-fast or the slow path) with "DMA", userfaultfd write-protect and
 //! unprotect, and TLB flushes, on a few pages, under one preset. Shuttle
 //! chooses the interleaving. After every execution:
 //!
@@ -367,7 +367,14 @@ impl World {
                         pin: rng.gen_bool(0.5),
                         longterm: false,
                     };
-                    if let Ok(h) = mm.get_user_page(page, flags, cpu) {
+                    // GUP-fast (falling back to the slow path) or the slow
+                    // path alone.
+                    let taken = if rng.gen_bool(0.5) {
+                        mm.get_user_pages_fast(page, flags, cpu)
+                    } else {
+                        mm.get_user_page(page, flags, cpu)
+                    };
+                    if let Ok(h) = taken {
                         if flags.write {
                             let _ = self.m.dma_write(h, DMA_WORD * 8, seq);
                         } else {

@@ -31,6 +31,8 @@ pub mod memory;
 pub mod mm_struct;
 #[path = "../mmap.rs"]
 pub mod mmap;
+#[path = "../mremap.rs"]
+pub mod mremap;
 #[path = "../page.rs"]
 pub mod page;
 #[path = "../pagetable.rs"]

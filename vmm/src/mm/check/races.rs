@@ -196,3 +196,149 @@ fn random_schedules_of_the_cow_exit_race() {
         shuttle::check_random(move || cow_exit_race(policy), budget());
     }
 }
+
+/// 57efa1fe5957's shape: CPU 0 write-pins the page through GUP-fast while
+/// CPU 1 forks; the child lives on. Then CPU 0 stores to the page through
+/// its page table: the pin must see the store (the page fork left the
+/// parent is the pinned one) whenever fork copies pinned pages and
+/// GUP-fast checks `write_protect_seq`. Returns whether it did.
+fn gup_fast_fork_race(policy: Policy) -> bool {
+    let (world, mm) = one_page_world(policy, 2, false);
+    let (mut seq, mut expected) = (0, Expected::new());
+    world.store(&mm, 0, 0, &mut seq, &mut expected);
+    let pinner = {
+        let (w, mm) = (Arc::clone(&world), Arc::clone(&mm));
+        shuttle::thread::spawn(move || {
+            let flags = super::gup::GupFlags {
+                write: true,
+                pin: true,
+                longterm: true,
+            };
+            mm.get_user_pages_fast(w.region, flags, 0)
+                .expect("a write pin of a mapped page")
+        })
+    };
+    let forker = {
+        let mm = Arc::clone(&mm);
+        shuttle::thread::spawn(move || mm.dup_mmap(Some(1)).expect("fork"))
+    };
+    let pin = pinner.join().expect("the pinner");
+    let kid = forker.join().expect("the forker");
+    world.store(&mm, 0, 0, &mut seq, &mut expected);
+    let stored = expected.get(&0).expect("stored").0;
+    let seen = world.m.dma_read(pin, 0).expect("the pin");
+    assert_clean(&verify_pages(&world.m, &[&mm, &kid]), "after the race");
+    drop(kid);
+    finish(world, mm, 2);
+    seen == stored
+}
+
+/// Whether `policy` keeps a GUP-fast write pin coherent across a fork.
+fn pin_survives_fork(p: &Policy) -> bool {
+    p.gup_fast_fork_seqcount && p.fork_copy_pinned
+}
+
+#[test]
+fn pct_schedules_of_the_gup_fast_fork_race() {
+    for (name, policy) in presets() {
+        eprintln!(
+            "shuttle pct depth 3, gup-fast/fork race, {name}: {} schedules",
+            budget()
+        );
+        let coherent = pin_survives_fork(&policy);
+        shuttle::check_pct(
+            move || {
+                let seen = gup_fast_fork_race(policy);
+                assert!(
+                    seen || !coherent,
+                    "the GUP-fast pin lost the parent's store (execution {})",
+                    EXECUTIONS.load(StdOrdering::Relaxed)
+                );
+            },
+            budget(),
+            3,
+        );
+    }
+}
+
+/// Without the seqcount the checker finds the race: the pinned page is
+/// the one fork shared, and the parent's store goes to its copy.
+#[test]
+fn the_gup_fast_fork_race_is_found_without_the_seqcount() {
+    let caught = std::panic::catch_unwind(|| {
+        shuttle::check_random(
+            || {
+                let p = Policy {
+                    gup_fast_fork_seqcount: false,
+                    ..Policy::MAINLINE
+                };
+                assert!(gup_fast_fork_race(p), "diverged");
+            },
+            2000,
+        )
+    });
+    let err = caught.expect_err("no schedule lost the pin");
+    let msg = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(msg.contains("diverged"), "another failure: {msg}");
+}
+
+/// mremap moves the page under a writer on another CPU: every store that
+/// succeeded through the old address, stale TLB entry or not, is in the
+/// moved page; none is lost, nothing leaks, `mm_verify` is clean (the
+/// window of `mremap_flush_under_ptl` off included).
+fn mremap_write_race(policy: Policy) {
+    use cowlab_abi::mremap::{FIXED, MAYMOVE};
+    let (world, mm) = one_page_world(policy, 2, false);
+    let target = mm
+        .mmap(None, PAGE_SIZE, prot::READ | prot::WRITE)
+        .expect("the target");
+    let region = world.region;
+    let writer = {
+        let (w, mm) = (Arc::clone(&world), Arc::clone(&mm));
+        shuttle::thread::spawn(move || {
+            let mut last = 0;
+            for v in 1..=3 {
+                match w.access(&mm, 1, region, Some(v)) {
+                    Ok(_) => last = v,
+                    Err(_) => break,
+                }
+            }
+            last
+        })
+    };
+    let moved = mm.mremap(
+        region,
+        PAGE_SIZE,
+        PAGE_SIZE,
+        MAYMOVE | FIXED,
+        target,
+        Some(0),
+    );
+    assert_eq!(moved, Ok(target));
+    let last = writer.join().expect("the writer");
+    assert_eq!(
+        world.access(&mm, 0, target, None),
+        Ok(last),
+        "a store through the old address was lost"
+    );
+    finish(world, mm, 2);
+}
+
+#[test]
+fn random_schedules_of_the_mremap_write_race() {
+    for under_ptl in [true, false] {
+        let policy = Policy {
+            mremap_flush_under_ptl: under_ptl,
+            ..Policy::MAINLINE
+        };
+        eprintln!(
+            "shuttle random, mremap/write race, mremap_flush_under_ptl={under_ptl}: {} schedules",
+            budget()
+        );
+        shuttle::check_random(move || mremap_write_race(policy), budget());
+    }
+}

@@ -578,6 +578,8 @@ fn a_pte_write_needs_its_own_mms_ptl() {
     a.set_pte(&ptl, addr, slot, 0);
 }
 
+mod dontfork_mremap;
 mod fork_gup;
 mod swap;
+mod gup_fast;
 mod units;
