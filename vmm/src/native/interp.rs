@@ -389,6 +389,34 @@ fn stmt(ctx: &'static Ctx, s: &Stmt, t: &mut Thread) -> Flow {
             pages,
             advice,
         } => madvise(ctx, operand(ctx, t, addr), *pages, *advice),
+        StmtKind::Mremap {
+            dst,
+            addr,
+            old_pages,
+            new_pages,
+            maymove,
+            fixed,
+            dontunmap,
+        } => {
+            let mut flags = 0;
+            for (on, bit) in [
+                (*maymove, libc::MREMAP_MAYMOVE),
+                (fixed.is_some(), libc::MREMAP_FIXED),
+                (*dontunmap, libc::MREMAP_DONTUNMAP),
+            ] {
+                if on {
+                    flags |= bit;
+                }
+            }
+            let new_addr = fixed.as_ref().map_or(0, |b| operand(ctx, t, b));
+            t.regs[*dst as usize] = sys::mremap(
+                operand(ctx, t, addr),
+                old_pages.saturating_mul(PAGE_SIZE),
+                new_pages.saturating_mul(PAGE_SIZE),
+                flags,
+                new_addr,
+            );
+        }
         StmtKind::Fork { dst, child } => fork(ctx, t, *dst, child),
         StmtKind::Wait { dst, target } => {
             let h = match target {

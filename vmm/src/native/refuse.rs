@@ -139,11 +139,13 @@ mod tests {
     fn every_pin_kind_has_a_way_or_a_reason() {
         for get in [false, true] {
             for write in [false, true] {
-                for longterm in [false, true] {
+                for (longterm, fast) in [(false, false), (true, false), (false, true), (true, true)]
+                {
                     let f = PinFlags {
                         get,
                         write,
                         longterm,
+                        fast,
                     };
                     match pin_way(f) {
                         Ok(way) => assert!(

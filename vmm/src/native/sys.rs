@@ -114,6 +114,28 @@ pub fn mprotect(addr: u64, len: u64, prot: u32) -> u64 {
     }
 }
 
+/// `mremap(old, old_len, new_len, flags, new_addr)`: the mapping's new
+/// address or `-errno`. `flags` are Linux's `MREMAP_*` bits.
+pub fn mremap(old: u64, old_len: u64, new_len: u64, flags: i32, new_addr: u64) -> u64 {
+    // SAFETY: as for `munmap`: the test's own ranges (a run is its own
+    // process, so a test that moves memory it does not own hurts only
+    // itself).
+    let r = unsafe {
+        libc::mremap(
+            old as *mut libc::c_void,
+            old_len as usize,
+            new_len as usize,
+            flags,
+            new_addr as *mut libc::c_void,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        neg_errno()
+    } else {
+        r as u64
+    }
+}
+
 /// `madvise(addr, len, advice)`: 0 or `-errno`.
 pub fn madvise(addr: u64, len: u64, advice: i32) -> u64 {
     // SAFETY: as for `munmap`: the test's own range.
