@@ -10,8 +10,7 @@ use std::time::Instant;
 use cowlab_abi::layout::USER_END;
 use cowlab_abi::{
     fault_result, gup, Hypercall, Program, VcpuArea, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED,
-    MADV_PAGEOUT,
-    MPROTECT_DEFER_FLUSH,
+    MADV_PAGEOUT, MPROTECT_DEFER_FLUSH,
 };
 
 use super::report::Outcome;

@@ -580,6 +580,6 @@ fn a_pte_write_needs_its_own_mms_ptl() {
 
 mod dontfork_mremap;
 mod fork_gup;
-mod swap;
 mod gup_fast;
+mod swap;
 mod units;
