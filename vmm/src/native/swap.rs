@@ -23,10 +23,21 @@ pub struct SwapFile {
     file: PathBuf,
 }
 
-/// Whether /proc/swaps lists an area.
+/// The directory name every temporary swap file of cowlab lives in,
+/// before the owning process's id.
+pub const TEMP_SWAP_PREFIX: &str = "cowlab-swap-";
+
+/// Whether /proc/swaps lists an area of the host's own. Another cowlab's
+/// temporary swap file does not count: that cowlab turns it off when it
+/// ends, perhaps in the middle of this run (and then this run's pageouts
+/// would find no swap), so every cowlab that pages out without host swap
+/// enables its own.
 pub fn host_has_swap() -> bool {
-    std::fs::read_to_string("/proc/swaps")
-        .is_ok_and(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
+    std::fs::read_to_string("/proc/swaps").is_ok_and(|s| {
+        s.lines()
+            .skip(1)
+            .any(|l| !l.trim().is_empty() && !l.contains(TEMP_SWAP_PREFIX))
+    })
 }
 
 impl SwapFile {
@@ -36,7 +47,7 @@ impl SwapFile {
         if host_has_swap() {
             return Ok(None);
         }
-        let dir = std::env::temp_dir().join(format!("cowlab-swap-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{TEMP_SWAP_PREFIX}{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         // From here on, drop cleans up whatever was made.
