@@ -187,7 +187,7 @@ fn the_swapped_out_cow_matrix_passes_under_mainline_and_fails_where_reuse_swap_p
     let tests: Vec<&String> = cells.keys().map(|(t, _)| t).collect();
     assert_eq!(
         tests.iter().filter(|t| t.starts_with("cow-swap-")).count(),
-        11 * 6,
+        14 * 6,
         "{tests:?}"
     );
     for t in &tests {
@@ -206,6 +206,22 @@ fn the_swapped_out_cow_matrix_passes_under_mainline_and_fails_where_reuse_swap_p
             "{t}"
         );
         assert_eq!(cell(&cells, t, "linux-5.8")["observation"], "Never", "{t}");
+    }
+    // A swap entry sends GUP-fast to the slow path: the fast pin's verdicts
+    // are the slow pin's on every preset.
+    for k in ["shared", "previously-shared", "exclusive"] {
+        for p in [
+            "mainline",
+            "linux-6.4",
+            "linux-6.3",
+            "linux-5.10",
+            "linux-5.8",
+            "linux-5.7",
+        ] {
+            let slow = &cell(&cells, &format!("cow-swap-ro-pin-{k}"), p)["observation"];
+            let fast = &cell(&cells, &format!("cow-swap-ro-fast-pin-{k}"), p)["observation"];
+            assert_eq!(slow, fast, "{k} × {p}");
+        }
     }
 }
 

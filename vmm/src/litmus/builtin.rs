@@ -189,6 +189,21 @@ pub const TESTS: &[(&str, &str, &[&str])] = &[
         &["cow"],
     ),
     (
+        "cow-swap-ro-fast-pin-shared",
+        include_str!("../../../tests/litmus/cow-swap-ro-fast-pin-shared.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-ro-fast-pin-previously-shared",
+        include_str!("../../../tests/litmus/cow-swap-ro-fast-pin-previously-shared.litmus"),
+        &["cow", "swap"],
+    ),
+    (
+        "cow-swap-ro-fast-pin-exclusive",
+        include_str!("../../../tests/litmus/cow-swap-ro-fast-pin-exclusive.litmus"),
+        &["cow", "swap"],
+    ),
+    (
         "fork-vma-lock-free",
         include_str!("../../../tests/litmus/fork-vma-lock-free.litmus"),
         &["seeds"],
