@@ -339,8 +339,10 @@ pub fn diff(
         ));
         return code;
     }
+    // The test column as wide as the longest name, so rows line up.
+    let w = rows.iter().map(|r| r.test.len()).max().unwrap_or(0).max(30);
     let mut text = format!(
-        "{:<30} {:<20} {:<20} {}\n",
+        "{:<w$} {:<20} {:<24} {}\n",
         "test",
         format!("model {MODEL_POLICY}"),
         host,
@@ -358,7 +360,7 @@ pub fn diff(
             Err(_) => "ERROR".into(),
         };
         let agree = r.agreement().map_or("-", Agreement::as_str);
-        text += &format!("{:<30} {:<20} {:<20} {agree}\n", r.test, model, native);
+        text += &format!("{:<w$} {:<20} {:<24} {agree}\n", r.test, model, native);
     }
     for r in &rows {
         if let Some(note) = r.note() {
