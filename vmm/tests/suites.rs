@@ -392,3 +392,33 @@ fn mremap_and_madvise_suites_meet_their_expectations_and_the_old_mremap_flush_sh
     assert_eq!(code, Some(1), "mainline expects Never: {v}");
     assert_eq!(v["observation"], "Always", "{v}");
 }
+
+/// mremap-stale-tlb's exists clause holds legally when its schedule is
+/// gone (a store before the move), so cowlab refuses to run it without its
+/// schedule or to explore it, instead of reporting false witnesses.
+#[test]
+fn a_test_whose_schedule_is_required_cannot_lose_it() {
+    for args in [
+        &[
+            "run",
+            "mremap-stale-tlb",
+            "--schedule",
+            "none",
+            "--runs",
+            "1",
+        ][..],
+        &["explore", "mremap-stale-tlb", "--budget", "5"][..],
+    ] {
+        let out = cowlab(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("only under its own schedule"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    let (code, v) = cowlab_json(&["run", "mremap-stale-tlb", "--runs", "2"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["observation"], "Never", "{v}");
+}

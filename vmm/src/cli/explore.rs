@@ -137,6 +137,15 @@ pub fn explore(args: &ExploreArgs) -> i32 {
             return e.exit_code();
         }
     };
+    if normal.test.schedule_required {
+        error(format!(
+            "{}: its exists clause is a witness only under its own schedule \
+             ('schedule required'): a search without it would report legal \
+             outcomes as witnesses",
+            normal.test.name
+        ));
+        return exit_code::USAGE;
+    }
     let policy = match make_policy(&args.policy, &args.set) {
         Ok(p) => p,
         Err(e) => {

@@ -360,6 +360,10 @@ pub struct Test {
     /// `schedule { … }`: each step as written (thread Pn or vCPU vN) with
     /// its position, and the section's.
     pub schedule: Option<(Vec<(String, Pos)>, Pos)>,
+    /// `schedule required { … }`: the exists clause is a bug witness only
+    /// under this schedule (free-running, it can hold legally), so the
+    /// schedule may not be removed or replaced, and the test not explored.
+    pub schedule_required: bool,
     /// `inject RULE` lines.
     pub injects: Vec<(String, Pos)>,
     /// `runs N`: how many runs a suite makes of it (a rare race needs more).

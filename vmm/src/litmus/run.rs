@@ -131,6 +131,13 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let mut stuck_seeds = Vec::new();
     let mut witness_seeds = Vec::new();
     let mut orders = Vec::new();
+    if test.test.schedule_required && opts.schedule.is_some() {
+        return Err(Error::Config(format!(
+            "{}: its exists clause is a witness only under its own schedule \
+             ('schedule required'), so --schedule cannot remove or replace it",
+            test.test.name
+        )));
+    }
     let schedule = opts
         .schedule
         .clone()

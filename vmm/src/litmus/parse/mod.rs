@@ -117,6 +117,7 @@ pub fn parse(src: &str) -> R<Test> {
     let mut exists_src = String::new();
     let mut expects = Vec::new();
     let mut schedule = None;
+    let mut schedule_required = false;
     let mut injects = Vec::new();
     let mut runs = None;
     let mut max_runs = None;
@@ -159,6 +160,10 @@ pub fn parse(src: &str) -> R<Test> {
             p.word("schedule")?;
             if schedule.is_some() {
                 return p.err("a test has one 'schedule' section");
+            }
+            if p.peek_word().as_deref() == Some("required") {
+                p.word("required")?;
+                schedule_required = true;
             }
             p.punct(b'{')?;
             let at = p.pos();
@@ -273,6 +278,7 @@ pub fn parse(src: &str) -> R<Test> {
         exists_src,
         expects,
         schedule,
+        schedule_required,
         injects,
         runs,
         max_runs,
