@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::output::{error, out};
 use super::run::{litmus_source, RunOptions};
+use super::suite::suite_tests;
 use crate::kvm::exit_code;
 use crate::litmus::ast::Verdict;
 use crate::litmus::{self, builtin, Compiled, LitmusResult};
@@ -391,14 +392,9 @@ pub fn diff(
 /// kernel, against its `mainline` expect line; tests that cannot run
 /// natively are listed with the reason.
 pub fn suite(name: &str, runs: Option<u64>, timeout: Option<Duration>, json: bool) -> i32 {
-    let tests = builtin::suite(name);
-    if tests.is_empty() {
-        error(format_args!(
-            "unknown suite '{name}' (suites: {})",
-            builtin::suites().join(", ")
-        ));
+    let Some(tests) = suite_tests(name) else {
         return exit_code::USAGE;
-    }
+    };
     let mut cells = Vec::new();
     for (test, src) in tests {
         let compiled = match litmus::load(src) {

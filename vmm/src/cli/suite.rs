@@ -329,14 +329,9 @@ struct SuiteCell {
 /// tests of the "bare" suite are explored, the others run. A cell in
 /// error does not stop the others.
 pub fn suite(name: &str, runs: Option<u64>, json: bool, kvm_path: &str) -> i32 {
-    let tests = builtin::suite(name);
-    if tests.is_empty() {
-        error(format_args!(
-            "unknown suite '{name}' (suites: {})",
-            builtin::suites().join(", ")
-        ));
+    let Some(tests) = suite_tests(name) else {
         return exit_code::USAGE;
-    }
+    };
     let mut cells: Vec<SuiteCell> = Vec::new();
     for (test, src) in tests {
         let prepared = match Prepared::load(test, src) {
@@ -452,6 +447,20 @@ fn suite_report(name: &str, cells: &[SuiteCell], json: bool) -> (String, i32) {
         }
     }
     (text, code)
+}
+
+/// The built-in tests of suite `name`, or `None` after one line naming
+/// the suites there are (for `suite` and `suite --native`).
+pub(super) fn suite_tests(name: &str) -> Option<Vec<(&'static str, &'static str)>> {
+    let tests = builtin::suite(name);
+    if tests.is_empty() {
+        error(format_args!(
+            "unknown suite '{name}' (suites: {})",
+            builtin::suites().join(", ")
+        ));
+        return None;
+    }
+    Some(tests)
 }
 
 #[cfg(test)]
