@@ -4,7 +4,7 @@
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
-use cowlab_abi::bytecode::{Header, Insn, Op, MAGIC, NR_REGS};
+use cowlab_abi::bytecode::{Header, Insn, Op, AWAIT_MAY_SLEEP, MAGIC, NR_REGS};
 use cowlab_abi::layout::{kernel_va, LITMUS_PHYS, PAGE_SIZE};
 use cowlab_abi::{gup, prot, Program, MADV_BY_CODE};
 
@@ -104,12 +104,9 @@ pub fn run(start: u64) -> ! {
                     .all(|w| unsafe { read_volatile((regs[b] + w * 8) as *const u64) } == regs[c]);
                 regs[a] = u64::from(all);
             }
-            Op::Signal => rt::shared_word(imm).store(1, Ordering::Release),
-            Op::Await => {
-                while rt::shared_word(imm).load(Ordering::Acquire) == 0 {
-                    core::hint::spin_loop();
-                }
-            }
+            Op::Signal => rt::signal_event(imm),
+            Op::Await if c as u8 & AWAIT_MAY_SLEEP != 0 => rt::await_event_sleeping(imm),
+            Op::Await => rt::await_event(imm),
             Op::Poll => regs[a] = rt::shared_word(imm).load(Ordering::Acquire),
             Op::Mmap => regs[a] = res(rt::mmap(imm * PAGE_SIZE, prot_of(c))),
             Op::Munmap => regs[b] = res(rt::munmap(regs[a], imm * PAGE_SIZE)),

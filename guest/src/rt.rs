@@ -12,7 +12,9 @@
 use core::arch::{asm, global_asm};
 use core::fmt;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::Ordering;
 
+use cowlab_abi::bytecode::SLEEPERS_WORD;
 use cowlab_abi::layout::DOORBELL_VA;
 use cowlab_abi::{
     area_offset as off, fault_result, Hypercall, VcpuArea, BOOT_HEADER_MAGIC, CONSOLE_LEN,
@@ -336,6 +338,50 @@ pub fn shared_word(i: u64) -> &'static core::sync::atomic::AtomicU64 {
     // SAFETY: the shared page is mapped at this address in every address
     // space for the whole run and only accessed atomically.
     unsafe { &*(va as *const core::sync::atomic::AtomicU64) }
+}
+
+/// How many spin-loop rounds an `await` that may sleep spins before it
+/// sleeps in the VMM: about a hypercall's round trip (~40 µs here), so
+/// that an event that comes soon costs no exit, and one that does not
+/// costs at most twice what waiting for it ideally would.
+const AWAIT_SPIN: u32 = 512;
+
+/// Sets shared event word `i` and, if a thread sleeps in the VMM on an
+/// event ([`await_event_sleeping`]), wakes the sleepers. Sequentially
+/// consistent on both sides: either the sleeper sees the word set before
+/// it sleeps, or this sees it counted in the sleepers and wakes it.
+pub fn signal_event(i: u64) {
+    shared_word(i).store(1, Ordering::SeqCst);
+    if shared_word(SLEEPERS_WORD).load(Ordering::SeqCst) != 0 {
+        hypercall(Hypercall::WakeEvents, [i, 0, 0, 0]);
+    }
+}
+
+/// Waits until shared event word `i` is set: spins.
+pub fn await_event(i: u64) {
+    while shared_word(i).load(Ordering::Acquire) == 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// Waits until shared event word `i` is set: spins [`AWAIT_SPIN`] rounds,
+/// then sleeps in the VMM until a [`signal_event`] wakes it.
+pub fn await_event_sleeping(i: u64) {
+    let word = shared_word(i);
+    for _ in 0..AWAIT_SPIN {
+        if word.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    let sleepers = shared_word(SLEEPERS_WORD);
+    while word.load(Ordering::Acquire) == 0 {
+        sleepers.fetch_add(1, Ordering::SeqCst);
+        if word.load(Ordering::SeqCst) == 0 {
+            hypercall(Hypercall::AwaitEvent, [i, 0, 0, 0]);
+        }
+        sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Waits for thread `id`; its exit status, `None` if it died otherwise.

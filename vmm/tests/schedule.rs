@@ -271,15 +271,25 @@ fn schedules_name_initial_threads_in_file_order_and_children_by_creation() {
 #[test]
 fn a_thread_spinning_in_the_guest_is_caught_as_a_stall() {
     // P0 waits at its hook for P1's, which P1 reaches only after P0 signals:
-    // P1 spins on await (not blocked in the VMM), so only the stall check
-    // can end it.
-    let src = "cowlab stall\nP0 {\n  hook a\n  signal x\n}\nP1 {\n  await x\n  hook b\n}\nschedule { P1@guest:b < P0@guest:a }\nexists (true)\n";
+    // P1 spins in a loop polling the event (not blocked in the VMM, as an
+    // `await` under a schedule would be), so only the stall check can end it.
+    let src = "cowlab stall\nP0 {\n  hook a\n  signal x\n}\nP1 {\n  loop until x {\n    pause 1\n  }\n  hook b\n}\nschedule { P1@guest:b < P0@guest:a }\nexists (true)\n";
     let (code, v) = litmus_json("stall", src, &["--runs", "2"]);
     assert_eq!(code, Some(0));
     assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)], "{v}");
     assert_eq!(
         v["unreachable"][0]["reason"],
         "v0 waits at guest:a (step 2) for step 1: v1@guest:b"
+    );
+    // With an `await` instead, P1 sleeps in the VMM: every vCPU is blocked,
+    // a deadlock, and the report names the event P1 waits for.
+    let src = src.replace("  loop until x {\n    pause 1\n  }\n", "  await x\n");
+    let (code, v) = litmus_json("stall-await", &src, &["--runs", "2"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)], "{v}");
+    assert_eq!(
+        v["unreachable"][0]["reason"],
+        "v0 waits at guest:a (step 2) for step 1: v1@guest:b; v1 awaits event x"
     );
 }
 
@@ -913,4 +923,90 @@ fn populating_regions_at_load_is_outside_every_rule_and_schedule() {
         vec![("unreachable;".to_string(), 2)],
         "v0 never allocates (buf is populated), so the step never happens: {v}"
     );
+}
+
+// --- awaits under a schedule sleep in the VMM ---------------------------------
+
+/// P0 reaches its `await` long before P1 signals (P1 spins ~50 ms first),
+/// under a schedule: P0 sleeps in the VMM and is woken by the signal.
+const AWAIT_SLEEPS: &str = "cowlab await-sleeps
+P0 {
+  hook waiting
+  await e
+  r1 = 1
+}
+P1 {
+  hook go
+  pause 1000000
+  signal e
+}
+schedule { P0@guest:waiting < P1@guest:go }
+exists (P0:r1 = 1)
+";
+
+/// The `Exit` records of hypercall `name` in trace file `path`.
+fn exits_in_trace(path: &std::path::Path, name: &str) -> usize {
+    let out = cowlab(&["trace", "show", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().skip(2).collect::<Vec<_>>() == ["Exit", name])
+        .count()
+}
+
+#[test]
+fn under_a_schedule_an_await_sleeps_in_the_vmm_until_its_signal_wakes_it() {
+    let trace = std::env::temp_dir().join(format!("cowlab-{}-await.trace", std::process::id()));
+    let (code, v) = litmus_json(
+        "await-sleeps",
+        AWAIT_SLEEPS,
+        &["--runs", "5", "--trace", trace.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(histogram(&v), vec![("P0:r1=1;".to_string(), 5)], "{v}");
+    assert!(v["unreachable"].as_array().unwrap().is_empty(), "{v}");
+    // P0 slept (unless the host kept it off a CPU for all of P1's spin, in
+    // every run), and every sleep was woken by P1's signal, which saw it
+    // counted among the sleepers: no run hung.
+    let (slept, woken) = (
+        exits_in_trace(&trace, "AwaitEvent"),
+        exits_in_trace(&trace, "WakeEvents"),
+    );
+    assert!((1..=5).contains(&slept), "{slept}");
+    assert!(
+        woken >= slept && woken <= 5,
+        "{woken} wake-ups, {slept} sleeps"
+    );
+    // Free-running, the same test spins: its timing is what it tests.
+    let (code, v) = litmus_json(
+        "await-spins",
+        AWAIT_SLEEPS,
+        &[
+            "--runs",
+            "3",
+            "--schedule",
+            "none",
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(exits_in_trace(&trace, "AwaitEvent"), 0);
+    assert_eq!(exits_in_trace(&trace, "WakeEvents"), 0);
+    let _ = std::fs::remove_file(&trace);
+}
+
+#[test]
+fn an_await_nothing_signals_under_a_schedule_is_named_in_the_unreachable_report() {
+    // P0 sleeps in an await nobody satisfies; P1 waits for a step P0 never
+    // takes: every vCPU is blocked, which the schedule reports at once,
+    // and the watchdog then stops the sleeper (a stuck run, not a hang).
+    let src = "cowlab await-deadlock\nP0 {\n  await never\n}\nP1 {\n  hook go\n}\nschedule { P0@guest:nowhere < P1@guest:go }\nexists (true)\n";
+    let (code, v) = litmus_json("await-deadlock", src, &["--runs", "2", "--timeout", "1"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(histogram(&v), vec![("unreachable;".to_string(), 2)], "{v}");
+    let reason = v["unreachable"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("v0 awaits event never"), "{reason}");
+    assert!(reason.contains("v1 waits at guest:go"), "{reason}");
+    assert_eq!(v["stuck"], 2, "{v}");
 }

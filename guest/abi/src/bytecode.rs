@@ -59,6 +59,17 @@ impl Insn {
     }
 }
 
+/// The shared word (of the page every process shares, the others being
+/// event words) that counts the threads asleep in the VMM in an
+/// [`Op::Await`]: a [`Op::Signal`] that sees it nonzero wakes them.
+pub const SLEEPERS_WORD: u64 = 511;
+
+/// [`Op::Await`]'s c field: once the event has not come after a short spin,
+/// sleep in the VMM ([`crate::Hypercall::AwaitEvent`]) instead of spinning
+/// on. Set for runs under a schedule, where a spinning thread would only
+/// take a host CPU from the thread the schedule waits for.
+pub const AWAIT_MAY_SLEEP: u8 = 1;
+
 /// Operations. `ra`, `rb`, `rc` are the registers in fields a, b, c.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,9 +112,11 @@ pub enum Op {
     Fill = 18,
     /// ra = 1 if every word of the `imm` pages at rb equals rc, else 0.
     Cmp = 19,
-    /// Shared event word imm set to 1.
+    /// Shared event word imm set to 1; if a thread sleeps on an event
+    /// ([`SLEEPERS_WORD`]), the VMM is asked to wake the sleepers.
     Signal = 20,
-    /// Wait until shared event word imm is nonzero.
+    /// Wait until shared event word imm is nonzero: spin, or with
+    /// [`AWAIT_MAY_SLEEP`] in c, spin a little and then sleep in the VMM.
     Await = 21,
     /// ra = shared event word imm.
     Poll = 22,

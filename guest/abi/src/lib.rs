@@ -102,6 +102,14 @@ pub enum Hypercall {
     /// the low 12 bits: `new_addr` is page-aligned, the guest checks);
     /// `ret` = the mapping's address or a negative errno.
     Mremap = 27,
+    /// Sleeps until the shared event word `args[0]` is nonzero (or the
+    /// thread is stopped). The guest counts itself in
+    /// [`bytecode::SLEEPERS_WORD`] and checks the word again before it
+    /// calls, so a [`Hypercall::WakeEvents`] cannot be missed.
+    AwaitEvent = 28,
+    /// A shared event word was set while [`bytecode::SLEEPERS_WORD`] was
+    /// nonzero: wake every [`Hypercall::AwaitEvent`] sleeper to look again.
+    WakeEvents = 29,
     /// Waits until vCPU `args[0]` has ended; `ret` = its exit status, or
     /// `u64::MAX` if it did not exit normally (crash, SIGSEGV, OOM).
     Join = 16,
@@ -142,6 +150,8 @@ impl Hypercall {
             25 => Self::UffdWait,
             26 => Self::Hook,
             27 => Self::Mremap,
+            28 => Self::AwaitEvent,
+            29 => Self::WakeEvents,
             _ => return None,
         })
     }

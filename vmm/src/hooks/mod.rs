@@ -35,8 +35,8 @@ mod tests;
 mod threads;
 
 pub use explore::{
-    Chooser, ChooserSlot, Decision, LockFree, Parked, WordReader, AWAIT_HOOK, DECISION_LIMIT,
-    LOCK_POINT,
+    await_word, Chooser, ChooserSlot, Decision, LockFree, Parked, WordReader, AWAIT_HOOK,
+    DECISION_LIMIT, LOCK_POINT,
 };
 pub use park::{START, WAKE};
 pub use points::{is_point, Point, POINTS};

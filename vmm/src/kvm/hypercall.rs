@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cowlab_abi::layout::USER_END;
+use cowlab_abi::layout::{SHARED_PAGE_PHYS, USER_END};
 use cowlab_abi::{
     fault_result, gup, Hypercall, Program, VcpuArea, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED,
     MADV_PAGEOUT, MPROTECT_DEFER_FLUSH,
@@ -68,6 +68,14 @@ impl Vcpu {
                 let name = self.shared.hook_name(self.area.arg(0));
                 let _ = self.mm.machine().hooks.hit(&name, Some(self.id), None);
                 return Flow::Continue;
+            }
+            Hypercall::AwaitEvent => {
+                self.await_event(self.area.arg(0));
+                0
+            }
+            Hypercall::WakeEvents => {
+                self.shared.event_sleep.wake();
+                0
             }
             Hypercall::Mark => {
                 let _ = self.events.send(Event::Mark {
@@ -225,6 +233,30 @@ impl Vcpu {
         };
         self.area.write(offset_of!(VcpuArea, hcall.ret), ret);
         Flow::Continue
+    }
+
+    /// A litmus `await` under a schedule that spun without seeing its
+    /// event: sleeps until shared event word `word` is set, or the thread
+    /// is stopped (the request loop then ends it). Noted as blocked, so
+    /// that the schedule counts this vCPU as at rest (no settle time) and,
+    /// if every vCPU waits, as deadlocked.
+    fn await_event(&self, word: u64) {
+        let hooks = &self.shared.machine.hooks;
+        let event = self.shared.event_name(word);
+        hooks.set_blocked(self.id, Some(format!("v{} awaits {event}", self.id)));
+        let mem = &self.shared.mem;
+        self.shared.event_sleep.sleep_until(
+            || {
+                mem.read_obj::<u64>(SHARED_PAGE_PHYS + (word % 512) * 8)
+                    .is_some_and(|w| w != 0)
+            },
+            || {
+                self.ctl.requests.load(Ordering::Acquire) & request::STOP != 0
+                    || self.shared.machine.stopping()
+                    || hooks.released()
+            },
+        );
+        hooks.set_blocked(self.id, None);
     }
 
     /// Forks the process: a copy-on-write copy of the address space, and a

@@ -52,6 +52,45 @@ pub(crate) struct Shared {
     /// vCPUs whose thread panicked, with the message and where (noted by
     /// the panic hook before the thread unwinds).
     pub(super) panics: Mutex<BTreeMap<usize, String>>,
+    /// Threads asleep in a litmus `await` ([`Hypercall::AwaitEvent`]).
+    ///
+    /// [`Hypercall::AwaitEvent`]: cowlab_abi::Hypercall::AwaitEvent
+    pub(super) event_sleep: EventSleep,
+}
+
+/// Where vCPUs sleep until a shared event word is set (a litmus `await`
+/// under a schedule), like a futex on the word: the sleeper looks at the
+/// word under [`Self::lock`] before each wait, and the guest's `signal`
+/// wakes every sleeper with [`Self::wake`] after it set a word, whenever
+/// it saw a sleeper counted (`bytecode::SLEEPERS_WORD`).
+#[derive(Debug, Default)]
+pub(crate) struct EventSleep {
+    lock: Mutex<()>,
+    woken: std::sync::Condvar,
+}
+
+impl EventSleep {
+    /// How long a sleeper waits before it looks again unwoken: only for
+    /// being stopped (the watchdog, a teardown), which does not wake it.
+    const POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+    /// Sleeps until `set()` or `give_up()`.
+    pub(super) fn sleep_until(&self, set: impl Fn() -> bool, give_up: impl Fn() -> bool) {
+        let mut guard = lock(&self.lock);
+        while !set() && !give_up() {
+            guard = self
+                .woken
+                .wait_timeout(guard, Self::POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Wakes every sleeper to look at its word again.
+    pub(super) fn wake(&self) {
+        drop(lock(&self.lock));
+        self.woken.notify_all();
+    }
 }
 
 impl Shared {
@@ -192,6 +231,16 @@ impl Shared {
             Some(n) => format!("guest:{n}"),
             None => format!("guest:{id}"),
         }
+    }
+
+    /// Event word `word` as a report names it: by the litmus event it is
+    /// (from the hook before its `await`), else by number.
+    pub(crate) fn event_name(&self, word: u64) -> String {
+        self.hook_names
+            .iter()
+            .find(|n| crate::hooks::await_word(&format!("guest:{n}")) == Some(word))
+            .and_then(|n| n.rsplit(':').next())
+            .map_or_else(|| format!("event word {word}"), |e| format!("event {e}"))
     }
 
     /// Registers a new address space (a forked child).

@@ -132,6 +132,7 @@ impl Vm {
             gate: config.control.as_ref().map(|c| Arc::clone(&c.gate)),
             vcpus: Mutex::new(Vec::new()),
             events: Mutex::new(tx),
+            event_sleep: Default::default(),
         });
         machine.set_flusher(Arc::new(KvmFlusher {
             shared: Arc::downgrade(&shared),

@@ -14,7 +14,7 @@ pub mod run;
 pub mod soak;
 pub mod verdict;
 
-pub use compile::{compile, compile_for_explore, Compiled};
+pub use compile::{compile, compile_for_explore, compile_for_schedule, Compiled};
 pub use parse::{parse, ParseError};
 pub use run::{run_test, LitmusResult, RunOptions};
 

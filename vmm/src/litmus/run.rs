@@ -145,13 +145,15 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     // Forced, the test runs with a hook before every `await`, so that a
     // thread spinning in an unsatisfied `await` counts as at rest between
     // steps (hooks::Hooks::set_schedule_with_words) rather than being
-    // given a settle time of CPU first.
+    // given a settle time of CPU first; and its awaits sleep in the VMM
+    // after a short spin, leaving the host's CPUs to the threads the
+    // schedule waits for.
     let with_await_hooks;
     let test = if schedule.is_empty() {
         test
     } else {
         with_await_hooks = Arc::new(
-            super::compile_for_explore(&test.test)
+            super::compile_for_schedule(&test.test)
                 .map_err(|e| Error::Config(format!("cannot compile {}: {e}", test.test.name)))?,
         );
         &with_await_hooks

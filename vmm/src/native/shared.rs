@@ -12,7 +12,7 @@ use cowlab_abi::bytecode::NR_REGS;
 /// "cowlabNR" little-endian: a header cowlab wrote.
 pub const MAGIC: u64 = 0x524e_6261_6c77_6f63;
 /// Events of a test (as the compiler's limit).
-pub const MAX_EVENTS: usize = 512;
+pub const MAX_EVENTS: usize = cowlab_abi::bytecode::SLEEPERS_WORD as usize;
 /// Threads and processes of one run, in all.
 pub const MAX_SLOTS: usize = 256;
 /// Bytes of a message (an error, the reason a run was not run).

@@ -28,8 +28,9 @@ pub const REGION_END: u64 = crate::mm::mm_struct::MMAP_BASE;
 /// each (0x7df0_0000_0000 bytes, about 126 TiB).
 pub const MAX_REGION_PAGES: u64 = (REGION_END - REGION_BASE) / PAGE_SIZE;
 
-/// Most events a test may name (words of the shared page).
-const MAX_EVENTS: usize = 512;
+/// Most events a test may name: the words of the shared page but the last
+/// (`bytecode::SLEEPERS_WORD`).
+const MAX_EVENTS: usize = cowlab_abi::bytecode::SLEEPERS_WORD as usize;
 
 /// A region placed in the address space.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +84,9 @@ struct Compiler<'t> {
     /// For exploration: a hook before every `await`, so the explorer knows
     /// which event a waiting thread needs (hooks::AWAIT_HOOK).
     await_hooks: bool,
+    /// Under a schedule: `await`s that sleep in the VMM after a short spin
+    /// (`bytecode::AWAIT_MAY_SLEEP`).
+    sleeping_awaits: bool,
 }
 
 impl<'t> Compiler<'t> {
@@ -294,7 +298,12 @@ impl<'t> Compiler<'t> {
                     let id = self.hook_id(&format!("{}{ev}:{e}", crate::hooks::AWAIT_HOOK));
                     self.emit(Op::Hook, 0, 0, 0, id);
                 }
-                self.emit(Op::Await, 0, 0, 0, ev);
+                let c = if self.sleeping_awaits {
+                    cowlab_abi::bytecode::AWAIT_MAY_SLEEP
+                } else {
+                    0
+                };
+                self.emit(Op::Await, 0, 0, c, ev);
             }
             StmtKind::Fill { region, value } => {
                 let r = self.region(region, pos)?.clone();
@@ -489,16 +498,28 @@ fn place_regions(test: &Test) -> Result<BTreeMap<&str, PlacedRegion>, ParseError
 
 /// Compiles `test`.
 pub fn compile(test: &Test) -> Result<Compiled, ParseError> {
-    compile_with(test, false)
+    compile_with(test, false, false)
 }
 
 /// Compiles `test` for `cowlab explore`: as [`compile`], with a guest hook
 /// `await:WORD:EVENT` before every `await` (docs/exploration.md).
 pub fn compile_for_explore(test: &Test) -> Result<Compiled, ParseError> {
-    compile_with(test, true)
+    compile_with(test, true, false)
 }
 
-fn compile_with(test: &Test, await_hooks: bool) -> Result<Compiled, ParseError> {
+/// Compiles `test` to run under a schedule: as [`compile_for_explore`],
+/// and every `await` sleeps in the VMM once a short spin has not seen its
+/// event (docs/performance.md, "Awaits under a schedule"). Free-running
+/// tests keep spinning awaits: their timing is part of what they test.
+pub fn compile_for_schedule(test: &Test) -> Result<Compiled, ParseError> {
+    compile_with(test, true, true)
+}
+
+fn compile_with(
+    test: &Test,
+    await_hooks: bool,
+    sleeping_awaits: bool,
+) -> Result<Compiled, ParseError> {
     let regions = place_regions(test)?;
     let mut c = Compiler {
         test,
@@ -510,6 +531,7 @@ fn compile_with(test: &Test, await_hooks: bool) -> Result<Compiled, ParseError> 
         next_hidden: LOOP_COUNTERS,
         children: BTreeMap::new(),
         await_hooks,
+        sleeping_awaits,
     };
     let mut starts = BTreeMap::new();
     for t in &test.threads {
