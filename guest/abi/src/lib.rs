@@ -37,7 +37,7 @@ pub const FLUSH_VECTOR: u8 = 0xf0;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hypercall {
-    /// First exit of every vCPU: its program has started.
+    /// First exit of every vCPU but a litmus thread's: its program has started.
     Booted = 1,
     /// Print `hcall.args[0]` bytes of `console` as one line.
     Console = 2,

@@ -18,7 +18,8 @@ use crate::mm::{Mm, PhysMem};
 
 /// Whether the device opened at `path` is a KVM cowlab can use: it
 /// answers `KVM_GET_API_VERSION` with the stable API (12) and has
-/// `KVM_CAP_IMMEDIATE_EXIT` and `KVM_CAP_SYNC_REGS`. Anything else (`/dev/null`, a file) is
+/// `KVM_CAP_IMMEDIATE_EXIT` and `KVM_CAP_SYNC_REGS` (special registers and
+/// events). Anything else (`/dev/null`, a file) is
 /// [`Error::KvmUnusable`], naming the path and what failed.
 pub(super) fn check_kvm(kvm: &Kvm, path: &str) -> Result<(), Error> {
     let unusable = |why: String| Error::KvmUnusable {
@@ -40,9 +41,14 @@ pub(super) fn check_kvm(kvm: &Kvm, path: &str) -> Result<(), Error> {
         return Err(unusable("it lacks KVM_CAP_IMMEDIATE_EXIT".into()));
     }
     // The fault path reads CR2 from the registers KVM copies out on every
-    // exit (`kvm_run.s.regs.sregs`) instead of asking with an ioctl.
-    if !kvm.check_extension(Cap::SyncRegs) {
-        return Err(unusable("it lacks KVM_CAP_SYNC_REGS".into()));
+    // exit (`kvm_run.s.regs.sregs`), and flush interrupts are injected
+    // through `kvm_run.s.regs.events`, instead of asking with ioctls.
+    let wanted = kvm_bindings::KVM_SYNC_X86_SREGS | kvm_bindings::KVM_SYNC_X86_EVENTS;
+    let synced = kvm.check_extension_int(Cap::SyncRegs);
+    if synced <= 0 || (synced as u32) & wanted != wanted {
+        return Err(unusable(format!(
+            "its KVM_CAP_SYNC_REGS ({synced:#x}) lacks special registers and events"
+        )));
     }
     Ok(())
 }

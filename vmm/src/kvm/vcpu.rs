@@ -11,7 +11,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_bindings::kvm_fpu;
+use kvm_bindings::{kvm_fpu, kvm_vcpu_events};
 use kvm_ioctls::SyncReg;
 
 use cowlab_abi::layout::{kernel_va, user_stack_top, vcpu_area_phys, USER_STACK_SIZE};
@@ -26,7 +26,7 @@ use super::shell::LeasedVcpu;
 use super::shootdown::{request, VcpuCtl};
 use super::vm::Event;
 use super::{arch, kick};
-use crate::mm::{mmap, verify_tlbs, Mm, ShadowTlb};
+use crate::mm::{mmap, verify_tlbs, Access, Mm, ShadowTlb};
 use crate::trace::{ExitReason, Kind};
 
 /// How a new vCPU starts.
@@ -69,6 +69,9 @@ pub(crate) struct Vcpu {
     pub(super) area: Mailbox,
     /// Generation of the flush whose interrupt was injected, until acked.
     pub(super) injected_flush: Option<u64>,
+    /// `KVM_RUN` has returned at least once: `kvm_run.s.regs` holds the
+    /// special registers and events of the last exit.
+    pub(super) synced: bool,
     /// The current exit comes from a CPL-0 stub whose reply can carry a flush.
     pub(super) stub_exit: Option<StubExit>,
     /// Why the thread dies, once the VMM decided it does; it ends when the
@@ -120,6 +123,12 @@ impl Vcpu {
             Start::Forked(_) => 0,
         };
         mm.attach_cpu(id);
+        if matches!(start, Start::Program(_)) && program == Program::Litmus {
+            // The top stack page the VM populated for it (`Vm::new`): in
+            // its TLB before its first push, as a TLB may cache any valid
+            // translation.
+            let _ = mm.tlb_fill(id, user_stack_top(id) - 8, Access::Write);
+        }
         let area = Mailbox::new(Arc::clone(&shared.mem), area_pa);
         area.init(id, shared.nr_vcpus, program, arg, &shared.boot_header)?;
 
@@ -138,6 +147,10 @@ impl Vcpu {
             ..Default::default()
         };
         fd.set_fpu(&fpu).map_err(VcpuError::SetFpu)?;
+        // A reused fd may still carry an injection the last run marked for
+        // an entry that never came: it must not reach this run.
+        let mut fd = fd;
+        fd.clear_sync_dirty_reg(SyncReg::VcpuEvents);
 
         let events = shared.events();
         Ok(Vcpu {
@@ -150,6 +163,7 @@ impl Vcpu {
             events,
             area,
             injected_flush: None,
+            synced: false,
             stub_exit: None,
             killed: None,
             faults: 0,
@@ -212,9 +226,12 @@ impl Vcpu {
 
     fn run_loop(&mut self) -> Outcome {
         let mut handler = ExitHandler::default();
-        // Every exit brings the special registers: a forwarded #PF reads
-        // CR2 from them instead of costing a KVM_GET_SREGS.
+        // Every exit brings the special registers and the event state: a
+        // forwarded #PF reads CR2 from them, and a flush interrupt is
+        // injected through them, instead of costing a KVM_GET_SREGS, a
+        // KVM_GET_VCPU_EVENTS and a KVM_SET_VCPU_EVENTS (~7 µs each here).
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        self.fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         loop {
             if let Flow::End(outcome) = self.service_requests() {
                 return outcome;
@@ -274,9 +291,11 @@ impl Vcpu {
     /// One `KVM_RUN` (the ioctl), with the exit copied out.
     fn enter(&mut self) -> Result<Exit, VcpuError> {
         self.shared.machine.hooks.entering_guest(self.id);
-        let exit = Exit::decode(self.fd.run())?;
+        let exit = Exit::decode(self.fd.run());
         self.fd.set_kvm_immediate_exit(0);
-        Ok(exit)
+        // Whatever KVM_RUN returned, it copied the registers out on its way.
+        self.synced = true;
+        exit
     }
 
     /// Describes a `KVM_EXIT_INTERNAL_ERROR` (suberror and data words), read
@@ -361,16 +380,11 @@ impl Vcpu {
                 if self.cpl()? != 3 {
                     return Ok(());
                 }
-                let mut events = self
-                    .fd
-                    .get_vcpu_events()
-                    .map_err(VcpuError::GetVcpuEvents)?;
+                let mut events = self.events()?;
                 events.interrupt.injected = 1;
                 events.interrupt.nr = FLUSH_VECTOR;
                 events.interrupt.soft = 0;
-                self.fd
-                    .set_vcpu_events(&events)
-                    .map_err(VcpuError::SetVcpuEvents)?;
+                self.set_events(events)?;
                 self.ctl.hw_flush.store(false, Ordering::SeqCst);
                 self.injected_flush = Some(wanted);
                 return Ok(());
@@ -386,21 +400,45 @@ impl Vcpu {
     /// in its program (had it been delivered, the vCPU would be in the stub
     /// or we would have seen the ack).
     ///
-    /// Wraps `KVM_GET_VCPU_EVENTS` (and `KVM_GET_SREGS`, see [`Self::cpl`]).
+    /// See [`Self::events`] and [`Self::cpl`] for what it asks KVM.
     fn injected_flush_lost(&self) -> Result<bool, VcpuError> {
-        let events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(VcpuError::GetVcpuEvents)?;
-        if events.interrupt.injected != 0 {
+        if self.events()?.interrupt.injected != 0 {
             return Ok(false);
         }
         Ok(self.cpl()? == 3)
     }
 
-    /// The vCPU's current privilege level: `cs.dpl` of `KVM_GET_SREGS`.
+    /// The vCPU's current privilege level: `cs.dpl` of the special
+    /// registers KVM copied out at the last exit (`kvm_run.s.regs.sregs`),
+    /// or of `KVM_GET_SREGS` before the first.
     fn cpl(&self) -> Result<u8, VcpuError> {
+        if self.synced {
+            return Ok(self.fd.sync_regs().sregs.cs.dpl);
+        }
         Ok(self.fd.get_sregs().map_err(VcpuError::GetSregs)?.cs.dpl)
+    }
+
+    /// The vCPU's event state: as KVM copied it out at the last exit
+    /// (`kvm_run.s.regs.events`), or `KVM_GET_VCPU_EVENTS` before the first.
+    fn events(&self) -> Result<kvm_vcpu_events, VcpuError> {
+        if self.synced {
+            return Ok(self.fd.sync_regs().events);
+        }
+        self.fd.get_vcpu_events().map_err(VcpuError::GetVcpuEvents)
+    }
+
+    /// Sets the event state for the next entry: through `kvm_run.s.regs`
+    /// (marked dirty, KVM applies it as `KVM_SET_VCPU_EVENTS` would) once
+    /// KVM has filled it in, else `KVM_SET_VCPU_EVENTS`.
+    fn set_events(&mut self, events: kvm_vcpu_events) -> Result<(), VcpuError> {
+        if self.synced {
+            self.fd.sync_regs_mut().events = events;
+            self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+            return Ok(());
+        }
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(VcpuError::SetVcpuEvents)
     }
 
     /// The run's trace recorder, if it is traced.

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cowlab_abi::layout::{
-    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, SHARED_PAGE_PHYS, USER_STACK_SIZE,
+    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, PAGE_SIZE, SHARED_PAGE_PHYS,
+    USER_STACK_SIZE,
 };
 use cowlab_abi::Program;
 
@@ -153,6 +154,17 @@ impl Vm {
         for id in 0..boot_vcpus {
             mmap::map_stack(&mm, user_stack_top(id), USER_STACK_SIZE)
                 .map_err(|e| Error::Config(format!("cannot map the stack of vcpu {id}: {e}")))?;
+            if config.plan.is_some() {
+                // A litmus thread's first instruction pushes on its stack:
+                // its top page is faulted in here, and cached in the
+                // thread's TLB as it starts (`Vcpu::new`), which spares
+                // every thread of every run that first exit. Private to the
+                // thread, the page is in no test's outcome.
+                let top = user_stack_top(id) - PAGE_SIZE;
+                mm.populate(top, PAGE_SIZE).map_err(|e| {
+                    Error::Config(format!("cannot populate the stack of vcpu {id}: {e:?}"))
+                })?;
+            }
         }
         if let Some(plan) = &config.plan {
             load_plan(&vm.shared.mem, &mm, plan)?;
