@@ -185,10 +185,12 @@ impl Vcpu {
         let violations = self.verify_tlb();
         let machine = Arc::clone(self.mm.machine());
         self.mm.detach_cpu(self.id);
+        // Kept whole until every vCPU has ended (`Tlbs::retire`): freed
+        // now, its frames would have to be revoked from KVM first.
         let fills = match machine.tlbs.remove(self.id) {
             Some(tlb) => {
                 let fills = tlb.fills();
-                tlb.release(&*machine.mem, machine.frames.pool());
+                machine.tlbs.retire(tlb);
                 fills
             }
             None => 0,

@@ -364,6 +364,14 @@ impl Vm {
             vcpus.push(VcpuReport::failed(*id, self.programs[id], outcome));
         }
         vcpus.sort_by_key(|v| v.id);
+        if self.live.is_empty() {
+            // Every vCPU has ended: none runs in this VM again before its
+            // memslot is deleted (reuse) or it is closed.
+            let machine = &self.shared.machine;
+            machine
+                .tlbs
+                .release_retired(&*machine.mem, machine.frames.pool());
+        }
         let user_pages = self.shared.machine.frames.in_use().count();
         let mut violations: Vec<String> = vcpus
             .iter()

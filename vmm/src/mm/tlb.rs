@@ -271,6 +271,19 @@ impl ShadowTlb {
     pub fn release<M: PhysMem + ?Sized>(mut self, mem: &M, frames: &FrameAllocator) {
         self.flush_all(mem);
         pagetable::free_user_tables(mem, frames, self.root, &mut |f| mem.revoke(f));
+        self.free_root(mem, frames);
+    }
+
+    /// Frees the whole table, root included, without revoking anything:
+    /// only for a TLB no CPU will load again before the hardware forgets
+    /// everything anyway (see [`Tlbs::retire`]).
+    fn release_unrevoked<M: PhysMem + ?Sized>(mut self, mem: &M, frames: &FrameAllocator) {
+        self.entries.clear();
+        pagetable::free_user_tables(mem, frames, self.root, &mut |_| {});
+        self.free_root(mem, frames);
+    }
+
+    fn free_root<M: PhysMem + ?Sized>(&self, mem: &M, frames: &FrameAllocator) {
         for i in KERNEL_PML4_START..ENTRIES {
             mem.word(self.root + i * 8).store(0, Ordering::Release);
         }
@@ -282,6 +295,9 @@ impl ShadowTlb {
 #[derive(Debug, Default)]
 pub struct Tlbs {
     cpus: RwLock<Vec<Option<Arc<Mutex<ShadowTlb>>>>>,
+    /// The TLBs of CPUs whose thread has ended, kept whole until the
+    /// machine stops ([`Tlbs::retire`]).
+    retired: Mutex<Vec<ShadowTlb>>,
 }
 
 impl Tlbs {
@@ -322,6 +338,34 @@ impl Tlbs {
         }
     }
 
+    /// Keeps the TLB of a CPU whose thread has ended, tables and entries
+    /// as they are, until [`Tlbs::release_retired`].
+    ///
+    /// Releasing it at once ([`ShadowTlb::release`]) must revoke every
+    /// frame it maps (a protection bounce each run of frames, and
+    /// `EFAULT` exits for every vCPU touching them meanwhile): its table
+    /// frames would go back to the pool, and a hypervisor that shadows
+    /// guest page tables by frame (KVM's shadow MMU shares shadow pages by
+    /// guest frame and role) could then serve another CPU's new table from
+    /// what it built for this one. Kept, its frames are in no other CPU's
+    /// table and its root is loaded by no CPU (a CPU id is used once per
+    /// machine), so what the hypervisor still holds for it can never be
+    /// used. Bounded: one per CPU the machine ever ran.
+    pub fn retire(&self, tlb: ShadowTlb) {
+        lock_retired(&self.retired).push(tlb);
+    }
+
+    /// Frees the retired TLBs' tables, revoking nothing. Only once no CPU
+    /// of the machine can run again before the hardware forgets every
+    /// translation (the VM's memslot is deleted before its next run, or
+    /// the VM is closed): when every vCPU has ended.
+    pub fn release_retired<M: PhysMem + ?Sized>(&self, mem: &M, frames: &FrameAllocator) {
+        let retired = std::mem::take(&mut *lock_retired(&self.retired));
+        for tlb in retired {
+            tlb.release_unrevoked(mem, frames);
+        }
+    }
+
     /// CPU `cpu`'s TLB, if registered.
     pub fn get(&self, cpu: usize) -> Option<Arc<Mutex<ShadowTlb>>> {
         self.cpus
@@ -330,6 +374,10 @@ impl Tlbs {
             .get(cpu)?
             .clone()
     }
+}
+
+fn lock_retired(m: &Mutex<Vec<ShadowTlb>>) -> MutexGuard<'_, Vec<ShadowTlb>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Locks a TLB; a poisoned lock still guards a consistent table (every
