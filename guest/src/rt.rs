@@ -15,6 +15,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
 use cowlab_abi::bytecode::SLEEPERS_WORD;
+use cowlab_abi::event;
 use cowlab_abi::layout::DOORBELL_VA;
 use cowlab_abi::{
     area_offset as off, fault_result, Hypercall, VcpuArea, BOOT_HEADER_MAGIC, CONSOLE_LEN,
@@ -347,14 +348,12 @@ pub fn shared_word(i: u64) -> &'static core::sync::atomic::AtomicU64 {
 const AWAIT_SPIN: u32 = 512;
 
 /// Sets shared event word `i` and, if a thread sleeps in the VMM on an
-/// event ([`await_event_sleeping`]), wakes the sleepers. Sequentially
-/// consistent on both sides: either the sleeper sees the word set before
-/// it sleeps, or this sees it counted in the sleepers and wakes it.
+/// event ([`await_event_sleeping`]), wakes the sleepers
+/// (`cowlab_abi::event` has the protocol).
 pub fn signal_event(i: u64) {
-    shared_word(i).store(1, Ordering::SeqCst);
-    if shared_word(SLEEPERS_WORD).load(Ordering::SeqCst) != 0 {
+    event::signal(shared_word(i), shared_word(SLEEPERS_WORD), || {
         hypercall(Hypercall::WakeEvents, [i, 0, 0, 0]);
-    }
+    });
 }
 
 /// Waits until shared event word `i` is set: spins.
@@ -367,21 +366,15 @@ pub fn await_event(i: u64) {
 /// Waits until shared event word `i` is set: spins [`AWAIT_SPIN`] rounds,
 /// then sleeps in the VMM until a [`signal_event`] wakes it.
 pub fn await_event_sleeping(i: u64) {
-    let word = shared_word(i);
-    for _ in 0..AWAIT_SPIN {
-        if word.load(Ordering::Acquire) != 0 {
-            return;
-        }
-        core::hint::spin_loop();
-    }
-    let sleepers = shared_word(SLEEPERS_WORD);
-    while word.load(Ordering::Acquire) == 0 {
-        sleepers.fetch_add(1, Ordering::SeqCst);
-        if word.load(Ordering::SeqCst) == 0 {
+    event::await_sleeping(
+        shared_word(i),
+        shared_word(SLEEPERS_WORD),
+        AWAIT_SPIN,
+        core::hint::spin_loop,
+        || {
             hypercall(Hypercall::AwaitEvent, [i, 0, 0, 0]);
-        }
-        sleepers.fetch_sub(1, Ordering::SeqCst);
-    }
+        },
+    );
 }
 
 /// Waits for thread `id`; its exit status, `None` if it died otherwise.

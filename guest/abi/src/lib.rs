@@ -15,6 +15,7 @@
 #![no_std]
 
 pub mod bytecode;
+pub mod event;
 pub mod layout;
 pub mod program;
 

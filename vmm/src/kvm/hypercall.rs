@@ -255,6 +255,7 @@ impl Vcpu {
                     || self.shared.machine.stopping()
                     || hooks.released()
             },
+            Some(crate::mm::event_sleep::EventSleep::POLL),
         );
         hooks.set_blocked(self.id, None);
     }

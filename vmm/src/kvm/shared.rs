@@ -55,42 +55,7 @@ pub(crate) struct Shared {
     /// Threads asleep in a litmus `await` ([`Hypercall::AwaitEvent`]).
     ///
     /// [`Hypercall::AwaitEvent`]: cowlab_abi::Hypercall::AwaitEvent
-    pub(super) event_sleep: EventSleep,
-}
-
-/// Where vCPUs sleep until a shared event word is set (a litmus `await`
-/// under a schedule), like a futex on the word: the sleeper looks at the
-/// word under [`Self::lock`] before each wait, and the guest's `signal`
-/// wakes every sleeper with [`Self::wake`] after it set a word, whenever
-/// it saw a sleeper counted (`bytecode::SLEEPERS_WORD`).
-#[derive(Debug, Default)]
-pub(crate) struct EventSleep {
-    lock: Mutex<()>,
-    woken: std::sync::Condvar,
-}
-
-impl EventSleep {
-    /// How long a sleeper waits before it looks again unwoken: only for
-    /// being stopped (the watchdog, a teardown), which does not wake it.
-    const POLL: std::time::Duration = std::time::Duration::from_millis(5);
-
-    /// Sleeps until `set()` or `give_up()`.
-    pub(super) fn sleep_until(&self, set: impl Fn() -> bool, give_up: impl Fn() -> bool) {
-        let mut guard = lock(&self.lock);
-        while !set() && !give_up() {
-            guard = self
-                .woken
-                .wait_timeout(guard, Self::POLL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// Wakes every sleeper to look at its word again.
-    pub(super) fn wake(&self) {
-        drop(lock(&self.lock));
-        self.woken.notify_all();
-    }
+    pub(super) event_sleep: crate::mm::event_sleep::EventSleep,
 }
 
 impl Shared {

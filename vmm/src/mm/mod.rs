@@ -5,6 +5,7 @@
 //!
 //! `docs/mm.md` maps every modelled Linux function to its place here.
 
+pub mod event_sleep;
 pub mod fault;
 pub mod fork;
 pub mod frame;

@@ -17,6 +17,8 @@
 
 pub mod sync;
 
+#[path = "../event_sleep.rs"]
+pub mod event_sleep;
 #[path = "../fault.rs"]
 pub mod fault;
 #[path = "../fork.rs"]

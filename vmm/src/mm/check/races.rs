@@ -342,3 +342,80 @@ fn random_schedules_of_the_mremap_write_race() {
         shuttle::check_random(move || mremap_write_race(policy), budget());
     }
 }
+
+/// A shuttle atomic as a word of the guest's event protocol.
+struct SharedWord(AtomicU64);
+
+impl cowlab_abi::event::EventWord for SharedWord {
+    fn load(&self, order: std::sync::atomic::Ordering) -> u64 {
+        self.0.load(order)
+    }
+    fn store(&self, value: u64, order: std::sync::atomic::Ordering) {
+        self.0.store(value, order)
+    }
+    fn fetch_add(&self, value: u64, order: std::sync::atomic::Ordering) -> u64 {
+        self.0.fetch_add(value, order)
+    }
+    fn fetch_sub(&self, value: u64, order: std::sync::atomic::Ordering) -> u64 {
+        self.0.fetch_sub(value, order)
+    }
+}
+
+/// Litmus events that may sleep (`cowlab_abi::event`, the guest's half, run
+/// as is, against [`super::event_sleep::EventSleep`], the VMM's): two
+/// threads each sleep on an event the other signals after its own wait
+/// began, a third on an event both wait for before signalling theirs.
+/// The sleepers wait for a wake-up only (no poll), so a lost wake-up is a
+/// deadlock, which shuttle reports; spinning once, they reach both the
+/// spin and the sleep.
+fn event_sleep_race() {
+    use cowlab_abi::event;
+    use std::sync::atomic::Ordering::SeqCst;
+    let words: Arc<Vec<SharedWord>> =
+        Arc::new((0..4).map(|_| SharedWord(AtomicU64::new(0))).collect());
+    let vmm = Arc::new(super::event_sleep::EventSleep::default());
+    const SLEEPERS: usize = 3;
+    let waiter = |wait: usize, then: usize| {
+        let (words, vmm) = (Arc::clone(&words), Arc::clone(&vmm));
+        shuttle::thread::spawn(move || {
+            let sleep = || vmm.sleep_until(|| words[wait].0.load(SeqCst) != 0, || false, None);
+            event::await_sleeping(
+                &words[wait],
+                &words[SLEEPERS],
+                1,
+                shuttle::thread::yield_now,
+                sleep,
+            );
+            event::signal(&words[then], &words[SLEEPERS], || vmm.wake());
+        })
+    };
+    let threads = [waiter(0, 1), waiter(1, 2)];
+    // The third thread starts the chain, then waits for its end.
+    event::signal(&words[0], &words[SLEEPERS], || vmm.wake());
+    let sleep = || vmm.sleep_until(|| words[2].0.load(SeqCst) != 0, || false, None);
+    event::await_sleeping(
+        &words[2],
+        &words[SLEEPERS],
+        1,
+        shuttle::thread::yield_now,
+        sleep,
+    );
+    for t in threads {
+        t.join().expect("a waiter panicked");
+    }
+    assert_eq!(
+        words[SLEEPERS].0.load(SeqCst),
+        0,
+        "a sleeper is still counted"
+    );
+}
+
+#[test]
+fn random_and_pct_schedules_of_event_sleeps_lose_no_wake_up() {
+    eprintln!(
+        "shuttle random + pct depth 3, event sleeps: {} schedules each",
+        budget()
+    );
+    shuttle::check_random(event_sleep_race, budget());
+    shuttle::check_pct(event_sleep_race, budget(), 3);
+}
