@@ -1010,3 +1010,15 @@ fn an_await_nothing_signals_under_a_schedule_is_named_in_the_unreachable_report(
     assert!(reason.contains("v1 waits at guest:go"), "{reason}");
     assert_eq!(v["stuck"], 2, "{v}");
 }
+
+#[test]
+fn a_thread_asleep_in_await_does_not_make_a_long_step_a_stall() {
+    // P1 computes for longer than the stall threshold (400 ms of CPU)
+    // before its step while P0 sleeps in `await`: P0 waits for P1, not
+    // for the schedule, so the schedule has not stalled and is satisfied.
+    let src = "cowlab longstep\n{ region buf 1 rw }\nP0 {\n  hook a\n  await done\n  r2 = buf[0]\n}\nP1 {\n  loop 200000000 { r1 = r1 + 1 }\n  buf[0] = 5\n  hook b\n  signal done\n}\nschedule { P0@guest:a < P1@guest:b }\nexists (P0:r2 = 5)\n";
+    let (code, v) = litmus_json("longstep", src, &["--runs", "2"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(histogram(&v), vec![("P0:r2=5;".to_string(), 2)], "{v}");
+    assert!(v["unreachable"].as_array().unwrap().is_empty(), "{v}");
+}

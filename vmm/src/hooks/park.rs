@@ -29,6 +29,10 @@ pub(super) struct Blocked {
     /// For a schedule step: its index (blocked only while the schedule has
     /// not reached it).
     pub(super) step: Option<usize>,
+    /// Asleep in a litmus `await` ([`Hooks::set_awaiting_event`]): part of
+    /// a deadlock if every vCPU waits, but not a wait on the schedule, so
+    /// never what makes a schedule stall.
+    pub(super) event: bool,
 }
 
 impl Hooks {
@@ -61,7 +65,27 @@ impl Hooks {
     /// Notes that vCPU `cpu` is blocked (`Some(why)`: on a lock, say) or
     /// not any more. Called by the vCPU's own thread.
     pub fn set_blocked(&self, cpu: usize, why: Option<String>) {
-        self.note_blocked(cpu, why.map(|why| Blocked { why, step: None }));
+        self.note_blocked(
+            cpu,
+            why.map(|why| Blocked {
+                why,
+                step: None,
+                event: false,
+            }),
+        );
+    }
+
+    /// Notes that vCPU `cpu` sleeps until a litmus event is signalled
+    /// (`Some(why)`), or not any more. Called by the vCPU's own thread.
+    pub fn set_awaiting_event(&self, cpu: usize, why: Option<String>) {
+        self.note_blocked(
+            cpu,
+            why.map(|why| Blocked {
+                why,
+                step: None,
+                event: true,
+            }),
+        );
     }
 
     pub(super) fn note_blocked(&self, cpu: usize, blocked: Option<Blocked>) {

@@ -216,6 +216,7 @@ impl Hooks {
                         s.next + 1
                     ),
                     step: Some(j),
+                    event: false,
                 }),
             );
             s = self
@@ -338,9 +339,17 @@ impl Hooks {
             }
             (true, Some(t)) => t.elapsed() > DEADLOCK,
         };
+        // A thread asleep in `await` waits for another thread, not for the
+        // schedule: one that computes on for longer than STALL before its
+        // next step, while another sleeps in `await`, has not stalled it.
+        let on_schedule: Vec<usize> = waiting
+            .iter()
+            .copied()
+            .filter(|c| notes.get(c).is_some_and(|b| !b.event))
+            .collect();
         let stalled = s.last_progress.is_some_and(|t| t.elapsed() > STALL)
-            && !waiting.is_empty()
-            && asleep(&waiting) > 0
+            && !on_schedule.is_empty()
+            && asleep(&on_schedule) > 0
             && !self.starved_since_progress(&mut s, &notes);
         if !(deadlocked || stalled || live == 0) {
             return None;

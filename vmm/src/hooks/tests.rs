@@ -250,6 +250,7 @@ fn a_vcpu_whose_step_came_or_that_is_runnable_is_not_blocked() {
         Some(Blocked {
             why: "v0 waits at guest:b (step 2) for step 1".into(),
             step: Some(1),
+            event: false,
         }),
     );
     // Step 1 happens: v0's turn has come, but v0 has not run yet.

@@ -243,7 +243,7 @@ impl Vcpu {
     fn await_event(&self, word: u64) {
         let hooks = &self.shared.machine.hooks;
         let event = self.shared.event_name(word);
-        hooks.set_blocked(self.id, Some(format!("v{} awaits {event}", self.id)));
+        hooks.set_awaiting_event(self.id, Some(format!("v{} awaits {event}", self.id)));
         let mem = &self.shared.mem;
         self.shared.event_sleep.sleep_until(
             || {
@@ -257,7 +257,7 @@ impl Vcpu {
             },
             Some(crate::mm::event_sleep::EventSleep::POLL),
         );
-        hooks.set_blocked(self.id, None);
+        hooks.set_awaiting_event(self.id, None);
     }
 
     /// Forks the process: a copy-on-write copy of the address space, and a

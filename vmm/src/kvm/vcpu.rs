@@ -26,7 +26,7 @@ use super::shell::LeasedVcpu;
 use super::shootdown::{request, VcpuCtl};
 use super::vm::Event;
 use super::{arch, kick};
-use crate::mm::{mmap, verify_tlbs, Access, Mm, ShadowTlb};
+use crate::mm::{mmap, verify_tlbs, Mm, ShadowTlb};
 use crate::trace::{ExitReason, Kind};
 
 /// How a new vCPU starts.
@@ -126,8 +126,8 @@ impl Vcpu {
         if matches!(start, Start::Program(_)) && program == Program::Litmus {
             // The top stack page the VM populated for it (`Vm::new`): in
             // its TLB before its first push, as a TLB may cache any valid
-            // translation.
-            let _ = mm.tlb_fill(id, user_stack_top(id) - 8, Access::Write);
+            // translation. No hook point: this runs on the creating thread.
+            let _ = mm.preload_tlb(id, user_stack_top(id) - 8);
         }
         let area = Mailbox::new(Arc::clone(&shared.mem), area_pa);
         area.init(id, shared.nr_vcpus, program, arg, &shared.boot_header)?;
@@ -190,7 +190,9 @@ impl Vcpu {
         let fills = match machine.tlbs.remove(self.id) {
             Some(tlb) => {
                 let fills = tlb.fills();
-                machine.tlbs.retire(tlb);
+                machine
+                    .tlbs
+                    .retire(tlb, &*machine.mem, machine.frames.pool());
                 fills
             }
             None => 0,

@@ -162,6 +162,37 @@ impl Mm {
         Ok(true)
     }
 
+    /// Caches the translation of `addr` in CPU `cpu`'s TLB before the CPU
+    /// first runs, as the VM's loader does for a litmus thread's top stack
+    /// page: a write-permitting PTE's single entry, with no hook point and
+    /// no trace record (like `populate`'s faults, which come before the
+    /// hooks are armed), so that no rule or schedule step can match it and
+    /// nothing waits in it on the thread creating the CPU. Returns whether
+    /// it cached anything.
+    ///
+    /// Lock contract: as [`Self::tlb_fill`] (the CPU's TLB lock only).
+    pub fn preload_tlb(&self, cpu: usize, addr: u64) -> Result<bool, FaultError> {
+        let Some(tlb) = self.m.tlbs.get(cpu) else {
+            return Ok(false);
+        };
+        let mut tlb = tlb::lock(&tlb);
+        let page = addr & !(PAGE_SIZE - 1);
+        let Some(pte) = pagetable::lookup(&*self.m.mem, self.pgd, page)
+            .filter(|pte| pte_permits(*pte, Access::Write))
+        else {
+            return Ok(false);
+        };
+        let frame = pte & bits::ADDR_MASK;
+        tlb.fill(
+            &*self.m.mem,
+            self.m.frames.pool(),
+            page,
+            user_pte(frame, true),
+            self.m.policy.tlb_capacity,
+        )?;
+        Ok(true)
+    }
+
     /// A fresh data page for `addr`, unless a `fail@alloc_page` rule says
     /// no; zeroed or a copy of `from`. Models the allocation of
     /// do_anonymous_page() and wp_page_copy() (vma_alloc_zeroed_movable_folio(),

@@ -182,6 +182,25 @@ pub fn free_user_tables<M: PhysMem + ?Sized>(
     }
 }
 
+/// How many user-part tables hang below `root` (the root not counted).
+pub fn count_user_tables<M: PhysMem + ?Sized>(mem: &M, root: u64) -> usize {
+    fn count_level<M: PhysMem + ?Sized>(mem: &M, table: u64, level: u32) -> usize {
+        if level == 1 {
+            return 0;
+        }
+        (0..ENTRIES)
+            .map(|i| mem.word(table + i * 8).load(Ordering::Acquire))
+            .filter(|e| e & bits::PRESENT != 0)
+            .map(|e| 1 + count_level(mem, e & bits::ADDR_MASK, level - 1))
+            .sum()
+    }
+    (0..KERNEL_PML4_START)
+        .map(|i| mem.word(root + i * 8).load(Ordering::Acquire))
+        .filter(|e| e & bits::PRESENT != 0)
+        .map(|e| 1 + count_level(mem, e & bits::ADDR_MASK, 3))
+        .sum()
+}
+
 /// Base of the page containing `va`.
 pub const fn page_base(va: u64) -> u64 {
     va & !(PAGE_SIZE - 1)

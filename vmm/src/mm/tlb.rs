@@ -297,8 +297,19 @@ pub struct Tlbs {
     cpus: RwLock<Vec<Option<Arc<Mutex<ShadowTlb>>>>>,
     /// The TLBs of CPUs whose thread has ended, kept whole until the
     /// machine stops ([`Tlbs::retire`]).
-    retired: Mutex<Vec<ShadowTlb>>,
+    retired: Mutex<Retired>,
 }
+
+/// Retired TLBs and the frames they keep out of the pool.
+#[derive(Debug, Default)]
+struct Retired {
+    tlbs: Vec<ShadowTlb>,
+    frames: usize,
+}
+
+/// At most this many frames (1 MiB) are kept out of the pool by retired
+/// TLBs; a TLB that would exceed it is released at once, revoking.
+const RETIRED_FRAMES_MAX: usize = 256;
 
 impl Tlbs {
     pub fn new() -> Self {
@@ -350,9 +361,19 @@ impl Tlbs {
     /// what it built for this one. Kept, its frames are in no other CPU's
     /// table and its root is loaded by no CPU (a CPU id is used once per
     /// machine), so what the hypervisor still holds for it can never be
-    /// used. Bounded: one per CPU the machine ever ran.
-    pub fn retire(&self, tlb: ShadowTlb) {
-        lock_retired(&self.retired).push(tlb);
+    /// used. Bounded: at most [`RETIRED_FRAMES_MAX`] frames are kept so
+    /// (a test whose threads each map much, one after another, must not
+    /// run out of frames); a TLB beyond that is released at once.
+    pub fn retire<M: PhysMem + ?Sized>(&self, tlb: ShadowTlb, mem: &M, frames: &FrameAllocator) {
+        let kept = 1 + pagetable::count_user_tables(mem, tlb.root);
+        let mut retired = lock_retired(&self.retired);
+        if retired.frames + kept > RETIRED_FRAMES_MAX {
+            drop(retired);
+            tlb.release(mem, frames);
+            return;
+        }
+        retired.frames += kept;
+        retired.tlbs.push(tlb);
     }
 
     /// Frees the retired TLBs' tables, revoking nothing. Only once no CPU
@@ -361,7 +382,7 @@ impl Tlbs {
     /// the VM is closed): when every vCPU has ended.
     pub fn release_retired<M: PhysMem + ?Sized>(&self, mem: &M, frames: &FrameAllocator) {
         let retired = std::mem::take(&mut *lock_retired(&self.retired));
-        for tlb in retired {
+        for tlb in retired.tlbs {
             tlb.release_unrevoked(mem, frames);
         }
     }
@@ -376,7 +397,7 @@ impl Tlbs {
     }
 }
 
-fn lock_retired(m: &Mutex<Vec<ShadowTlb>>) -> MutexGuard<'_, Vec<ShadowTlb>> {
+fn lock_retired(m: &Mutex<Retired>) -> MutexGuard<'_, Retired> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
