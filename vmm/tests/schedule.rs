@@ -1009,6 +1009,31 @@ fn an_await_nothing_signals_under_a_schedule_is_named_in_the_unreachable_report(
     assert!(reason.contains("v0 awaits event never"), "{reason}");
     assert!(reason.contains("v1 waits at guest:go"), "{reason}");
     assert_eq!(v["stuck"], 2, "{v}");
+    // Every thread left sleeps in `await`: the run is ended at once, not
+    // by the watchdog, so it ends even with the watchdog off.
+    assert_eq!(v["deadlocked"], 2, "{v}");
+    assert_eq!(
+        v["deadlock"],
+        "v0 awaits event never: nothing is left to signal"
+    );
+    let path =
+        std::env::temp_dir().join(format!("cowlab-{}-no-watchdog.litmus", std::process::id()));
+    std::fs::write(&path, src).unwrap();
+    let out = common::cowlab_within(
+        &[
+            "run",
+            path.to_str().unwrap(),
+            "--runs",
+            "2",
+            "--timeout",
+            "0",
+            "--json",
+        ],
+        std::time::Duration::from_secs(120),
+    );
+    let _ = std::fs::remove_file(&path);
+    let v = common::json_of("no watchdog", &out);
+    assert_eq!(v["deadlocked"], 2, "{v}");
 }
 
 #[test]

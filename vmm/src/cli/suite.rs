@@ -505,6 +505,8 @@ mod tests {
             violations: 0,
             stuck: 0,
             stuck_seeds: Vec::new(),
+            deadlocked: 0,
+            deadlock: None,
             timeout: Duration::from_secs(30),
             schedule: None,
             witness_seeds: Vec::new(),

@@ -120,6 +120,9 @@ pub struct Hooks {
     /// Which run of a litmus test this VM is (1-based; 0 is taken as 1),
     /// for rules' `run=` filter.
     run: AtomicU64,
+    /// Since when every live vCPU has been asleep in a litmus `await`
+    /// ([`Hooks::event_deadlock`]).
+    events_stuck_since: Mutex<Option<std::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -107,6 +107,33 @@ impl Hooks {
         }
     }
 
+    /// Called by the runner while a run goes on with the number of `live`
+    /// vCPUs: if every one has been asleep in a litmus `await` for
+    /// [`super::schedule::DEADLOCK`], nothing can ever signal them (events
+    /// are set only by the test's own threads), so the run cannot end:
+    /// says what each waits for. Only under a schedule do awaits sleep.
+    pub fn event_deadlock(&self, live: usize) -> Option<String> {
+        let notes = lock(&self.blocked).clone();
+        let sleepers: Vec<&Blocked> = notes.values().filter(|b| b.event).collect();
+        let all_asleep = live > 0
+            && sleepers.len() >= live
+            && notes.iter().filter(|(_, b)| b.event).all(|(cpu, _)| {
+                let tid = lock(&self.tids).get(cpu).copied();
+                tid.and_then(super::threads::sample)
+                    .is_some_and(|x| x.asleep)
+            });
+        let mut since = lock(&self.events_stuck_since);
+        if !all_asleep {
+            *since = None;
+            return None;
+        }
+        let t = *since.get_or_insert_with(Instant::now);
+        (t.elapsed() > super::schedule::DEADLOCK).then(|| {
+            let why: Vec<&str> = sleepers.iter().map(|b| b.why.as_str()).collect();
+            format!("{}: nothing is left to signal", why.join("; "))
+        })
+    }
+
     /// Holds the calling thread for `d` (a `delay=` rule, chaos), or until
     /// the run ends ([`Hooks::release_all`]: the watchdog, a `quit`, the VM
     /// dropped), whichever comes first. Beyond [`SPIN_TAIL`] it sleeps on a

@@ -342,7 +342,12 @@ impl Vm {
             if timed_out.is_none() && deadlock.is_none() {
                 // Explored: nothing can move any more; end it as the
                 // watchdog would, without waiting for it.
-                deadlock = hooks.explore_deadlock();
+                // Under a schedule: every thread asleep in `await`.
+                deadlock = hooks.explore_deadlock().or_else(|| {
+                    (!shared.held_from_outside())
+                        .then(|| hooks.event_deadlock(self.live.len()))
+                        .flatten()
+                });
                 if deadlock.is_some() {
                     stuck = self.live.iter().copied().collect();
                     shared.stop_all();

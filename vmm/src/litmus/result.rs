@@ -40,6 +40,11 @@ pub struct LitmusResult {
     pub stuck: u64,
     /// With chaos: the seeds of the runs the watchdog ended.
     pub stuck_seeds: Vec<u64>,
+    /// Of the stuck runs, those ended at once because every thread slept in
+    /// an `await` nothing could signal (under a schedule), and why the
+    /// first was.
+    pub deadlocked: u64,
+    pub deadlock: Option<String>,
     pub timeout: Duration,
     /// The schedule enforced, as text, if any.
     pub schedule: Option<String>,
@@ -82,12 +87,15 @@ impl LitmusResult {
         for (msg, n) in &self.errors {
             out += &format!("Error ({n} runs): {msg}\n");
         }
-        if self.stuck > 0 {
+        let watchdog = self.stuck.saturating_sub(self.deadlocked);
+        if watchdog > 0 {
             out += &format!(
-                "Stuck ({} runs): the watchdog stopped them after {:.1}s\n",
-                self.stuck,
+                "Stuck ({watchdog} runs): the watchdog stopped them after {:.1}s\n",
                 self.timeout.as_secs_f64()
             );
+        }
+        if let (n @ 1.., Some(why)) = (self.deadlocked, &self.deadlock) {
+            out += &format!("Stuck ({n} runs): {why}; stopped at once\n");
         }
         out += if self.positive > 0 { "Ok\n" } else { "No\n" };
         out += &format!(
@@ -225,6 +233,8 @@ impl LitmusResult {
             "violations": self.violations,
             "stuck": self.stuck,
             "stuck_seeds": self.stuck_seeds,
+            "deadlocked": self.deadlocked,
+            "deadlock": self.deadlock,
             "timeout_s": self.timeout.as_secs_f64(),
             "schedule": self.schedule,
             "witness_seeds": self.witness_seeds,

@@ -129,6 +129,7 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let (mut error_seeds, mut stuck, mut violations) = (Vec::new(), 0, 0);
     let mut stuck_seeds = Vec::new();
+    let (mut deadlocked, mut deadlock) = (0, None);
     let mut witness_seeds = Vec::new();
     let mut orders = Vec::new();
     if test.test.schedule_required && opts.schedule.is_some() {
@@ -218,6 +219,10 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         if report.timed_out.is_some() {
             stuck += 1;
             stuck_seeds.extend(seed);
+            if let Some(why) = &report.deadlock {
+                deadlocked += 1;
+                deadlock.get_or_insert_with(|| why.clone());
+            }
         }
         let (error, violation) = match run_error(&report) {
             Some((e, v)) => (Some(e), v),
@@ -320,6 +325,8 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
         violations,
         stuck,
         stuck_seeds,
+        deadlocked,
+        deadlock,
         timeout: opts.timeout,
         schedule: (!schedule.is_empty()).then(|| join_steps(&schedule)),
         witness_seeds,

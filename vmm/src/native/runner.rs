@@ -187,6 +187,8 @@ pub fn run_native(
         violations: 0,
         stuck,
         stuck_seeds: Vec::new(),
+        deadlocked: 0,
+        deadlock: None,
         timeout: opts.timeout.unwrap_or(Duration::ZERO),
         schedule: None,
         witness_seeds: Vec::new(),
