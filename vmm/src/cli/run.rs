@@ -321,6 +321,7 @@ fn run_litmus(opts: &RunOptions, ctl: Option<&Arc<Controller>>) -> i32 {
         runs: opts.runs.or(compiled.test.runs).unwrap_or(100).max(1),
         policy_name: opts.policy.clone(),
         policy,
+        sets: opts.set.clone(),
         timeout: opts.timeout.unwrap_or(Duration::from_secs(3600)),
         kvm_path: opts.kvm_path.clone(),
         progress: true,

@@ -26,6 +26,10 @@ pub struct RunOptions {
     /// The preset name (for `expect` lines) and the policy (preset + `--set`).
     pub policy_name: String,
     pub policy: Policy,
+    /// The `--set knob=value` settings in `policy`, as written: a preset so
+    /// changed is no preset an `expect` line names, so none is checked,
+    /// and a replay must set them again.
+    pub sets: Vec<String>,
     /// Watchdog per run.
     pub timeout: Duration,
     pub kvm_path: String,
@@ -58,6 +62,7 @@ impl RunOptions {
             runs: runs.max(1),
             policy_name: policy_name.to_string(),
             policy,
+            sets: Vec::new(),
             timeout: Duration::from_secs(30),
             kvm_path: kvm_path.to_string(),
             progress: false,
@@ -305,11 +310,18 @@ pub fn run_test(test: &Arc<Compiled>, opts: &RunOptions) -> Result<LitmusResult,
     let positive = histogram.values().filter(|(_, w)| *w).map(|(n, _)| n).sum();
     let errored: u64 = errors.values().sum();
     let negative = done - positive - errored;
-    let (observation, expectation) =
-        observe(&test.test.expects, &opts.policy_name, positive, negative);
+    let judged_as = if opts.sets.is_empty() {
+        opts.policy_name.as_str()
+    } else {
+        ""
+    };
+    let (observation, expectation) = observe(&test.test.expects, judged_as, positive, negative);
     Ok(LitmusResult {
         test: test.test.name.clone(),
-        policy_name: opts.policy_name.clone(),
+        policy_name: std::iter::once(opts.policy_name.clone())
+            .chain(opts.sets.iter().map(|k| format!("--set {k}")))
+            .collect::<Vec<_>>()
+            .join(" "),
         policy: opts.policy,
         runs: done,
         histogram,
@@ -455,6 +467,9 @@ pub(crate) fn join_steps(steps: &[Step]) -> String {
 /// The flags that recreate this command's policy and rules for a replay.
 fn replay_flags(opts: &RunOptions) -> String {
     let mut flags = format!("--policy {}", opts.policy_name);
+    for k in &opts.sets {
+        flags += &format!(" --set '{k}'");
+    }
     for r in &opts.rules {
         flags += &format!(" --inject '{r}'");
     }

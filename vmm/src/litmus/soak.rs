@@ -153,6 +153,7 @@ pub fn soak(
                 runs: opts.runs,
                 policy_name: cell.policy_name.clone(),
                 policy: cell.policy,
+                sets: Vec::new(),
                 timeout: opts.timeout,
                 kvm_path: opts.kvm_path.clone(),
                 // A cell may take minutes: `test run i/N` on a terminal.

@@ -265,25 +265,28 @@ fn pct_schedules_of_the_gup_fast_fork_race() {
 /// the one fork shared, and the parent's store goes to its copy.
 #[test]
 fn the_gup_fast_fork_race_is_found_without_the_seqcount() {
-    let caught = std::panic::catch_unwind(|| {
-        shuttle::check_random(
-            || {
-                let p = Policy {
-                    gup_fast_fork_seqcount: false,
-                    ..Policy::MAINLINE
-                };
-                assert!(gup_fast_fork_race(p), "diverged");
-            },
-            2000,
-        )
-    });
-    let err = caught.expect_err("no schedule lost the pin");
-    let msg = err
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default();
-    assert!(msg.contains("diverged"), "another failure: {msg}");
+    // Counted, not panicked on: a panic inside an execution unwinds
+    // through shuttle's teardown, which now and then panics again
+    // ("Tried to get ExecutionState … NotSet") and hid the message this
+    // test looked for (1 run in ~10).
+    let diverged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = Arc::clone(&diverged);
+    shuttle::check_random(
+        move || {
+            let p = Policy {
+                gup_fast_fork_seqcount: false,
+                ..Policy::MAINLINE
+            };
+            if !gup_fast_fork_race(p) {
+                seen.fetch_add(1, StdOrdering::Relaxed);
+            }
+        },
+        2000,
+    );
+    assert!(
+        diverged.load(StdOrdering::Relaxed) > 0,
+        "no schedule lost the pin"
+    );
 }
 
 /// mremap moves the page under a writer on another CPU: every store that
