@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cowlab_abi::layout::{SHARED_PAGE_PHYS, USER_END};
+use cowlab_abi::layout::USER_END;
 use cowlab_abi::{
     fault_result, gup, Hypercall, Program, VcpuArea, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED,
     MADV_PAGEOUT, MPROTECT_DEFER_FLUSH,
@@ -246,10 +246,7 @@ impl Vcpu {
         hooks.set_awaiting_event(self.id, Some(format!("v{} awaits {event}", self.id)));
         let mem = &self.shared.mem;
         self.shared.event_sleep.sleep_until(
-            || {
-                mem.read_obj::<u64>(SHARED_PAGE_PHYS + (word % 512) * 8)
-                    .is_some_and(|w| w != 0)
-            },
+            || mem.event_set(word),
             || {
                 self.ctl.requests.load(Ordering::Acquire) & request::STOP != 0
                     || self.shared.machine.stopping()

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use cowlab_abi::layout::PAGE_SIZE;
+use cowlab_abi::layout::{PAGE_SIZE, SHARED_PAGE_PHYS};
 
 use super::error::MemoryError;
 use crate::mm::PhysMem;
@@ -31,6 +31,13 @@ unsafe impl Send for GuestMem {}
 unsafe impl Sync for GuestMem {}
 
 impl GuestMem {
+    /// Whether word `i` of the page every process shares (a litmus event;
+    /// `i` taken modulo the page's 512 words) is set.
+    pub(crate) fn event_set(&self, i: u64) -> bool {
+        self.read_obj::<u64>(SHARED_PAGE_PHYS + (i % 512) * 8)
+            .is_some_and(|w| w != 0)
+    }
+
     /// Maps `size` bytes (a multiple of the page size) of zeroed memory.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])

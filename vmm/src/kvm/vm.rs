@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cowlab_abi::layout::{
-    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, PAGE_SIZE, SHARED_PAGE_PHYS,
-    USER_STACK_SIZE,
+    user_stack_top, KERNEL_REGION_SIZE, MAX_MEM_SIZE, MAX_VCPUS, PAGE_SIZE, USER_STACK_SIZE,
 };
 use cowlab_abi::Program;
 
@@ -172,10 +171,7 @@ impl Vm {
         // Armed after the loader populated the regions: setup is not part
         // of any vCPU's run, so no rule or schedule step can match it.
         let mem = Arc::clone(&vm.shared.mem);
-        let words: crate::hooks::WordReader = Arc::new(move |i| {
-            mem.read_obj::<u64>(SHARED_PAGE_PHYS + (i % 512) * 8)
-                .is_some_and(|w| w != 0)
-        });
+        let words: crate::hooks::WordReader = Arc::new(move |i| mem.event_set(i));
         arm_hooks(&machine.hooks, config, words);
         // Explored, no decision is made before every boot vCPU has reached
         // its first point (they get ids 0, 1, … in order).
