@@ -350,7 +350,7 @@ impl Hooks {
         let stalled = s.last_progress.is_some_and(|t| t.elapsed() > STALL)
             && !on_schedule.is_empty()
             && asleep(&on_schedule) > 0
-            && !self.starved_since_progress(&mut s, &notes);
+            && !self.starved_since_progress(&mut s, &notes, live);
         if !(deadlocked || stalled || live == 0) {
             return None;
         }
@@ -375,13 +375,22 @@ impl Hooks {
     /// loaded host), so the schedule has not stalled. One that used that
     /// much CPU without a step is spinning (an `await` that nothing will
     /// satisfy, say); one asleep outside the hooks (waiting for a child)
-    /// will not move either.
-    fn starved_since_progress(&self, s: &mut Schedule, notes: &BTreeMap<usize, Blocked>) -> bool {
+    /// will not move either. A live vCPU whose thread has not started yet
+    /// (a fork child being created on a loaded host) may yet take it too.
+    fn starved_since_progress(
+        &self,
+        s: &mut Schedule,
+        notes: &BTreeMap<usize, Blocked>,
+        live: usize,
+    ) -> bool {
         let Some(progress) = s.last_progress else {
             return false;
         };
         let tids = lock(&self.tids).clone();
         let ended = lock(&self.ended).clone();
+        if tids.keys().filter(|c| !ended.contains(c)).count() < live {
+            return true;
+        }
         let now: BTreeMap<usize, Sample> = tids
             .iter()
             .filter(|(cpu, _)| !ended.contains(cpu) && !notes.contains_key(cpu))
